@@ -1,0 +1,31 @@
+"""The RL algorithm as pure tensor functions: rewards, advantages, policy loss, controllers."""
+
+from agpo_megatron.algo.advantages import agpo_advantages, compute_advantages, grpo_advantages
+from agpo_megatron.algo.controllers import (
+    AdaptiveClipConfig,
+    AdaptiveClipController,
+    AdaptiveKLConfig,
+    AdaptiveKLController,
+    FixedClipController,
+    FixedKLController,
+)
+from agpo_megatron.algo.loss import PolicyLossConfig, aggregate, kl_penalty, policy_loss
+from agpo_megatron.algo.rewards import combine_rewards, length_reward
+
+__all__ = [
+    "AdaptiveClipConfig",
+    "AdaptiveClipController",
+    "AdaptiveKLConfig",
+    "AdaptiveKLController",
+    "FixedClipController",
+    "FixedKLController",
+    "PolicyLossConfig",
+    "aggregate",
+    "agpo_advantages",
+    "combine_rewards",
+    "compute_advantages",
+    "grpo_advantages",
+    "kl_penalty",
+    "length_reward",
+    "policy_loss",
+]

@@ -1,0 +1,288 @@
+"""The training config: nested typed dataclasses, one per concern.
+
+Load with `load_train_config(path, overrides)`; every field has a docstring and each section
+validates itself in `__post_init__`. Cross-section checks that need the model's shape (TP divides
+heads, PP divides layers) read only the HF `config.json`, so a bad config fails in milliseconds,
+before any process group, model or vLLM engine exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from agpo_megatron.algo.loss import PolicyLossConfig
+from agpo_megatron.config_io import ConfigError, load_config
+from agpo_megatron.data.datasets import DatasetConfig
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    hf_path: str = ""
+    """HF model directory (config.json, tokenizer, optionally safetensors weights)."""
+    init_from: Literal["hf", "random", "megatron"] = "hf"
+    """Where actor weights come from: the HF safetensors in `hf_path`, random init, or a
+    Megatron dist checkpoint (`checkpoint.load_dir`)."""
+    spec: Literal["auto", "local", "te"] = "auto"
+    """Layer implementation: Transformer Engine ('te', GPU only), Megatron-local ('local'), or
+    'auto' = TE when CUDA and TE are present, else local."""
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Parameter / compute dtype (Megatron keeps fp32 main params in the optimizer for 16-bit)."""
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    """FP8 recipe through Transformer Engine (Hopper+); requires spec te."""
+    max_seq_len: int = 4096
+    """Longest prompt+response the trainer will ever feed (sets RoPE cache and checks)."""
+    recompute_activations: bool = False
+    """Full activation recomputation per layer (saves memory at ~30% more compute)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (Megatron)."""
+    pp: int = 1
+    """Pipeline-parallel size (Megatron); the trainer uses 1F1B."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+    seed: int = 1234
+    """Base seed; Megatron derives per-TP-rank seeds, rollout derives per-replica seeds."""
+
+    def __post_init__(self) -> None:
+        _require(self.tp >= 1, f"parallel.tp must be >= 1, got {self.tp}")
+        _require(self.pp >= 1, f"parallel.pp must be >= 1, got {self.pp}")
+        _require(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class AlgoConfig:
+    advantage: Literal["grpo", "drgrpo", "agpo"] = "agpo"
+    """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), or AGPO Eq. 6 (m1)."""
+    length_reward: bool = True
+    """AGPO m2: add gamma * length reward (Eq. 7-8) before the advantage."""
+    gamma: float = 0.1
+    """Length-reward weight (paper: 0.1)."""
+    group_size: int = 5
+    """G: responses sampled per prompt (paper: 5)."""
+    r_min: float = 0.0
+    """Lowest possible reward; a uniform group at r_min gets advantage -1 (AGPO)."""
+    r_max: float = 1.0
+    """Highest reward a uniform group can have; uniform at r_max gets +1 (AGPO)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    """Token-level loss: clip range, KL, entropy bonus, aggregation (see algo/loss.py)."""
+    fused_loss: bool = True
+    """Use the chunked vocab-parallel fused loss; False = plain reference path."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk in the fused loss (bounds live memory to chunk x vocab/TP)."""
+    adaptive_kl_target: float | None = None
+    """A-GRPO: if set, beta_t adapts so the moving-average KL tracks this target."""
+    adaptive_clip: bool = False
+    """A-GRPO: adapt the clip range eps_t from the moving-average KL."""
+
+    def __post_init__(self) -> None:
+        _require(self.group_size >= 2, f"algo.group_size must be >= 2 (group statistics need 2), got {self.group_size}")
+        _require(self.gamma >= 0, f"algo.gamma must be >= 0, got {self.gamma}")
+        _require(self.r_max > self.r_min, f"algo.r_max ({self.r_max}) must exceed algo.r_min ({self.r_min})")
+        _require(self.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        _require(self.loss_chunk_tokens >= 1, f"algo.loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
+        _require(
+            self.adaptive_kl_target is None or self.adaptive_kl_target > 0,
+            f"algo.adaptive_kl_target must be > 0, got {self.adaptive_kl_target}",
+        )
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate (paper: 1e-6)."""
+    min_lr: float = 0.0
+    """Floor for cosine decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    decay_style: Literal["constant", "cosine", "linear"] = "constant"
+    """LR schedule after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, lr], got {self.min_lr}")
+        _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "optim.adam_beta1/2 must be in [0, 1)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    tp: int = 1
+    """vLLM tensor-parallel size (its own groups inside the same torchrun world)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer scales logits by the same value before log-probs."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = -1
+    """Top-k sampling (-1 = off)."""
+    max_new_tokens: int = 1024
+    """Longest response."""
+    logprob_mode: Literal["recompute", "rollout"] = "recompute"
+    """Old log-probs: 'recompute' with the Megatron actor (exact for the loss), or take vLLM's
+    processed sampling log-probs ('rollout', one forward cheaper)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling cap on exp(old - rollout) log-prob mismatch; None = off."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM's share of GPU memory (GPU only)."""
+    kv_cache_memory_bytes: int | None = None
+    """Explicit KV-cache size; on CPU keep it small (256 MiB) or vLLM takes 5 GiB."""
+    enable_sleep_mode: bool = True
+    """Free vLLM weights + KV cache during training (GPU only; ignored on CPU)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs (always on for CPU)."""
+    eval_n: int = 1
+    """Samples per prompt at evaluation (pass@1 is averaged over them)."""
+    eval_temperature: float = 0.0
+    """Evaluation temperature (0 = greedy)."""
+
+    def __post_init__(self) -> None:
+        _require(self.tp >= 1, f"rollout.tp must be >= 1, got {self.tp}")
+        _require(self.temperature > 0, f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(self.tis_cap is None or self.tis_cap > 0, f"rollout.tis_cap must be > 0, got {self.tis_cap}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class BatchConfig:
+    prompts_per_step: int = 32
+    """Global prompts per RL step (paper mini-batch: 32); each gets algo.group_size responses."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward micro-batch on one data-parallel rank."""
+    max_tokens_per_micro_batch: int | None = None
+    """Dynamic batch size: pack sequences into micro-batches up to this many tokens instead."""
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step >= 1, f"batch.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        _require(self.micro_batch_size >= 1, f"batch.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    train: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    """Training prompts."""
+    eval: DatasetConfig | None = None
+    """Held-out prompts for accuracy / length evaluation."""
+    reward: Literal["math"] = "math"
+    """Reward function: math-verify answer equivalence (1/0)."""
+    reward_timeout_s: float = 5.0
+    """Per-answer verification timeout."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoggingConfig:
+    out_dir: str = "runs/default"
+    """Run directory: metrics.jsonl, resolved config, plots."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases (set WANDB_MODE=offline to stay local)."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class CheckpointConfig:
+    save_dir: str | None = None
+    """Megatron dist-checkpoint directory (None = no saving)."""
+    save_interval: int = 0
+    """Save every N steps (0 = only at the end)."""
+    load_dir: str | None = None
+    """Resume / init from this dist checkpoint."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Actor/reference model."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """Megatron parallel layout."""
+    algo: AlgoConfig = dataclasses.field(default_factory=AlgoConfig)
+    """AGPO / GRPO / A-GRPO algorithm."""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    """vLLM sampling."""
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    """Batch sizes."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """Datasets and reward."""
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    """Metrics output."""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    steps: int = 100
+    """RL steps."""
+    eval_interval: int = 0
+    """Evaluate every N steps (0 = only before and after)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        seqs = self.batch.prompts_per_step * self.algo.group_size
+        _require(
+            seqs % self.batch.micro_batch_size == 0,
+            f"batch.micro_batch_size ({self.batch.micro_batch_size}) must divide the batch of "
+            f"batch.prompts_per_step x algo.group_size = {seqs} sequences",
+        )
+        _require(
+            self.model.fp8 is None or self.model.spec != "local",
+            "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
+        )
+        if self.model.hf_path:
+            self.check_model_shape()
+
+    def check_model_shape(self) -> None:
+        """TP/PP against the model's shape, from config.json alone."""
+        from agpo_megatron.models.hf_config import read_arch
+
+        if not Path(self.model.hf_path, "config.json").is_file():
+            raise ConfigError(f"model.hf_path: no config.json in {self.model.hf_path!r}")
+        arch = read_arch(self.model.hf_path)
+        tp, pp = self.parallel.tp, self.parallel.pp
+        _require(arch.num_attention_heads % tp == 0,
+                 f"parallel.tp={tp} must divide the {arch.num_attention_heads} attention heads")
+        _require(arch.num_query_groups % tp == 0,
+                 f"parallel.tp={tp} must divide the {arch.num_query_groups} query groups (KV heads)")
+        _require(arch.num_layers % pp == 0, f"parallel.pp={pp} must divide the {arch.num_layers} layers")
+        _require(arch.num_attention_heads % self.rollout.tp == 0 and arch.num_query_groups % self.rollout.tp == 0,
+                 f"rollout.tp={self.rollout.tp} must divide heads ({arch.num_attention_heads}) and KV heads "
+                 f"({arch.num_query_groups})")
+
+    def check_world(self, world_size: int) -> int:
+        """Checks that need the world size; returns the data-parallel size."""
+        mp = self.parallel.tp * self.parallel.pp
+        _require(world_size % mp == 0, f"world size {world_size} is not a multiple of tp x pp = {mp}")
+        _require(world_size % self.rollout.tp == 0, f"world size {world_size} is not a multiple of rollout.tp")
+        dp = world_size // mp
+        seqs = self.batch.prompts_per_step * self.algo.group_size
+        _require(self.batch.prompts_per_step % dp == 0,
+                 f"batch.prompts_per_step ({self.batch.prompts_per_step}) must be divisible by data-parallel size {dp}")
+        _require((seqs // dp) % self.batch.micro_batch_size == 0,
+                 f"batch.micro_batch_size ({self.batch.micro_batch_size}) must divide the {seqs // dp} "
+                 f"sequences per data-parallel rank")
+        return dp
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,184 @@
+"""Build the actor and the reference: HF architecture -> TransformerConfig -> GPTModel (+ DDP, optimizer).
+
+The layer spec is Transformer Engine on GPU and Megatron-local on CPU (TE does not build without
+CUDA). FP8 only exists through TE; asking for it, or for the TE spec, on CPU is a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from typing import TYPE_CHECKING
+from agpo_megatron.models.hf_config import ModelArch, llama3_inv_freq
+from agpo_megatron.platform import cpu as cpu_platform
+
+if TYPE_CHECKING:
+    from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install
+        return False
+    return True
+
+
+def resolve_spec(model_cfg: ModelConfig) -> str:
+    """'te' or 'local'. Raises if TE/FP8 is asked for where it cannot run."""
+    spec = model_cfg.spec
+    if spec == "auto":
+        spec = "te" if cpu_platform.cuda_present() and te_available() else "local"
+    if spec == "te" and not cpu_platform.cuda_present():
+        raise RuntimeError("model.spec=te needs CUDA (Transformer Engine does not run on CPU); use model.spec=local")
+    if spec == "te" and not te_available():
+        raise RuntimeError("model.spec=te but transformer_engine is not importable; pip install 'agpo-megatron[gpu]'")
+    if model_cfg.fp8 is not None and spec != "te":
+        raise RuntimeError(f"model.fp8={model_cfg.fp8!r} needs the Transformer Engine spec on a GPU (got spec {spec!r})")
+    return spec
+
+
+def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelConfig):
+    from megatron.core.transformer import TransformerConfig
+
+    if arch.vocab_size % parallel_cfg.tp:
+        raise ValueError(f"vocab_size {arch.vocab_size} must be divisible by parallel.tp={parallel_cfg.tp}")
+    dtype = _DTYPES[model_cfg.params_dtype]
+    on_cpu = not cpu_platform.cuda_present()
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if model_cfg.recompute_activations else {}
+    fp8 = dict(fp8=model_cfg.fp8, fp8_recipe="delayed") if model_cfg.fp8 else {}
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,  # RL fine-tuning: dropout would make old/new log-probs disagree
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel_cfg.tp,
+        pipeline_model_parallel_size=parallel_cfg.pp,
+        sequence_parallel=parallel_cfg.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        # The loss divides by the *global* token count itself (algo/loss.py); with this flag
+        # Megatron neither divides by num_microbatches nor averages grads over DP.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=on_cpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=not on_cpu,
+        bias_activation_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=not on_cpu,
+        **recompute,
+        **fp8,
+    )
+
+
+def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelConfig):
+    """One GPTModel chunk for this rank's pipeline stage (no DDP)."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    spec_name = resolve_spec(model_cfg)
+    tf_config = transformer_config(arch, model_cfg, parallel_cfg)
+    if spec_name == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    rs = arch.rope_scaling
+    with cpu_platform.megatron_scope():
+        model = GPTModel(
+            config=tf_config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.vocab_size,
+            max_sequence_length=max(model_cfg.max_seq_len, 1),
+            pre_process=mpu.is_pipeline_first_stage(),
+            post_process=mpu.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            rope_scaling=rs is not None,
+            rope_scaling_factor=float(rs["factor"]) if rs else 8.0,
+        )
+        if rs is not None:
+            # Megatron hard-codes Llama-3.1's scaling constants; use the checkpoint's own.
+            model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
+        if cpu_platform.cuda_present():
+            model.cuda(torch.cuda.current_device())
+    return model
+
+
+def wrap_for_training(model, optim_cfg: OptimConfig, parallel_cfg: ParallelConfig, total_steps: int):
+    """Megatron DDP + (distributed) optimizer + LR schedule. Returns (ddp_model, optimizer, scheduler)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    tf_config = model.config
+    with cpu_platform.megatron_scope():
+        ddp = DistributedDataParallel(
+            config=tf_config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+            ),
+            module=model,
+        )
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=optim_cfg.lr,
+                min_lr=optim_cfg.min_lr,
+                weight_decay=optim_cfg.weight_decay,
+                adam_beta1=optim_cfg.adam_beta1,
+                adam_beta2=optim_cfg.adam_beta2,
+                adam_eps=optim_cfg.adam_eps,
+                clip_grad=optim_cfg.clip_grad,
+                bf16=tf_config.bf16,
+                fp16=tf_config.fp16,
+                params_dtype=tf_config.params_dtype,
+                use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+            ),
+            [ddp],
+        )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr,
+        max_lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        lr_warmup_steps=optim_cfg.warmup_steps,
+        lr_decay_steps=max(total_steps, optim_cfg.warmup_steps + 1),
+        lr_decay_style=optim_cfg.decay_style,
+        start_wd=optim_cfg.weight_decay,
+        end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    return ddp, optimizer, scheduler
+
+
+def freeze(model) -> None:
+    """The reference policy: eval mode, no grads, never given to an optimizer."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,144 @@
+"""Per-token log-probs and entropy through Megatron's pipeline schedule, vocab-parallel.
+
+Convention for every per-token tensor here and in the trainer: position t of a `[B, S]` tensor
+belongs to the prediction of `tokens[:, t + 1]`; `targets = tokens` shifted left by one, and
+`loss_mask[b, t] = 1` where `targets[b, t]` is a response token. The full vocabulary is never
+gathered: each TP rank holds logits `[B, S, V/TP]` and the softmax statistics are all-reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from agpo_megatron.platform import cpu as cpu_platform
+
+MicroBatch = dict[str, torch.Tensor]  # "tokens" [B, S] plus per-token / per-seq extras
+
+
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:  # [1, 1, S, S] bool
+    """True = masked. Passed explicitly: Megatron's default mask is built on "cuda"."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,  # [..., V/TP] this rank's vocab slice
+    targets: torch.Tensor,  # [...] global token ids
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # ([...], [...] or None), fp32
+    """log p(target) and entropy of softmax(logits / T) without gathering the vocabulary.
+
+    The plain (unfused) path: it keeps an fp32 `[..., V/TP]` copy alive for backward; the fused
+    op in `ops/fused_loss.py` is the memory-lean one and is checked against this.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    group = mpu.get_tensor_model_parallel_group()
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    z = logits.float() / temperature
+    # The max is only a shift for stability: no gradient needs to flow through it.
+    zmax = z.detach().max(dim=-1, keepdim=True).values
+    torch.distributed.all_reduce(zmax, op=torch.distributed.ReduceOp.MAX, group=group)
+    z = z - zmax
+    exp_z = z.exp()
+    sum_exp = reduce_from_tensor_model_parallel_region(exp_z.sum(dim=-1))
+    log_z = sum_exp.log()
+
+    v_local = z.shape[-1]
+    start = tp_rank * v_local
+    local_t = targets - start
+    in_slice = (local_t >= 0) & (local_t < v_local)
+    picked = torch.gather(z, -1, local_t.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+    target_z = reduce_from_tensor_model_parallel_region(torch.where(in_slice, picked, torch.zeros_like(picked)))
+    logprobs = target_z - log_z
+
+    entropy = None
+    if with_entropy:
+        # H = log Z - sum_v p_v z_v, with the sum split across TP ranks.
+        p_z = reduce_from_tensor_model_parallel_region((exp_z * z).sum(dim=-1)) / sum_exp
+        entropy = log_z - p_z
+    return logprobs, entropy
+
+
+def forward_backward(
+    model: torch.nn.Module | list[torch.nn.Module],
+    micro_batches: list[MicroBatch],
+    loss_fn: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, Any]]],
+    *,
+    forward_only: bool,
+) -> list[dict[str, Any]]:
+    """Run Megatron's schedule (1F1B when PP > 1) over micro-batches of equal shape.
+
+    `loss_fn(logits [B, S, V/TP], mb) -> (loss, metrics)` runs on the last stage; the returned
+    loss must already be normalised by the *global* token count (Megatron will not divide, see
+    `calculate_per_token_loss` in models/build.py). Returns the metrics of each micro-batch on the
+    last pipeline stage, and [] elsewhere.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    chunks = model if isinstance(model, list) else [model]
+    batch, seq_len = micro_batches[0]["tokens"].shape
+    device = next(chunks[0].parameters()).device
+    mask = causal_mask(seq_len, device) if not cpu_platform.cuda_present() else None
+    position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
+
+    def step(data_iter, module):
+        mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data_iter).items()}
+        logits = module(mb["tokens"], position_ids, mask)
+
+        def loss_func(output: torch.Tensor):
+            loss, metrics = loss_fn(output, mb)
+            return loss, torch.ones((), dtype=torch.int), metrics
+
+        return logits, loss_func
+
+    if not forward_only:
+        config = chunks[0].config
+        config.finalize_model_grads_func = _finalize_without_token_scaling
+    with cpu_platform.megatron_scope():
+        out = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(micro_batches),
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_len,
+            micro_batch_size=batch,
+            forward_only=forward_only,
+        )
+    return list(out)
+
+
+def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
+    """DP/TP grad all-reduce without Megatron's divide-by-token-count: our loss is already
+    normalised by the global count passed into it, which keeps DP=1 and DP=2 identical."""
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, num_tokens=None, **kwargs)
+
+
+@torch.no_grad()
+def compute_logprobs(
+    model: torch.nn.Module | list[torch.nn.Module],
+    micro_batches: list[MicroBatch],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Forward-only log-probs of `mb["targets"]` per micro-batch: [{"logprobs": [B, S], "entropy": ...}].
+
+    Only the last pipeline stage gets results (that is where the loss needs them).
+    """
+
+    def collect(logits: torch.Tensor, mb: MicroBatch):
+        lp, ent = vocab_parallel_logprobs(logits, mb["targets"], temperature=temperature, with_entropy=with_entropy)
+        out = {"logprobs": lp.detach()}
+        if ent is not None:
+            out["entropy"] = ent.detach()
+        return torch.zeros((), device=logits.device), out
+
+    return forward_backward(model, micro_batches, collect, forward_only=True)

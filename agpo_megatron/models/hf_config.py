@@ -1,0 +1,150 @@
+"""HF `config.json` -> one architecture record -> Megatron `TransformerConfig` + GPTModel kwargs.
+
+Supported: Qwen2 / Qwen2.5 (`qwen2`: qkv bias, tied or untied embeddings), Llama-3.x (`llama`:
+rope scaling "llama3"), Qwen3 (`qwen3`: qk-layernorm, explicit `head_dim` -> `kv_channels`).
+Anything else is refused with the list of what is supported; a half-mapped model is worse than none.
+
+This module reads JSON only (no megatron import at module level) so configs can be validated
+before anything heavy is imported or allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ModelArch:
+    """The architecture facts the Megatron build and the weight bridge both need."""
+
+    model_type: str
+    """HF `model_type`: one of SUPPORTED_MODEL_TYPES."""
+    vocab_size: int
+    """Rows of the embedding / lm_head in the HF checkpoint."""
+    hidden_size: int
+    """Model width."""
+    ffn_hidden_size: int
+    """SwiGLU inner width (HF `intermediate_size`)."""
+    num_layers: int
+    """Transformer blocks."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int
+    """KV heads (GQA groups)."""
+    head_dim: int
+    """Per-head width; Qwen3 sets it explicitly (`kv_channels` in Megatron)."""
+    rms_norm_eps: float
+    """RMSNorm epsilon."""
+    rope_theta: float
+    """RoPE base."""
+    rope_scaling: dict[str, Any] | None
+    """HF rope_scaling dict (Llama-3 'llama3' type) or None."""
+    max_position_embeddings: int
+    """Longest position the model was trained for."""
+    qkv_bias: bool
+    """Bias on q/k/v projections (Qwen2)."""
+    qk_layernorm: bool
+    """RMSNorm on q and k per head (Qwen3)."""
+    tie_word_embeddings: bool
+    """lm_head shares the embedding matrix."""
+    torch_dtype: str
+    """Checkpoint dtype ('bfloat16', 'float32', ...); exports keep it."""
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim
+
+
+def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    for key in ("hidden_act",):
+        if cfg.get(key, "silu") != "silu":
+            raise UnsupportedModelError(f"{source}: {key}={cfg[key]!r}; only 'silu' (SwiGLU) is supported")
+    if cfg.get("num_experts") or cfg.get("num_local_experts"):
+        raise UnsupportedModelError(f"{source}: MoE models are not supported")
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling is not None:
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        if kind not in ("llama3", "default"):
+            raise UnsupportedModelError(
+                f"{source}: rope_scaling type {kind!r} is not supported; supported: ['llama3']"
+            )
+        if kind == "default":
+            rope_scaling = None
+    # transformers 5 moved rope_theta into rope_parameters; accept both spellings.
+    rope_params = cfg.get("rope_parameters") or {}
+    if rope_scaling is None and rope_params.get("rope_type") == "llama3":
+        rope_scaling = rope_params
+    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported")
+    heads = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return ModelArch(
+        model_type=model_type,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=hidden,
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        # Qwen2 always has qkv bias; Llama/Qwen3 expose `attention_bias` (False for released models).
+        qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
+        qk_layernorm=model_type == "qwen3",
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+    )
+
+
+def read_arch(hf_dir: str | Path) -> ModelArch:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {hf_dir}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    return arch_from_hf_dict(data, str(path))
+
+
+def llama3_inv_freq(arch: ModelArch) -> torch.Tensor:  # [head_dim/2]
+    """Exact HF 'llama3' RoPE frequencies.
+
+    NOTE: Megatron's `rope_scaling` hard-codes low/high_freq_factor=1/4 and
+    original_max_position_embeddings=8192 (right for Llama 3.1, wrong for others), so the model
+    builder overwrites `inv_freq` with this.
+    """
+    rs = arch.rope_scaling or {}
+    dim = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor = rs["factor"]
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old_ctx = rs.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * torch.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled).float()
