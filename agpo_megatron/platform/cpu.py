@@ -30,6 +30,9 @@ The redirections, and why each is needed:
    `param.type() == "torch.cuda.FloatTensor"`; inside `megatron_scope()` the mode answers the
    CUDA spelling for CPU tensors (only for the no-argument form, which is the query).
 
+5. `torch.cuda.synchronize()` -> no-op. The pipeline p2p exchange syncs the device after
+   `batch_isend_irecv`; CPU ops are already synchronous, so there is nothing to wait for.
+
 Also: pass an explicit causal `attention_mask` to GPTModel: Megatron's default mask is built
 with `device="cuda"` outside any place we can scope cheaply.
 """
@@ -105,7 +108,7 @@ def _patch_rng() -> None:
 
 
 def activate() -> bool:
-    """Install the process-wide redirections (1, 2). Returns whether the layer is active.
+    """Install the process-wide redirections (1, 2, 5). Returns whether the layer is active.
 
     A no-op when CUDA is present, and a no-op when called a second time.
     """
@@ -113,6 +116,7 @@ def activate() -> bool:
     if _ACTIVE or cuda_present():
         return _ACTIVE
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
     _patch_rng()
     _ACTIVE = True
     return True
