@@ -182,8 +182,8 @@ class BatchConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
-    train: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
-    """Training prompts."""
+    train: DatasetConfig
+    """Training prompts (required: path and answer_format at least)."""
     eval: DatasetConfig | None = None
     """Held-out prompts for accuracy / length evaluation."""
     reward: Literal["math"] = "math"
@@ -226,8 +226,8 @@ class TrainConfig:
     """vLLM sampling."""
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     """Batch sizes."""
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    """Datasets and reward."""
+    data: DataConfig
+    """Datasets and reward (required)."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     """Metrics output."""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

@@ -1,0 +1,348 @@
+"""Token-level clipped policy-gradient loss: the plain-PyTorch reference implementation.
+
+A fused kernel elsewhere is tested against this module, so every step is spelled out and
+nothing is approximated beyond what is listed below.
+
+Per response token t of sequence i, with ratio ``rho = exp(logp - logp_old)`` and the
+sequence advantage ``A`` (GRPO / AGPO: one value per sequence, broadcast over its tokens)::
+
+    pg   = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high))      PPO (Schulman 2017)
+    pg   = min(pg, -A * c)                    if A < 0 and dual clip on    (Ye et al. 2020)
+    pg   = pg * min(exp(logp_old - logp_rollout), C).detach()   if TIS on  (Yao et al. 2025)
+    loss = pg + beta * KL_hat(logp, logp_ref) - alpha * H                 GRPO (Shao et al. 2024)
+
+``eps_low != eps_high`` is DAPO's clip-higher (Yu et al. 2025). TIS, truncated importance
+sampling, corrects for the mismatch between the inference engine that sampled the rollouts
+(``logp_rollout``) and the trainer's recomputation of the same policy (``logp_old``).
+
+KL estimators, with ``r = pi_ref / pi_theta = exp(logp_ref - logp)`` and tokens sampled from
+pi_theta (Schulman 2020, "Approximating KL divergence")::
+
+    k1 = -log r                 unbiased for KL(pi_theta || pi_ref), high variance, can be < 0
+    k2 = 0.5 * (log r)^2        biased, >= 0
+    k3 = (r - 1) - log r        unbiased and >= 0 (DeepSeekMath's choice)
+    symmetric = 0.5 * (r - 1) * log r
+        half the Jeffreys divergence, as used by A-GRPO: KL(p||q) = E_p[-log r] and
+        KL(q||p) = E_p[r log r], so 0.5 * (KL(p||q) + KL(q||p)) = E_p[0.5 (r - 1) log r].
+        Each sample is >= 0 because (r - 1) and log r always share their sign.
+
+Aggregation (:func:`aggregate`) returns each micro-batch's share of the *global* batch mean,
+which makes the loss independent of how the batch is split over micro-batches and
+data-parallel ranks; see that function.
+
+Departures from the papers (numerical only):
+
+* Log-ratios are clamped to [-20, 20] before ``exp`` (policy ratio, k3, symmetric KL, TIS
+  weight). ``exp(20)`` ~ 4.9e8 is far beyond any ratio a sane update produces, and without the
+  clamp a single extreme token overflows to inf, and ``0 * inf`` in the backward of the
+  unselected branch of ``max`` / ``where`` turns the gradient into NaN. Tokens outside the
+  clamp get zero gradient from that term.
+* Masked tokens are replaced by zeros (``torch.where``) *before* any arithmetic, so padding with
+  arbitrary values (-inf, NaN, -1e30) contributes exactly 0 to the loss and to the gradient.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+__all__ = ["PolicyLossConfig", "kl_penalty", "aggregate", "policy_loss"]
+
+Metrics = dict[str, torch.Tensor]
+KLEstimator = Literal["k1", "k2", "k3", "symmetric"]
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+GlobalCount = int | torch.Tensor
+
+_MAX_LOG_RATIO = 20.0
+
+
+@dataclass(kw_only=True, frozen=True)
+class PolicyLossConfig:
+    """Static settings of :func:`policy_loss`."""
+
+    eps_low: float = 0.2
+    """Lower clip range: the ratio is clipped from below at ``1 - eps_low``; ``0 <= eps_low < 1``."""
+
+    eps_high: float = 0.2
+    """Upper clip range: the ratio is clipped from above at ``1 + eps_high``; ``>= 0``. DAPO's
+    clip-higher uses 0.28 with ``eps_low = 0.2`` to leave room for low-probability tokens."""
+
+    dual_clip_c: float | None = None
+    """Dual-clip constant ``c > 1`` (Ye et al. 2020): for negative advantages the per-token loss is
+    capped at ``c * |A|`` so that a huge ratio cannot blow up the update. None disables it."""
+
+    kl_coef: float = 0.0
+    """KL penalty weight beta, ``>= 0``. The KL to the reference policy is part of the loss only
+    when > 0 (then ``ref_logprobs`` are required)."""
+
+    kl_estimator: KLEstimator = "k3"
+    """Per-token KL estimator: ``"k1"``, ``"k2"``, ``"k3"`` or ``"symmetric"`` (see module doc)."""
+
+    entropy_coef: float = 0.0
+    """Entropy bonus weight, ``>= 0``: the loss is lowered by ``entropy_coef * entropy``. When > 0,
+    the per-token ``entropy`` is required."""
+
+    agg_mode: AggMode = "token-mean"
+    """How per-token losses become one scalar: ``"token-mean"`` (DAPO, every token weighs the
+    same), ``"seq-mean-token-mean"`` (original GRPO, every sequence weighs the same) or
+    ``"seq-mean-token-sum"`` (Dr.GRPO-style, no length normalisation)."""
+
+    tis_cap: float | None = None
+    """Truncated importance sampling cap ``C > 0`` on ``exp(old_logprobs - rollout_logprobs)``.
+    When set, ``rollout_logprobs`` are required. None disables it."""
+
+    def __post_init__(self) -> None:
+        # `not (...)` forms also reject NaN.
+        if not 0.0 <= self.eps_low < 1.0:
+            raise ValueError(f"eps_low must be in [0, 1), got {self.eps_low}")
+        if not self.eps_high >= 0.0:
+            raise ValueError(f"eps_high must be >= 0, got {self.eps_high}")
+        if self.dual_clip_c is not None and not self.dual_clip_c > 1.0:
+            raise ValueError(f"dual_clip_c must be > 1 or None, got {self.dual_clip_c}")
+        if not self.kl_coef >= 0.0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_estimator not in get_args(KLEstimator):
+            raise ValueError(
+                f"kl_estimator must be one of {get_args(KLEstimator)}, got {self.kl_estimator!r}"
+            )
+        if not self.entropy_coef >= 0.0:
+            raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.agg_mode not in get_args(AggMode):
+            raise ValueError(f"agg_mode must be one of {get_args(AggMode)}, got {self.agg_mode!r}")
+        if self.tis_cap is not None and not self.tis_cap > 0.0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+
+
+def _clamped_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,  # [N, T] current policy pi_theta
+    ref_logprobs: torch.Tensor,  # [N, T] reference policy
+    estimator: KLEstimator,
+) -> torch.Tensor:  # [N, T]
+    """Per-token estimate of the KL between the current and the reference policy.
+
+    No masking is applied: values at padding positions are whatever the inputs make them.
+    """
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"logprobs and ref_logprobs must have the same shape, "
+            f"got {tuple(logprobs.shape)} and {tuple(ref_logprobs.shape)}"
+        )
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        log_r = log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return torch.exp(log_r) - 1.0 - log_r
+    if estimator == "symmetric":
+        log_r = log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return 0.5 * (torch.exp(log_r) - 1.0) * log_r
+    raise ValueError(f"estimator must be one of {get_args(KLEstimator)}, got {estimator!r}")
+
+
+def _check_global_count(name: str, count: GlobalCount | None) -> None:
+    # Tensor counts typically come from an all-reduce on the device; checking their value
+    # here would force a host sync on every micro-batch, so only host numbers are checked.
+    if isinstance(count, (int, float)) and not count > 0:
+        raise ValueError(f"{name} must be > 0, got {count}")
+
+
+def aggregate(
+    per_token: torch.Tensor,  # [N, T]
+    mask: torch.Tensor,  # [N, T], nonzero = valid token
+    mode: AggMode,
+    *,
+    global_num_tokens: GlobalCount | None = None,
+    global_num_seqs: GlobalCount | None = None,
+) -> torch.Tensor:  # 0-dim
+    """Reduce per-token values to this micro-batch's share of the global-batch loss.
+
+    With ``m`` the mask and ``len_i = sum_t m[i, t]``:
+
+    * ``token-mean``: ``sum_{i,t} l*m / global_num_tokens``
+    * ``seq-mean-token-mean``: ``sum_i [sum_t l*m / max(len_i, 1)] / global_num_seqs``
+    * ``seq-mean-token-sum``: ``sum_{i,t} l*m / global_num_seqs``
+
+    The numerators are sums, so they add up over any partition of the global batch. Dividing by
+    the *global* count (tokens or sequences over all micro-batches of the step and all
+    data-parallel ranks) therefore makes the sum of the returned values over all micro-batches
+    and ranks equal to the loss of the whole batch, whatever the layout. Consequently the
+    caller must *sum* gradients over micro-batches and ranks; where the framework averages
+    them, it must multiply the loss back by the number of micro-batches times ranks.
+
+    When a global count is None the local one is used, which is right for a single micro-batch
+    on one rank: the number of valid tokens (``token-mean``), or the number of rows ``N``
+    (sequence modes; fully masked rows count, so callers that pad with empty rows should pass
+    ``global_num_seqs``). Local counts are floored at 1 so that an empty batch gives 0, not NaN.
+    """
+    if per_token.ndim != 2 or mask.shape != per_token.shape:
+        raise ValueError(
+            f"per_token must be 2-D [N, T] and mask of the same shape, "
+            f"got {tuple(per_token.shape)} and {tuple(mask.shape)}"
+        )
+    _check_global_count("global_num_tokens", global_num_tokens)
+    _check_global_count("global_num_seqs", global_num_seqs)
+    mask = mask.bool()
+    masked = torch.where(mask, per_token, 0.0)
+
+    if mode == "token-mean":
+        num_tokens = mask.sum().clamp(min=1) if global_num_tokens is None else global_num_tokens
+        return masked.sum() / num_tokens
+    if mode not in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        raise ValueError(f"mode must be one of {get_args(AggMode)}, got {mode!r}")
+    per_seq = masked.sum(dim=1)  # [N]
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(dim=1).clamp(min=1)
+    num_seqs = max(per_token.shape[0], 1) if global_num_seqs is None else global_num_seqs
+    return per_seq.sum() / num_seqs
+
+
+def _check_like(name: str, x: torch.Tensor, shape: torch.Size) -> None:
+    if x.shape != shape:
+        raise ValueError(f"{name} must have the shape of logprobs {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,  # [N, T] current policy, carries the gradient
+    old_logprobs: torch.Tensor,  # [N, T] policy that sampled (as recomputed by the trainer)
+    advantages: torch.Tensor,  # [N] (broadcast over tokens) or [N, T]
+    mask: torch.Tensor,  # [N, T], nonzero = response token that counts
+    cfg: PolicyLossConfig,
+    *,
+    ref_logprobs: torch.Tensor | None = None,  # [N, T] reference policy, for the KL term
+    entropy: torch.Tensor | None = None,  # [N, T] per-token entropy of the current policy
+    rollout_logprobs: torch.Tensor | None = None,  # [N, T] from the inference engine, for TIS
+    kl_coef: float | None = None,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    global_num_tokens: GlobalCount | None = None,
+    global_num_seqs: GlobalCount | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Clipped policy-gradient loss of one micro-batch, aggregated as ``cfg.agg_mode``.
+
+    ``kl_coef``, ``eps_low`` and ``eps_high`` override the values of ``cfg`` when not None, so an
+    adaptive controller can change them every step; they are validated like the config.
+    ``global_num_tokens`` / ``global_num_seqs`` are passed to :func:`aggregate`.
+
+    Returns the 0-dim loss and detached 0-dim metrics, each a mean over this micro-batch's valid
+    tokens unless noted: ``pg_loss``, ``pg_clipfrac`` (clipped branch active),
+    ``pg_clipfrac_lower`` (dual clip active; 0 when off), ``approx_kl`` (k3 of the current
+    policy against ``old_logprobs``), ``ratio_mean``, ``ratio_max``, ``ratio_min`` (1 when there
+    is no valid token), ``num_tokens`` (count), and when applicable ``kl_ref``, ``entropy``,
+    ``tis_weight_mean``.
+
+    Raises ValueError when a term is switched on but its input is missing: ``kl_coef > 0``
+    without ``ref_logprobs``, ``entropy_coef > 0`` without ``entropy``, ``tis_cap`` without
+    ``rollout_logprobs``.
+    """
+    overrides = {"kl_coef": kl_coef, "eps_low": eps_low, "eps_high": eps_high}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)  # re-runs the config validation
+
+    if logprobs.ndim != 2:
+        raise ValueError(f"logprobs must be 2-D [N, T], got shape {tuple(logprobs.shape)}")
+    shape = logprobs.shape
+    _check_like("old_logprobs", old_logprobs, shape)
+    _check_like("mask", mask, shape)
+    optional = {"ref_logprobs": ref_logprobs, "entropy": entropy, "rollout_logprobs": rollout_logprobs}
+    for name, x in optional.items():
+        if x is not None:
+            _check_like(name, x, shape)
+    if advantages.shape not in (shape, shape[:1]):
+        raise ValueError(
+            f"advantages must have shape [N] {tuple(shape[:1])} or [N, T] {tuple(shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={cfg.kl_coef} > 0 needs ref_logprobs")
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise ValueError(f"entropy_coef={cfg.entropy_coef} > 0 needs entropy")
+    # A cap without engine log-probs would silently train without the correction it asks for.
+    if cfg.tis_cap is not None and rollout_logprobs is None:
+        raise ValueError(f"tis_cap={cfg.tis_cap} needs rollout_logprobs")
+
+    mask = mask.bool()
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    # Zeroing padding first keeps garbage (-inf, NaN) out of every exp and every backward.
+    logprobs = torch.where(mask, logprobs, 0.0)
+    old_logprobs = torch.where(mask, old_logprobs, 0.0)
+    advantages = torch.where(mask, advantages, 0.0)
+
+    ratio = _clamped_exp(logprobs - old_logprobs)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    clipped = pg_clipped > pg_unclipped
+    if cfg.dual_clip_c is not None:
+        pg_dual = -advantages * cfg.dual_clip_c
+        dual_clipped = (advantages < 0) & (pg > pg_dual)
+        pg = torch.where(dual_clipped, pg_dual, pg)
+    else:
+        dual_clipped = torch.zeros_like(clipped)
+
+    tis_weight = None
+    if cfg.tis_cap is not None:
+        rollout_logprobs = torch.where(mask, rollout_logprobs, 0.0)
+        # A correction factor, not something to optimise: no gradient flows through it.
+        tis_weight = _clamped_exp(old_logprobs - rollout_logprobs).clamp(max=cfg.tis_cap).detach()
+        pg = pg * tis_weight
+
+    per_token = pg
+    kl_ref = None
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(mask, ref_logprobs, 0.0)
+        if cfg.kl_coef > 0:
+            kl_ref = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+            per_token = per_token + cfg.kl_coef * kl_ref
+        else:
+            with torch.no_grad():
+                kl_ref = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+    if entropy is not None:
+        entropy = torch.where(mask, entropy, 0.0)
+        if cfg.entropy_coef > 0:
+            per_token = per_token - cfg.entropy_coef * entropy
+
+    loss = aggregate(
+        per_token,
+        mask,
+        cfg.agg_mode,
+        global_num_tokens=global_num_tokens,
+        global_num_seqs=global_num_seqs,
+    )
+
+    with torch.no_grad():
+        num_tokens = mask.sum()
+        has_tokens = num_tokens > 0
+        denom = num_tokens.clamp(min=1)
+
+        def masked_mean(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask, x.detach().float(), 0.0).sum() / denom
+
+        one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+        ratio_max = torch.where(mask, ratio, -torch.inf).amax()
+        ratio_min = torch.where(mask, ratio, torch.inf).amin()
+        metrics = {
+            "pg_loss": masked_mean(pg),
+            "pg_clipfrac": masked_mean(clipped),
+            "pg_clipfrac_lower": masked_mean(dual_clipped),
+            "approx_kl": masked_mean(kl_penalty(logprobs, old_logprobs, "k3")),
+            "ratio_mean": masked_mean(ratio),
+            "ratio_max": torch.where(has_tokens, ratio_max.detach(), one),
+            "ratio_min": torch.where(has_tokens, ratio_min.detach(), one),
+            "num_tokens": num_tokens.float(),
+        }
+        if kl_ref is not None:
+            metrics["kl_ref"] = masked_mean(kl_ref)
+        if entropy is not None:
+            metrics["entropy"] = masked_mean(entropy)
+        if tis_weight is not None:
+            metrics["tis_weight_mean"] = masked_mean(tis_weight)
+    return loss, metrics

@@ -1,0 +1,101 @@
+"""AGPO length-aware reward (Li et al. 2025, "Adaptive Group Policy Optimization", Eq. 7-8, m2).
+
+Within a group of G answers to one prompt, correct answers are rewarded for being short
+relative to the other correct answers of the same group (Eq. 7)::
+
+    lambda_i = 1 - (L_i - L_min) / (L_max - L_min)
+
+    r_len_i = lambda_i   if answer i is correct and the group is not all correct
+              0          otherwise
+
+with L_min / L_max the shortest / longest response among the group's correct answers. The
+training reward is then (Eq. 8)::
+
+    r_i = r_acc_i + gamma * r_len_i          (the paper uses gamma = 0.1)
+
+Order of operations, as in the paper: the length reward is computed first, combined with the
+accuracy reward, and the advantage (:mod:`agpo_megatron.algo.advantages`) is computed on the
+combined reward. All-correct groups get no length reward, so their combined rewards stay
+uniform and AGPO's Eq. 6 still gives every sample +1. Where the length reward does act, a
+wrong answer (reward 0) still ranks below every correct one (reward >= 1) for any gamma >= 0
+(with binary accuracy rewards).
+
+Choices the paper leaves open:
+
+* L_min and L_max are taken over the group's *correct* answers only; wrong answers neither get
+  a length reward nor influence it.
+* When the correct answers all have the same length (which includes the case of exactly one
+  correct answer), ``L_max - L_min = 0``; we treat the fraction as 0, i.e. lambda = 1, so
+  each correct answer still gets the full length bonus over the wrong ones.
+"""
+
+import torch
+
+__all__ = ["length_reward", "combine_rewards"]
+
+Metrics = dict[str, torch.Tensor]
+
+
+def length_reward(
+    correct: torch.Tensor,  # [P, G] bool
+    lengths: torch.Tensor,  # [P, G] int or float, response token counts
+) -> tuple[torch.Tensor, Metrics]:
+    """Per-sample AGPO length reward ``r_len`` of shape ``[P, G]`` (float32), paper Eq. 7.
+
+    Metrics: ``len_reward_mean`` (mean r_len over the correct answers of groups that are
+    neither all-correct nor all-wrong; 0 if there are none) and ``num_len_reward_groups``
+    (number of such groups, i.e. groups that received a length reward).
+    """
+    if correct.ndim != 2 or correct.dtype != torch.bool:
+        raise ValueError(
+            f"correct must be a 2-D bool tensor [P, G], "
+            f"got shape {tuple(correct.shape)} and dtype {correct.dtype}"
+        )
+    if lengths.shape != correct.shape:
+        raise ValueError(
+            f"lengths must have the shape of correct {tuple(correct.shape)}, got {tuple(lengths.shape)}"
+        )
+
+    lengths = lengths.to(torch.float32)
+    group_size = correct.shape[1]
+    num_correct = correct.sum(dim=1, keepdim=True)  # [P, 1]
+    # Groups with at least one correct and at least one wrong answer; the only ones rewarded.
+    mixed = (num_correct > 0) & (num_correct < group_size)  # [P, 1]
+
+    # Wrong answers are pushed to +-inf so that they never win the min / max; a group without
+    # correct answers ends up with an infinite span, which the `span > 0` test below and the
+    # `mixed` mask both discard.
+    inf = torch.full_like(lengths, float("inf"))
+    min_len = torch.where(correct, lengths, inf).amin(dim=1, keepdim=True)  # [P, 1]
+    max_len = torch.where(correct, lengths, -inf).amax(dim=1, keepdim=True)  # [P, 1]
+    span = max_len - min_len
+    has_span = span > 0
+    frac = (lengths - min_len) / torch.where(has_span, span, torch.ones_like(span))
+    frac = torch.where(has_span, frac, torch.zeros_like(frac))
+
+    rewarded = correct & mixed  # [P, G]
+    r_len = torch.where(rewarded, 1.0 - frac, torch.zeros_like(frac))
+
+    num_rewarded = rewarded.sum()
+    metrics = {
+        "len_reward_mean": r_len.sum() / num_rewarded.clamp(min=1),
+        "num_len_reward_groups": mixed.sum().float(),
+    }
+    return r_len, metrics
+
+
+def combine_rewards(
+    r_acc: torch.Tensor,  # [P, G] float
+    r_len: torch.Tensor,  # [P, G] float
+    gamma: float,
+) -> torch.Tensor:  # [P, G]
+    """Training reward ``r_acc + gamma * r_len`` (paper Eq. 8; the paper uses gamma = 0.1)."""
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if r_acc.shape != r_len.shape:
+        raise ValueError(
+            f"r_acc and r_len must have the same shape, got {tuple(r_acc.shape)} and {tuple(r_len.shape)}"
+        )
+    if not r_acc.is_floating_point():
+        raise ValueError(f"r_acc must be a floating-point tensor, got dtype {r_acc.dtype}")
+    return r_acc + gamma * r_len
