@@ -249,6 +249,10 @@ class TrainConfig:
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
         )
+        longest = self.data.train.max_prompt_tokens + self.rollout.max_new_tokens
+        _require(longest <= self.model.max_seq_len,
+                 f"data.train.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds model.max_seq_len "
+                 f"({self.model.max_seq_len})")
         if self.model.hf_path:
             self.check_model_shape()
 

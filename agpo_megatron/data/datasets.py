@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from agpo_megatron.data.math_reward import gold_from_gsm8k_answer
+from agpo_megatron.data.math_reward import extract_boxed, gold_from_gsm8k_answer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,9 +67,10 @@ class DatasetConfig:
     answer_field: str = "answer"
     """Row field holding the gold answer (or, for ``answer_format="gsm8k"``, the solution that
     ends in ``#### <answer>``)."""
-    answer_format: Literal["gsm8k", "raw"]
+    answer_format: Literal["gsm8k", "boxed", "raw"]
     """How to read the gold from ``answer_field``: ``"gsm8k"`` takes the number after ``####``,
-    ``"raw"`` uses the field as is (MATH-style ``\\frac{14}{3}``). Required, because the wrong
+    ``"boxed"`` the last ``\\boxed{...}`` of a worked solution (MATH train sets that have no
+    separate answer column), ``"raw"`` uses the field as is (MATH-style ``\\frac{14}{3}``). Required, because the wrong
     choice does not fail: it silently makes every answer wrong."""
     system_prompt: str | None = None
     """Optional system message (chat template) or preamble (plain format)."""
@@ -95,8 +96,10 @@ class DatasetConfig:
         for name in ("prompt_field", "answer_field", "split"):
             if not getattr(self, name):
                 raise ValueError(f"DatasetConfig.{name} must not be empty")
-        if self.answer_format not in ("gsm8k", "raw"):
-            raise ValueError(f"DatasetConfig.answer_format must be 'gsm8k' or 'raw', got {self.answer_format!r}")
+        if self.answer_format not in ("gsm8k", "boxed", "raw"):
+            raise ValueError(
+                f"DatasetConfig.answer_format must be 'gsm8k', 'boxed' or 'raw', got {self.answer_format!r}"
+            )
         if self.on_too_long not in ("skip", "error"):
             raise ValueError(f"DatasetConfig.on_too_long must be 'skip' or 'error', got {self.on_too_long!r}")
         if "{prompt}" not in self.prompt_template:
@@ -233,6 +236,11 @@ def _gold(row: dict, cfg: DatasetConfig, where: str) -> str:
             value = gold_from_gsm8k_answer(value)
         except ValueError as e:
             raise DatasetError(f"{where}: field {cfg.answer_field!r}: {e}") from None
+    elif cfg.answer_format == "boxed":
+        boxed = extract_boxed(value)
+        if boxed is None:
+            raise DatasetError(f"{where}: field {cfg.answer_field!r} has no \\boxed{{...}} answer")
+        value = boxed
     value = value.strip()
     if not value:
         raise DatasetError(f"{where}: field {cfg.answer_field!r} is empty")

@@ -83,12 +83,17 @@ def forward_backward(
 
     chunks = model if isinstance(model, list) else [model]
     batch, seq_len = micro_batches[0]["tokens"].shape
+    if len(chunks) > 1 or _pp_size() > 1:
+        shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
+        if len(shapes) > 1:
+            raise ValueError(f"with pipeline parallelism all micro-batches need one shape, got {sorted(shapes)}")
     device = next(chunks[0].parameters()).device
-    mask = causal_mask(seq_len, device) if not cpu_platform.cuda_present() else None
-    position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
 
     def step(data_iter, module):
         mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data_iter).items()}
+        b, s = mb["tokens"].shape
+        mask = causal_mask(s, device) if not cpu_platform.cuda_present() else None
+        position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
         logits = module(mb["tokens"], position_ids, mask)
 
         def loss_func(output: torch.Tensor):
@@ -111,6 +116,12 @@ def forward_backward(
             forward_only=forward_only,
         )
     return list(out)
+
+
+def _pp_size() -> int:
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_pipeline_model_parallel_world_size()
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):

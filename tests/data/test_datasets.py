@@ -284,3 +284,22 @@ def test_sampler_validation():
         PromptSampler(_examples(10), batch_size=5, seed=0, dp_rank=0, dp_size=2)
     with pytest.raises(ValueError, match="need at least batch_size=8"):
         PromptSampler(_examples(5), batch_size=8, seed=0)
+
+
+def test_boxed_answer_format_reads_the_solution(tmp_path):
+    from agpo_megatron.data.datasets import DatasetConfig, DatasetError, load_examples
+    from agpo_megatron.data.synthetic import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    path = tmp_path / "math.jsonl"
+    path.write_text(
+        '{"problem": "1+1=", "solution": "We add: $\\\\boxed{\\\\frac{4}{2}}$."}\n'
+        '{"problem": "2+2=", "solution": "no box here"}\n'
+    )
+    cfg = DatasetConfig(path=str(path), prompt_field="problem", answer_field="solution", answer_format="boxed",
+                        prompt_template="{prompt}", max_prompt_tokens=64, limit=1)
+    examples, _ = load_examples(cfg, tok)
+    assert examples[0].gold == "\\frac{4}{2}"
+    with pytest.raises(DatasetError, match=r"math.jsonl:2: .*boxed"):
+        load_examples(DatasetConfig(path=str(path), prompt_field="problem", answer_field="solution",
+                                    answer_format="boxed", prompt_template="{prompt}", max_prompt_tokens=64), tok)

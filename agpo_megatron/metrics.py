@@ -1,0 +1,119 @@
+"""Per-step metrics: a JSONL file (the source of truth), an optional wandb run, a progress bar, and
+`plot`, which turns the JSONL into PNG curves. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class PhaseTimer:
+    """Wall time per phase of a step: `with timer("rollout"): ...` -> {"time/rollout": s}."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = self.times, {}
+        return out
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, *, enabled: bool, total_steps: int, config: dict[str, Any] | None = None,
+                 wandb_project: str | None = None, progress_bar: bool = True, filename: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self.path = Path(out_dir) / filename
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        if config is not None:
+            (self.path.parent / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if wandb_project:
+            import wandb  # optional dependency: pip install 'agpo-megatron[wandb]'; WANDB_MODE=offline works
+
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(self.path.parent))
+        if progress_bar and total_steps > 0:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc=self.path.parent.name, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+        if self._bar is not None:
+            self._bar.update(1)
+            short = {k: row[k] for k in ("reward/mean", "acc/mean", "len/mean") if k in row}
+            self._bar.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in short.items()})
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._file.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    return rows
+
+
+def plot(metrics_path: str | Path, out_png: str | Path | None = None,
+         keys: tuple[str, ...] = ("reward/mean", "acc/mean", "len/mean", "len/correct_mean")) -> Path:
+    """PNG curves of reward and response length from a metrics.jsonl."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    keys = tuple(k for k in keys if any(k in r for r in rows))
+    if not keys:
+        raise ValueError(f"{metrics_path}: none of the plotted metrics {keys} is present")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out_png) if out_png else Path(metrics_path).with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

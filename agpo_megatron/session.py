@@ -1,0 +1,67 @@
+"""Everything the loop needs that is set up once: the world, the model shape, tokenizer, data, the
+rollout engine, evaluation and checkpoints. Order matters: the config is validated against the
+world size first, then Megatron's groups exist before vLLM joins the same world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.distributed as dist
+
+from agpo_megatron.config import TrainConfig
+from agpo_megatron.data.datasets import Example, load_examples
+from agpo_megatron.evaluate import evaluate
+from agpo_megatron.models.hf_config import ModelArch, read_arch
+from agpo_megatron.parallel import Layout, init_distributed, init_model_parallel
+from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig
+
+
+@dataclasses.dataclass
+class Session:
+    cfg: TrainConfig
+    arch: ModelArch
+    layout: Layout
+    tokenizer: Any
+    pad_id: int
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    rollout: RolloutEngine
+    checkpointer: Any = None
+
+    @classmethod
+    def create(cls, cfg: TrainConfig) -> "Session":
+        from transformers import AutoTokenizer
+
+        from agpo_megatron.rollout.vllm_engine import VLLMEngine
+
+        init_distributed()
+        cfg.check_world(dist.get_world_size())  # before any model or engine exists
+        arch = read_arch(cfg.model.hf_path)
+        layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train, _ = load_examples(cfg.data.train, tokenizer)
+        evals = load_examples(cfg.data.eval, tokenizer)[0] if cfg.data.eval is not None else []
+        if not train:
+            raise ValueError(f"{cfg.data.train.path}: no usable training prompts")
+        engine = VLLMEngine.from_config(cfg)
+        checkpointer = None
+        if cfg.checkpoint.save_dir:
+            from agpo_megatron.checkpoint import Checkpointer
+
+            checkpointer = Checkpointer(cfg.checkpoint, arch=arch, hf_dir=cfg.model.hf_path)
+        return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine, checkpointer)
+
+    def train_sampling(self, step: int) -> SamplingConfig:
+        r = self.cfg.rollout
+        return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                              seed=self.cfg.parallel.seed * 100_003 + step,
+                              logprobs=r.logprob_mode == "rollout" or r.tis_cap is not None)
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        r = self.cfg.rollout
+        sampling = SamplingConfig(temperature=r.eval_temperature, top_p=1.0, top_k=-1,
+                                  max_new_tokens=r.max_new_tokens, seed=self.cfg.parallel.seed, logprobs=False)
+        return evaluate(self.rollout, self.eval_examples, sampling, n=r.eval_n, timeout_s=self.cfg.data.reward_timeout_s)

@@ -1,0 +1,147 @@
+"""The AGPO / GRPO training loop.
+
+    generate -> reward (+ length reward) -> advantage -> old/ref log-probs -> update -> weight sync -> log
+
+Every rank runs this same function (SPMD) inside one torchrun/srun world: vLLM and Megatron are
+colocated. The rollout gathers the whole global batch onto every rank, so rewards, advantages and
+the global token count are computed redundantly and identically everywhere, without collectives;
+each Megatron data-parallel rank then trains on its contiguous slice of the sequences.
+
+Departures from the AGPO paper (arXiv 2503.15952):
+- The paper does not say how uniform groups whose reward is strictly between r_min and r_max are
+  treated (possible with shaped rewards); they get advantage 0 here (algo/advantages.py).
+- The loss defaults to token-mean over the global batch (`algo.loss.agg_mode`); the paper follows
+  GRPO's per-sequence mean. Both are available.
+- One optimizer step per rollout batch per PPO epoch (the paper's mini-batch 32 = prompts_per_step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from agpo_megatron import batch as batching
+from agpo_megatron.algo.advantages import compute_advantages
+from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, AdaptiveKLController
+from agpo_megatron.algo.loss import policy_loss
+from agpo_megatron.algo.rewards import combine_rewards, length_reward
+from agpo_megatron.bridge.export import sync_weights
+from agpo_megatron.config import TrainConfig
+from agpo_megatron.config_io import to_dict
+from agpo_megatron.data.datasets import PromptSampler
+from agpo_megatron.data.math_reward import score_batch
+from agpo_megatron.metrics import MetricsLogger, PhaseTimer
+from agpo_megatron.models.forward import vocab_parallel_logprobs
+from agpo_megatron.policy import Actor, Reference
+from agpo_megatron.session import Session
+
+
+def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None = None) -> dict[str, Any]:
+    s = session or Session.create(cfg)
+    actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.steps * cfg.algo.ppo_epochs)
+    sync_weights(actor.chunks, s.arch, s.rollout)  # vLLM serves exactly the actor's weights from step 0
+    loss_cfg = cfg.algo.loss
+    needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
+    reference = Reference(s.arch, cfg, s.layout) if needs_ref else None
+    kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=max(loss_cfg.kl_coef, 1e-4), target_kl=cfg.algo.adaptive_kl_target)) \
+        if cfg.algo.adaptive_kl_target is not None else None
+    clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=loss_cfg.eps_low, init_eps_high=loss_cfg.eps_high)) \
+        if cfg.algo.adaptive_clip else None
+    sampler = PromptSampler(s.train_examples, batch_size=cfg.batch.prompts_per_step, seed=cfg.parallel.seed)
+    log = MetricsLogger(cfg.logging.out_dir, enabled=s.layout.rank == 0, total_steps=cfg.steps, config=to_dict(cfg),
+                        wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar)
+    timer, G, T = PhaseTimer(), cfg.algo.group_size, cfg.rollout.temperature
+    results: dict[str, Any] = {"eval_before": s.evaluate(step=0)}
+    kl_coef, eps = loss_cfg.kl_coef, (loss_cfg.eps_low, loss_cfg.eps_high)
+
+    for step in range(1, cfg.steps + 1):
+        prompts = next(sampler)
+        with timer("rollout"):
+            groups = s.rollout.generate([ex.prompt_ids for ex in prompts], n=G, sampling=s.train_sampling(step))
+        completions = [c for group in groups for c in group]  # [P*G], prompt-major
+
+        with timer("reward"):
+            golds = [ex.gold for ex in prompts for _ in range(G)]
+            r_acc, _, reward_m = score_batch([c.text for c in completions], golds, timeout_s=cfg.data.reward_timeout_s)
+            r_acc = r_acc.view(-1, G)  # [P, G]
+            lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float).view(-1, G)
+            rewards, len_m = r_acc, {}
+            if cfg.algo.length_reward:  # AGPO m2: length reward first, the advantage sees the sum
+                r_len, len_m = length_reward(r_acc > 0.5, lengths)
+                rewards = combine_rewards(r_acc, r_len, cfg.algo.gamma)
+            adv_kw = dict(r_min=cfg.algo.r_min, r_max=cfg.algo.r_max) if cfg.algo.advantage == "agpo" else {}
+            advantages, adv_m = compute_advantages(rewards, cfg.algo.advantage, **adv_kw)  # [P, G]
+
+        seqs = batching.Sequences(
+            tokens=[ex.prompt_ids + c.token_ids for ex, group in zip(prompts, groups) for c in group],
+            prompt_lens=[len(ex.prompt_ids) for ex in prompts for _ in range(G)],
+            advantages=advantages.flatten(),
+            rollout_logprobs=[c.logprobs for c in completions] if completions[0].logprobs is not None else None,
+        )
+        global_tokens, global_seqs = seqs.num_response_tokens(), len(seqs)
+        per_rank = len(seqs) // s.layout.dp
+        mine = seqs.select(range(s.layout.dp_rank * per_rank, (s.layout.dp_rank + 1) * per_rank))
+        mbs = batching.split_micro_batches(mine, micro_batch_size=cfg.batch.micro_batch_size,
+                                           max_tokens=cfg.batch.max_tokens_per_micro_batch, pad_id=s.pad_id,
+                                           uniform_length=s.layout.pp > 1)
+
+        with timer("logprobs"):
+            if cfg.rollout.logprob_mode == "recompute":
+                for mb, out in zip(mbs, actor.logprobs(mbs, temperature=T)):
+                    mb["old_logprobs"] = out["logprobs"]
+            else:
+                for mb in mbs:
+                    mb["old_logprobs"] = mb["rollout_logprobs"]
+            if reference is not None:
+                for mb, out in zip(mbs, reference.logprobs(mbs, temperature=T)):
+                    mb["ref_logprobs"] = out["logprobs"]
+
+        def loss_fn(logits: torch.Tensor, mb: dict[str, torch.Tensor]):
+            lp, ent = vocab_parallel_logprobs(logits, mb["targets"], temperature=T)
+            return policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], loss_cfg,
+                               ref_logprobs=mb.get("ref_logprobs"), entropy=ent,
+                               rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None,
+                               kl_coef=kl_coef, eps_low=eps[0], eps_high=eps[1],
+                               global_num_tokens=global_tokens, global_num_seqs=global_seqs)
+
+        with timer("update"):
+            for _ in range(cfg.algo.ppo_epochs):
+                train_m = actor.train_step(mbs, loss_fn)
+        if kl_ctl is not None:
+            kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0))
+        if clip_ctl is not None:
+            eps = clip_ctl.update(train_m.get("approx_kl", 0.0))
+
+        with timer("weight_sync"):
+            sync_weights(actor.chunks, s.arch, s.rollout)
+
+        times = timer.pop()
+        correct = r_acc.flatten() > 0.5
+        row = {
+            "reward/mean": rewards.mean().item(), "acc/mean": r_acc.mean().item(),
+            "len/mean": lengths.mean().item(), "len/max": lengths.max().item(),
+            "len/correct_mean": lengths.flatten()[correct].mean().item() if correct.any() else math.nan,
+            "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            **{f"adv/{k}": float(v) for k, v in adv_m.items()}, **{f"len_reward/{k}": float(v) for k, v in len_m.items()},
+            **{f"reward/{k}": float(v) for k, v in reward_m.items()}, **{f"train/{k}": v for k, v in train_m.items()},
+            "train/kl_coef": kl_coef, "train/eps_low": eps[0], "train/eps_high": eps[1], **times,
+            "throughput/rollout_tokens_per_s": lengths.sum().item() / max(times["time/rollout"], 1e-9),
+            "throughput/train_tokens_per_s": cfg.algo.ppo_epochs * global_tokens / max(times["time/update"], 1e-9),
+        }
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
+            row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
+        if s.checkpointer is not None:
+            s.checkpointer.maybe_save(step, actor, final=step == cfg.steps)
+        log.log(step, row)
+
+    results["eval_after"] = s.evaluate(step=cfg.steps)
+    log.close()
+    return results
+
+
+def replace(cfg: TrainConfig, **sections: Any) -> TrainConfig:
+    """A copy of `cfg` with whole sections swapped (e.g. the demo's GRPO baseline)."""
+    return dataclasses.replace(cfg, **sections)
