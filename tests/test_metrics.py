@@ -1,0 +1,32 @@
+"""metrics.jsonl rows, the plot command, and bad-input errors that name file and line."""
+
+import json
+
+import pytest
+
+from agpo_megatron.cli import main
+from agpo_megatron.metrics import MetricsLogger, PhaseTimer, read_jsonl
+
+
+def test_jsonl_and_plot(tmp_path):
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=3, config={"a": 1}, progress_bar=False)
+    timer = PhaseTimer()
+    for step in range(1, 4):
+        with timer("rollout"):
+            pass
+        log.log(step, {"reward/mean": 0.1 * step, "len/mean": 50 - step, **timer.pop()})
+    log.close()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["len/mean"] == 47
+    assert "time/rollout" in rows[0]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(tmp_path / "metrics.jsonl"), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1}\n{oops\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
+        read_jsonl(p)
