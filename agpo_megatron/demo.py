@@ -24,7 +24,7 @@ import torch.distributed as dist
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo_cpu.yaml"
 
 
-def prepare(out: Path, *, seed: int, n_train: int, n_eval: int) -> None:
+def prepare(out: Path, *, seed: int, n_train: int, n_eval: int, max_difficulty: int) -> None:
     """Rank 0 writes tokenizer + random model + synthetic data (the other ranks wait)."""
     from agpo_megatron.data import synthetic
     from agpo_megatron.models.tiny import save_tiny_hf_model
@@ -33,8 +33,8 @@ def prepare(out: Path, *, seed: int, n_train: int, n_eval: int) -> None:
     save_tiny_hf_model(out / "model", "qwen2", seed=seed, tokenizer=tok, vocab_size=128, hidden_size=128,
                        intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=256,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    synthetic.write_jsonl(synthetic.make_dataset(n_train, seed=seed), out / "train.jsonl")
-    synthetic.write_jsonl(synthetic.make_dataset(n_eval, seed=seed + 1), out / "eval.jsonl")
+    for name, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
+        synthetic.write_jsonl(synthetic.make_dataset(n, seed=s, max_difficulty=max_difficulty), out / f"{name}.jsonl")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=str(EXAMPLE))
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--sft-batch", type=int, default=64)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--max-difficulty", type=int, default=1, help="0: a+b, 1: up to 3 operands, 2: up to 4")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).resolve()
     init_distributed()
     if dist.get_rank() == 0:
-        prepare(out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+        prepare(out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval, max_difficulty=args.max_difficulty)
     dist.barrier()
     cfg = load_train_config(args.config, [
         f"model.hf_path={out / 'model'}", f"data.train.path={out / 'train.jsonl'}",
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = [(ex.prompt_ids, session.tokenizer.encode(row["solution"], add_special_tokens=False) + [eos])
              for ex, row in zip(session.train_examples, rows)]
     t_sft = time.time()
-    sft(actor, pairs, steps=args.sft_steps, batch_size=args.sft_batch, micro_batch_size=args.sft_batch // session.layout.dp,
+    sft(actor, pairs, steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr, micro_batch_size=args.sft_batch // session.layout.dp,
         layout=session.layout, pad_id=session.pad_id, seed=args.seed)
     t_sft = time.time() - t_sft
     sync_weights(actor.chunks, session.arch, session.rollout)

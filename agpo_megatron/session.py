@@ -46,7 +46,7 @@ class Session:
         evals = load_examples(cfg.data.eval, tokenizer)[0] if cfg.data.eval is not None else []
         if not train:
             raise ValueError(f"{cfg.data.train.path}: no usable training prompts")
-        engine = VLLMEngine.from_config(cfg)
+        engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
         checkpointer = None
         if cfg.checkpoint.save_dir:
             from agpo_megatron.checkpoint import Checkpointer

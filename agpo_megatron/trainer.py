@@ -61,6 +61,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         prompts = next(sampler)
         with timer("rollout"):
             groups = s.rollout.generate([ex.prompt_ids for ex in prompts], n=G, sampling=s.train_sampling(step))
+            s.rollout.sleep()  # GPU: hand vLLM's weights + KV memory to training (no-op on CPU)
         completions = [c for group in groups for c in group]  # [P*G], prompt-major
 
         with timer("reward"):
@@ -116,6 +117,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             eps = clip_ctl.update(train_m.get("approx_kl", 0.0))
 
         with timer("weight_sync"):
+            s.rollout.wake()
             sync_weights(actor.chunks, s.arch, s.rollout)
 
         times = timer.pop()

@@ -221,7 +221,7 @@ def _worker_main(
     while True:
         try:
             task = conn.recv()
-        except EOFError:  # the parent went away
+        except (EOFError, ConnectionResetError):  # the parent went away (os._exit closes the pipe abruptly)
             return
         extracted, gold = task
         try:
