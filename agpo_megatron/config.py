@@ -143,8 +143,6 @@ class RolloutConfig:
     logprob_mode: Literal["recompute", "rollout"] = "recompute"
     """Old log-probs: 'recompute' with the Megatron actor (exact for the loss), or take vLLM's
     processed sampling log-probs ('rollout', one forward cheaper)."""
-    tis_cap: float | None = None
-    """Truncated importance sampling cap on exp(old - rollout) log-prob mismatch; None = off."""
     gpu_memory_utilization: float = 0.5
     """vLLM's share of GPU memory (GPU only)."""
     kv_cache_memory_bytes: int | None = None
@@ -163,7 +161,6 @@ class RolloutConfig:
         _require(self.temperature > 0, f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _require(self.tis_cap is None or self.tis_cap > 0, f"rollout.tis_cap must be > 0, got {self.tis_cap}")
 
 
 @dataclasses.dataclass(kw_only=True)

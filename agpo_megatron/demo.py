@@ -8,8 +8,10 @@
    re-check every step. So the warm policy writes correct answers of very different lengths.
 3. RL with AGPO (m1 + m2) through vLLM rollouts and Megatron updates. The length reward only
    fires in groups that are not all correct, so the warm-start is kept short enough that the
-   policy still makes mistakes.
-4. Print the before/after table: greedy pass@1 and mean response tokens on held-out problems.
+   policy still makes mistakes. A GRPO run from the same warm start, on the same prompts, is the
+   baseline: shorter answers also err less, so some shortening comes from accuracy alone.
+4. Print the table: greedy pass@1 and mean response tokens on held-out problems, before RL and
+   after each run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -38,7 +41,6 @@ def prepare(out: Path, *, seed: int, n_train: int, n_eval: int, max_difficulty: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from agpo_megatron.bridge.export import sync_weights
     from agpo_megatron.config import load_train_config
     from agpo_megatron.evaluate import format_table
     from agpo_megatron.parallel import exit_cleanly, init_distributed
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the GRPO run from the same warm start (it shows what the length reward adds)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -66,36 +70,50 @@ def main(argv: list[str] | None = None) -> None:
     if dist.get_rank() == 0:
         prepare(out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval, max_difficulty=args.max_difficulty)
     dist.barrier()
-    cfg = load_train_config(args.config, [
-        f"model.hf_path={out / 'model'}", f"data.train.path={out / 'train.jsonl'}",
-        f"data.eval.path={out / 'eval.jsonl'}", f"logging.out_dir={out / 'rl'}", *args.overrides,
-    ])
+    paths = [f"model.hf_path={out / 'model'}", f"data.train.path={out / 'train.jsonl'}",
+             f"data.eval.path={out / 'eval.jsonl'}"]
+    cfg = load_train_config(args.config, [*paths, f"logging.out_dir={out / 'agpo'}", *args.overrides])
     session = Session.create(cfg)
     rank0 = session.layout.rank == 0
-    actor = Actor(session.arch, cfg, session.layout, total_steps=cfg.steps * cfg.algo.ppo_epochs)
 
-    # Warm start: same Megatron actor, NLL on (prompt, solution + eos).
+    # 1. Warm start on its own actor (its own LR), NLL on (prompt, solution + eos).
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     eos = session.tokenizer.eos_token_id
     # load_examples keeps file order (no shuffle_seed), so rows and examples line up.
     pairs = [(ex.prompt_ids, session.tokenizer.encode(row["solution"], add_special_tokens=False) + [eos])
              for ex, row in zip(session.train_examples, rows)]
     t_sft = time.time()
-    sft(actor, pairs, steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr, micro_batch_size=args.sft_batch // session.layout.dp,
+    warm = Actor(session.arch, replace(cfg, optim=replace(cfg.optim, lr=args.sft_lr)), session.layout,
+                 total_steps=args.sft_steps)
+    sft(warm, pairs, steps=args.sft_steps, batch_size=args.sft_batch, micro_batch_size=args.sft_batch // session.layout.dp,
         layout=session.layout, pad_id=session.pad_id, seed=args.seed)
+    start = warm.local_weights()
+    del warm
     t_sft = time.time() - t_sft
-    sync_weights(actor.chunks, session.arch, session.rollout)
 
-    t_rl = time.time()
-    results = train(cfg, session, actor=actor)
-    t_rl = time.time() - t_rl
+    # 2. RL from the same warm start: AGPO (the config), and optionally the GRPO baseline.
+    runs = {"AGPO": cfg}
+    if args.baseline:
+        runs = {"GRPO": load_train_config(args.config, [*paths, f"logging.out_dir={out / 'grpo'}", *args.overrides,
+                                                         "algo.advantage=grpo", "algo.length_reward=false"]), **runs}
+    results, times = {}, {}
+    for label, run_cfg in runs.items():
+        t = time.time()
+        actor = Actor(session.arch, run_cfg, session.layout, total_steps=run_cfg.steps, init_weights=start)
+        session.cfg = run_cfg
+        results[label] = train(run_cfg, session, actor=actor)
+        times[label] = time.time() - t
+        del actor
+
     if rank0:
-        table = format_table({"after warm-start (before RL)": results["eval_before"],
-                              f"after {cfg.steps} AGPO steps": results["eval_after"]})
+        first = next(iter(results.values()))
+        table = format_table({"warm start (before RL)": first["eval_before"],
+                              **{f"{label}, {cfg.steps} steps": r["eval_after"] for label, r in results.items()}})
         print("\n" + table)
-        print(f"\nwarm-start {t_sft:.0f}s, RL {t_rl:.0f}s, total {time.time() - t0:.0f}s; "
-              f"metrics: {out / 'rl' / 'metrics.jsonl'} (plot: agpo plot {out / 'rl' / 'metrics.jsonl'})")
-        (out / "results.json").write_text(json.dumps({**results, "time_sft_s": t_sft, "time_rl_s": t_rl}, indent=2))
+        print(f"\nwarm-start {t_sft:.0f}s, " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+              + f", total {time.time() - t0:.0f}s. Curves: agpo plot {out / 'agpo' / 'metrics.jsonl'}")
+        (out / "results.json").write_text(json.dumps(
+            {"runs": results, "time_sft_s": t_sft, "time_rl_s": times, "table": table}, indent=2))
     exit_cleanly(0)
 
 

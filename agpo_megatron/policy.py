@@ -6,7 +6,7 @@ score, take optimizer steps, and export its weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,11 +29,20 @@ def _build(arch: ModelArch, cfg, layout: Layout):
     return model
 
 
+def _build_from(arch: ModelArch, cfg, weights: dict[str, torch.Tensor]):
+    model = build.build_gpt(arch, cfg.model, cfg.parallel)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    return model
+
+
 class Reference:
     """The frozen policy the KL is measured against. No optimizer, no grads."""
 
-    def __init__(self, arch: ModelArch, cfg, layout: Layout, model: torch.nn.Module | None = None):
-        self.model = model if model is not None else _build(arch, cfg, layout)
+    def __init__(self, arch: ModelArch, cfg, layout: Layout, init_weights: dict[str, torch.Tensor] | None = None):
+        """`init_weights`: this rank's shards of the policy to freeze (normally the actor at step 0)."""
+        self.model = _build(arch, cfg, layout) if init_weights is None else _build_from(arch, cfg, init_weights)
         build.freeze(self.model)
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
@@ -43,9 +52,12 @@ class Reference:
 class Actor:
     """The trained policy: Megatron DDP + (distributed) optimizer + LR schedule."""
 
-    def __init__(self, arch: ModelArch, cfg, layout: Layout, total_steps: int):
+    def __init__(self, arch: ModelArch, cfg, layout: Layout, total_steps: int,
+                 init_weights: dict[str, torch.Tensor] | None = None):
+        """`init_weights` (this rank's `named_parameters()` of another actor) replaces `cfg.model.init_from`.
+        It is copied in before the optimizer exists, so its fp32 main params start from it too."""
         self.arch, self.layout = arch, layout
-        self.model = _build(arch, cfg, layout)
+        self.model = _build(arch, cfg, layout) if init_weights is None else _build_from(arch, cfg, init_weights)
         self.ddp, self.optimizer, self.scheduler = build.wrap_for_training(self.model, cfg.optim, cfg.parallel, total_steps)
 
     @property
@@ -69,10 +81,9 @@ class Actor:
                        lr=self.optimizer.param_groups[0]["lr"])
         return metrics
 
-    def hf_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        from agpo_megatron.bridge.export import iter_hf_buckets
-
-        return iter_hf_buckets(self.chunks, self.arch, bucket_bytes=bucket_bytes)
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of this rank's parameter shards (e.g. to start several runs from one warm start)."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
 def reduce_token_weighted(per_mb: list[dict[str, Any]], layout: Layout) -> dict[str, float]:

@@ -58,7 +58,7 @@ class Session:
         r = self.cfg.rollout
         return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               seed=self.cfg.parallel.seed * 100_003 + step,
-                              logprobs=r.logprob_mode == "rollout" or r.tis_cap is not None)
+                              logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.tis_cap is not None)
 
     def evaluate(self, step: int) -> dict[str, Any]:
         r = self.cfg.rollout

@@ -6,7 +6,6 @@ token-mean NLL over the solution tokens; the global token count makes it layout-
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import torch
@@ -17,36 +16,12 @@ from agpo_megatron.parallel import Layout
 from agpo_megatron.policy import Actor
 
 
-@contextlib.contextmanager
-def _peak_lr(actor: Actor, lr: float):
-    """Run with a constant `lr`, then give the RL schedule back its own peak and step count.
-
-    NOTE: Adam's moments from the warm-start carry into RL; at RL's much lower LR they decay
-    within a few dozen steps, and rebuilding the distributed optimizer costs more than it buys here.
-    """
-    sched = actor.scheduler
-    saved = sched.max_lr, sched.num_steps, [g.get("max_lr") for g in actor.optimizer.param_groups]
-    sched.max_lr = lr
-    for g in actor.optimizer.param_groups:
-        g["max_lr"] = lr
-    try:
-        yield
-    finally:
-        sched.max_lr, sched.num_steps = saved[0], saved[1]
-        for g, m in zip(actor.optimizer.param_groups, saved[2]):
-            g["max_lr"] = m
-        sched.step(increment=0)  # re-apply the RL learning rate now
-
-
-def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, batch_size: int, lr: float,
+def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, batch_size: int,
         micro_batch_size: int, layout: Layout, pad_id: int, seed: int = 0, log_every: int = 25) -> list[float]:
-    """Train on (prompt_ids, solution_ids + eos) pairs at a constant `lr`; returns the NLL per step."""
-    with _peak_lr(actor, lr):
-        return _sft(actor, pairs, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                    layout=layout, pad_id=pad_id, seed=seed, log_every=log_every)
+    """Train on (prompt_ids, solution_ids + eos) pairs; returns the NLL per step (every rank).
 
-
-def _sft(actor: Actor, pairs, *, steps, batch_size, micro_batch_size, layout, pad_id, seed, log_every) -> list[float]:
+    The actor's own optimizer config sets the LR: build a separate warm-start actor.
+    """
     rng = random.Random(seed)  # the same on every rank: each DP rank then takes its own slice
     losses = []
     for step in range(steps):

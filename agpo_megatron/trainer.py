@@ -45,7 +45,8 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     sync_weights(actor.chunks, s.arch, s.rollout)  # vLLM serves exactly the actor's weights from step 0
     loss_cfg = cfg.algo.loss
     needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
-    reference = Reference(s.arch, cfg, s.layout) if needs_ref else None
+    # The reference is the policy RL starts from (the actor before its first update).
+    reference = Reference(s.arch, cfg, s.layout, init_weights=actor.local_weights()) if needs_ref else None
     kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=max(loss_cfg.kl_coef, 1e-4), target_kl=cfg.algo.adaptive_kl_target)) \
         if cfg.algo.adaptive_kl_target is not None else None
     clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=loss_cfg.eps_low, init_eps_high=loss_cfg.eps_high)) \

@@ -33,10 +33,10 @@ def yaml_file(tmp_path, hf_dir):
 
 def test_yaml_and_dotted_overrides(yaml_file):
     cfg = load_train_config(yaml_file, ["algo.gamma=0.05", "parallel.tp=2", "algo.loss.eps_high=0.28",
-                                        "rollout.tis_cap=2", "model.fp8=null"])
+                                        "algo.loss.tis_cap=2", "model.fp8=null"])
     assert isinstance(cfg, TrainConfig)
     assert cfg.algo.gamma == 0.05 and cfg.parallel.tp == 2
-    assert cfg.algo.loss.eps_high == 0.28 and cfg.rollout.tis_cap == 2.0
+    assert cfg.algo.loss.eps_high == 0.28 and cfg.algo.loss.tis_cap == 2.0
     assert cfg.algo.group_size == 4 and cfg.data.train.answer_format == "gsm8k"
 
 
