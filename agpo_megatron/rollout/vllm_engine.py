@@ -1,0 +1,322 @@
+"""Colocated SPMD vLLM: one engine per rank, inside the same torchrun/srun world as Megatron.
+
+Layout. vLLM runs with `distributed_executor_backend="external_launcher"`: it builds its own
+groups on top of the existing torch.distributed world, TP innermost, so the world of W ranks
+holds W / rollout_tp independent *replicas* (vLLM's "external DP"): ranks
+[r*tp, (r+1)*tp) form replica r. Ranks of one replica must see identical requests (same prompts,
+same seeds, same order), because each runs its own scheduler and they only agree if scheduling
+and sampling are deterministic. Replicas share nothing during generate().
+
+Prompts and seeds. `generate()` takes the *global* prompt list on every rank. Replica r
+generates the r-th contiguous chunk (`split_prompts`), and every prompt gets a seed derived from
+(sampling.seed, its global index), never from the replica. So all ranks of a replica agree, the
+replicas sample independently, and the samples do not depend on rollout_tp. The completions
+come back to every rank through `all_gather_object` over the world (`gather_completions`): a
+pickle of token lists, cheap next to generation. NOTE: unseeded requests would draw from the
+process-global torch RNG, which Megatron advances differently on different TP ranks; the ranks
+of a replica would then sample different tokens and their schedulers would diverge. Hence a
+seed on every request.
+
+Order of construction. Megatron's parallel state first (`parallel.init_model_parallel`), then
+this engine, on every rank in the same order: vLLM reuses the default process group and adds
+its own subgroups next to Megatron's. NOTE: vLLM re-seeds the process-global torch RNG with
+`seed` while it builds; Megatron's per-TP-rank streams live in its RNG tracker and are not
+affected.
+
+Log-probs. The engine is always built with `logprobs_mode="processed_logprobs"`: any log-prob
+it returns is that of the distribution the token was actually sampled from (after temperature,
+top-k and top-p). vLLM's default ("raw_logprobs") ignores temperature and would not match the
+trainer's recomputation at T != 1. With top_p < 1 or top_k > 0 the processed distribution is
+renormalised over the kept tokens, so it differs from the trainer's softmax(logits / T) by
+log(kept mass) per token; the trainer's recompute path does not truncate.
+
+Weights. `update_weights` hands vLLM a lazy iterator of full HF tensors in one
+`reload_weights` call (see its docstring for why one call, not one per bucket).
+
+CPU vs GPU. On CPU: eager mode, an explicit small KV cache, and no sleep mode (vLLM refuses it
+on CPU). NOTE: vLLM's CPU worker replaces `torch.set_num_threads` process-wide with a no-op
+(it pins its OpenMP threads), so set threads (OMP_NUM_THREADS) before the engine is built. On
+GPU: `gpu_memory_utilization` and `enable_sleep_mode`; `sleep()` offloads weights and drops the
+KV cache, `wake()` brings weights back before the KV cache. NOTE: processed log-probs and
+per-request seeds both make vLLM's CUDA sampler fall back from FlashInfer to its PyTorch one.
+NOTE: the GPU branches below have NOT been run on a GPU in this repo yet (CPU-only CI).
+"""
+
+from __future__ import annotations
+
+import os
+
+# NOTE: external_launcher requires in-process engine cores: every rank must own a deterministic
+# scheduler in its own process (vLLM asserts this), and tensors given to collective_rpc must stay
+# tensors (with engine-core subprocesses they are pickled into lists). vLLM reads the variable
+# when it is imported and when it builds the executor, so it is set here, before any import of
+# vllm that goes through this module. Hard-set rather than setdefault: a 1 left in the
+# environment would only turn into an assertion deep inside vLLM.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import dataclasses  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+from typing import TYPE_CHECKING, Any, Literal  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from agpo_megatron.rollout.base import Completion, SamplingConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from agpo_megatron.config import ModelConfig, RolloutConfig
+
+LogprobMode = Literal["recompute", "rollout"]
+
+_CPU_KV_CACHE_BYTES = 256 * 2**20
+"""Default KV cache on CPU: vLLM's own default is 5 GiB, and the first generate() pays for
+touching all of it (13 s measured)."""
+
+_SEED_MOD = 2**31
+"""Request seeds stay below 2**31: vLLM's CPU sampler draws per-token seeds in [0, 2**31)."""
+_SEED_STRIDE = 1_000_003
+"""Spacing between the seed spaces of consecutive `SamplingConfig.seed` values (a prime, so
+nearby steps and prompt indices do not line up)."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaLayout:
+    """This rank's place among the vLLM replicas (TP innermost, as vLLM builds its groups)."""
+
+    replica: int
+    """Which replica (vLLM external-DP rank) this rank belongs to."""
+    num_replicas: int
+    """world_size / rollout_tp."""
+    tp_rank: int
+    """Rank inside the replica's TP group."""
+    tp: int
+    """rollout_tp."""
+
+    @classmethod
+    def of_rank(cls, rank: int, world_size: int, rollout_tp: int) -> ReplicaLayout:
+        if rollout_tp < 1 or world_size % rollout_tp:
+            raise ValueError(f"rollout_tp={rollout_tp} must be >= 1 and divide the world size {world_size}")
+        return cls(replica=rank // rollout_tp, num_replicas=world_size // rollout_tp,
+                   tp_rank=rank % rollout_tp, tp=rollout_tp)
+
+
+def split_prompts(num_prompts: int, num_replicas: int) -> list[range]:
+    """Contiguous, near-equal chunks of the global prompt indices, one per replica.
+
+    The first `num_prompts % num_replicas` replicas take one extra prompt; a replica may get an
+    empty range when there are fewer prompts than replicas.
+    """
+    base, extra = divmod(num_prompts, num_replicas)
+    bounds = [0]
+    for r in range(num_replicas):
+        bounds.append(bounds[-1] + base + (r < extra))
+    return [range(bounds[r], bounds[r + 1]) for r in range(num_replicas)]
+
+
+def request_seed(seed: int, prompt_index: int, n: int) -> int:
+    """The vLLM seed of one prompt's request; vLLM gives its j-th sample `request_seed + j`.
+
+    Within one call, prompts' seed ranges [s, s + n) do not overlap (indices are spaced by n).
+    """
+    return (seed * _SEED_STRIDE + prompt_index * n) % _SEED_MOD
+
+
+def gather_completions(local: list[list[Completion]], layout: ReplicaLayout) -> list[list[Completion]]:
+    """Every rank gets the global list: each replica's chunk, in replica (= prompt) order.
+
+    Only TP-rank 0 of each replica contributes (its TP peers hold identical results).
+    NOTE: `all_gather_object` pickles over the default group (gloo on CPU; on NCCL it stages
+    the bytes through the current CUDA device). Token-id lists are small next to generation
+    cost; if that ever changes, gather padded id tensors instead.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local if layout.tp_rank == 0 else None)
+    out: list[list[Completion]] = []
+    for r in range(layout.num_replicas):
+        out.extend(gathered[r * layout.tp])
+    return out
+
+
+class VLLMEngine:
+    """vLLM colocated with Megatron in the same torchrun world (implements `RolloutEngine`).
+
+    Every method is collective: call it on every rank, in the same order, with the same
+    arguments (the global prompt list included).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        rollout_tp: int = 1,
+        logprob_mode: LogprobMode = "recompute",
+        dtype: str = "bfloat16",
+        max_model_len: int = 4096,
+        seed: int = 0,
+        load_format: str = "auto",
+        gpu_memory_utilization: float = 0.5,
+        kv_cache_memory_bytes: int | None = None,
+        enable_sleep_mode: bool = True,
+        enforce_eager: bool = False,
+    ):
+        """
+        Args:
+            model_path: HF directory (config.json, tokenizer; weights unless load_format="dummy").
+            rollout_tp: vLLM tensor-parallel size; must divide the world size.
+            logprob_mode: "rollout" = every completion carries vLLM's sampling log-probs (the
+                trainer uses them as old log-probs); "recompute" = only when `SamplingConfig.logprobs`
+                asks (the trainer recomputes old log-probs with Megatron).
+            dtype: vLLM weight/compute dtype ("float32", "bfloat16", "float16").
+            max_model_len: longest prompt + completion.
+            seed: vLLM's engine seed (only used for requests without a seed, which this class
+                never sends).
+            load_format: "auto" loads the HF weights at start-up; "dummy" skips the read when the
+                first `update_weights` will overwrite everything anyway.
+            gpu_memory_utilization: vLLM's share of GPU memory (GPU only).
+            kv_cache_memory_bytes: explicit KV-cache size; on CPU defaults to 256 MiB.
+            enable_sleep_mode: allow sleep()/wake() to free GPU memory (GPU only).
+            enforce_eager: no CUDA graphs (always eager on CPU).
+        """
+        if not dist.is_initialized():
+            raise RuntimeError("VLLMEngine needs torch.distributed: call parallel.init_model_parallel() first, "
+                               "on every rank, then build the engine on every rank in the same order")
+        if logprob_mode not in ("recompute", "rollout"):
+            raise ValueError(f"logprob_mode must be 'recompute' or 'rollout', got {logprob_mode!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.layout = ReplicaLayout.of_rank(dist.get_rank(), dist.get_world_size(), rollout_tp)
+        self.logprob_mode: LogprobMode = logprob_mode
+        self.dtype = _DTYPES[dtype]
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_enabled = self.on_gpu and enable_sleep_mode
+
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            dtype=dtype,
+            tensor_parallel_size=rollout_tp,
+            distributed_executor_backend="external_launcher",
+            max_model_len=max_model_len,
+            seed=seed,
+            load_format=load_format,
+            logprobs_mode="processed_logprobs",
+        )
+        if self.on_gpu:
+            # GPU branch: NOT YET RUN ON GPU in this repo.
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+                          enforce_eager=enforce_eager)
+            if kv_cache_memory_bytes is not None:
+                kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        else:
+            # vLLM refuses enable_sleep_mode on CPU, and has no graphs to capture there.
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_memory_bytes or _CPU_KV_CACHE_BYTES)
+        self.llm = LLM(**kwargs)
+
+    @classmethod
+    def from_config(cls, rollout: RolloutConfig, model: ModelConfig, *, seed: int) -> VLLMEngine:
+        """The engine the trainer builds: rollout settings, the actor's dtype and max length."""
+        return cls(
+            model.hf_path,
+            rollout_tp=rollout.tp,
+            logprob_mode=rollout.logprob_mode,
+            dtype=model.params_dtype,
+            max_model_len=model.max_seq_len,
+            seed=seed,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            kv_cache_memory_bytes=rollout.kv_cache_memory_bytes,
+            enable_sleep_mode=rollout.enable_sleep_mode,
+            enforce_eager=rollout.enforce_eager,
+        )
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def _sampling_params(self, sampling: SamplingConfig, n: int, prompt_index: int):
+        from vllm import SamplingParams
+
+        want_logprobs = sampling.logprobs or self.logprob_mode == "rollout"
+        return SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0 if sampling.top_k == -1 else sampling.top_k,  # vLLM spells "off" as 0
+            max_tokens=sampling.max_new_tokens,
+            seed=request_seed(sampling.seed, prompt_index, n),
+            stop_token_ids=list(sampling.stop_token_ids),
+            # 0 = no top-k alternatives, just the sampled token's log-prob at every step.
+            logprobs=0 if want_logprobs else None,
+        )
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        """`n` completions per prompt, for the global `prompts` (identical on every rank).
+
+        Returns the global result on every rank: result[i][j] is sample j of prompts[i].
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        mine = split_prompts(len(prompts), self.layout.num_replicas)[self.layout.replica]
+        local: list[list[Completion]] = []
+        if len(mine):
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": list(prompts[i])} for i in mine],
+                [self._sampling_params(sampling, n, i) for i in mine],
+                use_tqdm=False,
+            )
+            for i, out in zip(mine, outputs, strict=True):
+                local.append([_completion(i, o) for o in sorted(out.outputs, key=lambda o: o.index)])
+        return gather_completions(local, self.layout)
+
+    # ---- weights and memory -------------------------------------------------------------------
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full HF-named tensors into the live engine, then drop prefix-cached KV.
+
+        `weights` must name *every* parameter of the model, and is handed to one
+        `reload_weights` call, which consumes it lazily, one tensor at a time (so a generator
+        keeps the peak at what the generator itself holds). Measured on vllm 0.32 (CPU):
+        reload_weights re-creates, per call, every vLLM module on the meta device and
+        re-materialises the ones whose tensors arrive. A call that carries only some modules
+        leaves the others at their old weights (with a warning per module), but a module whose
+        tensors are split across calls (e.g. q,k in one and v in the next, both feeding the
+        fused qkv_proj) is materialised with uninitialised memory for the missing part, silently.
+        Byte-sized buckets do not respect vLLM's module boundaries, hence a single call.
+
+        The tensors may be in any dtype (vLLM casts into its parameters) and must be full
+        (unsharded): each vLLM TP rank slices its own shard. vLLM iterates `weights` to the end
+        on every rank, so an iterator that runs collectives (bridge/export.py) stays in lockstep.
+        On GPU the same call is used (NOT YET RUN ON GPU in this repo); with sleep mode, call
+        wake() first.
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        # Cached prefixes hold K/V computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Offload weights to host memory and drop the KV cache (GPU with sleep mode; else no-op)."""
+        if self.sleep_enabled:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        """Weights back first, then the KV cache (GPU with sleep mode; else no-op).
+
+        NOTE: vLLM's order for RL: the weights are mapped back before the KV cache is
+        reallocated (empty), so the two never compete for fragmented memory.
+        """
+        if self.sleep_enabled:
+            self.llm.wake_up(tags=["weights"])
+            self.llm.wake_up(tags=["kv_cache"])
+
+
+def _completion(prompt_index: int, out: Any) -> Completion:
+    """vLLM's CompletionOutput -> Completion."""
+    token_ids = list(out.token_ids)
+    logprobs = None
+    if out.logprobs is not None:
+        # One {token_id: Logprob} per position; the sampled token is always among the keys.
+        logprobs = [step[tok].logprob for step, tok in zip(out.logprobs, token_ids, strict=True)]
+    return Completion(prompt_index=prompt_index, token_ids=token_ids, logprobs=logprobs, text=out.text,
+                      finish_reason=str(out.finish_reason))
