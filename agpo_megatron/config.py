@@ -204,9 +204,12 @@ class CheckpointConfig:
     save_dir: str | None = None
     """Megatron dist-checkpoint directory (None = no saving)."""
     save_interval: int = 0
-    """Save every N steps (0 = only at the end)."""
+    """Save every N steps (0 = only at the end); each save goes to save_dir/step_NNNNNN."""
     load_dir: str | None = None
-    """Resume / init from this dist checkpoint."""
+    """Dist checkpoint to take the actor's initial weights from (with model.init_from=megatron)."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -236,6 +239,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _require(self.model.init_from != "megatron" or bool(self.checkpoint.load_dir),
+                 "model.init_from=megatron needs checkpoint.load_dir (a dist checkpoint, e.g. from hf_to_megatron)")
         seqs = self.batch.prompts_per_step * self.algo.group_size
         _require(
             seqs % self.batch.micro_batch_size == 0,

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import ModelArch
+from agpo_megatron.ops.fused_loss import capture_lm_head_input, fused_policy_loss_from_hidden
 from agpo_megatron.parallel import Layout
 from agpo_megatron.platform import cpu as cpu_platform
 
@@ -22,10 +24,15 @@ LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, d
 
 
 def _build(arch: ModelArch, cfg, layout: Layout):
+    """A GPTModel shard with its initial weights (before any optimizer copies them)."""
     model = build.build_gpt(arch, cfg.model, cfg.parallel)
     if cfg.model.init_from == "hf":
         load_hf_weights(model, arch, HFCheckpointReader(cfg.model.hf_path), tp_rank=layout.tp_rank, tp=layout.tp,
                         pp_rank=layout.pp_rank, pp=layout.pp)
+    elif cfg.model.init_from == "megatron":  # e.g. written by hf_to_megatron, at any TP/PP
+        from agpo_megatron.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg.checkpoint.load_dir, [model])
     return model
 
 
@@ -43,10 +50,12 @@ class Reference:
     def __init__(self, arch: ModelArch, cfg, layout: Layout, init_weights: dict[str, torch.Tensor] | None = None):
         """`init_weights`: this rank's shards of the policy to freeze (normally the actor at step 0)."""
         self.model = _build(arch, cfg, layout) if init_weights is None else _build_from(arch, cfg, init_weights)
+        self.chunk_tokens = cfg.algo.loss_chunk_tokens if cfg.algo.fused_loss else None
         build.freeze(self.model)
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
-        return forward.compute_logprobs([self.model], micro_batches, temperature=temperature, with_entropy=with_entropy)
+        return forward.compute_logprobs([self.model], micro_batches, temperature=temperature,
+                                        with_entropy=with_entropy, chunk_tokens=self.chunk_tokens)
 
 
 class Actor:
@@ -58,6 +67,8 @@ class Actor:
         It is copied in before the optimizer exists, so its fp32 main params start from it too."""
         self.arch, self.layout = arch, layout
         self.model = _build(arch, cfg, layout) if init_weights is None else _build_from(arch, cfg, init_weights)
+        # The fused loss (ops/fused_loss.py) by default; the plain reference path on request.
+        self.chunk_tokens = cfg.algo.loss_chunk_tokens if cfg.algo.fused_loss else None
         self.ddp, self.optimizer, self.scheduler = build.wrap_for_training(self.model, cfg.optim, cfg.parallel, total_steps)
 
     @property
@@ -65,7 +76,38 @@ class Actor:
         return [self.ddp]
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
-        return forward.compute_logprobs(self.chunks, micro_batches, temperature=temperature, with_entropy=with_entropy)
+        return forward.compute_logprobs(self.chunks, micro_batches, temperature=temperature,
+                                        with_entropy=with_entropy, chunk_tokens=self.chunk_tokens)
+
+    def policy_step(self, micro_batches, loss_cfg: PolicyLossConfig, *, temperature: float,
+                    global_num_tokens: int, global_num_seqs: int, kl_coef: float, eps: tuple[float, float]):
+        """One PPO/GRPO optimizer step with the token-level loss of algo/loss.py.
+
+        Micro-batches carry "old_logprobs" (and "ref_logprobs", "rollout_logprobs" when used).
+        The counts are those of the whole global batch, which makes the gradient independent of
+        the DP/micro-batch layout. `kl_coef` and `eps` are this step's (adaptive) values.
+        """
+        common = dict(kl_coef=kl_coef, eps_low=eps[0], eps_high=eps[1],
+                      global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+
+        def extras(mb):
+            return dict(ref_logprobs=mb.get("ref_logprobs"),
+                        rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None)
+
+        if self.chunk_tokens is None:
+            def loss_fn(logits, mb):  # [B, S, V/TP]: the plain path materialises fp32 log-softmax
+                lp, ent = forward.vocab_parallel_logprobs(logits, mb["targets"], temperature=temperature)
+                return policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], loss_cfg,
+                                   entropy=ent, **extras(mb), **common)
+            return self.train_step(micro_batches, loss_fn)
+
+        with capture_lm_head_input(self.model) as weight:
+            def fused_loss_fn(hidden, mb):  # [B, S, H]: the logits never exist
+                loss, metrics, _, _ = fused_policy_loss_from_hidden(
+                    hidden, weight, mb["targets"], mb["old_logprobs"], mb["advantages"], mb["loss_mask"], loss_cfg,
+                    temperature=temperature, chunk_tokens=self.chunk_tokens, **extras(mb), **common)
+                return loss, metrics
+            return self.train_step(micro_batches, fused_loss_fn)
 
     def train_step(self, micro_batches, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over all micro-batches; returns token-weighted metrics on every rank."""

@@ -26,7 +26,6 @@ import torch
 from agpo_megatron import batch as batching
 from agpo_megatron.algo.advantages import compute_advantages
 from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, AdaptiveKLController
-from agpo_megatron.algo.loss import policy_loss
 from agpo_megatron.algo.rewards import combine_rewards, length_reward
 from agpo_megatron.bridge.export import sync_weights
 from agpo_megatron.config import TrainConfig
@@ -34,7 +33,6 @@ from agpo_megatron.config_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
 from agpo_megatron.data.math_reward import score_batch
 from agpo_megatron.metrics import MetricsLogger, PhaseTimer
-from agpo_megatron.models.forward import vocab_parallel_logprobs
 from agpo_megatron.policy import Actor, Reference
 from agpo_megatron.session import Session
 
@@ -101,17 +99,10 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
                 for mb, out in zip(mbs, reference.logprobs(mbs, temperature=T)):
                     mb["ref_logprobs"] = out["logprobs"]
 
-        def loss_fn(logits: torch.Tensor, mb: dict[str, torch.Tensor]):
-            lp, ent = vocab_parallel_logprobs(logits, mb["targets"], temperature=T)
-            return policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], loss_cfg,
-                               ref_logprobs=mb.get("ref_logprobs"), entropy=ent,
-                               rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None,
-                               kl_coef=kl_coef, eps_low=eps[0], eps_high=eps[1],
-                               global_num_tokens=global_tokens, global_num_seqs=global_seqs)
-
         with timer("update"):
             for _ in range(cfg.algo.ppo_epochs):
-                train_m = actor.train_step(mbs, loss_fn)
+                train_m = actor.policy_step(mbs, loss_cfg, temperature=T, global_num_tokens=global_tokens,
+                                            global_num_seqs=global_seqs, kl_coef=kl_coef, eps=eps)
         if kl_ctl is not None:
             kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0))
         if clip_ctl is not None:

@@ -46,14 +46,14 @@ def _check_run(out: Path, results: dict) -> list[dict]:
 
 
 @pytest.mark.timeout(500)
-def test_agpo_dp2(tmp_path):
-    results = _demo(tmp_path)
+def test_agpo_dp2_reference_loss_path(tmp_path):
+    results = _demo(tmp_path, "algo.fused_loss=false")
     rows = _check_run(tmp_path, results)
     assert "len_reward/len_reward_mean" in rows[0]  # m2 is on in the AGPO preset
 
 
 @pytest.mark.timeout(500)
-def test_tp2_reference_kl_adaptive_tis_dynamic_batch(tmp_path):
+def test_tp2_fused_loss_reference_kl_adaptive_tis_dynamic_batch(tmp_path):
     results = _demo(tmp_path, "parallel.tp=2", "rollout.tp=2", "algo.loss.kl_coef=0.01",
                     "algo.loss.kl_estimator=symmetric", "algo.loss.entropy_coef=0.001",
                     "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", "rollout.logprob_mode=rollout",

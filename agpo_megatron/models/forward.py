@@ -8,6 +8,7 @@ gathered: each TP rank holds logits `[B, S, V/TP]` and the softmax statistics ar
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -139,17 +140,30 @@ def compute_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk_tokens: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward-only log-probs of `mb["targets"]` per micro-batch: [{"logprobs": [B, S], "entropy": ...}].
 
+    `chunk_tokens` set: the fused path (ops/fused_loss.py), which takes the output layer's input
+    and never forms the `[B, S, V/TP]` logits; None: the plain reference path above.
     Only the last pipeline stage gets results (that is where the loss needs them).
     """
+    from agpo_megatron.ops.fused_loss import capture_lm_head_input, fused_logprobs_entropy
 
-    def collect(logits: torch.Tensor, mb: MicroBatch):
-        lp, ent = vocab_parallel_logprobs(logits, mb["targets"], temperature=temperature, with_entropy=with_entropy)
-        out = {"logprobs": lp.detach()}
-        if ent is not None:
-            out["entropy"] = ent.detach()
-        return torch.zeros((), device=logits.device), out
+    chunks = model if isinstance(model, list) else [model]
+    with contextlib.ExitStack() as stack:
+        weight = stack.enter_context(capture_lm_head_input(chunks[-1])) if chunk_tokens else None
 
-    return forward_backward(model, micro_batches, collect, forward_only=True)
+        def collect(out: torch.Tensor, mb: MicroBatch):  # out: hidden [B, S, H] (fused) or logits
+            if chunk_tokens:
+                lp, ent = fused_logprobs_entropy(out, mb["targets"], weight=weight, temperature=temperature,
+                                                 chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+            else:
+                lp, ent = vocab_parallel_logprobs(out, mb["targets"], temperature=temperature,
+                                                  with_entropy=with_entropy)
+            res = {"logprobs": lp.detach()}
+            if ent is not None:
+                res["entropy"] = ent.detach()
+            return torch.zeros((), device=out.device), res
+
+        return forward_backward(chunks, micro_batches, collect, forward_only=True)

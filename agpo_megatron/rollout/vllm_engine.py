@@ -55,6 +55,7 @@ import os
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import dataclasses  # noqa: E402
+import logging  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from typing import TYPE_CHECKING, Any, Literal  # noqa: E402
 
@@ -216,6 +217,7 @@ class VLLMEngine:
             # vLLM refuses enable_sleep_mode on CPU, and has no graphs to capture there.
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_memory_bytes or _CPU_KV_CACHE_BYTES)
         self.llm = LLM(**kwargs)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_reload_filter)
 
     @classmethod
     def from_config(cls, rollout: RolloutConfig, model: ModelConfig, *, seed: int) -> VLLMEngine:
@@ -309,6 +311,12 @@ class VLLMEngine:
         if self.sleep_enabled:
             self.llm.wake_up(tags=["weights"])
             self.llm.wake_up(tags=["kv_cache"])
+
+
+def _rotary_reload_filter(record: logging.LogRecord) -> bool:
+    """Drop vLLM's per-sync "RotaryEmbedding: Failed to load weights": the rotary cache is a
+    derived buffer that no checkpoint carries, and vLLM restores it; every other layer still warns."""
+    return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
 
 
 def _completion(prompt_index: int, out: Any) -> Completion:

@@ -1,0 +1,533 @@
+"""Chunked, vocab-parallel policy loss that never holds a full-vocabulary fp32 tensor.
+
+The plain path (`models/forward.py::vocab_parallel_logprobs` then `algo/loss.py::policy_loss`)
+keeps an fp32 copy of the logits `[tokens, V/TP]` alive for backward, and the entropy graph keeps
+a second one. At Qwen's 152k vocabulary that is the largest activation of an RL step. Here:
+
+* The vocab-sized work runs over chunks of `chunk_tokens` tokens. Per chunk, the logits (or, in
+  the hidden-states variant, `hidden[c] @ weight.T`, so the `[N, V/TP]` logits never exist) are
+  reduced to four fp32 statistics per token; only `[N]` vectors leave the chunk.
+* Backward recomputes each chunk's logits and forms `d_logits` from the saved `[N]` statistics.
+  What is saved for backward: the input (hidden states + weight, or the caller's logits, which
+  exist anyway), the local target ids, log-sum-exp and entropy, all `[N]` but the input. At any
+  time at most about three `[chunk_tokens, V/TP]` temporaries are alive.
+* The per-token loss is not re-derived: the op yields differentiable `[B, S]` log-probs and
+  entropy, and `algo/loss.py::policy_loss` runs on them with ordinary autograd. That part has no
+  vocab dimension, so it costs nothing, and it makes loss, metrics and gradients equal to the
+  reference for every `PolicyLossConfig` option by construction.
+
+The price is compute: backward recomputes the chunk logits, so the hidden-states variant does
+four `[N, H] x [H, V/TP]`-sized matmuls where the plain path does three (docs/benchmarks.md).
+
+Layout. Per-token tensors are `[B, S]` as everywhere in the trainer (models/forward.py): row b is
+one sequence, which is how the seq-mean-* modes of `policy_loss` find sequences; the op flattens
+to `N = B * S` tokens for chunking. Packed (THD) batches are not supported. In the trainer's loss
+function on the last pipeline stage (`forward_backward`, models/forward.py)::
+
+    with capture_lm_head_input(model) as weight:        # around forward_backward, every stage
+        ...
+        def loss_fn(hidden, mb):                           # hidden: [B, S, H], not logits
+            loss, metrics, _, _ = fused_policy_loss_from_hidden(
+                hidden, weight, mb["targets"], mb["old_logprobs"], mb["advantages"], mb["mask"],
+                cfg, ref_logprobs=mb["ref_logprobs"], temperature=T,
+                global_num_tokens=n_tokens, global_num_seqs=n_seqs)
+            return loss, metrics
+
+and `fused_logprobs_entropy(hidden, targets, weight=weight)` under the same context for the
+old / reference log-probs.
+
+Vocab-parallel statistics. Rank r holds logits `z` (already divided by the temperature) for
+vocab ids `[r * V/TP, (r + 1) * V/TP)`. Each rank reduces its slice relative to its own max
+`m_r`: `s_r = sum exp(z - m_r)`, `w_r = sum exp(z - m_r) (z - m_r)`, and the target logit when
+the target is in its slice. Two all-reduces per chunk combine them (MAX of `m_r`, then one SUM
+of three stacked vectors rescaled to the global max `m`)::
+
+    s = sum_r exp(m_r - m) s_r,    w = sum_r exp(m_r - m) (w_r + (m_r - m) s_r)
+    log p(t) = (z_t - m) - log s,  H = log s - w / s
+
+Backward, with `g` the upstream gradients of `log p(t)` and `H`, and `log p_v = z_v - lse`::
+
+    dL/dz_v = g_lp (1[v = t] - p_v) - g_H p_v (log p_v + H),    dL/dlogits = dL/dz / T
+
+It needs no communication: every rank owns its slice of `d_logits`.
+
+Tensor parallelism of `d_hidden`. Megatron's output layer is column-parallel: its input is
+replicated on the TP ranks and each rank's gradient w.r.t. it is a partial sum over that rank's
+vocab slice. This op returns that partial sum and does NOT all-reduce it. The caller passes
+`hidden` through an input mapping whose backward does the reduction, as `ColumnParallelLinear`
+does: `copy_to_tp_region` below (identity forward, all-reduce backward) or, with sequence
+parallelism, Megatron's `gather_from_sequence_parallel_region` (all-gather forward,
+reduce-scatter backward). `capture_lm_head_input` applies the right one for you.
+
+Departures from the reference, numerical only:
+
+* At TP > 1 the statistics are combined from per-rank shifts (above) instead of one global max
+  first; it saves an all-reduce and lets a single-pass kernel (Triton, on CUDA) produce them.
+  Rounding differs from the reference by ~1e-7 relative in fp32.
+* In the hidden-states variant with 16-bit weights, the weight gradient is accumulated over
+  chunks in fp32 (each chunk's product is rounded to the weight dtype once) and cast back at the
+  end; the reference does one matmul over all tokens. A transient fp32 weight-sized buffer.
+* Every token is processed, masked or not, so the returned log-probs / entropy are valid at
+  every position (the old / reference log-prob pass needs that).
+
+On CUDA with Triton installed, the per-chunk statistics and `d_logits` come from the kernels in
+`ops/triton_fused_loss.py`; everything else (matmuls, all-reduces, the loss) is the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from agpo_megatron.algo.loss import GlobalCount, Metrics, PolicyLossConfig, policy_loss
+from agpo_megatron.ops import triton_fused_loss
+
+__all__ = [
+    "fused_policy_loss_from_hidden",
+    "fused_policy_loss_from_logits",
+    "fused_logprobs_entropy",
+    "capture_lm_head_input",
+    "copy_to_tp_region",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# per-chunk kernels (plain PyTorch; the Triton versions compute the same four statistics)
+
+
+def _scaled(logits: torch.Tensor, temperature: float, owned: bool) -> torch.Tensor:  # [c, V/TP]
+    """`logits / T` in the compute dtype (fp32, or fp64 for fp64 inputs), as a tensor the caller
+    may overwrite. `owned` says whether `logits` itself is a scratch buffer."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if not owned and z.data_ptr() == logits.data_ptr():
+        z = z.clone()  # .to() was a no-op: never write into the caller's logits
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _chunk_stats_torch(
+    logits: torch.Tensor,  # [c, V/TP]
+    local_targets: torch.Tensor,  # [c] index into this rank's slice, -1 = not in it
+    temperature: float,
+    owned: bool,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:  # 4 x [c]
+    """(m, s, w, z_t) of this rank's slice: max, sum exp(z - m), sum exp(z - m)(z - m), z_target.
+
+    The ops mirror `vocab_parallel_logprobs` one for one; at TP=1 the results agree with it to
+    the last bit or two (reductions over chunk-shaped tensors may vectorise differently).
+    """
+    z = _scaled(logits, temperature, owned)
+    m = z.amax(dim=-1)
+    picked = z.gather(1, local_targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    z_t = torch.where(local_targets >= 0, picked, 0.0)
+    z = z.sub_(m.unsqueeze(1))
+    exp_z = z.exp()
+    s = exp_z.sum(dim=-1)
+    w = exp_z.mul_(z).sum(dim=-1) if with_entropy else None
+    return m, s, w, z_t
+
+
+def _chunk_dlogits_torch(
+    logits: torch.Tensor,  # [c, V/TP]
+    local_targets: torch.Tensor,  # [c], -1 = not in this slice
+    lse: torch.Tensor,  # [c] log-sum-exp of z over the whole vocabulary
+    entropy: torch.Tensor,  # [c]
+    g_lp: torch.Tensor | None,  # [c] dL/dlogprob
+    g_ent: torch.Tensor | None,  # [c] dL/dentropy
+    temperature: float,
+    owned: bool,
+) -> torch.Tensor:  # [c, V/TP] in the dtype of `logits`
+    """dL/dlogits for one chunk; in-place ops keep it at two fp32 `[c, V/TP]` buffers."""
+    log_p = _scaled(logits, temperature, owned).sub_(lse.unsqueeze(1))
+    p = log_p.exp()
+    if g_ent is not None:
+        # -p (g_lp + g_H (log p + H)), built in log_p's buffer
+        dz = log_p.add_(entropy.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
+        if g_lp is not None:
+            dz.add_(g_lp.unsqueeze(1))
+        dz = dz.mul_(p).neg_()
+        del p
+    else:
+        del log_p
+        dz = p.mul_(-g_lp.unsqueeze(1))
+    if g_lp is not None:
+        # + g_lp at the target column; rows whose target is on another rank add 0 at column 0.
+        src = torch.where(local_targets >= 0, g_lp, 0.0).to(dz.dtype)
+        dz.scatter_add_(1, local_targets.clamp(min=0).unsqueeze(1), src.unsqueeze(1))
+    if temperature != 1.0:
+        dz.div_(temperature)
+    return dz.to(logits.dtype)
+
+
+def _use_triton(logits: torch.Tensor) -> bool:
+    return logits.is_cuda and triton_fused_loss.HAVE_TRITON and logits.dtype != torch.float64
+
+
+def _chunk_stats(logits, local_targets, temperature, owned, with_entropy):
+    if _use_triton(logits):
+        m, s, w, z_t = triton_fused_loss.chunk_stats(logits, local_targets, temperature)
+        return m, s, (w if with_entropy else None), z_t
+    return _chunk_stats_torch(logits, local_targets, temperature, owned, with_entropy)
+
+
+def _chunk_dlogits(logits, local_targets, lse, entropy, g_lp, g_ent, temperature, owned):
+    if _use_triton(logits):
+        return triton_fused_loss.chunk_dlogits(logits, local_targets, lse, entropy, g_lp, g_ent, temperature)
+    return _chunk_dlogits_torch(logits, local_targets, lse, entropy, g_lp, g_ent, temperature, owned)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor parallelism
+
+
+def _resolve_tp_group(tp_group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
+    """(group, rank, size). None means Megatron's TP group, or a single rank when Megatron's model
+    parallel state is not initialized (unit tests, single-process tools)."""
+    if tp_group is None:
+        # Never imported means never initialized; importing megatron.core costs seconds of CPU.
+        mpu = sys.modules.get("megatron.core.parallel_state")
+        if mpu is None or not mpu.model_parallel_is_initialized():
+            return None, 0, 1
+        tp_group = mpu.get_tensor_model_parallel_group()
+    return tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+class _CopyToTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # A contiguous copy: the incoming gradient may be a transposed view, or shared.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_tp_region(
+    x: torch.Tensor,  # [..., H] replicated on the TP ranks
+    tp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:  # [..., H], the same values
+    """Identity forward, all-reduce of the gradient over TP backward: wrap the hidden states fed
+    to `fused_policy_loss_from_hidden` with it (unless they come from `capture_lm_head_input`).
+
+    NOTE: Megatron's `copy_to_tensor_model_parallel_region` means the same, but its `_reduce`
+    all-reduces `grad.contiguous()` and returns `grad`, so a non-contiguous gradient is silently
+    left unreduced. GPTModel's `[S, B, *] -> [B, S, *]` transpose after the output layer produces
+    exactly such a gradient (tests/ops/test_fused_loss.py caught it at TP=2).
+    """
+    group, _, tp_size = _resolve_tp_group(tp_group)
+    return x if tp_size == 1 else _CopyToTPRegion.apply(x, group)
+
+
+def _combine(
+    m: torch.Tensor,  # [c] per-rank max
+    s: torch.Tensor,  # [c]
+    w: torch.Tensor | None,  # [c]
+    z_t: torch.Tensor,  # [c] target logit, 0 where the target is on another rank
+    group: dist.ProcessGroup | None,
+    tp_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # logprobs, entropy, lse: [c]
+    """Merge the per-rank statistics (module docstring) and turn them into log p(t), H, lse."""
+    if tp_size > 1:
+        m_local = m
+        m = m_local.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        shift = m_local - m  # <= 0
+        scale = shift.exp()
+        parts = [s * scale, z_t]
+        if w is not None:
+            parts.append(scale * (w + shift * s))
+        packed = torch.stack(parts)  # [2 or 3, c]: one all-reduce for all sums
+        dist.all_reduce(packed, group=group)
+        s, z_t = packed[0], packed[1]
+        w = packed[2] if w is not None else None
+    log_s = s.log()
+    logprobs = (z_t - m) - log_s
+    entropy = log_s - w / s if w is not None else None
+    return logprobs, entropy, m + log_s
+
+
+# ---------------------------------------------------------------------------------------------
+# the op
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo:hi of the logits: computed from hidden states, or a view of the given logits."""
+    return x[lo:hi] if weight is None else x[lo:hi] @ weight.t()
+
+
+def _local_targets(targets: torch.Tensor, v_local: int, tp_rank: int) -> torch.Tensor:  # [N]
+    local = targets.long() - tp_rank * v_local
+    return torch.where((local >= 0) & (local < v_local), local, -1)
+
+
+def _forward_chunks(x, weight, local_targets, temperature, chunk_tokens, group, tp_size, with_entropy):
+    """Per-token (logprobs, entropy, lse), each [N] fp32 (fp64 for fp64 inputs)."""
+    n = x.shape[0]
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    logprobs = torch.empty(n, dtype=out_dtype, device=x.device)
+    lse = torch.empty_like(logprobs)
+    entropy = torch.empty_like(logprobs) if with_entropy else None
+    for lo in range(0, n, chunk_tokens):
+        hi = min(lo + chunk_tokens, n)
+        logits = _chunk_logits(x, weight, lo, hi)
+        stats = _chunk_stats(logits, local_targets[lo:hi], temperature, weight is not None, with_entropy)
+        del logits
+        lp, ent, lse_c = _combine(*stats, group, tp_size)
+        logprobs[lo:hi] = lp
+        lse[lo:hi] = lse_c
+        if entropy is not None:
+            entropy[lo:hi] = ent
+    return logprobs, entropy, lse
+
+
+class _LogprobsEntropy(torch.autograd.Function):
+    """(x [N, D], weight [V/TP, H] or None, local targets [N]) -> (logprobs [N], entropy [N]).
+
+    x is hidden states (D = H) when weight is given, else logits (D = V/TP).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, local_targets, temperature, chunk_tokens, group, tp_size):
+        logprobs, entropy, lse = _forward_chunks(
+            x, weight, local_targets, temperature, chunk_tokens, group, tp_size, with_entropy=True
+        )
+        ctx.save_for_backward(x, weight, local_targets, lse, entropy)
+        ctx.temperature = temperature
+        ctx.chunk_tokens = chunk_tokens
+        # Unused outputs (entropy when entropy_coef = 0) arrive as None and skip their term.
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_ent):
+        x, weight, local_targets, lse, entropy = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]
+        if g_lp is None and g_ent is None:
+            return None, None, None, None, None, None, None
+        n = x.shape[0]
+        d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        d_w = None
+        if need_w:
+            # fp32 accumulator across chunks (module docstring); fp32 weights accumulate in place.
+            d_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for lo in range(0, n, ctx.chunk_tokens):
+            hi = min(lo + ctx.chunk_tokens, n)
+            logits = _chunk_logits(x, weight, lo, hi)
+            d_logits = _chunk_dlogits(
+                logits, local_targets[lo:hi], lse[lo:hi], entropy[lo:hi],
+                None if g_lp is None else g_lp[lo:hi], None if g_ent is None else g_ent[lo:hi],
+                ctx.temperature, weight is not None,
+            )  # [c, V/TP]
+            del logits
+            if weight is None:
+                d_x[lo:hi] = d_logits
+                continue
+            if need_x:
+                torch.mm(d_logits, weight, out=d_x[lo:hi])
+            if need_w:
+                if d_w.dtype == d_logits.dtype:
+                    d_w.addmm_(d_logits.t(), x[lo:hi])
+                else:
+                    d_w.add_(d_logits.t() @ x[lo:hi])
+        if d_w is not None:
+            d_w = d_w.to(weight.dtype)
+        return d_x, d_w, None, None, None, None, None
+
+
+def _prepare(x, weight, targets, temperature, chunk_tokens, tp_group):
+    """Validate, resolve the TP group, flatten: (x [N, D], local targets [N], group, tp_size)."""
+    _check_op_inputs(x, weight, targets, temperature, chunk_tokens)
+    group, tp_rank, tp_size = _resolve_tp_group(tp_group)
+    if weight is not None and x.dtype != weight.dtype:
+        # Megatron's Float16Module hands the last stage's output back in fp32; the output
+        # layer ran in the weight dtype, and so does this (bf16 -> fp32 -> bf16 is exact).
+        x = x.to(weight.dtype)
+    v_local = weight.shape[0] if weight is not None else x.shape[-1]
+    local_targets = _local_targets(targets.reshape(-1), v_local, tp_rank)
+    return x.reshape(-1, x.shape[-1]), local_targets, group, tp_size
+
+
+def _logprobs_entropy(
+    x: torch.Tensor,  # [..., H] with weight, or [..., V/TP] logits
+    weight: torch.Tensor | None,  # [V/TP, H]
+    targets: torch.Tensor,  # [...]
+    temperature: float,
+    chunk_tokens: int,
+    tp_group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [...], [...] differentiable
+    x2d, local_targets, group, tp_size = _prepare(x, weight, targets, temperature, chunk_tokens, tp_group)
+    lp, ent = _LogprobsEntropy.apply(x2d, weight, local_targets, temperature, chunk_tokens, group, tp_size)
+    return lp.view(targets.shape), ent.view(targets.shape)
+
+
+def _check_op_inputs(x, weight, targets, temperature, chunk_tokens) -> None:
+    if x.ndim < 2 or x.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"expected x [..., D] and targets [...] with the same leading shape, "
+            f"got {tuple(x.shape)} and {tuple(targets.shape)}"
+        )
+    if targets.is_floating_point():
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if weight is not None and (weight.ndim != 2 or weight.shape[1] != x.shape[-1]):
+        raise ValueError(
+            f"weight must be [V/TP, H] with H = hidden size {x.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if not chunk_tokens >= 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def fused_policy_loss_from_hidden(
+    hidden: torch.Tensor,  # [B, S, H] final hidden states (after the final norm), TP-replicated
+    weight: torch.Tensor,  # [V/TP, H] this rank's rows of the output layer
+    targets: torch.Tensor,  # [B, S] global token ids
+    old_logprobs: torch.Tensor,  # [B, S]
+    advantages: torch.Tensor,  # [B] or [B, S]
+    mask: torch.Tensor,  # [B, S], nonzero = response token that counts
+    cfg: PolicyLossConfig,
+    *,
+    ref_logprobs: torch.Tensor | None = None,  # [B, S]
+    rollout_logprobs: torch.Tensor | None = None,  # [B, S]
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    kl_coef: float | None = None,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    global_num_tokens: GlobalCount | None = None,
+    global_num_seqs: GlobalCount | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, Metrics, torch.Tensor, torch.Tensor]:  # loss, metrics, [B, S], [B, S]
+    """`policy_loss` of `log_softmax(hidden @ weight.T / T)` without forming the logits.
+
+    Returns `(loss, metrics, logprobs, entropy)`: the loss and metrics are `policy_loss`'s
+    (`metrics["entropy"]` included), logprobs and entropy are fp32 `[B, S]` and differentiable.
+    Rows of the `[B, S]` tensors are the sequences of the seq-mean-* modes, as in `policy_loss`.
+
+    Gradients reach `hidden` (this rank's partial sum over its vocab slice: wrap `hidden` in
+    `copy_to_tp_region`, or get it from `capture_lm_head_input`, so that TP ranks sum them) and
+    `weight` (this rank's shard, complete). The other arguments are `policy_loss`'s;
+    `chunk_tokens` bounds the vocab-sized temporaries to about 3 x `[chunk_tokens, V/TP]` fp32.
+    `tp_group`: None = Megatron's TP group (a single rank when Megatron is not initialized).
+    """
+    logprobs, entropy = _logprobs_entropy(hidden, weight, targets, temperature, chunk_tokens, tp_group)
+    loss, metrics = policy_loss(
+        logprobs, old_logprobs, advantages, mask, cfg,
+        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
+        kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
+        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+    )
+    return loss, metrics, logprobs, entropy
+
+
+def fused_policy_loss_from_logits(
+    logits: torch.Tensor,  # [B, S, V/TP] this rank's vocab slice
+    targets: torch.Tensor,  # [B, S]
+    old_logprobs: torch.Tensor,  # [B, S]
+    advantages: torch.Tensor,  # [B] or [B, S]
+    mask: torch.Tensor,  # [B, S]
+    cfg: PolicyLossConfig,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    kl_coef: float | None = None,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    global_num_tokens: GlobalCount | None = None,
+    global_num_seqs: GlobalCount | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, Metrics, torch.Tensor, torch.Tensor]:
+    """`fused_policy_loss_from_hidden` for callers that already have the logits (e.g. the
+    model's own output layer). Saves only the logits themselves (which exist anyway) and `[N]`
+    vectors for backward, instead of fp32 copies of them."""
+    logprobs, entropy = _logprobs_entropy(logits, None, targets, temperature, chunk_tokens, tp_group)
+    loss, metrics = policy_loss(
+        logprobs, old_logprobs, advantages, mask, cfg,
+        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
+        kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
+        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+    )
+    return loss, metrics, logprobs, entropy
+
+
+@torch.no_grad()
+def fused_logprobs_entropy(
+    x: torch.Tensor,  # [..., H] hidden states when `weight` is given, else [..., V/TP] logits
+    targets: torch.Tensor,  # [...] global token ids
+    *,
+    weight: torch.Tensor | None = None,  # [V/TP, H]
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = True,
+    tp_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # [...], [...] or None; fp32
+    """Forward-only log p(target) and entropy (old / reference log-probs): chunked, no grad."""
+    x2d, local_targets, group, tp_size = _prepare(x, weight, targets, temperature, chunk_tokens, tp_group)
+    lp, ent, _ = _forward_chunks(
+        x2d, weight, local_targets, temperature, chunk_tokens, group, tp_size, with_entropy
+    )
+    return lp.view(targets.shape), (ent.view(targets.shape) if ent is not None else None)
+
+
+@contextlib.contextmanager
+def capture_lm_head_input(model: torch.nn.Module) -> Iterator[torch.Tensor | None]:
+    """Make a last-stage Megatron `GPTModel` return its output layer's input; yields the weight.
+
+    Inside the context, `model(tokens, position_ids, attention_mask)` returns the final hidden
+    states (after the final norm) as `[B, S, H]` instead of logits `[B, S, V/TP]`: GPTModel
+    transposes whatever its output layer returns from `[S, B, *]` to `[B, S, *]`, so the hidden
+    states come back in the logits' layout (one `[B, S, H]` copy, small next to the logits).
+    The yielded tensor is the output weight `[V/TP, H]`: the embedding matrix when embeddings are
+    tied on a one-stage model, else `output_layer.weight`.
+
+    The returned hidden states have already been through the column-parallel input mapping that
+    the output layer would apply (`copy_to_tp_region`, or the sequence-parallel all-gather), so
+    the backward of that mapping all-reduces (reduce-scatters) d_hidden over TP. The
+    sequence-parallel branch is Megatron's own mapping and is not covered by the CPU tests.
+    Feed them and the weight to `fused_policy_loss_from_hidden` / `fused_logprobs_entropy`.
+
+    `model` is this rank's model chunk (the last one with virtual pipelining); wrappers with a
+    `.module` (Megatron DDP, Float16Module) are unwrapped. On earlier pipeline stages, which have
+    no output layer, it changes nothing and yields None, so a trainer can enter it on every rank
+    around `forward_backward` and use the weight only in the last stage's loss function.
+    """
+    gpt = model
+    while hasattr(gpt, "module"):
+        gpt = gpt.module
+    if not getattr(gpt, "post_process", False):
+        yield None
+        return
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    if gpt.config.mtp_num_layers or gpt.config.defer_embedding_wgrad_compute:
+        raise ValueError("capture_lm_head_input supports neither MTP nor deferred embedding wgrad")
+    layer = gpt.output_layer
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else layer.weight
+
+    def forward(input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
+        # [S(/TP), B, H] -> [S, B, H], the mapping ColumnParallelLinear.forward applies.
+        if layer.sequence_parallel:
+            return gather_from_sequence_parallel_region(input_, group=layer.tp_group), None
+        return copy_to_tp_region(input_, layer.tp_group), None
+
+    # An instance attribute shadows the class's forward; nn.Module.__call__ (and its hooks) is kept.
+    layer.forward = forward
+    try:
+        yield weight
+    finally:
+        del layer.forward
