@@ -169,7 +169,7 @@ def test_hub_dataset_without_datasets_package(tokenizer):
         ({"prompt_template": "no placeholder"}, "prompt_template must contain"),
         ({"prompt_template": "{prompt} {other}"}, "prompt_template is not a valid format string"),
         ({"prompt_template": "{prompt} in \\boxed{}"}, "prompt_template is not a valid format string"),
-        ({"answer_format": "boxed"}, "answer_format must be"),
+        ({"answer_format": "latex"}, "answer_format must be"),
         ({"on_too_long": "truncate"}, "on_too_long must be"),
         ({"max_prompt_tokens": 0}, "max_prompt_tokens must be >= 1"),
         ({"limit": 0}, "limit must be >= 1"),
