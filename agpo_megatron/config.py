@@ -211,6 +211,12 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
 
+    def due(self, step: int, last_step: int) -> Path | None:
+        """The directory to save `step` into, or None when this step is not a save step."""
+        if not self.save_dir or not (step == last_step or (self.save_interval and step % self.save_interval == 0)):
+            return None
+        return Path(self.save_dir) / f"step_{step:06d}"
+
 
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:

@@ -1,5 +1,5 @@
 """Everything the loop needs that is set up once: the world, the model shape, tokenizer, data, the
-rollout engine, evaluation and checkpoints. Order matters: the config is validated against the
+rollout engine and evaluation. Order matters: the config is validated against the
 world size first, then Megatron's groups exist before vLLM joins the same world.
 """
 
@@ -28,7 +28,6 @@ class Session:
     train_examples: list[Example]
     eval_examples: list[Example]
     rollout: RolloutEngine
-    checkpointer: Any = None
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> "Session":
@@ -47,12 +46,7 @@ class Session:
         if not train:
             raise ValueError(f"{cfg.data.train.path}: no usable training prompts")
         engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
-        checkpointer = None
-        if cfg.checkpoint.save_dir:
-            from agpo_megatron.checkpoint import Checkpointer
-
-            checkpointer = Checkpointer(cfg.checkpoint, arch=arch, hf_dir=cfg.model.hf_path)
-        return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine, checkpointer)
+        return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine)
 
     def train_sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout

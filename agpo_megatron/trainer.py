@@ -28,6 +28,7 @@ from agpo_megatron.algo.advantages import compute_advantages
 from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, AdaptiveKLController
 from agpo_megatron.algo.rewards import combine_rewards, length_reward
 from agpo_megatron.bridge.export import sync_weights
+from agpo_megatron.checkpoint import save_checkpoint
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
@@ -127,8 +128,10 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         }
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
-        if s.checkpointer is not None:
-            s.checkpointer.maybe_save(step, actor, final=step == cfg.steps)
+        if (ckpt_dir := cfg.checkpoint.due(step, cfg.steps)) is not None:  # same format hf_to_megatron writes
+            save_checkpoint(ckpt_dir, actor.chunks, actor.optimizer, actor.scheduler, step=step,
+                            extra_state={"sampler": sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
+                            hf_dir=cfg.model.hf_path)
         log.log(step, row)
 
     results["eval_after"] = s.evaluate(step=cfg.steps)

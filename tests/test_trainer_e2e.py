@@ -46,10 +46,29 @@ def _check_run(out: Path, results: dict) -> list[dict]:
 
 
 @pytest.mark.timeout(500)
-def test_agpo_dp2_reference_loss_path(tmp_path):
-    results = _demo(tmp_path, "algo.fused_loss=false")
+def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
+    results = _demo(tmp_path, "algo.fused_loss=false", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+                    "checkpoint.save_interval=1")
     rows = _check_run(tmp_path, results)
     assert "len_reward/len_reward_mean" in rows[0]  # m2 is on in the AGPO preset
+
+    # The trainer's checkpoints are the converter's format: export the last one back to HF.
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001", "step_000002"]
+    hf_out = tmp_path / "hf_out"
+    proc = subprocess.run([sys.executable, "-m", "checkpoints_conversion.megatron_to_hf", "--ckpt",
+                           str(tmp_path / "ckpt" / "step_000002"), "--out", str(hf_out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32)
+    start = load_file(tmp_path / "model" / "model.safetensors")
+    trained = dict(model.named_parameters())
+    moved = [n for n, t in start.items() if not torch.equal(trained[n].detach(), t)]
+    assert moved, "the exported checkpoint equals the random init: training or saving lost the updates"
 
 
 @pytest.mark.timeout(500)

@@ -59,6 +59,16 @@ class HFCheckpointReader:
                 raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
         return self._handles[file]
 
+    def close(self) -> None:
+        """Drop the open files.
+
+        NOTE: safetensors maps each file and hands out tensors backed by the mapping, so every
+        page read stays in this process's RSS while the file's handle is cached here (the
+        tensors themselves keep their pages mapped only as long as they live). A streaming
+        converter calls this after each parameter, so memory follows the live tensors.
+        """
+        self._handles.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
