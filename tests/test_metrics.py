@@ -30,3 +30,17 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     p.write_text('{"step": 1}\n{oops\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
         read_jsonl(p)
+
+
+def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=2, config={"algo": {"gamma": 0.1}},
+                        wandb_project="agpo-test", progress_bar=False)
+    log.log(1, {"reward/mean": 0.5})
+    log.log(2, {"reward/mean": 0.75})
+    log.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
