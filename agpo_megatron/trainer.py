@@ -17,7 +17,6 @@ Departures from the AGPO paper (arXiv 2503.15952):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -138,7 +137,3 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     log.close()
     return results
 
-
-def replace(cfg: TrainConfig, **sections: Any) -> TrainConfig:
-    """A copy of `cfg` with whole sections swapped (e.g. the demo's GRPO baseline)."""
-    return dataclasses.replace(cfg, **sections)
