@@ -9,15 +9,18 @@ same AGPO loss (PPO clip, k3 KL, entropy bonus, token-mean) on top of:
 - naive: logits = hidden @ W.T, a full fp32 log_softmax, entropy from the full softmax;
 - megatron: logits = hidden @ W.T, Megatron's `vocab_parallel_cross_entropy` for log p(target),
   plus the same entropy computed separately (Megatron has none);
-- fused/C: `fused_policy_loss_from_hidden` with `chunk_tokens=C` (recomputing in backward);
+- fused/C: `fused_policy_loss_from_hidden` with `chunk_tokens=C` (gradients computed eagerly in
+  forward: 3 vocab-sized matmuls, saves d_hidden and a weight-sized d_W);
 - fused-logits/C: logits = hidden @ W.T by autograd, then `fused_policy_loss_from_logits` (saves
   the logits, which the model's output layer produces anyway, and no fp32 copies; no recompute).
 
 Per variant:
 
 - saved for backward: unique storage bytes of every tensor autograd saves during the forward,
-  counted with `torch.autograd.graph.saved_tensors_hooks`; "excl. weight" leaves out the
-  output weight's storage, which every variant saves and which is a parameter (alive anyway);
+  counted with `torch.autograd.graph.saved_tensors_hooks`; "excl. weight-sized" leaves out the storage
+  of every weight-shaped (`[V, H]` or `[H, V]`) tensor: the weight itself (a parameter, alive anyway),
+  which the other variants save, or the fused variant's eager d_W (it becomes the weight's
+  `.grad`, which every variant allocates in backward anyway);
 - peak RSS: a fresh subprocess per variant builds the inputs, resets the RSS high-water mark,
   runs forward + backward once and reports `VmHWM`, also as the increase over the RSS at reset;
 - time: median wall and CPU (process) time of forward + backward over `--repeats` runs in this
@@ -126,18 +129,22 @@ def run_variant(name: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss_fused(x, int(chunk_tokens))
 
 
-def saved_bytes(fn) -> tuple[int, dict[int, int], torch.Tensor]:
-    """Unique bytes saved for backward by `fn()`, {storage pointer: bytes}, and `fn()`'s output."""
+def saved_bytes(fn, weight_shape: torch.Size) -> tuple[int, int, torch.Tensor]:
+    """Unique bytes saved for backward by `fn()`, the part of them in weight-shaped tensors (the
+    weight, or its transpose, or a d_W), and `fn()`'s output."""
     storages: dict[int, int] = {}
+    weight_sized: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
+        if t.shape in (weight_shape, weight_shape[::-1]):
+            weight_sized[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return sum(storages.values()), storages, out
+    return sum(storages.values()), sum(weight_sized.values()), out
 
 
 def _status_bytes(field: str) -> int:
@@ -183,7 +190,6 @@ def main() -> None:
           f"fp32 threads={torch.get_num_threads()} repeats={args.repeats}", flush=True)
 
     x = make_inputs(args)
-    weight_storage = x["weight"].untyped_storage().data_ptr()
     results: dict[str, dict] = {name: dict(wall=[], cpu=[]) for name in variants(args)}
     reference: dict[str, torch.Tensor] | None = None
     for i in range(args.repeats):
@@ -193,8 +199,8 @@ def main() -> None:
             x["hidden"].grad = x["weight"].grad = None
             wall, cpu = time.perf_counter(), time.process_time()
             if i == 0:
-                total, storages, loss = saved_bytes(lambda: run_variant(name, x))
-                r.update(saved=total, saved_excl=total - storages.get(weight_storage, 0))
+                total, weight_sized, loss = saved_bytes(lambda: run_variant(name, x), x["weight"].shape)
+                r.update(saved=total, saved_excl=total - weight_sized)
             else:
                 loss = run_variant(name, x)
             loss.backward()
@@ -221,7 +227,7 @@ def main() -> None:
         print(f"{name}: peak RSS {gib(results[name]['peak'])}", flush=True)
 
     naive = results["naive"]
-    print("\n| variant | saved for backward | excl. weight | naive / this (excl. weight) | peak RSS | RSS increase "
+    print("\n| variant | saved for backward | excl. weight-sized | naive / this (excl. weight-sized) | peak RSS | RSS increase "
           "| this / naive | wall time | this / naive | CPU time | this / naive |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

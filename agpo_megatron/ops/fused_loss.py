@@ -6,18 +6,32 @@ a second one. At Qwen's 152k vocabulary that is the largest activation of an RL 
 
 * The vocab-sized work runs over chunks of `chunk_tokens` tokens. Per chunk, the logits (or, in
   the hidden-states variant, `hidden[c] @ weight.T`, so the `[N, V/TP]` logits never exist) are
-  reduced to four fp32 statistics per token; only `[N]` vectors leave the chunk.
-* Backward recomputes each chunk's logits and forms `d_logits` from the saved `[N]` statistics.
-  What is saved for backward: the input (hidden states + weight, or the caller's logits, which
-  exist anyway), the local target ids, log-sum-exp and entropy, all `[N]` but the input. At any
-  time at most about three `[chunk_tokens, V/TP]` temporaries are alive.
-* The per-token loss is not re-derived: the op yields differentiable `[B, S]` log-probs and
-  entropy, and `algo/loss.py::policy_loss` runs on them with ordinary autograd. That part has no
-  vocab dimension, so it costs nothing, and it makes loss, metrics and gradients equal to the
-  reference for every `PolicyLossConfig` option by construction.
-
-The price is compute: backward recomputes the chunk logits, so the hidden-states variant does
-four `[N, H] x [H, V/TP]`-sized matmuls where the plain path does three (docs/benchmarks.md).
+  reduced to four fp32 statistics per token; only `[N]` vectors leave the chunk. At any time at
+  most about three `[chunk_tokens, V/TP]` temporaries are alive.
+* Hidden-states variant (`fused_policy_loss_from_hidden`), when a gradient is needed: the
+  gradients are computed eagerly in forward (Liger-kernel's "fused linear cross-entropy"), so
+  the chunk logits are computed once and never recomputed. The loss depends on token t only
+  through (log p_t, H_t) and constants known before any matmul (advantages, old / ref / rollout
+  log-probs, mask, global counts, row lengths, coefficients), so per chunk, while its logits are
+  alive: (1) `logits = hidden[c] @ W.T`, the statistics and their all-reduces -> log p, H of the
+  chunk; the per-token upstream gradients `g_lp`, `g_H` of the chunk from ordinary autograd
+  through `algo/loss.py::policy_loss` on the whole `[B, S]` batch (exact: a token's gradient does
+  not depend on the other tokens' values, which are zeros or earlier chunks' there; no vocab
+  dimension, so cheap); `d_logits` (below); (2) `d_hidden[c] = d_logits @ W`; (3)
+  `d_W += d_logits.T @ hidden[c]`. Three `[N, H] x [H, V/TP]`-sized matmuls, as on the plain
+  path (forward logits, backward d_hidden and d_W). Loss and metrics come from one more
+  `policy_loss` call on the full detached `[B, S]` log-probs and entropy, so they equal the
+  reference's for every `PolicyLossConfig` option. What is saved for backward: d_hidden
+  `[N, H]` and d_W `[V/TP, H]` (weight-sized, like the weight's own `.grad`; in the weight's
+  dtype), nothing else: neither the hidden states nor the weight. Backward only multiplies them
+  in place by the upstream gradient of the loss, so it may run once per forward (no
+  `retain_graph`), and the returned log-probs and entropy are detached: gradients w.r.t. them are
+  not supported in this mode (the trainer needs only the loss's). Without a gradient (no_grad, or
+  neither input requires one) the op is forward-only.
+* Logits variant (`fused_policy_loss_from_logits`): the op yields differentiable `[B, S]`
+  log-probs and entropy and `policy_loss` runs on them with ordinary autograd; backward
+  recomputes each chunk's `d_logits` from the saved `[N]` statistics (local target ids,
+  log-sum-exp, entropy) and the caller's logits, which exist anyway.
 
 Layout. Per-token tensors are `[B, S]` as everywhere in the trainer (models/forward.py): row b is
 one sequence, which is how the seq-mean-* modes of `policy_loss` find sequences; the op flattens
@@ -45,7 +59,7 @@ of three stacked vectors rescaled to the global max `m`)::
     s = sum_r exp(m_r - m) s_r,    w = sum_r exp(m_r - m) (w_r + (m_r - m) s_r)
     log p(t) = (z_t - m) - log s,  H = log s - w / s
 
-Backward, with `g` the upstream gradients of `log p(t)` and `H`, and `log p_v = z_v - lse`::
+The gradient, with `g` the upstream gradients of `log p(t)` and `H`, and `log p_v = z_v - lse`::
 
     dL/dz_v = g_lp (1[v = t] - p_v) - g_H p_v (log p_v + H),    dL/dlogits = dL/dz / T
 
@@ -66,7 +80,10 @@ Departures from the reference, numerical only:
   Rounding differs from the reference by ~1e-7 relative in fp32.
 * In the hidden-states variant with 16-bit weights, the weight gradient is accumulated over
   chunks in fp32 (each chunk's product is rounded to the weight dtype once) and cast back at the
-  end; the reference does one matmul over all tokens. A transient fp32 weight-sized buffer.
+  end of forward; the reference does one matmul over all tokens. A transient fp32 weight-sized
+  buffer. The upstream gradient of the loss multiplies d_hidden and d_W after they are rounded
+  to the input dtypes (the reference folds it into d_logits): one more rounding with 16-bit
+  inputs, none when it is 1.
 * Every token is processed, masked or not, so the returned log-probs / entropy are valid at
   every position (the old / reference log-prob pass needs that).
 
@@ -343,6 +360,98 @@ class _LogprobsEntropy(torch.autograd.Function):
         return d_x, d_w, None, None, None, None, None
 
 
+def _token_grads(loss_fn, logprobs, entropy, shape, lo, hi):
+    """dL/dlogprob and dL/dentropy (or None where unused) of tokens lo:hi, each [hi - lo].
+
+    `policy_loss` is a sum over tokens of terms that depend on token t only through its own
+    log-prob and entropy; its normalisers (token / sequence counts, row lengths) come from the
+    mask and the arguments. So the gradient at t, given the values of tokens lo:hi, does not
+    depend on the other tokens' values (zeros or earlier chunks' here): running `policy_loss` on
+    the whole `[B, S]` batch with ordinary autograd yields exactly the reference's per-token
+    gradient for the chunk. It has no vocab dimension, so a call per chunk is cheap.
+    """
+    # Identity hooks shadow any the caller installed (offloading, the tests' byte counting): this
+    # graph lives only inside this function and is not part of what is saved for backward.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        lp = logprobs.view(shape).detach().requires_grad_()
+        ent = entropy.view(shape).detach().requires_grad_()
+        loss, _ = loss_fn(lp, ent)
+        g_lp, g_ent = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
+    if g_lp is None:  # cannot happen with policy_loss (the pg term uses log-probs); be safe
+        g_lp = torch.zeros_like(lp)
+    return g_lp.reshape(-1)[lo:hi], (None if g_ent is None else g_ent.reshape(-1)[lo:hi])
+
+
+class _EagerHiddenLoss(torch.autograd.Function):
+    """(hidden [N, H], weight [V/TP, H], local targets [N]) -> (loss, logprobs [N], entropy [N]).
+
+    Gradients are computed eagerly in forward (module docstring): per chunk, logits (matmul 1),
+    statistics, per-token upstream gradients from `policy_loss`, `d_logits`, then
+    `d_hidden[c] = d_logits @ W` (matmul 2) and `d_W += d_logits.T @ hidden[c]` (matmul 3).
+    Saved for backward: d_hidden `[N, H]` and d_W `[V/TP, H]`; backward only scales them by the
+    upstream gradient of the loss. The log-probs and entropy outputs are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, local_targets, shape, loss_fn, metrics_out, temperature, chunk_tokens,
+                group, tp_size, need_x, need_w):
+        n = x.shape[0]
+        out_dtype = torch.promote_types(x.dtype, torch.float32)
+        # Zeros, not empty: tokens of later chunks enter `policy_loss` in _token_grads.
+        logprobs = torch.zeros(n, dtype=out_dtype, device=x.device)
+        entropy = torch.zeros_like(logprobs)
+        d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        # fp32 accumulator across chunks (module docstring); fp32 weights accumulate in place.
+        d_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
+        for lo in range(0, n, chunk_tokens):
+            hi = min(lo + chunk_tokens, n)
+            targets_c = local_targets[lo:hi]
+            logits = x[lo:hi] @ weight.t()  # [c, V/TP], matmul 1
+            # owned=False: the logits are needed again for d_logits below.
+            stats = _chunk_stats(logits, targets_c, temperature, False, True)
+            lp, ent, lse = _combine(*stats, group, tp_size)
+            del stats
+            logprobs[lo:hi] = lp
+            entropy[lo:hi] = ent
+            g_lp, g_ent = _token_grads(loss_fn, logprobs, entropy, shape, lo, hi)
+            d_logits = _chunk_dlogits(logits, targets_c, lse, ent, g_lp, g_ent, temperature, True)
+            del logits
+            if need_x:
+                torch.mm(d_logits, weight, out=d_x[lo:hi])  # matmul 2
+            if need_w:  # matmul 3
+                if d_w.dtype == d_logits.dtype:
+                    d_w.addmm_(d_logits.t(), x[lo:hi])
+                else:
+                    d_w.add_(d_logits.t() @ x[lo:hi])
+            del d_logits
+        if d_w is not None:
+            d_w = d_w.to(weight.dtype)
+        # Loss and metrics of the whole batch, exactly as the reference computes them.
+        loss, metrics = loss_fn(logprobs.view(shape), entropy.view(shape))
+        metrics_out.update(metrics)
+        ctx.save_for_backward(d_x, d_w)
+        ctx.mark_non_differentiable(logprobs, entropy)
+        return loss, logprobs, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, _g_lp, _g_ent):
+        if getattr(ctx, "done", False):
+            raise RuntimeError(
+                "fused_policy_loss_from_hidden supports one backward per forward (no retain_graph): "
+                "its gradients are computed in forward and scaled in place in backward"
+            )
+        ctx.done = True
+        d_x, d_w = ctx.saved_tensors
+        # In place, so that backward allocates no second weight-sized tensor: these buffers
+        # exist only for this backward, which is why it may run only once.
+        if d_x is not None:
+            d_x.mul_(g_loss)
+        if d_w is not None:
+            d_w.mul_(g_loss)
+        return d_x, d_w, None, None, None, None, None, None, None, None, None, None
+
+
 def _prepare(x, weight, targets, temperature, chunk_tokens, tp_group):
     """Validate, resolve the TP group, flatten: (x [N, D], local targets [N], group, tp_size)."""
     _check_op_inputs(x, weight, targets, temperature, chunk_tokens)
@@ -414,7 +523,11 @@ def fused_policy_loss_from_hidden(
     """`policy_loss` of `log_softmax(hidden @ weight.T / T)` without forming the logits.
 
     Returns `(loss, metrics, logprobs, entropy)`: the loss and metrics are `policy_loss`'s
-    (`metrics["entropy"]` included), logprobs and entropy are fp32 `[B, S]` and differentiable.
+    (`metrics["entropy"]` included), logprobs and entropy are fp32 `[B, S]` and detached: the
+    gradients are computed eagerly in forward (module docstring), so only the loss is
+    differentiable, once (no `retain_graph`); `fused_policy_loss_from_logits` returns
+    differentiable ones. Three vocab-sized matmuls, like the plain path; saved for backward:
+    d_hidden `[B * S, H]` and d_weight `[V/TP, H]`.
     Rows of the `[B, S]` tensors are the sequences of the seq-mean-* modes, as in `policy_loss`.
 
     Gradients reach `hidden` (this rank's partial sum over its vocab slice: wrap `hidden` in
@@ -423,14 +536,28 @@ def fused_policy_loss_from_hidden(
     `chunk_tokens` bounds the vocab-sized temporaries to about 3 x `[chunk_tokens, V/TP]` fp32.
     `tp_group`: None = Megatron's TP group (a single rank when Megatron is not initialized).
     """
-    logprobs, entropy = _logprobs_entropy(hidden, weight, targets, temperature, chunk_tokens, tp_group)
-    loss, metrics = policy_loss(
-        logprobs, old_logprobs, advantages, mask, cfg,
-        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
-        kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
-        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+    def loss_fn(lp: torch.Tensor, ent: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        return policy_loss(
+            lp, old_logprobs, advantages, mask, cfg,
+            ref_logprobs=ref_logprobs, entropy=ent, rollout_logprobs=rollout_logprobs,
+            kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
+            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+        )
+
+    x2d, local_targets, group, tp_size = _prepare(hidden, weight, targets, temperature, chunk_tokens, tp_group)
+    need_x = torch.is_grad_enabled() and x2d.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    if not (need_x or need_w):
+        with torch.no_grad():
+            lp, ent, _ = _forward_chunks(x2d, weight, local_targets, temperature, chunk_tokens, group, tp_size, True)
+            loss, metrics = loss_fn(lp.view(targets.shape), ent.view(targets.shape))
+        return loss, metrics, lp.view(targets.shape), ent.view(targets.shape)
+    metrics: Metrics = {}
+    loss, lp, ent = _EagerHiddenLoss.apply(
+        x2d, weight, local_targets, targets.shape, loss_fn, metrics, temperature, chunk_tokens,
+        group, tp_size, need_x, need_w,
     )
-    return loss, metrics, logprobs, entropy
+    return loss, metrics, lp.view(targets.shape), ent.view(targets.shape)
 
 
 def fused_policy_loss_from_logits(

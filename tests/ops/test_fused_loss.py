@@ -1,7 +1,9 @@
 """The fused policy loss (ops/fused_loss.py) against the plain path.
 
-In-process, TP=1 without a process group: an fp64 gradcheck of the hand-written backward, what
-is saved for backward, the forward-only op, an all-masked batch, input checks.
+In-process, TP=1 without a process group: fp64 finite-difference checks of the hand-written
+backward (the eager one of the hidden-states variant, the recomputing one of the logits
+variant), what is saved for backward, the upstream gradient scaling, the forward-only op, an
+all-masked batch, input checks.
 
 Through one 2-rank torchrun worker (tests/workers/fused_loss_tp.py): every case of its CASES
 table at TP=1 and TP=2, from hidden states and from logits, against the oracle
@@ -64,23 +66,49 @@ def loss_args(p):
 # in-process, TP=1
 
 
-@pytest.mark.parametrize("variant", ["hidden", "logits"])
-def test_backward_matches_finite_differences_fp64(variant):
+def test_backward_matches_finite_differences_fp64_logits():
     # Every term is on (KL, entropy, dual clip, TIS), so both g_lp and g_H reach the hand-written
     # vocab backward; chunk_tokens=3 does not divide the 10 tokens.
     p = problem()
     args, kw = loss_args(p)
-    if variant == "hidden":
-        def fn(h, w):
-            loss, _, lp, ent = fused_policy_loss_from_hidden(h, w, *args, temperature=0.7, chunk_tokens=3, **kw)
-            return loss, lp, ent
-        inputs = (p["hidden"].requires_grad_(), p["weight"].requires_grad_())
-    else:
-        def fn(z):
-            loss, _, lp, ent = fused_policy_loss_from_logits(z, *args, temperature=0.7, chunk_tokens=3, **kw)
-            return loss, lp, ent
-        inputs = ((p["hidden"] @ p["weight"].T).requires_grad_(),)
-    assert torch.autograd.gradcheck(fn, inputs)
+
+    def fn(z):
+        loss, _, lp, ent = fused_policy_loss_from_logits(z, *args, temperature=0.7, chunk_tokens=3, **kw)
+        return loss, lp, ent
+
+    assert torch.autograd.gradcheck(fn, ((p["hidden"] @ p["weight"].T).requires_grad_(),))
+
+
+def test_backward_matches_finite_differences_fp64_hidden():
+    # The eager backward runs once per forward (gradcheck calls it twice), so central differences
+    # by hand; same problem as above, and both inputs get their gradient from one backward.
+    p = problem()
+    args, kw = loss_args(p)
+
+    def loss_of(h, w):
+        loss, _, lp, ent = fused_policy_loss_from_hidden(h, w, *args, temperature=0.7, chunk_tokens=3, **kw)
+        return loss, lp, ent
+
+    hidden, weight = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+    loss, lp, ent = loss_of(hidden, weight)
+    assert not lp.requires_grad and not ent.requires_grad  # only the loss is differentiable
+    (0.7 * loss).backward()  # a non-unit upstream gradient
+    loss2 = loss_of(p["hidden"].clone().requires_grad_(), weight.detach())[0]
+    loss2.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss2.backward()
+    eps = 1e-6
+    for x, grad in ((p["hidden"], hidden.grad), (p["weight"], weight.grad)):
+        numeric = torch.empty_like(x)
+        for i in range(x.numel()):
+            with torch.no_grad():
+                plus, minus = x.clone(), x.clone()
+                plus.view(-1)[i] += eps
+                minus.view(-1)[i] -= eps
+                args_plus = (plus, p["weight"]) if x is p["hidden"] else (p["hidden"], plus)
+                args_minus = (minus, p["weight"]) if x is p["hidden"] else (p["hidden"], minus)
+                numeric.view(-1)[i] = 0.7 * (loss_of(*args_plus)[0] - loss_of(*args_minus)[0]) / (2 * eps)
+        torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
 
 
 def _saved_bytes(fn) -> tuple[int, list[torch.Tensor]]:
@@ -92,9 +120,9 @@ def _saved_bytes(fn) -> tuple[int, list[torch.Tensor]]:
     return sum(storages.values()), saved, out
 
 
-def test_saves_only_per_token_vectors_for_backward():
+def test_saves_only_the_eager_gradients_for_backward():
     p = problem(b=4, s=16, h=32, v=1000, dtype=torch.float32)
-    n, v = 64, 1000
+    n, h, v = 64, 32, 1000
     args, kw = loss_args(p)
     hidden, weight = p["hidden"].requires_grad_(), p["weight"].requires_grad_()
     inputs = {hidden.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
@@ -108,12 +136,12 @@ def test_saves_only_per_token_vectors_for_backward():
         ent = -(logp.exp() * logp).sum(-1)
         return policy_loss(lp, p["old"], p["adv"], p["mask"], CFG, entropy=ent, **kw)[0]
 
-    _, saved, loss = _saved_bytes(fused)
-    extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-             for t in saved if t.untyped_storage().data_ptr() not in inputs}
-    # Besides hidden and weight: [N] vectors only (targets, lse, entropy, policy_loss's own).
-    assert max(t.numel() for t in saved if t.untyped_storage().data_ptr() not in inputs) <= n
-    assert sum(extra.values()) <= 32 * n * 8
+    total, saved, loss = _saved_bytes(fused)
+    # Gradients are computed in forward: exactly d_hidden [N, H] and d_weight [V, H] are saved,
+    # neither the inputs nor anything vocab-by-token sized.
+    assert not inputs & {t.untyped_storage().data_ptr() for t in saved}
+    assert sorted(tuple(t.shape) for t in saved) == [(n, h), (v, h)]
+    assert total == (n * h + v * h) * 4
     ref_bytes, _, ref_loss = _saved_bytes(reference)
     assert ref_bytes >= 2 * n * v * 4  # the measurement does see the vocab-sized tensors
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -132,6 +160,36 @@ def test_forward_only_op_equals_the_differentiable_one():
     lp_only, none = fused_logprobs_entropy(logits, p["targets"], temperature=0.7, with_entropy=False)
     assert none is None
     torch.testing.assert_close(lp_only, lp.detach(), rtol=0, atol=1e-6)
+
+
+def test_eager_gradients_scale_with_the_upstream_gradient_and_match_the_reference():
+    p = problem(dtype=torch.float32)
+    args, kw = loss_args(p)
+    hidden, weight = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+    loss, metrics, _, _ = fused_policy_loss_from_hidden(hidden, weight, *args, temperature=0.7, chunk_tokens=4, **kw)
+    (-3.0 * loss).backward()
+    h_ref, w_ref = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+    logp = torch.log_softmax(h_ref @ w_ref.T / 0.7, dim=-1)
+    lp = logp.gather(-1, p["targets"][..., None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    ref_loss, ref_metrics = policy_loss(lp, p["old"], p["adv"], p["mask"], CFG, entropy=ent, **kw)
+    (-3.0 * ref_loss).backward()
+    assert_close(loss, ref_loss, 1e-5)
+    assert set(metrics) == set(ref_metrics)
+    for key, value in ref_metrics.items():
+        assert_close(metrics[key], value, 1e-5, key)
+    assert_close(hidden.grad, h_ref.grad, 1e-5, "d_hidden")
+    assert_close(weight.grad, w_ref.grad, 1e-5, "d_weight")
+    # Only one input needing a gradient: the other is neither computed nor returned.
+    h_only = p["hidden"].clone().requires_grad_()
+    h_loss = fused_policy_loss_from_hidden(h_only, p["weight"], *args, temperature=0.7, chunk_tokens=4, **kw)[0]
+    (-3.0 * h_loss).backward()
+    assert_close(h_only.grad, h_ref.grad, 1e-5, "d_hidden alone")
+    # Without gradients the op is forward-only and returns the same loss.
+    with torch.no_grad():
+        nograd = fused_policy_loss_from_hidden(hidden, weight, *args, temperature=0.7, chunk_tokens=4, **kw)[0]
+    assert nograd.grad_fn is None
+    torch.testing.assert_close(nograd, loss.detach(), rtol=0, atol=1e-6)
 
 
 def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
