@@ -40,18 +40,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from agpo_megatron.parallel import free_port
+
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           f"--master-port={_free_port()}", "-m", "agpo_megatron.demo", *rest]
+           f"--master-port={free_port()}", "-m", "agpo_megatron.demo", *rest]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(cmd, env=env)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plot(args: argparse.Namespace) -> int:

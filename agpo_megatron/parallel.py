@@ -40,7 +40,8 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused local TCP port (for a world of one, or a launcher's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -65,7 +66,7 @@ def init_distributed(*, timeout_s: int = 1800) -> None:
     _env_from_slurm()
     if "RANK" not in os.environ:  # a plain `python script.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if cpu_platform.cuda_present():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
