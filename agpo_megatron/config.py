@@ -149,6 +149,12 @@ class RolloutConfig:
     """Explicit KV-cache size; on CPU keep it small (256 MiB) or vLLM takes 5 GiB."""
     enable_sleep_mode: bool = True
     """Free vLLM weights + KV cache during training (GPU only; ignored on CPU)."""
+    sleep_level: Literal[1, 2] = 2
+    """vLLM sleep level: 2 discards the weights (every weight is re-synced from the actor before the
+    next rollout, so a host copy would be wasted); 1 offloads them to host memory."""
+    load_format: Literal["auto", "dummy"] = "dummy"
+    """How vLLM gets its first weights: 'dummy' skips reading the checkpoint, because the trainer
+    syncs the actor's weights before the first rollout; 'auto' reads `model.hf_path`."""
     enforce_eager: bool = False
     """Disable CUDA graphs (always on for CPU)."""
     eval_n: int = 1
@@ -161,6 +167,20 @@ class RolloutConfig:
         _require(self.temperature > 0, f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class OffloadConfig:
+    """What Megatron moves to host memory while vLLM generates (GPU memory for the KV cache)."""
+
+    params: bool = False
+    """Offload the actor's bf16 params (and their fp32 main copies) during rollout."""
+    grads: bool = False
+    """Offload the actor's fp32 grad buffer during rollout."""
+    optimizer: bool = False
+    """Offload the (distributed) optimizer's Adam state during rollout."""
+    reference: bool = False
+    """Keep the frozen reference on host memory except while it scores."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -230,6 +250,8 @@ class TrainConfig:
     """Optimizer and LR schedule."""
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     """vLLM sampling."""
+    offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
+    """Host offload of Megatron state during rollout (GPU memory plan, see `agpo plan`)."""
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     """Batch sizes."""
     data: DataConfig

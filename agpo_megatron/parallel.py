@@ -59,6 +59,19 @@ def _env_from_slurm() -> None:
         raise RuntimeError("under srun, export MASTER_ADDR (see slurm/agpo_qwen7b.sbatch)")
 
 
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a tensor must live on to be handed to a collective over `group` (default: world).
+
+    NOTE: the one place that decides it. On GPU the world is NCCL-only, and NCCL rejects CPU tensors
+    ("No backend type associated with device type cpu"); on CPU the world is gloo. A group created
+    with several backends (e.g. "cpu:gloo,cuda:nccl") takes the CUDA device when CUDA is present.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(*, timeout_s: int = 1800) -> None:
     """Create the default process group (idempotent)."""
     if dist.is_initialized():

@@ -85,6 +85,10 @@ class RolloutEngine(Protocol):
         """Free accelerator memory for training (no-op where unsupported)."""
         ...
 
-    def wake(self) -> None:
-        """Undo sleep() before the next generate()/update_weights() (no-op where unsupported)."""
+    def wake_weights(self) -> None:
+        """Bring the weight memory back (before update_weights); no-op where unsupported."""
+        ...
+
+    def wake_kv_cache(self) -> None:
+        """Bring the KV cache back (after update_weights, before generate); no-op where unsupported."""
         ...
