@@ -17,7 +17,7 @@ from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import ModelArch
 from agpo_megatron.ops.fused_loss import capture_lm_head_input, fused_policy_loss_from_hidden
-from agpo_megatron.parallel import Layout
+from agpo_megatron.parallel import Layout, comm_device
 from agpo_megatron.platform import cpu as cpu_platform
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
@@ -138,7 +138,7 @@ def reduce_token_weighted(per_mb: list[dict[str, Any]], layout: Layout) -> dict[
     names_t = [keys]
     dist.broadcast_object_list(names_t, src=dist.get_world_size() - 1)  # the last rank is a last-stage rank
     keys = names_t[0]
-    vec = torch.zeros(len(keys) + 1, dtype=torch.float64)
+    vec = torch.zeros(len(keys) + 1, dtype=torch.float64, device=comm_device())  # NCCL takes no CPU tensor
     if layout.is_last_stage and layout.tp_rank == 0:
         for m in per_mb:
             w = float(m.get("num_tokens", 1.0))
@@ -146,5 +146,6 @@ def reduce_token_weighted(per_mb: list[dict[str, Any]], layout: Layout) -> dict[
             for i, k in enumerate(keys):
                 vec[i] += w * float(m.get(k, 0.0))
     dist.all_reduce(vec)
-    total = max(vec[-1].item(), 1.0)
-    return {k: vec[i].item() / total for i, k in enumerate(keys)}
+    vals = vec.tolist()  # one device->host copy, not one .item() sync per metric
+    total = max(vals[-1], 1.0)
+    return {k: vals[i] / total for i, k in enumerate(keys)}

@@ -1,0 +1,47 @@
+"""2-rank worker: one real `Actor.policy_step` (fused loss, TP=argv[3]) under `strict_collectives`.
+
+Prints "CHECKED <n> <names>" on success; any collective given a tensor off the comm device raises
+(issue 8 D1: `reduce_token_weighted` all-reduced a CPU tensor, which NCCL rejects).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from agpo_megatron.algo.loss import PolicyLossConfig
+from agpo_megatron.config import (AlgoConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
+                                  RolloutConfig, TrainConfig)
+from agpo_megatron.data.datasets import DatasetConfig
+from agpo_megatron.models.hf_config import read_arch
+from agpo_megatron.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.policy import Actor
+from tests.strict_collectives import strict_collectives
+
+hf_dir, tp, fused = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "fused"
+cfg = TrainConfig(
+    model=ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=64),
+    parallel=ParallelConfig(tp=tp),
+    algo=AlgoConfig(fused_loss=fused, loss_chunk_tokens=16),
+    optim=OptimConfig(lr=1e-3),
+    rollout=RolloutConfig(max_new_tokens=16),
+    batch=BatchConfig(prompts_per_step=2, micro_batch_size=2),
+    data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
+)
+arch = read_arch(hf_dir)
+layout = init_model_parallel(tp, 1, seed=3)
+actor = Actor(arch, cfg, layout, total_steps=1)
+
+g = torch.Generator().manual_seed(0)
+N, S = 4 // layout.dp, 24
+tokens = torch.randint(0, arch.vocab_size, (N, S), generator=g)
+mask = torch.zeros(N, S)
+mask[:, 5:20] = 1.0
+mb = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), loss_mask=mask, advantages=torch.randn(N, generator=g),
+          old_logprobs=torch.full((N, S), -4.0))
+with strict_collectives() as checked:
+    metrics = actor.policy_step([mb], PolicyLossConfig(), temperature=1.0, global_num_tokens=4 * 15,
+                                global_num_seqs=4, kl_coef=0.0, eps=(0.2, 0.2))
+assert metrics["grad_norm"] > 0, metrics
+print("CHECKED", len(checked), sorted({n for n, _ in checked}), flush=True)
+exit_cleanly(0)
