@@ -120,12 +120,18 @@ class OptimConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Global grad-norm clip (0 = off)."""
+    loss_scale: float | None = None
+    """fp16 only: a static loss scale; None = dynamic loss scaling."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only: the dynamic loss scale's start (halved on every overflow, which skips that step)."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, lr], got {self.min_lr}")
         _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {self.clip_grad}")
         _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "optim.adam_beta1/2 must be in [0, 1)")
+        _require(self.loss_scale is None or self.loss_scale > 0, f"optim.loss_scale must be > 0, got {self.loss_scale}")
+        _require(self.initial_loss_scale >= 1, f"optim.initial_loss_scale must be >= 1, got {self.initial_loss_scale}")
 
 
 @dataclasses.dataclass(kw_only=True)

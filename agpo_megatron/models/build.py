@@ -6,10 +6,12 @@ CUDA). FP8 only exists through TE; asking for it, or for the TE spec, on CPU is 
 
 from __future__ import annotations
 
+import importlib.util
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from typing import TYPE_CHECKING
 from agpo_megatron.models.hf_config import ModelArch, llama3_inv_freq
 from agpo_megatron.platform import cpu as cpu_platform
 
@@ -39,6 +41,30 @@ def resolve_spec(model_cfg: ModelConfig) -> str:
     if model_cfg.fp8 is not None and spec != "te":
         raise RuntimeError(f"model.fp8={model_cfg.fp8!r} needs the Transformer Engine spec on a GPU (got spec {spec!r})")
     return spec
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def fusion_flags(on_gpu: bool) -> dict[str, bool]:
+    """Megatron's fusion switches, each on only where the kernel behind it can run.
+
+    NOTE (issue 8 D2): Megatron imports the masked-softmax kernels lazily, inside the forward, so a
+    flag set without them crashes at the first step instead of at build. The bias+SwiGLU and
+    bias+dropout fusions are `torch.jit`/`torch.compile` code (no extension needed on GPU); on CPU
+    they stay off to keep the CPU tier plain eager. Persistent layer norm and gradient-accumulation
+    fusion need apex/TE extensions, and the norm is chosen in `_block_spec` anyway.
+    """
+    softmax_kernels = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda")
+    return dict(
+        masked_softmax_fusion=on_gpu and all(_importable(m) for m in softmax_kernels),
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
 
 
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelConfig):
@@ -78,12 +104,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
         # Megatron neither divides by num_microbatches nor averages grads over DP.
         calculate_per_token_loss=True,
         use_cpu_initialization=on_cpu,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=not on_cpu,
-        bias_activation_fusion=not on_cpu,
-        bias_dropout_fusion=not on_cpu,
-        apply_rope_fusion=False,
-        persist_layer_norm=not on_cpu,
+        **fusion_flags(on_gpu=not on_cpu),
         **recompute,
         **fp8,
     )
@@ -104,6 +125,7 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCon
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec = _block_spec(tf_config, spec, spec_name)
     rs = arch.rope_scaling
     with cpu_platform.megatron_scope():
         model = GPTModel(
@@ -125,6 +147,23 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCon
         if cpu_platform.cuda_present():
             model.cuda(torch.cuda.current_device())
     return model
+
+
+def _block_spec(tf_config, layer_spec, spec_name: str):
+    """The decoder block with a final norm chosen by spec, not by what happens to be importable.
+
+    NOTE (issue 8 D2): given a *layer* spec, Megatron picks the final norm itself: TE's if TE
+    imports, else apex's FusedLayerNorm if apex imports (which rejects RMSNorm), else torch's. So a
+    GPU box with apex but without TE crashed at build. The local spec always gets torch's RMSNorm
+    (Megatron's local layer spec uses it for RMSNorm too); the TE spec gets TENorm.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if spec_name == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as norm
+    else:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm as norm
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(tf_config), layer_norm=norm)
 
 
 def wrap_for_training(model, optim_cfg: OptimConfig, parallel_cfg: ParallelConfig, total_steps: int):
@@ -158,9 +197,16 @@ def wrap_for_training(model, optim_cfg: OptimConfig, parallel_cfg: ParallelConfi
                 fp16=tf_config.fp16,
                 params_dtype=tf_config.params_dtype,
                 use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+                # fp16 only: a static scale, or dynamic from `initial_loss_scale` (halved on overflow).
+                loss_scale=optim_cfg.loss_scale,
+                initial_loss_scale=optim_cfg.initial_loss_scale,
             ),
             [ddp],
         )
+    # NOTE (issue 8 D4): Megatron's schedule multiplies each micro-batch loss by grad_scale_func(1),
+    # and the fp16 optimizer divides the grads by the same scale. Without this hook the loss is
+    # never scaled but the grads are still unscaled (divided by 2^32 by default). bf16/fp32: 1.
+    tf_config.grad_scale_func = optimizer.scale_loss
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr,

@@ -36,3 +36,37 @@ def test_unsupported_models_are_named():
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     with pytest.raises(UnsupportedModelError, match="rope_scaling type 'yarn'"):
         arch_from_hf_dict(cfg)
+
+
+def _worker_result(tmp_path, check: str) -> list[str]:
+    from agpo_megatron.models.tiny import save_tiny_hf_model
+    from tests.dist import torchrun
+
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1,
+                                num_layers=2, vocab_size=128)
+    out = torchrun("build_paths.py", hf_dir, check, nproc=1, timeout=180)
+    return next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
+
+
+def test_fusion_flags_follow_importable_kernels(monkeypatch):
+    """D2: masked-softmax fusion only where Megatron's softmax kernels import; nothing fused on CPU."""
+    assert not any(build.fusion_flags(on_gpu=False).values())
+    monkeypatch.setattr(build, "_importable", lambda m: False)
+    gpu_no_kernels = build.fusion_flags(on_gpu=True)
+    assert not gpu_no_kernels["masked_softmax_fusion"] and not gpu_no_kernels["persist_layer_norm"]
+    monkeypatch.setattr(build, "_importable", lambda m: True)
+    assert build.fusion_flags(on_gpu=True)["masked_softmax_fusion"]
+
+
+@pytest.mark.slow
+def test_local_spec_final_norm_is_rmsnorm_even_with_apex(tmp_path):
+    """D2: Megatron's default block norm is apex's FusedLayerNorm when apex imports; it rejects RMSNorm."""
+    assert _worker_result(tmp_path, "final_norm") == ["RMSNorm"]  # torch.nn.RMSNorm, through Megatron's WrappedTorchNorm
+
+
+@pytest.mark.slow
+def test_fp16_loss_is_scaled_like_its_grads_are_unscaled(tmp_path):
+    """D4: fp16 grad norm equals fp32's (was divided by the loss scale: no grad_scale_func)."""
+    fp32, fp16, skipped = map(float, _worker_result(tmp_path, "fp16_scale"))
+    assert fp32 > 0 and skipped == 0.0
+    assert abs(fp16 - fp32) / fp32 < 0.05, (fp32, fp16)
