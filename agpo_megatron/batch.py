@@ -44,6 +44,18 @@ class Sequences:
         )
 
 
+def pad_multiple(*, tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """The multiple every micro-batch's sequence length is padded to, for this layout.
+
+    NOTE (issue 8 D5): 8 keeps GEMM shapes tensor-core friendly. Sequence parallelism splits the
+    sequence dimension across the TP ranks, so the length must divide by TP, and each shard's
+    rows by 8 again. FP8 GEMMs in Transformer Engine need the token dimension of every GEMM (per
+    TP shard with sequence parallelism) divisible by 16.
+    """
+    per_shard = 16 if fp8 else 8
+    return per_shard * (tp if sequence_parallel else 1)
+
+
 def to_micro_batch(seqs: Sequences, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to `seq_len` and build the per-token tensors of one micro-batch."""
     n = len(seqs)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
+from agpo_megatron.batch import pad_multiple
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import ModelArch
@@ -74,6 +75,12 @@ class Actor:
     @property
     def chunks(self) -> list[torch.nn.Module]:
         return [self.ddp]
+
+    @property
+    def pad_multiple(self) -> int:
+        """Sequence-length multiple the micro-batches need under this model's TP/SP/FP8 layout."""
+        c = self.model.config
+        return pad_multiple(tp=c.tensor_model_parallel_size, sequence_parallel=c.sequence_parallel, fp8=bool(c.fp8))
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
         return forward.compute_logprobs(self.chunks, micro_batches, temperature=temperature,

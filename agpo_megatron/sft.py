@@ -32,7 +32,7 @@ def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, b
         per_rank = batch_size // layout.dp
         mine = seqs.select(range(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank))
         mbs = batching.split_micro_batches(mine, micro_batch_size=micro_batch_size, max_tokens=None, pad_id=pad_id,
-                                           uniform_length=layout.pp > 1)
+                                           uniform_length=layout.pp > 1, pad_to_multiple=actor.pad_multiple)
 
         def nll(logits, mb):
             lp, _ = vocab_parallel_logprobs(logits, mb["targets"], with_entropy=False)

@@ -86,7 +86,8 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         mine = seqs.select(range(s.layout.dp_rank * per_rank, (s.layout.dp_rank + 1) * per_rank))
         mbs = batching.split_micro_batches(mine, micro_batch_size=cfg.batch.micro_batch_size,
                                            max_tokens=cfg.batch.max_tokens_per_micro_batch, pad_id=s.pad_id,
-                                           uniform_length=s.layout.pp > 1)
+                                           uniform_length=s.layout.pp > 1,
+                                           pad_to_multiple=actor.pad_multiple)
 
         with timer("logprobs"):
             if cfg.rollout.logprob_mode == "recompute":

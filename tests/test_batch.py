@@ -40,3 +40,18 @@ def test_split_by_count_and_by_token_budget():
     assert sorted(a for m in dyn for a in m["advantages"].tolist()) == [-1.0, 0.5, 1.0]
     with pytest.raises(ValueError, match="below one padded sequence"):
         split_micro_batches(seqs, micro_batch_size=1, max_tokens=4, pad_id=0, uniform_length=False, pad_to_multiple=1)
+
+
+def test_pad_multiple_follows_the_layout():
+    """D5: sequence parallelism splits the sequence over TP ranks, and FP8 GEMMs need 16-row shards."""
+    from agpo_megatron.batch import pad_multiple
+
+    assert pad_multiple(tp=4, sequence_parallel=False, fp8=False) == 8
+    assert pad_multiple(tp=4, sequence_parallel=True, fp8=False) == 32
+    assert pad_multiple(tp=1, sequence_parallel=False, fp8=True) == 16
+    assert pad_multiple(tp=2, sequence_parallel=True, fp8=True) == 32
+    seqs = Sequences(tokens=[[1] * n for n in (5, 17, 40)], prompt_lens=[2, 2, 2], advantages=torch.zeros(3))
+    for mult in (32, 48):  # every micro-batch, by count or by token budget, is a multiple of it
+        for kw in (dict(max_tokens=None, uniform_length=True), dict(max_tokens=200, uniform_length=False)):
+            mbs = split_micro_batches(seqs, micro_batch_size=1, pad_id=0, pad_to_multiple=mult, **kw)
+            assert all(mb["tokens"].shape[1] % mult == 0 for mb in mbs), (mult, kw)
