@@ -35,11 +35,25 @@ class ModelConfig:
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter / compute dtype (Megatron keeps fp32 main params in the optimizer for 16-bit)."""
     fp8: Literal["e4m3", "hybrid"] | None = None
-    """FP8 recipe through Transformer Engine (Hopper+); requires spec te."""
+    """FP8 format through Transformer Engine (Hopper+); requires spec te. 'hybrid' = E4M3 forward,
+    E5M2 gradients."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling recipe (Megatron's `fp8_recipe`); mxfp8 needs Blackwell."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: amax history window (Megatron-Bridge's FP8 preset: 1024; Megatron: 1)."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """Delayed scaling: scale from the window's max amax or the latest (Megatron-Bridge: max)."""
+    fp8_margin: int = 0
+    """Delayed scaling: scale margin, in powers of 2."""
     max_seq_len: int = 4096
     """Longest prompt+response the trainer will ever feed (sets RoPE cache and checks)."""
     recompute_activations: bool = False
     """Full activation recomputation per layer (saves memory at ~30% more compute)."""
+
+    def __post_init__(self) -> None:
+        _require(self.fp8_amax_history_len >= 1,
+                 f"model.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
+        _require(self.fp8_margin >= 0, f"model.fp8_margin must be >= 0, got {self.fp8_margin}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -12,19 +12,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 class PhaseTimer:
-    """Wall time per phase of a step: `with timer("rollout"): ...` -> {"time/rollout": s}."""
+    """Wall time per phase of a step: `with timer("rollout"): ...` -> {"time/rollout": s}.
 
-    def __init__(self) -> None:
+    NOTE: CUDA kernels run asynchronously, so without a device sync a phase would be charged for
+    the kernels its predecessor queued. On a GPU every phase boundary synchronizes, and each phase
+    also reports its peak allocated memory (`mem/<phase>_peak_gib`), which is what a memory plan is
+    checked against. The sync costs microseconds per phase; phases are seconds long.
+    """
+
+    def __init__(self, cuda: bool | None = None) -> None:
+        self.cuda = torch.cuda.is_available() if cuda is None else cuda
         self.times: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                self.times[f"mem/{name}_peak_gib"] = max(self.times.get(f"mem/{name}_peak_gib", 0.0), peak)
             self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:

@@ -44,3 +44,22 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+
+
+def test_phase_timer_synchronizes_cuda_at_both_ends_and_reports_peak_memory(monkeypatch):
+    """Issue 8: without a sync, a phase is charged for kernels its predecessor queued."""
+    import torch
+
+    from agpo_megatron.metrics import PhaseTimer
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    timer = PhaseTimer(cuda=True)
+    with timer("update"):
+        events.append("work")
+    assert events == ["sync", "reset", "work", "sync"]
+    out = timer.pop()
+    assert out["mem/update_peak_gib"] == 3.0 and out["time/update"] >= 0
+    assert "mem/update_peak_gib" not in PhaseTimer(cuda=False).pop()

@@ -67,6 +67,15 @@ def fusion_flags(on_gpu: bool) -> dict[str, bool]:
     )
 
 
+def fp8_kwargs(model_cfg: ModelConfig) -> dict:
+    """TransformerConfig's FP8 fields from the model config ({} without FP8)."""
+    if not model_cfg.fp8:
+        return {}
+    return dict(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe, fp8_margin=model_cfg.fp8_margin,
+                fp8_amax_history_len=model_cfg.fp8_amax_history_len,
+                fp8_amax_compute_algo=model_cfg.fp8_amax_compute_algo)
+
+
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelConfig):
     from megatron.core.transformer import TransformerConfig
 
@@ -76,7 +85,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
     on_cpu = not cpu_platform.cuda_present()
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if model_cfg.recompute_activations else {}
-    fp8 = dict(fp8=model_cfg.fp8, fp8_recipe="delayed") if model_cfg.fp8 else {}
+    fp8 = fp8_kwargs(model_cfg)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,

@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -180,21 +181,53 @@ def _chunk_dlogits_torch(
     return dz.to(logits.dtype)
 
 
+_triton_failure: str | None = None
+"""Why the Triton kernels were turned off in this process (None while they are usable)."""
+
+
 def _use_triton(logits: torch.Tensor) -> bool:
-    return logits.is_cuda and triton_fused_loss.HAVE_TRITON and logits.dtype != torch.float64
+    return (_triton_failure is None and logits.is_cuda and triton_fused_loss.HAVE_TRITON
+            and logits.dtype != torch.float64)
+
+
+def _with_triton_fallback(triton_fn, torch_fn):
+    """`triton_fn()`, or `torch_fn()` once Triton has failed in this process.
+
+    NOTE: Triton can import and still fail at the first launch (no C compiler for its launcher,
+    an unsupported GPU, a driver/PTX mismatch). The PyTorch path computes the same values, so a
+    compile or launch failure turns Triton off for the process with one warning instead of
+    failing the step. Out-of-memory is not a Triton problem and is raised as is.
+    """
+    global _triton_failure
+    try:
+        return triton_fn()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any compile/launch failure; the fallback is exact
+        _triton_failure = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        warnings.warn(f"fused loss: Triton kernels failed ({_triton_failure}); using the PyTorch path", stacklevel=2)
+        return torch_fn()
 
 
 def _chunk_stats(logits, local_targets, temperature, owned, with_entropy):
-    if _use_triton(logits):
+    def triton_path():
         m, s, w, z_t = triton_fused_loss.chunk_stats(logits, local_targets, temperature)
         return m, s, (w if with_entropy else None), z_t
-    return _chunk_stats_torch(logits, local_targets, temperature, owned, with_entropy)
+
+    def torch_path():
+        return _chunk_stats_torch(logits, local_targets, temperature, owned, with_entropy)
+
+    return _with_triton_fallback(triton_path, torch_path) if _use_triton(logits) else torch_path()
 
 
 def _chunk_dlogits(logits, local_targets, lse, entropy, g_lp, g_ent, temperature, owned):
-    if _use_triton(logits):
+    def triton_path():
         return triton_fused_loss.chunk_dlogits(logits, local_targets, lse, entropy, g_lp, g_ent, temperature)
-    return _chunk_dlogits_torch(logits, local_targets, lse, entropy, g_lp, g_ent, temperature, owned)
+
+    def torch_path():
+        return _chunk_dlogits_torch(logits, local_targets, lse, entropy, g_lp, g_ent, temperature, owned)
+
+    return _with_triton_fallback(triton_path, torch_path) if _use_triton(logits) else torch_path()
 
 
 # ---------------------------------------------------------------------------------------------

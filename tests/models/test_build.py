@@ -70,3 +70,17 @@ def test_fp16_loss_is_scaled_like_its_grads_are_unscaled(tmp_path):
     fp32, fp16, skipped = map(float, _worker_result(tmp_path, "fp16_scale"))
     assert fp32 > 0 and skipped == 0.0
     assert abs(fp16 - fp32) / fp32 < 0.05, (fp32, fp16)
+
+
+def test_fp8_recipe_settings_reach_the_transformer_config():
+    """Issue 8: the FP8 recipe is configurable, with Megatron-Bridge's delayed-scaling values as defaults."""
+    from agpo_megatron.config_io import ConfigError
+
+    assert build.fp8_kwargs(ModelConfig()) == {}
+    assert build.fp8_kwargs(ModelConfig(fp8="hybrid")) == dict(
+        fp8="hybrid", fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    custom = build.fp8_kwargs(ModelConfig(fp8="e4m3", fp8_recipe="tensorwise", fp8_amax_history_len=16,
+                                          fp8_amax_compute_algo="most_recent"))
+    assert custom["fp8_recipe"] == "tensorwise" and custom["fp8_amax_history_len"] == 16
+    with pytest.raises(ConfigError, match="model.fp8_amax_history_len must be >= 1"):
+        ModelConfig(fp8_amax_history_len=0)
