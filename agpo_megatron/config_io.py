@@ -10,6 +10,7 @@ process group exists. `__post_init__` of each dataclass then validates ranges.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+"""Decimal and scientific numbers (`1e-6`, `-2.5E3`, `.5`), which YAML 1.1 leaves as strings."""
 
 
 class ConfigError(ValueError):
@@ -74,6 +78,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            # NOTE: YAML 1.1 (PyYAML) reads `1e-6` as a string (it wants `1.0e-6`); users write 1e-6.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

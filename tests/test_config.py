@@ -105,3 +105,15 @@ def test_shipped_examples_parse(path, hf_dir):
     # Shipped configs point at real models; validate them against the tiny model's shape instead.
     cfg = load_train_config(path, [f"model.hf_path={hf_dir}", "parallel.tp=1", "parallel.pp=1", "rollout.tp=1"])
     assert cfg.algo.group_size >= 2
+
+
+def test_scientific_numbers_parse_in_yaml_and_overrides(yaml_file, tmp_path):
+    """Issue 11: the paper's lr is written 1e-6; YAML 1.1 reads that as a string."""
+    assert load_train_config(yaml_file, ["optim.lr=1e-6"]).optim.lr == 1e-6
+    p = tmp_path / "lr.yaml"
+    p.write_text(yaml_file.read_text() + "optim: {lr: 1e-6, min_lr: 5E-8}\nrollout: {top_p: .5}\n")
+    cfg = load_train_config(p, ["algo.adaptive_kl_target=2e-3"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.rollout.top_p, cfg.algo.adaptive_kl_target) == (1e-6, 5e-8, 0.5, 2e-3)
+    for bad in ("1e", "e-6", "1e-6x", "1.2.3"):
+        with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+            load_train_config(yaml_file, [f"optim.lr={bad}"])
