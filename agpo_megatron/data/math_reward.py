@@ -204,9 +204,28 @@ class CheckOutcome(Enum):
 _READY = "ready"
 
 
+def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
+    """A daemon thread that ends this worker once its parent is gone.
+
+    NOTE (issue 11): a `kill -9` of the trainer does not always close the worker's pipe: any
+    process forked from the trainer after the pipe was made (vLLM, compile workers) holds a copy
+    of the parent's end, so `recv()` never sees EOF, and a worker inside a long sympy check reads
+    nothing at all. Re-parenting is the one signal that always comes. Polling, rather than
+    PR_SET_PDEATHSIG, because that fires when the spawning *thread* exits, not the process.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="agpo-verifier-orphan-watch", daemon=True).start()
+
+
 def _worker_main(
-    conn: multiprocessing.connection.Connection, check_fn: Callable[[str, str], bool], preload: tuple[str, ...]
+    conn: multiprocessing.connection.Connection, check_fn: Callable[[str, str], bool], preload: tuple[str, ...],
+    parent_pid: int,
 ) -> None:
+    _exit_when_orphaned(parent_pid)
     # Ctrl-C reaches the whole process group; the parent handles it and tears the pool down, so
     # workers must not die first with a KeyboardInterrupt traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -301,7 +320,8 @@ class VerifierPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         # daemon: workers must never outlive the trainer, even if close() is never reached.
         process = self._ctx.Process(
-            target=_worker_main, args=(child_conn, self.check_fn, self.preload), daemon=True, name="agpo-verifier"
+            target=_worker_main, args=(child_conn, self.check_fn, self.preload, os.getpid()), daemon=True,
+            name="agpo-verifier"
         )
         process.start()
         child_conn.close()  # the child holds its end; closing ours lets recv() see EOF if it dies

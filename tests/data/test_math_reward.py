@@ -221,3 +221,59 @@ def test_math500_reference_solutions_are_correct(pool):
     failures = [row["answer"] for row, r in zip(rows, r_acc.tolist(), strict=True) if r != 1.0]
     assert not failures, f"reference solutions scored wrong for golds {failures}"
     assert metrics["num_timeouts"] == 0
+
+
+_ORPHAN_PARENT = """
+import threading, time
+from agpo_megatron.data.math_reward import VerifierPool
+from tests.data.test_math_reward import _misbehaving_check
+if __name__ == "__main__":
+    pool = VerifierPool(2, check_fn=_misbehaving_check, preload=())
+    threading.Thread(target=pool.check, args=([("1", "hang"), ("2", "hang")],), kwargs=dict(timeout_s=600),
+                     daemon=True).start()
+    while len(pool._workers) < 2:
+        time.sleep(0.05)
+    time.sleep(2.0)  # both workers are now inside their (endless) check
+    print(*[w.process.pid for w in pool._workers], flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_exit_when_the_trainer_is_killed(tmp_path):
+    """Issue 11: after `kill -9` of the parent, its verifier workers (busy in a check) go away."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, 0)  # alive before the parent dies
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in pids if _alive(p)]
+        assert not alive, f"verifier workers {alive} outlived their parent"
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
