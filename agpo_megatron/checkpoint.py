@@ -69,6 +69,7 @@ from agpo_megatron.bridge.hf_io import CheckpointError
 from agpo_megatron.bridge.hf_writer import copy_hf_assets
 from agpo_megatron.config import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
+from agpo_megatron.nonfinite import check_finite_weights
 from agpo_megatron.platform import cpu as cpu_platform
 
 SIDECAR = "agpo_meta.json"
@@ -171,6 +172,8 @@ def save_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     """
     path = Path(path)
     chunks = _as_chunks(model_chunks)
+    # Non-finite weights are never written (issue 11); collective, so every rank refuses alike.
+    check_finite_weights(((n, p) for c in chunks for n, p in c.named_parameters()), f"saving {path}")
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()

@@ -101,12 +101,16 @@ class AlgoConfig:
     """A-GRPO: if set, beta_t adapts so the moving-average KL tracks this target."""
     adaptive_clip: bool = False
     """A-GRPO: adapt the clip range eps_t from the moving-average KL."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient (each skipped: no update) before the run
+    stops with an error."""
 
     def __post_init__(self) -> None:
         _require(self.group_size >= 2, f"algo.group_size must be >= 2 (group statistics need 2), got {self.group_size}")
         _require(self.gamma >= 0, f"algo.gamma must be >= 0, got {self.gamma}")
         _require(self.r_max > self.r_min, f"algo.r_max ({self.r_max}) must exceed algo.r_min ({self.r_min})")
         _require(self.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        _require(self.max_bad_steps >= 0, f"algo.max_bad_steps must be >= 0, got {self.max_bad_steps}")
         _require(self.loss_chunk_tokens >= 1, f"algo.loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
         _require(
             self.adaptive_kl_target is None or self.adaptive_kl_target > 0,

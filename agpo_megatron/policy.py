@@ -17,6 +17,7 @@ from agpo_megatron.batch import pad_multiple
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import ModelArch
+from agpo_megatron.nonfinite import BadStepCounter, check_finite_weights, step_is_finite
 from agpo_megatron.ops.fused_loss import capture_lm_head_input, fused_policy_loss_from_hidden
 from agpo_megatron.parallel import Layout, comm_device
 from agpo_megatron.platform import cpu as cpu_platform
@@ -71,6 +72,7 @@ class Actor:
         # The fused loss (ops/fused_loss.py) by default; the plain reference path on request.
         self.chunk_tokens = cfg.algo.loss_chunk_tokens if cfg.algo.fused_loss else None
         self.ddp, self.optimizer, self.scheduler = build.wrap_for_training(self.model, cfg.optim, cfg.parallel, total_steps)
+        self.bad_steps = BadStepCounter(cfg.algo.max_bad_steps)
 
     @property
     def chunks(self) -> list[torch.nn.Module]:
@@ -122,13 +124,24 @@ class Actor:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         per_mb = forward.forward_backward(self.chunks, micro_batches, loss_fn, forward_only=False)
-        with cpu_platform.megatron_scope():
-            ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
         metrics = reduce_token_weighted(per_mb, self.layout)
-        metrics.update(grad_norm=float(grad_norm or 0.0), update_skipped=float(not ok),
+        finite = step_is_finite(self.model.parameters(), per_mb)
+        # A non-finite step makes no update on any rank: no optimizer or scheduler step.
+        if finite:
+            with cpu_platform.megatron_scope():
+                ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+        else:
+            ok, grad_norm = False, float("nan")
+        self.bad_steps.record(finite)  # raises NonFiniteError after algo.max_bad_steps in a row
+        metrics.update(grad_norm=float(grad_norm if grad_norm is not None else 0.0), update_skipped=float(not ok),
+                       nonfinite_step=float(not finite), nonfinite_steps_total=float(self.bad_steps.total),
                        lr=self.optimizer.param_groups[0]["lr"])
         return metrics
+
+    def check_finite(self, where: str) -> None:
+        """Collective: raise `NonFiniteError` if any rank's weights are not finite (before a sync/save)."""
+        check_finite_weights(self.model.named_parameters(), where)
 
     def local_weights(self) -> dict[str, torch.Tensor]:
         """A copy of this rank's parameter shards (e.g. to start several runs from one warm start)."""

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from agpo_megatron.bridge import names
 from agpo_megatron.bridge.hf_io import spec_of
 from agpo_megatron.models.hf_config import ModelArch
+from agpo_megatron.nonfinite import check_finite_weights
 
 if TYPE_CHECKING:
     from agpo_megatron.rollout.base import RolloutEngine
@@ -152,6 +153,8 @@ def sync_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], arch: Mo
     engine pulls tensor by tensor; each is dropped from its bucket as it is handed over, so
     what stays alive is the unconsumed rest of one bucket.
     """
+    # vLLM must never serve non-finite weights (issue 11): refuse before anything is sent.
+    check_finite_weights(_single_chunk(model_chunks).named_parameters(), "the weight sync to the rollout engine")
     counts = {"tensors": 0, "bytes": 0, "buckets": 0}
 
     def stream() -> Iterator[HFTensor]:
