@@ -68,11 +68,19 @@ class ParallelConfig:
     """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
     seed: int = 1234
     """Base seed; Megatron derives per-TP-rank seeds, rollout derives per-replica seeds."""
+    timeout_s: float = 3600.0
+    """Process-group timeout for any one collective, sized for the slowest legitimate one (loading
+    a 72B checkpoint, the first vLLM build)."""
+    step_timeout_s: float = 1800.0
+    """A rank that finishes no training step for this long exits (code 124), naming its phase: a hung
+    or stopped peer fails the job instead of blocking it for `timeout_s`. 0 = off."""
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1, f"parallel.tp must be >= 1, got {self.tp}")
         _require(self.pp >= 1, f"parallel.pp must be >= 1, got {self.pp}")
         _require(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+        _require(self.timeout_s > 0, f"parallel.timeout_s must be > 0, got {self.timeout_s}")
+        _require(self.step_timeout_s >= 0, f"parallel.step_timeout_s must be >= 0 (0 = off), got {self.step_timeout_s}")
 
 
 @dataclasses.dataclass(kw_only=True)

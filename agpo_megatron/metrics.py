@@ -27,9 +27,12 @@ class PhaseTimer:
     def __init__(self, cuda: bool | None = None) -> None:
         self.cuda = torch.cuda.is_available() if cuda is None else cuda
         self.times: dict[str, float] = {}
+        self.current = "between phases"
+        """The phase running now (the hung-rank watchdog names it)."""
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -42,6 +45,7 @@ class PhaseTimer:
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 self.times[f"mem/{name}_peak_gib"] = max(self.times.get(f"mem/{name}_peak_gib", 0.0), peak)
             self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+            self.current = "between phases"
 
     def pop(self) -> dict[str, float]:
         out, self.times = self.times, {}

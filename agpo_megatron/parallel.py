@@ -72,8 +72,8 @@ def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(*, timeout_s: int = 1800) -> None:
-    """Create the default process group (idempotent)."""
+def init_distributed(*, timeout_s: float = 3600.0) -> None:
+    """Create the default process group (idempotent). `timeout_s`: per collective (parallel.timeout_s)."""
     if dist.is_initialized():
         return
     _env_from_slurm()
@@ -89,15 +89,17 @@ def init_distributed(*, timeout_s: int = 1800) -> None:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def init_model_parallel(tp: int, pp: int, seed: int) -> Layout:
+def init_model_parallel(tp: int, pp: int, seed: int, *, timeout_s: float = 3600.0) -> Layout:
     """Megatron's TP/PP/DP groups plus its per-TP-rank RNG streams."""
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
-    init_distributed()
+    init_distributed(timeout_s=timeout_s)
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # Megatron gives its own groups a 30-minute timeout unless told otherwise.
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  distributed_timeout_minutes=max(1, round(timeout_s / 60)))
     with cpu_platform.megatron_scope():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()

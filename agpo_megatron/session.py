@@ -35,10 +35,10 @@ class Session:
 
         from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
-        init_distributed()
+        init_distributed(timeout_s=cfg.parallel.timeout_s)
         cfg.check_world(dist.get_world_size())  # before any model or engine exists
         arch = read_arch(cfg.model.hf_path)
-        layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed)
+        layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train, _ = load_examples(cfg.data.train, tokenizer)

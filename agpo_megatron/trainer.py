@@ -35,6 +35,7 @@ from agpo_megatron.data.math_reward import score_batch
 from agpo_megatron.metrics import MetricsLogger, PhaseTimer
 from agpo_megatron.policy import Actor, Reference
 from agpo_megatron.session import Session
+from agpo_megatron.watchdog import StepWatchdog
 
 
 def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None = None) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     timer, G, T = PhaseTimer(), cfg.algo.group_size, cfg.rollout.temperature
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)}
     kl_coef, eps = loss_cfg.kl_coef, (loss_cfg.eps_low, loss_cfg.eps_high)
+    watchdog = StepWatchdog(cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank).start()
 
     for step in range(1, cfg.steps + 1):
         prompts = next(sampler)
@@ -133,7 +135,9 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
                             extra_state={"sampler": sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
                             hf_dir=cfg.model.hf_path)
         log.log(step, row)
+        watchdog.beat()
 
+    watchdog.stop()
     results["eval_after"] = s.evaluate(step=cfg.steps)
     log.close()
     return results

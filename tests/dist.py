@@ -27,3 +27,12 @@ def torchrun(worker: str, *args: str, nproc: int = 2, timeout: int = 300) -> str
     if proc.returncode != 0:
         raise AssertionError(f"{worker} exited {proc.returncode}\n{out[-6000:]}")
     return out
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

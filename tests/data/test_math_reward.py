@@ -19,6 +19,7 @@ from agpo_megatron.data.math_reward import (
     score,
     score_batch,
 )
+from tests.dist import pid_alive
 
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -261,19 +262,8 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path):
         alive = pids
         while alive and time.monotonic() < deadline:
             time.sleep(0.2)
-            alive = [p for p in pids if _alive(p)]
+            alive = [p for p in pids if pid_alive(p)]
         assert not alive, f"verifier workers {alive} outlived their parent"
     finally:
         parent.kill()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by init) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -1,0 +1,61 @@
+"""A per-rank watchdog: a step that does not finish in time ends the process (issue 11).
+
+A rank stopped by the OS, or stuck in a collective whose peer is stopped, blocks forever in
+gloo/NCCL: the process-group timeout is sized for the slowest legitimate collective (a 72B
+checkpoint load, `parallel.timeout_s`), far longer than any step. The watchdog bounds the step
+instead: every rank beats once per finished step, and a thread ends the process with one line
+naming the phase it was in when `parallel.step_timeout_s` passes without a beat. torchrun/srun
+then take the rest of the job down (`--kill-on-bad-exit`).
+
+NOTE: it exits with `os._exit`, not an exception: the main thread is inside a C++ collective that
+no Python exception can interrupt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+EXIT_HUNG = 124
+"""Exit code of a rank the watchdog ended (the same as `timeout(1)`'s)."""
+
+
+class StepWatchdog:
+    def __init__(self, timeout_s: float, *, phase: Callable[[], str] = lambda: "?", rank: int = 0,
+                 poll_s: float | None = None):
+        """`phase()` names what the rank is doing (e.g. `PhaseTimer.current`), read when it fires."""
+        self.timeout_s = timeout_s
+        self.phase = phase
+        self.rank = rank
+        self.poll_s = poll_s if poll_s is not None else min(5.0, max(timeout_s / 20, 0.05))
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="agpo-step-watchdog", daemon=True)
+
+    def start(self) -> StepWatchdog:
+        """Start watching (a no-op with `timeout_s` 0: the watchdog is off)."""
+        self._last = time.monotonic()
+        if self.timeout_s > 0:
+            self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        """A step finished: the clock restarts."""
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                sys.stderr.write(f"rank {self.rank}: no training step finished in {idle:.0f} s "
+                                 f"(parallel.step_timeout_s={self.timeout_s:g}) while in phase '{self.phase()}'; "
+                                 f"a peer rank is likely hung or stopped. Exiting with code {EXIT_HUNG}.\n")
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(EXIT_HUNG)
