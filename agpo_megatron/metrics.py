@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from agpo_megatron.redact import install_log_redaction, redact
+
 
 class PhaseTimer:
     """Wall time per phase of a step: `with timer("rollout"): ...` -> {"time/rollout": s}.
@@ -63,6 +65,8 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
+        install_log_redaction()
+        config = redact(config)  # a token passed in a config value (or a path) is never written
         if config is not None:
             (self.path.parent / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if wandb_project:
@@ -77,7 +81,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        row = redact({"step": step, **{k: _plain(v) for k, v in metrics.items()}})
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._wandb is not None:
