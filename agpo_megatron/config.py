@@ -239,6 +239,13 @@ class DataConfig:
     """Reward function: math-verify answer equivalence (1/0)."""
     reward_timeout_s: float = 5.0
     """Per-answer verification timeout."""
+    max_drop_frac: float = 0.1
+    """Largest fraction of a dataset's prompts the filters (e.g. max_prompt_tokens) may drop before
+    the run stops; what was dropped, and why, is printed at startup either way."""
+
+    def __post_init__(self) -> None:
+        _require(self.reward_timeout_s > 0, f"data.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+        _require(0 <= self.max_drop_frac <= 1, f"data.max_drop_frac must be in [0, 1], got {self.max_drop_frac}")
 
 
 @dataclasses.dataclass(kw_only=True)

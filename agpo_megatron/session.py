@@ -11,7 +11,7 @@ from typing import Any
 import torch.distributed as dist
 
 from agpo_megatron.config import TrainConfig
-from agpo_megatron.data.datasets import Example, load_examples
+from agpo_megatron.data.datasets import Example, load_examples, report_drops
 from agpo_megatron.evaluate import evaluate
 from agpo_megatron.models.hf_config import ModelArch, read_arch
 from agpo_megatron.parallel import Layout, init_distributed, init_model_parallel
@@ -41,10 +41,14 @@ class Session:
         layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        train, _ = load_examples(cfg.data.train, tokenizer)
-        evals = load_examples(cfg.data.eval, tokenizer)[0] if cfg.data.eval is not None else []
-        if not train:
-            raise ValueError(f"{cfg.data.train.path}: no usable training prompts")
+        train, stats = load_examples(cfg.data.train, tokenizer)
+        report = [report_drops(stats, "data.train", cfg.data.train, cfg.data.max_drop_frac)]
+        evals = []
+        if cfg.data.eval is not None:
+            evals, stats = load_examples(cfg.data.eval, tokenizer)
+            report.append(report_drops(stats, "data.eval", cfg.data.eval, cfg.data.max_drop_frac))
+        if dist.get_rank() == 0:
+            print("\n".join(report), flush=True)
         engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
         return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine)
 

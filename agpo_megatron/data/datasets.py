@@ -143,11 +143,15 @@ class Example:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded per line, so a bad byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -161,6 +165,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
 def _read_json(path: Path) -> list[tuple[str, dict]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
@@ -307,6 +313,24 @@ def load_examples(cfg: DatasetConfig, tokenizer: "PreTrainedTokenizerBase") -> t
         examples.append(Example(prompt_ids=list(ids), prompt_text=text, gold=gold, index=index, metadata=meta))
     stats = {"num_rows": len(rows), "num_examples": len(examples), "num_skipped_too_long": num_skipped}
     return examples, stats
+
+
+def report_drops(stats: dict[str, int], name: str, cfg: DatasetConfig, max_drop_frac: float) -> str:
+    """One line saying what the filters dropped and why; raises if too much was dropped or nothing is left.
+
+    NOTE (issue 11): a silent filter once dropped half a training set (prompts over
+    `max_prompt_tokens`); a drop above `data.max_drop_frac` is almost always a wrong setting.
+    """
+    kept, rows, too_long = stats["num_examples"], stats["num_rows"], stats["num_skipped_too_long"]
+    line = f"{name} ({cfg.path}): {kept} of {rows} prompts kept"
+    if too_long:
+        line += f"; dropped {too_long} longer than max_prompt_tokens={cfg.max_prompt_tokens}"
+    if kept == 0:
+        raise DatasetError(f"{line}: no prompts left")
+    if rows and too_long / rows > max_drop_frac:
+        raise DatasetError(f"{line}: {too_long / rows:.0%} dropped, over data.max_drop_frac={max_drop_frac:g} "
+                           f"(raise {name}.max_prompt_tokens, or data.max_drop_frac to accept it)")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -302,4 +302,34 @@ def test_boxed_answer_format_reads_the_solution(tmp_path):
     assert examples[0].gold == "\\frac{4}{2}"
     with pytest.raises(DatasetError, match=r"math.jsonl:2: .*boxed"):
         load_examples(DatasetConfig(path=str(path), prompt_field="problem", answer_field="solution",
-                                    answer_format="boxed", prompt_template="{prompt}", max_prompt_tokens=64), tok)
+                                    answer_format="boxed", prompt_template="{prompt}", max_prompt_tokens=600), tok)
+
+
+# -- reliability (issue 11) ----------------------------------------------------------------------
+
+
+def test_non_utf8_data_names_the_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(GSM8K_ROWS[0]).encode() + b"\n" + b'{"question": "caf\xe9 2+3?", "answer": "#### 5"}\n')
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:2: not UTF-8 \(byte 0xe9 at column 18\)"):
+        load_examples(_gsm8k_cfg(path), tokenizer)
+    arr = tmp_path / "bad.json"
+    arr.write_bytes(b'[{"question": "\xff"}]')
+    with pytest.raises(DatasetError, match=r"bad\.json: not UTF-8 \(byte 0xff at offset 15\)"):
+        load_examples(_gsm8k_cfg(arr), tokenizer)
+
+
+def test_dropped_prompts_are_reported_and_bounded(tokenizer, tmp_path):
+    from agpo_megatron.data.datasets import report_drops
+
+    rows = GSM8K_ROWS + [{"question": "long " * 200 + "?", "answer": "#### 1"}]
+    cfg = _gsm8k_cfg(_write_jsonl(tmp_path / "d.jsonl", rows), max_prompt_tokens=600)
+    examples, stats = load_examples(cfg, tokenizer)
+    assert len(examples) == 3
+    line = report_drops(stats, "data.train", cfg, max_drop_frac=0.5)
+    assert line == f"data.train ({cfg.path}): 3 of 4 prompts kept; dropped 1 longer than max_prompt_tokens=600"
+    with pytest.raises(DatasetError, match=r"25% dropped, over data.max_drop_frac=0.1"):
+        report_drops(stats, "data.train", cfg, max_drop_frac=0.1)
+    empty = {"num_rows": 2, "num_examples": 0, "num_skipped_too_long": 2}
+    with pytest.raises(DatasetError, match="data.eval .*: 0 of 2 prompts kept.*no prompts left"):
+        report_drops(empty, "data.eval", cfg, max_drop_frac=1.0)
