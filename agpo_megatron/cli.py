@@ -14,6 +14,18 @@ import subprocess
 import sys
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's config, data, model or checkpoint (each names what is wrong)."""
+    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.bridge.hf_writer import HFWriteError
+    from agpo_megatron.config_io import ConfigError
+    from agpo_megatron.data.datasets import DatasetError
+    from agpo_megatron.models.hf_config import UnsupportedModelError
+    from agpo_megatron.nonfinite import NonFiniteError
+
+    return ConfigError, DatasetError, CheckpointError, HFWriteError, UnsupportedModelError, NonFiniteError
+
+
 def _train(args: argparse.Namespace) -> int:
     from agpo_megatron.config import load_train_config
     from agpo_megatron.parallel import exit_cleanly
@@ -30,7 +42,12 @@ def _train(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from agpo_megatron.config import load_train_config
 
+    from agpo_megatron.preflight import check_data, check_paths
+
     cfg = load_train_config(args.config, args.overrides)
+    check_paths(cfg)
+    for line in check_data(cfg):
+        print(line)
     if args.world_size:
         dp = cfg.check_world(args.world_size)
         print(f"ok: world {args.world_size} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}")
@@ -69,12 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot")
     p.add_argument("metrics")
     p.add_argument("-o", "--out", default=None)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of a user error")
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "demo":
         return _demo(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {rest}")
-    return {"train": _train, "check": _check, "plot": _plot}[args.cmd](args)
+    USER_ERRORS = _user_errors()
+    try:
+        return {"train": _train, "check": _check, "plot": _plot}[args.cmd](args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        # One line naming the file/field, exit 2 (a traceback says nothing a user can act on).
+        print(f"agpo {args.cmd}: error: {e}", file=sys.stderr, flush=True)
+        if args.cmd == "train":  # no barrier: a peer may be waiting in a collective; torchrun ends it
+            sys.stdout.flush()
+            os._exit(2)
+        return 2
 
 
 if __name__ == "__main__":

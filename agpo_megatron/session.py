@@ -15,6 +15,7 @@ from agpo_megatron.data.datasets import Example, load_examples, report_drops
 from agpo_megatron.evaluate import evaluate
 from agpo_megatron.models.hf_config import ModelArch, read_arch
 from agpo_megatron.parallel import Layout, init_distributed, init_model_parallel
+from agpo_megatron.preflight import check_paths
 from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig
 
 
@@ -35,6 +36,7 @@ class Session:
 
         from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
+        check_paths(cfg)  # missing files / unwritable dirs: one line now, not an error after start-up
         init_distributed(timeout_s=cfg.parallel.timeout_s)
         cfg.check_world(dist.get_world_size())  # before any model or engine exists
         arch = read_arch(cfg.model.hf_path)
