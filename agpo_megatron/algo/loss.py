@@ -15,16 +15,22 @@ sequence advantage ``A`` (GRPO / AGPO: one value per sequence, broadcast over it
 sampling, corrects for the mismatch between the inference engine that sampled the rollouts
 (``logp_rollout``) and the trainer's recomputation of the same policy (``logp_old``).
 
-KL estimators, with ``r = pi_ref / pi_theta = exp(logp_ref - logp)`` and tokens sampled from
-pi_theta (Schulman 2020, "Approximating KL divergence")::
+KL estimators, with ``p = pi_theta``, ``q = pi_ref``, ``r = q / p = exp(logp_ref - logp)`` and
+tokens sampled from p (Schulman 2020, "Approximating KL divergence"). A term's *value* (what is
+logged) and its *gradient* as a loss (samples from p, not differentiated through) are different
+questions; ``tests/algo/test_loss.py`` checks both against exact values on a categorical::
 
-    k1 = -log r                 unbiased for KL(pi_theta || pi_ref), high variance, can be < 0
-    k2 = 0.5 * (log r)^2        biased, >= 0
-    k3 = (r - 1) - log r        unbiased and >= 0 (DeepSeekMath's choice)
-    symmetric = 0.5 * (r - 1) * log r
-        half the Jeffreys divergence, as used by A-GRPO: KL(p||q) = E_p[-log r] and
-        KL(q||p) = E_p[r log r], so 0.5 * (KL(p||q) + KL(q||p)) = E_p[0.5 (r - 1) log r].
-        Each sample is >= 0 because (r - 1) and log r always share their sign.
+    estimator  per token                 value estimates            gradient as a loss is
+    k1         -log r                    KL(p||q), unbiased         0 in expectation (useless as a loss)
+    k2         0.5 (log r)^2             KL(p||q) to 2nd order      grad KL(p||q), exactly
+    k3         (r - 1) - log r           KL(p||q), unbiased, >= 0   grad KL(q||p), the *reverse* KL
+    symmetric  0.5 (r - 1) log r         0.5 (KL(p||q) + KL(q||p))  grad of the same, exactly
+
+"symmetric" is half the Jeffreys divergence (A-GRPO's symmetric KL): KL(p||q) = E_p[-log r] and
+KL(q||p) = E_p[r log r]. Used directly as a loss its gradient would be 43% off on a small
+example, so its gradient is taken from ``0.5 * (k2 + k3)`` (exact: k2's gradient is the forward
+KL's, k3's the reverse's) while its value stays the unbiased estimate above (a straight-through
+combination, see ``kl_penalty``).
 
 Aggregation (:func:`aggregate`) returns each micro-batch's share of the *global* batch mean,
 which makes the loss independent of how the batch is split over micro-batches and
@@ -142,7 +148,11 @@ def kl_penalty(
         return torch.exp(log_r) - 1.0 - log_r
     if estimator == "symmetric":
         log_r = log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        return 0.5 * (torch.exp(log_r) - 1.0) * log_r
+        r = torch.exp(log_r)
+        value = 0.5 * (r - 1.0) * log_r  # unbiased for half the Jeffreys divergence
+        grad_source = 0.5 * (0.5 * log_r.square() + (r - 1.0 - log_r))  # 0.5 * (k2 + k3): exact gradient
+        return value.detach() + (grad_source - grad_source.detach())
+
     raise ValueError(f"estimator must be one of {get_args(KLEstimator)}, got {estimator!r}")
 
 

@@ -213,9 +213,52 @@ def test_kl_gradient_flows_to_logprobs(estimator):
         "k1": torch.ones_like(r),
         "k2": -log_r,
         "k3": 1.0 - r,
-        "symmetric": -0.5 * (r * log_r + r - 1.0),
+        "symmetric": 0.5 * (-log_r + 1.0 - r),  # 0.5 (k2 + k3)'s gradient, not (0.5 (r - 1) log r)'s
     }[estimator]
     assert_close(logprobs.grad, expected)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "symmetric"])
+def test_kl_estimator_value_and_gradient_against_exact_categorical(estimator):
+    """Issue 10: what each estimator's value estimates and what its gradient optimises, exactly.
+
+    p = softmax(theta) over 5 outcomes, q fixed. The expectation over x ~ p of an estimator is
+    sum_x p_x k(x); the expected gradient of the loss term is sum_x p_x grad k(x) (samples are
+    not differentiated through), both computed exactly here.
+    """
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.0, -0.4], dtype=torch.float64, requires_grad=True)
+    logq = torch.log_softmax(torch.tensor([-0.5, 0.4, 0.9, -1.0, 0.2], dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    p, q = logp.exp(), logq.exp()
+    fwd = (p * (logp - logq)).sum()  # KL(p || q)
+    rev = (q * (logq - logp)).sum()  # KL(q || p)
+    value_target, grad_target = {
+        "k1": (fwd, torch.zeros(())),
+        "k2": (None, fwd),  # biased value
+        "k3": (fwd, rev),  # the reverse KL's gradient
+        "symmetric": (0.5 * (fwd + rev), 0.5 * (fwd + rev)),
+    }[estimator]
+    k = kl_penalty(logp[None], logq[None], estimator)[0]  # every outcome, once
+    expected_value = (p.detach() * k).sum()
+    (expected_grad,) = torch.autograd.grad(expected_value, theta, retain_graph=True)
+    want_grad = torch.autograd.grad(grad_target, theta, allow_unused=True)[0] if grad_target.requires_grad \
+        else torch.zeros_like(theta)
+    torch.testing.assert_close(expected_grad, want_grad, rtol=1e-9, atol=1e-12)
+    if value_target is not None:
+        torch.testing.assert_close(expected_value, value_target.detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_symmetric_kl_as_written_would_have_the_wrong_gradient():
+    """The old loss term, 0.5 (r - 1) log r used directly, is far from grad(half Jeffreys) here."""
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.0, -0.4], dtype=torch.float64, requires_grad=True)
+    logq = torch.log_softmax(torch.tensor([-0.5, 0.4, 0.9, -1.0, 0.2], dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    p, q = logp.exp(), logq.exp()
+    log_r = logq - logp
+    old = (p.detach() * 0.5 * (log_r.exp() - 1) * log_r).sum()
+    (g_old,) = torch.autograd.grad(old, theta, retain_graph=True)
+    (g_true,) = torch.autograd.grad(0.5 * ((p * (logp - logq)).sum() + (q * (logq - logp)).sum()), theta)
+    assert (g_old - g_true).norm() / g_true.norm() > 0.2
 
 
 def test_kl_term_in_policy_loss():
