@@ -17,6 +17,11 @@ from agpo_megatron.config_io import ConfigError, load_config
 from agpo_megatron.data.datasets import DatasetConfig
 
 
+REWARD_RANGES: dict[str, tuple[float, float]] = {"math": (0.0, 1.0)}
+"""(lowest, highest) accuracy reward of each `data.reward`. With the length reward on, an all-correct
+group still scores exactly r_max: its length reward is 0 (AGPO Eq. 7)."""
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -318,6 +323,11 @@ class TrainConfig:
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
         )
+        lo, hi = REWARD_RANGES[self.data.reward]
+        _require(self.algo.advantage != "agpo" or (self.algo.r_min, self.algo.r_max) == (lo, hi),
+                 f"algo.r_min={self.algo.r_min:g} / algo.r_max={self.algo.r_max:g} must be the {self.data.reward} reward's "
+                 f"range [{lo:g}, {hi:g}] (AGPO gives -1 / +1 to groups uniformly at r_min / r_max; any other "
+                 f"value silently gives all-wrong or all-correct groups 0)")
         longest = self.data.train.max_prompt_tokens + self.rollout.max_new_tokens
         _require(longest <= self.model.max_seq_len,
                  f"data.train.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds model.max_seq_len "

@@ -117,3 +117,10 @@ def test_scientific_numbers_parse_in_yaml_and_overrides(yaml_file, tmp_path):
     for bad in ("1e", "e-6", "1e-6x", "1.2.3"):
         with pytest.raises(ConfigError, match="optim.lr: expected a number"):
             load_train_config(yaml_file, [f"optim.lr={bad}"])
+
+
+def test_agpo_reward_bounds_must_match_the_reward(yaml_file):
+    """Issue 10: r_min=-1 with a 0/1 reward would give all-wrong groups 0 instead of -1, silently."""
+    with pytest.raises(ConfigError, match=r"algo.r_min=-1 / algo.r_max=1 must be the math reward's range \[0, 1\]"):
+        load_train_config(yaml_file, ["algo.r_min=-1"])
+    assert load_train_config(yaml_file, ["algo.r_min=-1", "algo.advantage=grpo"]).algo.r_min == -1  # unused by GRPO
