@@ -15,7 +15,12 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
     m, r, off = cfg.model, cfg.rollout, cfg.offload
     act = stage.activations
     st = stage.state
-    more_mp = "more model parallelism (parallel.tp up to the KV heads / 8 per node, or parallel.pp): shrinks every Megatron term"
+    arch, p = plan.arch, cfg.parallel
+    tps = [t for t in (2, 4, 8) if t > p.tp and arch.num_query_groups % t == 0]
+    pps = [k for k in range(p.pp + 1, arch.num_layers + 1) if arch.num_layers % k == 0]
+    more_mp = "more model parallelism (" + " or ".join(
+        ([f"parallel.tp={tps[0]}"] if tps else []) + ([f"parallel.pp={pps[0]}"] if pps else [])) + \
+        "): shrinks every Megatron term, at a smaller data-parallel size"
     if phase == "rollout":
         if not off.optimizer:
             tips.append((st.adam, "offload.optimizer=true"))
@@ -51,6 +56,8 @@ def render(plan: MemoryPlan) -> str:
     p, r, b = cfg.parallel, cfg.rollout, cfg.batch
     kv_tok = kv_bytes_per_token(arch, r.tp)
     kv_room = max(0, plan.vllm_total - plan.vllm_weights)
+    replicas = plan.world_size // r.tp
+    step_seqs = -(-b.prompts_per_step * cfg.algo.group_size // replicas)
     lines = [
         f"model: {arch.model_type}, {hf_param_count(arch) / 1e9:.2f}B params, {arch.num_layers} layers, hidden "
         f"{arch.hidden_size}, vocab {arch.vocab_size}{', tied' if arch.tie_word_embeddings else ''}",
@@ -63,8 +70,8 @@ def render(plan: MemoryPlan) -> str:
         f"recompute {'full' if cfg.model.recompute_activations else 'off'}; loss {'fused' if cfg.algo.fused_loss else 'naive'}",
         f"vLLM: weights {plan.vllm_weights / GiB:.2f} GiB/rank; gpu_memory_utilization {r.gpu_memory_utilization} -> "
         f"{plan.vllm_total / GiB:.2f} GiB in all, KV cache + workspace <= {kv_room / GiB:.2f} GiB "
-        f"(~{kv_room // kv_tok} tokens at {kv_tok // 1024} KiB/token); sleep "
-        f"{'level ' + str(r.sleep_level) if r.enable_sleep_mode else 'off'}",
+        f"(~{kv_room // kv_tok} tokens at {kv_tok // 1024} KiB/token; a replica's {step_seqs} sequences at "
+        f"max_seq_len need {step_seqs * cfg.model.max_seq_len}); sleep {'level ' + str(r.sleep_level) if r.enable_sleep_mode else 'off'}",
         f"GPU: {plan.gpu_bytes / GiB:.0f} GiB, margin {plan.margin_bytes / GiB:.1f} GiB (CUDA context, NCCL, "
         f"fragmentation) -> usable {plan.usable / GiB:.1f} GiB",
     ]
