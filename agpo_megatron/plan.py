@@ -330,6 +330,8 @@ class StagePlan:
     loss: LossSet
     phases: dict[str, dict[str, int]]
     """phase -> {component: bytes on the GPU}."""
+    host: int
+    """Host memory this rank's offloads take at their peak (pinned, outside the GPU)."""
 
     def total(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -385,7 +387,6 @@ def plan_memory(cfg: TrainConfig, world_size: int, *, gpu_gb: float = 80.0, marg
     # Sync: one byte-bounded bucket plus one full tensor in flight, ~3x at worst (bridge/export.py).
     largest = max(p.nbytes for p in stage_params(arch, tp=1, pp=1, pp_rank=0, params_dtype="bfloat16"))
     sync_buf = DEFAULT_BUCKET_BYTES + 3 * largest
-    fp8_cache = 0
     stages = []
     for pp_rank in sorted({0, pp - 1}):
         params = stage_params(arch, tp=tp, pp=pp, pp_rank=pp_rank, params_dtype=cfg.model.params_dtype,
@@ -393,14 +394,17 @@ def plan_memory(cfg: TrainConfig, world_size: int, *, gpu_gb: float = 80.0, marg
         st = train_state(params, dp=dp, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                          tied_pp=arch.tie_word_embeddings and pp > 1)
         ref = sum(p.nbytes for p in params) if kl_on else 0
-        if cfg.model.fp8:
-            fp8_cache = 2 * sum(p.numel for p in params if p.name.endswith(("linear_qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")))
+        linear = ("linear_qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")
+        fp8_cache = 2 * sum(p.numel for p in params if p.name.endswith(linear)) if cfg.model.fp8 else 0
         act = stage_activations(arch, cfg, pp_rank=pp_rank, dp=dp)
         loss = loss_working_set(arch, cfg)
         last = pp_rank == pp - 1
         train_act = act.full_recompute if cfg.model.recompute_activations else act.no_recompute
         loss_train = (loss.fused if cfg.algo.fused_loss else loss.naive) if last else 0
-        loss_fwd = (loss.fused_forward if cfg.algo.fused_loss else loss.naive_forward) if last else 0
+        # logprob_mode=rollout without a reference: no Megatron forward in this phase at all.
+        scores = r.logprob_mode == "recompute" or kl_on
+        fwd_act = act.forward_only if scores else 0
+        loss_fwd = (loss.fused_forward if cfg.algo.fused_loss else loss.naive_forward) if last and scores else 0
 
         def megatron(offloaded: bool) -> dict[str, int]:
             return {"actor params": 0 if offloaded and off.params else st.params,
@@ -412,12 +416,14 @@ def plan_memory(cfg: TrainConfig, world_size: int, *, gpu_gb: float = 80.0, marg
         phases = {
             "rollout": {**megatron(True), "reference params": ref_resident,
                         "vLLM weights": vllm_w, "vLLM KV cache + workspace": max(0, vllm_total - vllm_w)},
-            "logprobs": {**megatron(False), "reference params": ref, "activations": act.forward_only,
+            "logprobs": {**megatron(False), "reference params": ref, "activations": fwd_act,
                          "loss working set": loss_fwd, "fp8 weight copies": fp8_cache, **idle},
             "update": {**megatron(False), "reference params": ref_resident, "activations": train_act,
                        "loss working set": loss_train, "fp8 weight copies": fp8_cache, **idle},
             "sync": {**megatron(False), "reference params": ref_resident, "weight-sync buffers": sync_buf,
                      **({"vLLM weights": vllm_w} if r.enable_sleep_mode else idle)},
         }
-        stages.append(StagePlan(pp_rank, st, ref, act, loss, phases))
+        host = sum(v for k, v in megatron(False).items() if not megatron(True)[k]) + (ref if off.reference else 0) \
+            + (vllm_w if r.enable_sleep_mode and r.sleep_level == 1 else 0)
+        stages.append(StagePlan(pp_rank, st, ref, act, loss, phases, host))
     return MemoryPlan(arch, cfg, world_size, dp, gpu, margin, vllm_w, vllm_total, sync_buf, stages)

@@ -75,6 +75,9 @@ def render(plan: MemoryPlan) -> str:
         f"GPU: {plan.gpu_bytes / GiB:.0f} GiB, margin {plan.margin_bytes / GiB:.1f} GiB (CUDA context, NCCL, "
         f"fragmentation) -> usable {plan.usable / GiB:.1f} GiB",
     ]
+    host = max(s.host for s in plan.stages)
+    if host:
+        lines.append(f"host memory for offloads (sleep level 1 weights, offload.*): {host / GiB:.2f} GiB per rank")
     for stage in plan.stages:
         lines += ["", _stage_table(plan, stage)]
     misfits = plan.misfits()
