@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from agpo_megatron.plan import PHASES, GiB, MemoryPlan, StagePlan, hf_param_count, kv_bytes_per_token, tokens_per_micro_batch
+import dataclasses
+
+from agpo_megatron.plan import (
+    PHASES, GiB, MemoryPlan, StagePlan, hf_param_count, kv_bytes_per_token, loss_working_set, stage_activations,
+    tokens_per_micro_batch,
+)
 
 
 def _gib(n: int) -> str:
@@ -38,17 +43,34 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
         if not m.recompute_activations:
             tips.append((act.no_recompute - act.full_recompute, "model.recompute_activations=true"))
         if cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
-            tips.append((0, "parallel.sequence_parallel=true (shards the norm activations over TP)"))
+            sp = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sequence_parallel=True))
+            tips.append((_update_bytes(plan, stage) - _update_bytes(plan, stage, sp), "parallel.sequence_parallel=true"))
         if not cfg.algo.fused_loss and stage.loss.naive > stage.loss.fused:
             tips.append((stage.loss.naive - stage.loss.fused, "algo.fused_loss=true"))
-    if phase in ("logprobs", "update"):
-        tips.append((0, f"a smaller batch.max_tokens_per_micro_batch (now {tokens_per_micro_batch(cfg)} tokens): "
-                        "activations and the loss scale with it"))
+    half = tokens_per_micro_batch(cfg) // 2
+    if phase == "update" and half >= m.max_seq_len:
+        smaller = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, max_tokens_per_micro_batch=half))
+        tips.append((_update_bytes(plan, stage) - _update_bytes(plan, stage, smaller),
+                     f"batch.max_tokens_per_micro_batch={half}"))
+    if phase == "sync":
+        rtps = [t for t in (2, 4, 8) if t > r.tp and plan.arch.num_query_groups % t == 0]
+        if rtps:
+            tips.append((plan.vllm_weights - plan.vllm_weights * r.tp // rtps[0], f"rollout.tp={rtps[0]}"))
     if phase in ("update", "sync") and stage.reference and not off.reference:
         tips.append((stage.reference, "offload.reference=true"))
     tips.append((0, more_mp))
     tips.sort(key=lambda t: -t[0])
     return [f"{text} (frees {saved / GiB:.1f} GiB)" if saved else text for saved, text in tips]
+
+
+def _update_bytes(plan: MemoryPlan, stage: StagePlan, cfg=None) -> int:
+    """Activations + loss working set of the update phase under `cfg` (default: the plan's)."""
+    cfg = cfg or plan.cfg
+    act = stage_activations(plan.arch, cfg, pp_rank=stage.pp_rank, dp=plan.dp)
+    loss = loss_working_set(plan.arch, cfg)
+    last = stage.pp_rank == cfg.parallel.pp - 1
+    return (act.full_recompute if cfg.model.recompute_activations else act.no_recompute) + \
+        ((loss.fused if cfg.algo.fused_loss else loss.naive) if last else 0)
 
 
 def render(plan: MemoryPlan) -> str:
@@ -77,7 +99,7 @@ def render(plan: MemoryPlan) -> str:
     ]
     host = max(s.host for s in plan.stages)
     if host:
-        lines.append(f"host memory for offloads (sleep level 1 weights, offload.*): {host / GiB:.2f} GiB per rank")
+        lines.append(f"host memory per rank for what is offloaded (offload.*, vLLM weights at sleep level 1): {host / GiB:.2f} GiB")
     for stage in plan.stages:
         lines += ["", _stage_table(plan, stage)]
     misfits = plan.misfits()
