@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from agpo_megatron.plan import (
-    PHASES, GiB, MemoryPlan, StagePlan, hf_param_count, kv_bytes_per_token, loss_working_set, stage_activations,
-    tokens_per_micro_batch,
+from agpo_megatron.plan import PHASES, MemoryPlan, StagePlan
+from agpo_megatron.plan_formulas import (
+    GiB, hf_param_count, kv_bytes_per_token, loss_working_set, stage_activations, tokens_per_micro_batch,
 )
 
 
@@ -89,17 +89,20 @@ def render(plan: MemoryPlan) -> str:
         f"sequence parallel {'on' if p.sequence_parallel else 'off'}",
         f"micro-batch: {tokens_per_micro_batch(cfg)} tokens "
         f"({'max_tokens_per_micro_batch' if b.max_tokens_per_micro_batch else 'micro_batch_size x max_seq_len'}); "
-        f"recompute {'full' if cfg.model.recompute_activations else 'off'}; loss {'fused' if cfg.algo.fused_loss else 'naive'}",
+        f"recompute {'full' if cfg.model.recompute_activations else 'off'}; "
+        f"loss {'fused' if cfg.algo.fused_loss else 'naive'}",
         f"vLLM: weights {plan.vllm_weights / GiB:.2f} GiB/rank; gpu_memory_utilization {r.gpu_memory_utilization} -> "
         f"{plan.vllm_total / GiB:.2f} GiB in all, KV cache + workspace <= {kv_room / GiB:.2f} GiB "
         f"(~{kv_room // kv_tok} tokens at {kv_tok // 1024} KiB/token; a replica's {step_seqs} sequences at "
-        f"max_seq_len need {step_seqs * cfg.model.max_seq_len}); sleep {'level ' + str(r.sleep_level) if r.enable_sleep_mode else 'off'}",
+        f"max_seq_len need {step_seqs * cfg.model.max_seq_len}); "
+        f"sleep {'level ' + str(r.sleep_level) if r.enable_sleep_mode else 'off'}",
         f"GPU: {plan.gpu_bytes / GiB:.0f} GiB, margin {plan.margin_bytes / GiB:.1f} GiB (CUDA context, NCCL, "
         f"fragmentation) -> usable {plan.usable / GiB:.1f} GiB",
     ]
     host = max(s.host for s in plan.stages)
     if host:
-        lines.append(f"host memory per rank for what is offloaded (offload.*, vLLM weights at sleep level 1): {host / GiB:.2f} GiB")
+        lines.append("host memory per rank for what is offloaded (offload.*, vLLM weights at sleep level 1): "
+                     f"{host / GiB:.2f} GiB")
     for stage in plan.stages:
         lines += ["", _stage_table(plan, stage)]
     misfits = plan.misfits()

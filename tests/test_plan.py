@@ -10,9 +10,8 @@ from agpo_megatron.cli import main as agpo
 from agpo_megatron.config import load_train_config
 from agpo_megatron.models.hf_config import arch_from_hf_dict, read_arch
 from agpo_megatron.models.tiny import tiny_hf_config
-from agpo_megatron.plan import (
-    GiB, PHASES, layer_activation_bytes, plan_memory, stage_params, train_state, vllm_weight_bytes,
-)
+from agpo_megatron.plan import PHASES, plan_memory
+from agpo_megatron.plan_formulas import GiB, layer_activation_bytes, stage_params, train_state, vllm_weight_bytes
 from tests.dist import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
