@@ -1,7 +1,8 @@
 """`agpo` command line.
 
     agpo train --config examples/agpo_qwen7b.yaml [dotted.key=value ...]   # run under torchrun/srun
-    agpo check --config examples/agpo_qwen7b.yaml [overrides] [--world-size N]  # validate only
+    agpo check --config examples/agpo_qwen7b.yaml [overrides] [--world-size N]  # validate (+ memory plan)
+    agpo plan --config examples/agpo_qwen7b.yaml --world-size 8 [--gpu-mem-gb 80] [overrides]  # memory per rank
     agpo demo [--nproc 2] [demo args]                                      # the CPU demo (spawns torchrun)
     agpo plot runs/x/metrics.jsonl [-o out.png]
 """
@@ -41,7 +42,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from agpo_megatron.config import load_train_config
-
     from agpo_megatron.preflight import check_data, check_paths
 
     cfg = load_train_config(args.config, args.overrides)
@@ -51,8 +51,24 @@ def _check(args: argparse.Namespace) -> int:
     if args.world_size:
         dp = cfg.check_world(args.world_size)
         print(f"ok: world {args.world_size} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}")
+        if cfg.model.hf_path:  # the memory plan needs config.json; warnings only, exit code stays 0
+            from agpo_megatron.plan import plan_memory
+            from agpo_megatron.plan_report import warnings
+
+            for line in warnings(plan_memory(cfg, args.world_size, gpu_gb=args.gpu_mem_gb)):
+                print(line)
     else:
         print("ok")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from agpo_megatron.config import load_train_config
+    from agpo_megatron.plan import plan_memory
+    from agpo_megatron.plan_report import render
+
+    cfg = load_train_config(args.config, args.overrides)
+    print(render(plan_memory(cfg, args.world_size, gpu_gb=args.gpu_mem_gb, margin_gb=args.margin_gb)))
     return 0
 
 
@@ -75,12 +91,16 @@ def _plot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "check"):
+    for name in ("train", "check", "plan"):
         p = sub.add_parser(name)
         p.add_argument("--config", required=True)
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
-        if name == "check":
-            p.add_argument("--world-size", type=int, default=0)
+        if name in ("check", "plan"):
+            p.add_argument("--world-size", type=int, required=name == "plan", default=0)
+            p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory in GiB (H100: 80, H200: 141)")
+        if name == "plan":
+            p.add_argument("--margin-gb", type=float, default=None,
+                           help="reserve for CUDA context, NCCL and fragmentation (default 4 GiB + 5%%)")
     p = sub.add_parser("demo", help="the CPU demo; extra args go to agpo_megatron.demo")
     p.add_argument("--nproc", type=int, default=2)
     p = sub.add_parser("plot")
@@ -94,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {rest}")
     USER_ERRORS = _user_errors()
     try:
-        return {"train": _train, "check": _check, "plot": _plot}[args.cmd](args)
+        return {"train": _train, "check": _check, "plan": _plan, "plot": _plot}[args.cmd](args)
     except USER_ERRORS as e:
         if args.debug:
             raise

@@ -33,10 +33,13 @@ def _looks_local(path: str) -> bool:
 
 
 def _writable_dir(path: str, field: str) -> None:
-    d = Path(path).expanduser()
+    """The directory, or its nearest existing ancestor, takes a new file (nothing is left behind)."""
+    d = Path(path).expanduser().absolute()
+    existing = next(p for p in (d, *d.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{field}={path!r} is not writable ({existing} is not a directory)")
+    probe = existing / f".agpo-write-probe-{uuid.uuid4().hex}"
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".agpo-write-probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
