@@ -92,3 +92,22 @@ class RolloutEngine(Protocol):
     def wake_kv_cache(self) -> None:
         """Bring the KV cache back (after update_weights, before generate); no-op where unsupported."""
         ...
+
+
+def model_stop_token_ids(hf_path: str, tokenizer_eos_id: int | None) -> tuple[int, ...]:
+    """Every token that ends a turn for this model: the tokenizer's EOS and all of
+    `generation_config.json`'s `eos_token_id` (an int or a list).
+
+    NOTE (issue 10): chat models end a turn on a token that is not the tokenizer's EOS
+    (Qwen2.5-Math: `<|im_end|>` besides `<|endoftext|>`). Sampling past it inflates response
+    lengths, and with them the AGPO length reward.
+    """
+    import json
+    from pathlib import Path
+
+    ids = [] if tokenizer_eos_id is None else [int(tokenizer_eos_id)]
+    path = Path(hf_path, "generation_config.json")
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        ids += [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    return tuple(dict.fromkeys(ids))  # ordered, unique
