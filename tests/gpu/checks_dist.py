@@ -12,7 +12,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 
-from tests.gpu.common import Ctx, check, require_attrs, require_params, tiny_arch, tiny_cfg, verdict
+from tests.gpu.common import Ctx, check, require_attrs, require_params, judge, tiny_arch, tiny_cfg
 
 # torch.distributed entry points that take tensors (the object collectives end in `broadcast` etc.).
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
@@ -99,12 +99,13 @@ def run_nccl_world(ctx: Ctx) -> None:
         dist.broadcast_object_list(objs, src=0)
         backend = dist.get_backend()
         want_backend, want_dev = ("nccl", "cuda") if ctx.gpu else ("gloo", "cpu")
-        ok = (backend == want_backend and dev.type == want_dev and dist.get_world_size() == 1
-              and x.sum().item() == 8.0 and objs == [{"probe": 1}])
+        status, why = judge(backend=backend == want_backend, comm_device=dev.type == want_dev,
+                            world_of_one=dist.get_world_size() == 1, all_reduce=x.sum().item() == 8.0,
+                            broadcast_object=objs == [{"probe": 1}])
         extra = {}
         if ctx.gpu:
             extra = dict(current_device=torch.cuda.current_device(), nccl=".".join(map(str, torch.cuda.nccl.version())))
-        ctx.report("nccl_world", verdict(ok), backend=backend, comm_device=str(dev), world=dist.get_world_size(),
+        ctx.report("nccl_world", status, **why, backend=backend, comm_device=str(dev), world=dist.get_world_size(),
                    **extra)
 
 
@@ -126,9 +127,10 @@ def run_megatron_groups(ctx: Ctx) -> None:
             dist.all_reduce(y, group=group)
             sums[name] = y.sum().item()
             backends[name] = str(dist.get_backend(group))
-        ok = (lay.tp, lay.pp, lay.dp, lay.world_size) == (1, 1, 1, 1) and all(v == 3.0 for v in sums.values())
-        ok &= all(b == ("nccl" if ctx.gpu else "gloo") for b in backends.values())
-        ctx.report("megatron_groups", verdict(ok), tp=lay.tp, pp=lay.pp, dp=lay.dp,
+        status, why = judge(layout=(lay.tp, lay.pp, lay.dp, lay.world_size) == (1, 1, 1, 1),
+                            all_reduce_per_group=all(v == 3.0 for v in sums.values()),
+                            backends=all(b == ("nccl" if ctx.gpu else "gloo") for b in backends.values()))
+        ctx.report("megatron_groups", status, **why, tp=lay.tp, pp=lay.pp, dp=lay.dp,
                    backends=",".join(f"{k}:{v}" for k, v in backends.items()))
 
 
@@ -147,8 +149,9 @@ def run_d1_reduce_token_weighted(ctx: Ctx) -> None:
         with CollectiveRecorder().active() as rec:
             out = reduce_token_weighted(per_mb, lay)
         # (4 * 0.5 + 2 * 2.0) / 6 = 1.0
-        ok = set(out) == {"pg_loss"} and abs(out["pg_loss"] - 1.0) < 1e-12 and not rec.off_device
-        ctx.report("d1_reduce_token_weighted", verdict(ok), pg_loss=out.get("pg_loss"), want=1.0,
+        status, why = judge(keys=set(out) == {"pg_loss"}, value=abs(out.get("pg_loss", 0.0) - 1.0) < 1e-12,
+                            on_comm_device=not rec.off_device)
+        ctx.report("d1_reduce_token_weighted", status, **why, pg_loss=out.get("pg_loss"), want=1.0,
                    collectives=rec.calls, off_device=",".join(rec.off_device[:4]) or "none")
 
 
@@ -175,8 +178,9 @@ def run_policy_step(ctx: Ctx) -> None:
                                   kl_coef=0.0, eps=(0.2, 0.2))
         changed = sum(int(not p.detach().equal(before[n])) for n, p in actor.model.named_parameters())
         finite = all(math.isfinite(v) for v in m.values())
-        ok = (finite and "pg_loss" in m and m["grad_norm"] > 0 and m["update_skipped"] == 0.0
-              and changed == len(before) and not rec.off_device and rec.calls > 0)
-        ctx.report("policy_step", verdict(ok), pg_loss=m.get("pg_loss"), grad_norm=m.get("grad_norm"),
+        status, why = judge(metrics_finite=finite and "pg_loss" in m, grad_norm_positive=m["grad_norm"] > 0,
+                            update_applied=m["update_skipped"] == 0.0, all_params_changed=changed == len(before),
+                            on_comm_device=not rec.off_device, collectives_seen=rec.calls > 0)
+        ctx.report("policy_step", status, **why, pg_loss=m.get("pg_loss"), grad_norm=m.get("grad_norm"),
                    params_changed=f"{changed}/{len(before)}", collectives=rec.calls,
                    off_device=",".join(rec.off_device[:4]) or "none", device=str(next(actor.model.parameters()).device))

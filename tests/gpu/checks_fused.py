@@ -162,8 +162,9 @@ def run_fused_loss(ctx: Ctx) -> None:
             results[name], peaks[name], times[name] = _measure(ctx, fn, x, reps)
         err = {name: {k: rel_err(r[k], ref[k]) for k in FLOOR} for name, r in results.items()}
         finite = all(bool(torch.isfinite(v).all()) for v in results["fused"].values())
-        ok = finite and all(err["fused"][k] <= max(2 * err["naive"][k], FLOOR[k]) for k in FLOOR)
-        ctx.report("fused_loss_parity", verdict(ok), **s, triton=triton,
+        status, why = judge(finite=finite, **{f"{k}_no_worse_than_naive": err["fused"][k] <= max(2 * err["naive"][k], FLOOR[k])
+                                              for k in FLOOR})
+        ctx.report("fused_loss_parity", status, **why, **s, triton=triton,
                    **{f"fused_err_{k}": v for k, v in err["fused"].items()},
                    **{f"naive_err_{k}": v for k, v in err["naive"].items()},
                    rule="fused_err<=max(2*naive_err,floor)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from tests.gpu.common import (Ctx, check, micro_batches, require_attrs, require_params, tiny_arch, tiny_cfg,
-                              tiny_sequences, verdict)
+                              judge, tiny_sequences)
 
 
 def prepare(ctx: Ctx) -> None:
@@ -35,6 +35,10 @@ def _init(ctx: Ctx):
     from agpo_megatron import parallel
 
     return parallel.init_model_parallel(1, 1, seed=1234)
+
+
+def _norm_dtypes(model) -> str:
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if "norm" in n}))
 
 
 def run_local_fwd_bwd(ctx: Ctx) -> None:
@@ -63,12 +67,15 @@ def run_local_fwd_bwd(ctx: Ctx) -> None:
             loss.backward()
         params = list(model.parameters())
         grads = [p.grad for p in params if p.grad is not None]
-        ok = (all(p.dtype == torch.bfloat16 and p.device.type == ctx.device for p in params)
-              and logits.dtype == torch.bfloat16 and len(grads) == len(params)
-              and all(bool(torch.isfinite(g).all()) and g.abs().sum() > 0 for g in grads)
-              and bool(torch.isfinite(loss)))
+        status, why = judge(
+            # Matrices in bf16; norm weights may stay fp32 (Megatron's torch-norm fallback builds them so).
+            matrices_bf16=all(p.dtype == torch.bfloat16 for p in params if p.ndim == 2),
+            params_on_device=all(p.device.type == ctx.device for p in params),
+            logits_bf16=logits.dtype == torch.bfloat16, every_param_has_grad=len(grads) == len(params),
+            grads_finite=all(bool(torch.isfinite(g).all()) for g in grads),
+            grads_nonzero=all(bool(g.abs().sum() > 0) for g in grads), loss_finite=bool(torch.isfinite(loss)))
         c = model.config
-        ctx.report("local_fwd_bwd_bf16", verdict(ok), loss=loss.item(), grads=f"{len(grads)}/{len(params)}",
+        ctx.report("local_fwd_bwd_bf16", status, **why, loss=loss.item(), norm_dtypes=_norm_dtypes(model), grads=f"{len(grads)}/{len(params)}",
                    logits=f"{tuple(logits.shape)}:{logits.dtype}", final_norm=type(model.decoder.final_layernorm).__name__,
                    masked_softmax_fusion=c.masked_softmax_fusion, bias_activation_fusion=c.bias_activation_fusion,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if ctx.gpu else "n/a")
@@ -97,10 +104,12 @@ def run_ddp_step(ctx: Ctx) -> None:
         changed = sum(int(not p.detach().equal(before[n])) for n, p in params.items())
         grad_dtypes = {str(p.main_grad.dtype) for p in params.values() if hasattr(p, "main_grad")}
         main_dtypes = {str(q.dtype) for grp in actor.optimizer.param_groups for q in grp["params"]}
-        ok = (m["update_skipped"] == 0.0 and m["grad_norm"] > 0 and math.isfinite(m["grad_norm"])
-              and changed == len(params) and grad_dtypes == {"torch.float32"} and main_dtypes == {"torch.float32"}
-              and all(p.dtype == torch.bfloat16 for p in params.values()))
-        ctx.report("ddp_distopt_step", verdict(ok), grad_norm=m["grad_norm"], pg_loss=m.get("pg_loss"),
+        status, why = judge(
+            update_applied=m["update_skipped"] == 0.0, grad_norm_positive=m["grad_norm"] > 0 and math.isfinite(m["grad_norm"]),
+            all_params_changed=changed == len(params), main_grad_fp32=grad_dtypes == {"torch.float32"},
+            main_params_fp32=main_dtypes == {"torch.float32"},
+            matrices_bf16=all(p.dtype == torch.bfloat16 for p in params.values() if p.ndim == 2))
+        ctx.report("ddp_distopt_step", status, **why, update_skipped=m["update_skipped"], grad_norm=m["grad_norm"], pg_loss=m.get("pg_loss"),
                    params_changed=f"{changed}/{len(params)}", main_grad=",".join(sorted(grad_dtypes)),
                    main_params=",".join(sorted(main_dtypes)), optimizer=type(actor.optimizer).__name__)
 
@@ -138,9 +147,10 @@ def run_bridge_export(ctx: Ctx) -> None:
                         for t in got.values())
         engine = _RecordingEngine()
         stats = export.sync_weights(actor.chunks, arch, engine, bucket_bytes=2**20)
-        ok = list(got) == want and exact and on_device and [n for n, _, _ in engine.got] == want \
-            and stats.tensors == len(want) and stats.buckets > 1
-        ctx.report("bridge_export", verdict(ok), tensors=len(got), expected=len(want), exact_inverse=exact,
+        status, why = judge(names_in_order=list(got) == want, exact_inverse=exact, bf16_on_device=on_device,
+                            engine_got_all=[n for n, _, _ in engine.got] == want,
+                            sync_counted=stats.tensors == len(want) and stats.buckets > 1)
+        ctx.report("bridge_export", status, **why, tensors=len(got), expected=len(want), exact_inverse=exact,
                    devices=",".join(sorted({str(t.device) for t in got.values()})),
                    dtypes=",".join(sorted({str(t.dtype) for t in got.values()})),
                    sync_tensors=stats.tensors, sync_buckets=stats.buckets, sync_mib=stats.bytes / 2**20)

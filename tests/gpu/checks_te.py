@@ -10,7 +10,7 @@ equal. In the cpu-logic mode the same code runs local -> local, which checks onl
 
 from __future__ import annotations
 
-from tests.gpu.common import Ctx, Skip, check, require_attrs, require_params, tiny_arch, tiny_cfg, verdict
+from tests.gpu.common import Ctx, Skip, check, require_attrs, require_params, judge, tiny_arch, tiny_cfg
 
 
 def prepare(ctx: Ctx) -> None:
@@ -68,8 +68,9 @@ def run_te_spec(ctx: Ctx) -> None:
         model = build.build_gpt(arch, cfg.model, cfg.parallel)
         have = {n for n, _ in model.named_parameters()}
         want = {r.megatron for r in names.param_rules(arch, "te")}
-        ok = _fwd_bwd(model, arch, 2, 64) and spec_of(model) == "te" and have == want
-        ctx.report("te_spec_fwd_bwd", verdict(ok), spec_of=spec_of(model),
+        status, why = judge(fwd_bwd_finite=_fwd_bwd(model, arch, 2, 64), spec_te=spec_of(model) == "te",
+                            names_match_bridge=have == want)
+        ctx.report("te_spec_fwd_bwd", status, **why, spec_of=spec_of(model),
                    qkv=type(model.decoder.layers[0].self_attention.linear_qkv).__name__,
                    unmapped=",".join(sorted(have - want)[:3]) or "none", missing=",".join(sorted(want - have)[:3]) or "none")
 
@@ -89,8 +90,8 @@ def run_te_fp8(ctx: Ctx) -> None:
         arch, cfg = tiny_arch(ctx.dtype_name), tiny_cfg(ctx, spec="te", fp8="hybrid")
         model = build.build_gpt(arch, cfg.model, cfg.parallel)
         c = model.config
-        ok = _fwd_bwd(model, arch, 2, 64) and c.fp8 == "hybrid"
-        ctx.report("te_fp8_fwd_bwd", verdict(ok), fp8=c.fp8, recipe=c.fp8_recipe,
+        status, why = judge(fwd_bwd_finite=_fwd_bwd(model, arch, 2, 64), fp8_on=c.fp8 == "hybrid")
+        ctx.report("te_fp8_fwd_bwd", status, **why, fp8=c.fp8, recipe=c.fp8_recipe,
                    amax_history_len=c.fp8_amax_history_len, amax_algo=c.fp8_amax_compute_algo)
 
 
@@ -138,6 +139,6 @@ def run_te_checkpoint_roundtrip(ctx: Ctx) -> None:
         load_checkpoint(root / "from_other", [back])
         c = _by_hf_name(back, arch)
         to_local = all(torch.equal(a[k], c[k]) for k in a)
-        ok = to_other and to_local and restored.step == 3
-        ctx.report("te_checkpoint_roundtrip", verdict(ok), path=f"local->{other}->local", tensors=len(a),
+        status, why = judge(local_to_other=to_other, back_to_local=to_local, step=restored.step == 3)
+        ctx.report("te_checkpoint_roundtrip", status, **why, path=f"local->{other}->local", tensors=len(a),
                    local_to_other_exact=to_other, back_to_local_exact=to_local, step=restored.step)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from tests.gpu.common import ApiMissing, Ctx, check, gib, require_attrs, require_params, verdict
+from tests.gpu.common import ApiMissing, Ctx, check, gib, judge, require_attrs, require_params
 
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 4, 7, 16
 
@@ -134,8 +134,9 @@ def run_vllm(ctx: Ctx) -> None:
             ctx.report(checks[0], "SKIP", reason="sleep mode is GPU-only; sleep/wake_weights/wake_kv_cache ran as no-ops")
         else:
             took, freed, back = free_pre - free0, free1 - free0, free1b - free3
-            ok = engine.sleep_enabled and freed >= 0.5 * took and back >= 0.5 * freed
-            ctx.report(checks[0], verdict(ok), sleep_level=_rollout_cfg(ctx).sleep_level, engine_gib=gib(took),
+            status, why = judge(sleep_enabled=engine.sleep_enabled, sleep_frees_half=freed >= 0.5 * took,
+                                wakes_take_back_half=back >= 0.5 * freed)
+            ctx.report(checks[0], status, **why, sleep_level=_rollout_cfg(ctx).sleep_level, engine_gib=gib(took),
                        freed_by_sleep_gib=gib(freed), weights_back_gib=gib(free1b - free2),
                        kv_back_gib=gib(free2 - free3), gpu_memory_utilization=_rollout_cfg(ctx).gpu_memory_utilization)
     if "engine" not in state:
@@ -148,8 +149,9 @@ def run_vllm(ctx: Ctx) -> None:
         state["post"] = post
         want = len(list(hf_names(arch)))
         stats = state["stats"]
-        ok = stats.tensors == want and all(len(p) == 1 and p[0].token_ids for p in post)
-        ctx.report(checks[1], verdict(ok), tensors=stats.tensors, expected=want, mib=stats.bytes / 2**20,
+        status, why = judge(all_tensors_synced=stats.tensors == want,
+                            generates_after=all(len(p) == 1 and len(p[0].token_ids) > 0 for p in post))
+        ctx.report(checks[1], status, **why, tensors=stats.tensors, expected=want, mib=stats.bytes / 2**20,
                    sync_s=stats.seconds, completions=sum(len(p) for p in post))
     with check(ctx, checks[2]):
         if "post" not in state:
@@ -157,6 +159,7 @@ def run_vllm(ctx: Ctx) -> None:
         tol_max, tol_mean = float(ctx.opt("vllm_lp_max", 0.25)), float(ctx.opt("vllm_lp_mean", 0.05))
         before_max, before_mean = _megatron_lp(model, prompts, state["pre"])
         after_max, after_mean = _megatron_lp(model, prompts, state["post"])
-        ok = after_max < tol_max and after_mean < tol_mean and before_mean > 4 * after_mean
-        ctx.report(checks[2], verdict(ok), max_abs_after=after_max, mean_abs_after=after_mean,
+        status, why = judge(max_close=after_max < tol_max, mean_close=after_mean < tol_mean,
+                            sync_made_the_difference=before_mean > 4 * after_mean)
+        ctx.report(checks[2], status, **why, max_abs_after=after_max, mean_abs_after=after_mean,
                    max_abs_before=before_max, mean_abs_before=before_mean, tol=f"max<{tol_max},mean<{tol_mean}")

@@ -134,6 +134,12 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def judge(**conditions: bool) -> tuple[str, dict[str, str]]:
+    """PASS when every named condition holds; else FAIL plus a `failed=` field naming the ones that did not."""
+    failed = [name for name, ok in conditions.items() if not ok]
+    return ("FAIL", {"failed": ",".join(failed)}) if failed else ("PASS", {})
+
+
 # ---- API presence (what the dry-run checks so that a rename fails on CPU) -----------------------
 
 
