@@ -12,7 +12,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 
-from tests.gpu.common import Ctx, check, require_attrs, require_params, judge, tiny_arch, tiny_cfg
+from tests.gpu.common import Ctx, check, judge, require_attrs, require_params, tiny_arch, tiny_cfg
 
 # torch.distributed entry points that take tensors (the object collectives end in `broadcast` etc.).
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
@@ -22,10 +22,10 @@ _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sc
 def prepare(ctx: Ctx) -> None:
     """Imports and API presence of everything this module calls (the dry-run runs only this)."""
     import torch.distributed as dist
+    from megatron.core import parallel_state  # noqa: F401
 
     from agpo_megatron import parallel, policy
     from agpo_megatron.algo.loss import PolicyLossConfig
-    from megatron.core import parallel_state  # noqa: F401
 
     require_attrs(parallel, "comm_device", "init_distributed", "init_model_parallel", "current_layout",
                   why="D1: one helper names the communication device")
@@ -113,9 +113,9 @@ def run_megatron_groups(ctx: Ctx) -> None:
     prepare(ctx)
     import torch
     import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
 
     from agpo_megatron import parallel
-    from megatron.core import parallel_state as mpu
 
     with check(ctx, "megatron_groups"):
         lay = parallel.init_model_parallel(1, 1, seed=1234)
@@ -169,7 +169,7 @@ def run_policy_step(ctx: Ctx) -> None:
         actor = Actor(arch, cfg, lay, total_steps=10)
         seqs = tiny_sequences(arch.vocab_size)
         mbs = micro_batches(seqs)
-        for mb, out in zip(mbs, actor.logprobs(mbs, temperature=1.0)):
+        for mb, out in zip(mbs, actor.logprobs(mbs, temperature=1.0), strict=True):
             mb["old_logprobs"] = out["logprobs"]
         before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
         with CollectiveRecorder().active() as rec:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from tests.gpu.common import Ctx, Skip, check, gib, rel_err, require_attrs, require_params, sync, Timer, verdict
+from tests.gpu.common import Ctx, Skip, Timer, check, gib, judge, rel_err, require_attrs, require_params, sync, verdict
 
 GPU_SIZES = dict(n=4096, h=3584, v=152064, chunk=1024)
 CPU_SIZES = dict(n=256, h=64, v=2000, chunk=64)
@@ -162,8 +162,8 @@ def run_fused_loss(ctx: Ctx) -> None:
             results[name], peaks[name], times[name] = _measure(ctx, fn, x, reps)
         err = {name: {k: rel_err(r[k], ref[k]) for k in FLOOR} for name, r in results.items()}
         finite = all(bool(torch.isfinite(v).all()) for v in results["fused"].values())
-        status, why = judge(finite=finite, **{f"{k}_no_worse_than_naive": err["fused"][k] <= max(2 * err["naive"][k], FLOOR[k])
-                                              for k in FLOOR})
+        no_worse = {f"{k}_no_worse_than_naive": err["fused"][k] <= max(2 * err["naive"][k], FLOOR[k]) for k in FLOOR}
+        status, why = judge(finite=finite, **no_worse)
         ctx.report("fused_loss_parity", status, **why, **s, triton=triton,
                    **{f"fused_err_{k}": v for k, v in err["fused"].items()},
                    **{f"naive_err_{k}": v for k, v in err["naive"].items()},

@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import math
 
-from tests.gpu.common import (Ctx, check, micro_batches, require_attrs, require_params, tiny_arch, tiny_cfg,
-                              judge, tiny_sequences)
+from tests.gpu.common import (
+    Ctx,
+    check,
+    judge,
+    micro_batches,
+    require_attrs,
+    require_params,
+    tiny_arch,
+    tiny_cfg,
+    tiny_sequences,
+)
 
 
 def prepare(ctx: Ctx) -> None:
+    from megatron.core.models.gpt import GPTModel  # noqa: F401
+
     from agpo_megatron.bridge import export, names
     from agpo_megatron.models import build, forward
     from agpo_megatron.platform import cpu as cpu_platform
     from agpo_megatron.policy import Actor
-    from megatron.core.models.gpt import GPTModel  # noqa: F401
 
     require_attrs(build, "build_gpt", "wrap_for_training", "transformer_config")
     require_attrs(forward, "vocab_parallel_logprobs", "forward_backward", "causal_mask", "compute_logprobs")
@@ -75,8 +85,9 @@ def run_local_fwd_bwd(ctx: Ctx) -> None:
             grads_finite=all(bool(torch.isfinite(g).all()) for g in grads),
             grads_nonzero=all(bool(g.abs().sum() > 0) for g in grads), loss_finite=bool(torch.isfinite(loss)))
         c = model.config
-        ctx.report("local_fwd_bwd_bf16", status, **why, loss=loss.item(), norm_dtypes=_norm_dtypes(model), grads=f"{len(grads)}/{len(params)}",
-                   logits=f"{tuple(logits.shape)}:{logits.dtype}", final_norm=type(model.decoder.final_layernorm).__name__,
+        ctx.report("local_fwd_bwd_bf16", status, **why, loss=loss.item(), norm_dtypes=_norm_dtypes(model),
+                   grads=f"{len(grads)}/{len(params)}", logits=f"{tuple(logits.shape)}:{logits.dtype}",
+                   final_norm=type(model.decoder.final_layernorm).__name__,
                    masked_softmax_fusion=c.masked_softmax_fusion, bias_activation_fusion=c.bias_activation_fusion,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if ctx.gpu else "n/a")
 
@@ -95,7 +106,7 @@ def run_ddp_step(ctx: Ctx) -> None:
         actor = Actor(arch, cfg, lay, total_steps=10)
         seqs = tiny_sequences(arch.vocab_size, seed=1)
         mbs = micro_batches(seqs)
-        for mb, out in zip(mbs, actor.logprobs(mbs, temperature=1.0)):
+        for mb, out in zip(mbs, actor.logprobs(mbs, temperature=1.0), strict=True):
             mb["old_logprobs"] = out["logprobs"] - 0.01  # off-policy by a little: ratio != 1
         before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
         m = actor.policy_step(mbs, PolicyLossConfig(), temperature=1.0, global_num_tokens=seqs.num_response_tokens(),
@@ -105,11 +116,13 @@ def run_ddp_step(ctx: Ctx) -> None:
         grad_dtypes = {str(p.main_grad.dtype) for p in params.values() if hasattr(p, "main_grad")}
         main_dtypes = {str(q.dtype) for grp in actor.optimizer.param_groups for q in grp["params"]}
         status, why = judge(
-            update_applied=m["update_skipped"] == 0.0, grad_norm_positive=m["grad_norm"] > 0 and math.isfinite(m["grad_norm"]),
+            update_applied=m["update_skipped"] == 0.0,
+            grad_norm_positive=m["grad_norm"] > 0 and math.isfinite(m["grad_norm"]),
             all_params_changed=changed == len(params), main_grad_fp32=grad_dtypes == {"torch.float32"},
             main_params_fp32=main_dtypes == {"torch.float32"},
             matrices_bf16=all(p.dtype == torch.bfloat16 for p in params.values() if p.ndim == 2))
-        ctx.report("ddp_distopt_step", status, **why, update_skipped=m["update_skipped"], grad_norm=m["grad_norm"], pg_loss=m.get("pg_loss"),
+        ctx.report("ddp_distopt_step", status, **why, update_skipped=m["update_skipped"], grad_norm=m["grad_norm"],
+                   pg_loss=m.get("pg_loss"),
                    params_changed=f"{changed}/{len(params)}", main_grad=",".join(sorted(grad_dtypes)),
                    main_params=",".join(sorted(main_dtypes)), optimizer=type(actor.optimizer).__name__)
 

@@ -10,7 +10,7 @@ equal. In the cpu-logic mode the same code runs local -> local, which checks onl
 
 from __future__ import annotations
 
-from tests.gpu.common import Ctx, Skip, check, require_attrs, require_params, judge, tiny_arch, tiny_cfg
+from tests.gpu.common import Ctx, Skip, check, judge, require_attrs, require_params, tiny_arch, tiny_cfg
 
 
 def prepare(ctx: Ctx) -> None:
@@ -72,7 +72,8 @@ def run_te_spec(ctx: Ctx) -> None:
                             names_match_bridge=have == want)
         ctx.report("te_spec_fwd_bwd", status, **why, spec_of=spec_of(model),
                    qkv=type(model.decoder.layers[0].self_attention.linear_qkv).__name__,
-                   unmapped=",".join(sorted(have - want)[:3]) or "none", missing=",".join(sorted(want - have)[:3]) or "none")
+                   unmapped=",".join(sorted(have - want)[:3]) or "none",
+                   missing=",".join(sorted(want - have)[:3]) or "none")
 
 
 def run_te_fp8(ctx: Ctx) -> None:

@@ -131,7 +131,8 @@ def run_vllm(ctx: Ctx) -> None:
         free3 = mem()
         state.update(engine=engine, model=model, arch=arch, prompts=prompts, sampling=sampling)
         if not ctx.gpu:
-            ctx.report(checks[0], "SKIP", reason="sleep mode is GPU-only; sleep/wake_weights/wake_kv_cache ran as no-ops")
+            ctx.report(checks[0], "SKIP",
+                       reason="sleep mode is GPU-only; sleep/wake_weights/wake_kv_cache ran as no-ops")
         else:
             took, freed, back = free_pre - free0, free1 - free0, free1b - free3
             status, why = judge(sleep_enabled=engine.sleep_enabled, sleep_frees_half=freed >= 0.5 * took,

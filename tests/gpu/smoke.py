@@ -60,13 +60,14 @@ SECTIONS: tuple[Section, ...] = (
     Section("env", "checks_env", "run_env", ("env",), 60),
     Section("nccl_world", "checks_dist", "run_nccl_world", ("nccl_world",), 90),
     Section("megatron_groups", "checks_dist", "run_megatron_groups", ("megatron_groups",), 90),
-    Section("d1_reduce_token_weighted", "checks_dist", "run_d1_reduce_token_weighted", ("d1_reduce_token_weighted",), 90),
+    Section("d1_reduce_token_weighted", "checks_dist", "run_d1_reduce_token_weighted",
+            ("d1_reduce_token_weighted",), 90),
     Section("policy_step", "checks_dist", "run_policy_step", ("policy_step",), 150),
     Section("local_fwd_bwd_bf16", "checks_megatron", "run_local_fwd_bwd", ("local_fwd_bwd_bf16",), 120),
     Section("ddp_distopt_step", "checks_megatron", "run_ddp_step", ("ddp_distopt_step",), 150),
     Section("bridge_export", "checks_megatron", "run_bridge_export", ("bridge_export",), 120),
-    Section("fused_loss", "checks_fused", "run_fused_loss", ("fused_loss_parity", "fused_loss_time", "fused_loss_memory"),
-            240),
+    Section("fused_loss", "checks_fused", "run_fused_loss",
+            ("fused_loss_parity", "fused_loss_time", "fused_loss_memory"), 240),
     Section("te_spec_fwd_bwd", "checks_te", "run_te_spec", ("te_spec_fwd_bwd",), 150, ("transformer_engine",),
             cpu_logic=False),
     Section("te_fp8_fwd_bwd", "checks_te", "run_te_fp8", ("te_fp8_fwd_bwd",), 150, ("transformer_engine",),
@@ -120,7 +121,7 @@ def select(only: list[str], skip: list[str]) -> list[Section]:
     known = {s.name for s in SECTIONS} | set(ALL_CHECKS)
     bad = [n for n in only + skip if n not in known]
     if bad:
-        raise SystemExit(f"smoke: unknown section/check {', '.join(bad)}; --list shows them")
+        raise ValueError(f"unknown section/check {', '.join(bad)}; --list shows them")
     chosen = [s for s in SECTIONS if not only or s.name in only or set(s.checks) & set(only)]
     return [s for s in chosen if s.name not in skip and not set(s.checks) & set(skip)]
 
@@ -137,7 +138,8 @@ def _worker_env(mode: str, extra_path: list[str]) -> dict[str, str]:
     return env
 
 
-def _spawn(worker: str, mode: str, opts: dict, out: Path, extra_path: list[str], timeout: float) -> tuple[list[Result], str]:
+def _spawn(worker: str, mode: str, opts: dict, out: Path, extra_path: list[str],
+           timeout: float) -> tuple[list[Result], str]:
     """Run one worker; returns what it reported and a reason string if it did not exit cleanly."""
     res_file, log = out / "results" / f"{worker}.jsonl", out / "logs" / f"{worker}.log"
     res_file.unlink(missing_ok=True)
@@ -162,7 +164,8 @@ def _spawn(worker: str, mode: str, opts: dict, out: Path, extra_path: list[str],
     return got, why
 
 
-def run(sections: list[Section], mode: str, opts: dict, out: Path, budget_s: float, stream=sys.stdout) -> list[Result]:
+def run(sections: list[Section], mode: str, opts: dict, out: Path, budget_s: float | None = None,
+        stream=sys.stdout) -> list[Result]:
     """Run the sections in `mode`; print each check's line as its section ends; return the results."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
@@ -185,6 +188,7 @@ def run(sections: list[Section], mode: str, opts: dict, out: Path, budget_s: flo
         return results
 
     gpu_missing = mode == "gpu" and not _cuda_available()
+    budget_s = budget_s or (450.0 if mode == "gpu" else 1800.0)
     start = time.monotonic()
     for s in sections:
         needs = s.needs if mode == "gpu" or s.cpu_needs is None else s.cpu_needs
@@ -196,16 +200,19 @@ def run(sections: list[Section], mode: str, opts: dict, out: Path, budget_s: flo
             reason = "no CUDA device (use --dry-run or --cpu-logic on CPU)"
         elif missing:
             reason = f"{','.join(missing)} not installed"
-        elif time.monotonic() - start > budget_s - 10:
-            reason = f"suite budget of {budget_s:.0f}s spent"
+        elif budget_s - (time.monotonic() - start) < 20:
+            reason = f"suite budget of {budget_s:.0f}s spent (--budget-s)"
         if reason:
             for c in s.checks:
-                emit(Result(c, "SKIP", s.name, {"reason": reason} if mode == "gpu" else {"mode": mode, "reason": reason}))
+                fields = {"reason": reason} if mode == "gpu" else {"mode": mode, "reason": reason}
+                emit(Result(c, "SKIP", s.name, fields))
             continue
         print(f"smoke: section {s.name} (timeout {s.timeout_s}s, {time.monotonic() - start:.0f}s elapsed)",
               file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        got, why = _spawn(s.name, mode, opts, out, extra, s.timeout_s * (2 if mode == "cpu-logic" else 1))
+        # A section may not run past the suite's budget; CPU runs get twice its GPU timeout.
+        limit = min(s.timeout_s * (2 if mode == "cpu-logic" else 1), budget_s - (time.monotonic() - start))
+        got, why = _spawn(s.name, mode, opts, out, extra, limit)
         by_check = {r.check: r for r in got}
         for c in s.checks:
             r = by_check.get(c) or Result(c, "FAIL", s.name, {"reason": f"not reported: {why or 'no line'}"})
@@ -263,7 +270,8 @@ def worker_main(name: str, mode: str, results: Path, opts: dict) -> None:
                 missing = [m for m in s.needs if importlib.util.find_spec(m) is None]
                 for c in s.checks:
                     if missing:
-                        ctx.report(c, "SKIP", reason=f"{','.join(missing)} not installed here (project-side API checked)")
+                        why = f"{','.join(missing)} not installed here (project-side API checked)"
+                        ctx.report(c, "SKIP", reason=why)
                     else:
                         ctx.report(c, "READY", cuda_only=not s.cpu_logic, timeout_s=s.timeout_s, **facts)
             except Exception as e:  # noqa: BLE001  (each failure is its checks' FAIL line)
@@ -304,7 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", type=_csv, default=[], help="comma-separated sections or checks")
     p.add_argument("--out", type=Path, default=None, help="results.json, summary.txt, logs/ (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write results.json here")
-    p.add_argument("--budget-s", type=float, default=450.0, help="skip sections once this much time is spent")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget of the suite: no section runs past it (default 450 on GPU, 1800 on CPU)")
     g = p.add_argument_group("sizes and tolerances")
     g.add_argument("--fused-n", type=int, help="fused loss: tokens (GPU default 4096)")
     g.add_argument("--fused-h", type=int, help="fused loss: hidden size (GPU default 3584)")
@@ -341,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("fused_n", "fused_h", "fused_v", "fused_chunk", "fused_reps", "vllm_gpu_util", "vllm_sleep_level",
             "vllm_eager")
     opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    sections = select(args.only, args.skip)
+    try:
+        sections = select(args.only, args.skip)
+    except ValueError as e:
+        print(f"gpu_smoke: error: {e}", file=sys.stderr)
+        return 2
     out = args.out or Path(os.environ.get("SMOKE_OUT") or tempfile.mkdtemp(prefix="agpo_gpu_smoke_"))
     t0 = time.monotonic()
     results = run(sections, mode, opts, out, args.budget_s)
