@@ -104,7 +104,9 @@ def run_nccl_world(ctx: Ctx) -> None:
                             broadcast_object=objs == [{"probe": 1}])
         extra = {}
         if ctx.gpu:
-            extra = dict(current_device=torch.cuda.current_device(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+            v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+            extra = dict(current_device=torch.cuda.current_device(),
+                         nccl=".".join(map(str, v)) if isinstance(v, tuple) else str(v))
         ctx.report("nccl_world", status, **why, backend=backend, comm_device=str(dev), world=dist.get_world_size(),
                    **extra)
 

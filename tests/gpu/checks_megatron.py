@@ -153,8 +153,10 @@ def run_bridge_export(ctx: Ctx) -> None:
         got = dict(export.iter_hf_tensors(actor.chunks, arch))
         want = list(names.hf_names(arch))
         params = dict(actor.model.named_parameters())
-        # Inverse: the HF tensors re-fused by the bridge's own rules give back each parameter bitwise.
-        exact = all(torch.equal(names.hf_to_megatron(r, [got[h] for h in r.hf], arch), params[r.megatron])
+        # Inverse: the HF tensors re-fused by the bridge's own rules give back each parameter bitwise
+        # (in the export dtype: fp32 norm weights leave as bf16, the first parameter's dtype).
+        exact = all(torch.equal(names.hf_to_megatron(r, [got[h] for h in r.hf], arch),
+                                params[r.megatron].detach().to(got[r.hf[0]].dtype))
                     for r in names.param_rules(arch))
         on_device = all(t.device.type == ctx.device and t.dtype == torch.bfloat16 and t.is_contiguous()
                         for t in got.values())

@@ -323,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vllm-gpu-util", type=float, help="vLLM gpu_memory_utilization (default 0.3)")
     g.add_argument("--vllm-sleep-level", type=int, choices=(1, 2), help="rollout.sleep_level (default 2)")
     g.add_argument("--vllm-eager", action="store_true", default=None, help="vLLM without CUDA graphs")
+    g.add_argument("--vllm-lp-max", type=float, help="engine vs Megatron log-probs: max |diff| (default 0.25)")
+    g.add_argument("--vllm-lp-mean", type=float, help="engine vs Megatron log-probs: mean |diff| (default 0.05)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--results", type=Path, help=argparse.SUPPRESS)
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     mode = "dry-run" if args.dry_run else "cpu-logic" if args.cpu_logic else "gpu"
     keys = ("fused_n", "fused_h", "fused_v", "fused_chunk", "fused_reps", "vllm_gpu_util", "vllm_sleep_level",
-            "vllm_eager")
+            "vllm_eager", "vllm_lp_max", "vllm_lp_mean")
     opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         sections = select(args.only, args.skip)
