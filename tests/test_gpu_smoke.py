@@ -55,9 +55,7 @@ def test_dry_run_lists_every_check_and_passes(tmp_path):
 
 def test_dry_run_fails_when_a_project_function_is_renamed(tmp_path):
     """A `sitecustomize` removes parallel.comm_device in every process, as a rename would."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text("import agpo_megatron.parallel as p\ndel p.comm_device\n")
+    shim = _shim(tmp_path, "import agpo_megatron.parallel as p\ndel p.comm_device\n")
     proc, status, lines = _smoke("--dry-run", "--only", "nccl_world,policy_step,fused_loss", out=tmp_path / "out",
                                  extra_pythonpath=shim)
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
@@ -65,6 +63,33 @@ def test_dry_run_fails_when_a_project_function_is_renamed(tmp_path):
     assert all(status[c] == "READY" for c in ("fused_loss_parity", "fused_loss_time", "fused_loss_memory"))
     assert "comm_device" in next(ln for ln in lines if ln.startswith("SMOKE nccl_world "))
     assert lines[-1].startswith("0 passed, 2 failed, 0 skipped")
+
+
+def _shim(tmp_path: Path, body: str) -> Path:
+    """A `sitecustomize` that every process of the run imports first (breaks a check on purpose)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(body)
+    return shim
+
+
+def test_a_crashing_section_is_a_fail_and_the_next_one_still_runs(tmp_path):
+    shim = _shim(tmp_path, "import os\nimport tests.gpu.checks_env as m\nm.run_env = lambda ctx: os.abort()\n")
+    proc, status, lines = _smoke("--cpu-logic", "--only", "env,nccl_world", out=tmp_path / "out", extra_pythonpath=shim)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert status == {"env": "FAIL", "nccl_world": "PASS"}, proc.stdout
+    assert "not reported: worker exited" in next(ln for ln in lines if ln.startswith("SMOKE env "))
+
+
+def test_a_hanging_section_is_stopped_at_its_timeout(tmp_path, monkeypatch):
+    from tests.gpu.smoke import _spawn
+
+    shim = _shim(tmp_path, "import time\nimport tests.gpu.checks_env as m\nm.run_env = lambda ctx: time.sleep(600)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(shim), str(ROOT)]))
+    for d in ("logs", "results"):
+        (tmp_path / d).mkdir()
+    got, why = _spawn("env", "cpu-logic", {}, tmp_path, [], timeout=8)
+    assert got == [] and why.startswith("timed out after 8s"), why
 
 
 def test_gpu_mode_without_cuda_fails_env_and_skips_the_rest(tmp_path):
