@@ -43,10 +43,15 @@ class Ctx:
     """One worker's view of the run: mode, options from the runner, where results go."""
 
     mode: str
+    """One of MODES."""
     opts: dict[str, Any] = field(default_factory=dict)
+    """Sizes and tolerances from the runner's command line (--fused-n ... as fused_n)."""
     results_path: Path | None = None
+    """JSON-lines file each report is appended to (None: print only)."""
     work_dir: Path | None = None
+    """Scratch directory (created on first use by workdir())."""
     section: str = ""
+    """The section being run, recorded with each result."""
 
     @property
     def gpu(self) -> bool:

@@ -40,9 +40,11 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
 @dataclasses.dataclass(frozen=True)
 class Section:
     name: str
-    """Worker entry: tests.gpu.<module>.<fn>(ctx); also the name --only/--skip accept."""
+    """The name --only/--skip accept, and the worker's log name."""
     module: str
+    """Module under tests/gpu holding the section (and its `prepare`, which the dry-run calls)."""
     fn: str
+    """The function of `module` that runs the section: fn(ctx)."""
     checks: tuple[str, ...]
     """The SMOKE lines it reports, in order."""
     timeout_s: int
