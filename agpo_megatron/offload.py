@@ -22,6 +22,10 @@ On CPU the device *is* the host: an offload copies into a second host buffer and
 first. That is wasted work for a real CPU run (leave the flags off), but it runs the exact GPU
 code path, so the CPU tests check it (storage freed, restored bit-exact, training unchanged).
 
+NOTE: while offloaded, a tensor's storage has 0 bytes and reading it is undefined (on CPU it
+segfaults; nothing checks the bounds). Whatever reads Megatron state must run in the train phase:
+the trainer saves checkpoints before the hand-over to vLLM (colocate.py).
+
 Not handled (refused with an error, or left in place):
 - storages PyTorch cannot resize (memory it did not allocate, e.g. NCCL user-buffer registration,
   `ddp_config.nccl_ub`): refused, naming the tensor;
@@ -142,8 +146,9 @@ def actor_tensors(chunks: list[torch.nn.Module], optimizer: Any) -> dict[str, li
             continue
         for group in inner.param_groups:  # main params: fp32 copies, or views of the model's own
             for p in group["params"]:
-                params.append(p)
-                if p.grad is not None:
+                if p.device == device:
+                    params.append(p)
+                if p.grad is not None and p.grad.device == device:
                     grads.append(p.grad)
         for per_param in inner.state.values():
             state.extend(v for v in per_param.values() if isinstance(v, torch.Tensor) and v.device == device)
