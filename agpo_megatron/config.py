@@ -213,7 +213,7 @@ class OffloadConfig:
     params: bool = False
     """Offload the actor's bf16 params (and their fp32 main copies) during rollout."""
     grads: bool = False
-    """Offload the actor's fp32 grad buffer during rollout."""
+    """Free the actor's fp32 grad buffer during rollout (discarded, not copied: each step zeroes it first)."""
     optimizer: bool = False
     """Offload the (distributed) optimizer's Adam state during rollout."""
     reference: bool = False

@@ -18,6 +18,7 @@ from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import ModelArch
 from agpo_megatron.nonfinite import BadStepCounter, check_finite_weights, step_is_finite
+from agpo_megatron.offload import HostStash
 from agpo_megatron.ops.fused_loss import capture_lm_head_input, fused_policy_loss_from_hidden
 from agpo_megatron.parallel import Layout, comm_device
 from agpo_megatron.platform import cpu as cpu_platform
@@ -46,18 +47,39 @@ def _build_from(arch: ModelArch, cfg, weights: dict[str, torch.Tensor]):
     return model
 
 
+def _copy_params(model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Parameter by parameter, with no intermediate copy of the whole model."""
+    src = dict(source.named_parameters())
+    if list(src) != [n for n, _ in model.named_parameters()]:
+        raise ValueError("reference: the source model's parameters do not match (different arch or layout)")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(src[name])
+
+
 class Reference:
     """The frozen policy the KL is measured against. No optimizer, no grads."""
 
-    def __init__(self, arch: ModelArch, cfg, layout: Layout, init_weights: dict[str, torch.Tensor] | None = None):
-        """`init_weights`: this rank's shards of the policy to freeze (normally the actor at step 0)."""
-        self.model = _build(arch, cfg, layout) if init_weights is None else _build_from(arch, cfg, init_weights)
+    def __init__(self, arch: ModelArch, cfg, layout: Layout, source: torch.nn.Module | None = None):
+        """`source`: this rank's shard of the policy to freeze (normally the actor's model at step 0),
+        copied parameter by parameter; None = build from `cfg.model.init_from`.
+
+        With `cfg.offload.reference` its parameters live in host memory except while it scores.
+        """
+        if source is None:
+            self.model = _build(arch, cfg, layout)
+        else:
+            self.model = build.build_gpt(arch, cfg.model, cfg.parallel)
+            _copy_params(self.model, source)
         self.chunk_tokens = cfg.algo.loss_chunk_tokens if cfg.algo.fused_loss else None
         build.freeze(self.model)
+        self.memory = HostStash(self.model.parameters() if cfg.offload.reference else [], what="reference param")
+        self.memory.offload()
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
-        return forward.compute_logprobs([self.model], micro_batches, temperature=temperature,
-                                        with_entropy=with_entropy, chunk_tokens=self.chunk_tokens)
+        with self.memory.resident():  # the outputs are new tensors: they stay when the weights leave
+            return forward.compute_logprobs([self.model], micro_batches, temperature=temperature,
+                                            with_entropy=with_entropy, chunk_tokens=self.chunk_tokens)
 
 
 class Actor:

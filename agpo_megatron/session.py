@@ -1,6 +1,7 @@
 """Everything the loop needs that is set up once: the world, the model shape, tokenizer, data, the
 rollout engine and evaluation. Order matters: the config is validated against the
-world size first, then Megatron's groups exist before vLLM joins the same world.
+world size first, then Megatron's groups exist before vLLM joins the same world. The engine is
+handed out asleep (see colocate.py for who wakes it, and when).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class Session:
         if dist.get_rank() == 0:
             print("\n".join(report), flush=True)
         engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
+        # Asleep from the start: the actor (and reference) are built in the memory vLLM frees;
+        # the trainer wakes it and syncs the actor's weights before the first generate.
+        engine.sleep()
         return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine)
 
     def train_sampling(self, step: int) -> SamplingConfig:

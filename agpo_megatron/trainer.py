@@ -1,6 +1,9 @@
 """The AGPO / GRPO training loop.
 
-    generate -> reward (+ length reward) -> advantage -> old/ref log-probs -> update -> weight sync -> log
+    generate -> sleep -> reward (+ length reward) -> advantage -> old/ref log-probs -> update
+    -> wake weights -> weight sync -> wake KV cache -> log
+
+(the memory hand-overs between vLLM and Megatron, and their order, live in colocate.py)
 
 Every rank runs this same function (SPMD) inside one torchrun/srun world: vLLM and Megatron are
 colocated. The rollout gathers the whole global batch onto every rank, so rewards, advantages and
@@ -28,11 +31,13 @@ from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipContr
 from agpo_megatron.algo.rewards import combine_rewards, length_reward
 from agpo_megatron.bridge.export import sync_weights
 from agpo_megatron.checkpoint import save_checkpoint
+from agpo_megatron.colocate import Colocation
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
 from agpo_megatron.data.math_reward import score_batch
 from agpo_megatron.metrics import MetricsLogger, PhaseTimer
+from agpo_megatron.offload import ActorMemory
 from agpo_megatron.policy import Actor, Reference
 from agpo_megatron.session import Session
 from agpo_megatron.watchdog import StepWatchdog
@@ -41,11 +46,13 @@ from agpo_megatron.watchdog import StepWatchdog
 def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None = None) -> dict[str, Any]:
     s = session or Session.create(cfg)
     actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.steps * cfg.algo.ppo_epochs)
-    sync_weights(actor.chunks, s.arch, s.rollout)  # vLLM serves exactly the actor's weights from step 0
     loss_cfg = cfg.algo.loss
     needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
     # The reference is the policy RL starts from (the actor before its first update).
-    reference = Reference(s.arch, cfg, s.layout, init_weights=actor.local_weights()) if needs_ref else None
+    reference = Reference(s.arch, cfg, s.layout, source=actor.model) if needs_ref else None
+    colo = Colocation(s.rollout, ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
+                      sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout))
+    colo.start()  # vLLM serves exactly the actor's weights from step 0
     kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=max(loss_cfg.kl_coef, 1e-4), target_kl=cfg.algo.adaptive_kl_target)) \
         if cfg.algo.adaptive_kl_target is not None else None
     clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=loss_cfg.eps_low, init_eps_high=loss_cfg.eps_high)) \
@@ -62,7 +69,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         prompts = next(sampler)
         with timer("rollout"):
             groups = s.rollout.generate([ex.prompt_ids for ex in prompts], n=G, sampling=s.train_sampling(step))
-            s.rollout.sleep()  # GPU: hand vLLM's weights + KV memory to training (no-op on CPU)
+            colo.to_train()  # GPU: vLLM's memory to training, the actor's state back
         completions = [c for group in groups for c in group]  # [P*G], prompt-major
 
         with timer("reward"):
@@ -111,9 +118,12 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         if clip_ctl is not None:
             eps = clip_ctl.update(train_m.get("approx_kl", 0.0))
 
+        if (ckpt_dir := cfg.checkpoint.due(step, cfg.steps)) is not None:  # same format hf_to_megatron writes
+            save_checkpoint(ckpt_dir, actor.chunks, actor.optimizer, actor.scheduler, step=step,
+                            extra_state={"sampler": sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
+                            hf_dir=cfg.model.hf_path)  # before the offload: it reads params and optimizer
         with timer("weight_sync"):
-            s.rollout.wake()
-            sync_weights(actor.chunks, s.arch, s.rollout)
+            colo.to_rollout()
 
         times = timer.pop()
         correct = r_acc.flatten() > 0.5
@@ -130,15 +140,12 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         }
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
-        if (ckpt_dir := cfg.checkpoint.due(step, cfg.steps)) is not None:  # same format hf_to_megatron writes
-            save_checkpoint(ckpt_dir, actor.chunks, actor.optimizer, actor.scheduler, step=step,
-                            extra_state={"sampler": sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
-                            hf_dir=cfg.model.hf_path)
         log.log(step, row)
         watchdog.beat()
 
     watchdog.stop()
     results["eval_after"] = s.evaluate(step=cfg.steps)
+    colo.finish()
     log.close()
     return results
 

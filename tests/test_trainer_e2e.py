@@ -72,12 +72,15 @@ def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
 
 
 @pytest.mark.timeout(500)
-def test_tp2_fused_loss_reference_kl_adaptive_tis_dynamic_batch(tmp_path):
+def test_tp2_fused_loss_reference_kl_adaptive_tis_dynamic_batch_offload(tmp_path):
     results = _demo(tmp_path, "parallel.tp=2", "rollout.tp=2", "algo.loss.kl_coef=0.01",
                     "algo.loss.kl_estimator=symmetric", "algo.loss.entropy_coef=0.001",
                     "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", "rollout.logprob_mode=rollout",
                     "algo.loss.tis_cap=2.0", "batch.max_tokens_per_micro_batch=256", "algo.advantage=grpo",
-                    "algo.length_reward=false")
+                    "algo.length_reward=false",
+                    # Host offload runs host -> host on CPU: the same code path as on GPU, so a read of
+                    # offloaded state during rollout would crash here.
+                    "offload.params=true", "offload.grads=true", "offload.optimizer=true", "offload.reference=true")
     rows = _check_run(tmp_path, results)
     assert all("train/kl_ref" in r and r["train/kl_ref"] >= 0 for r in rows)
     assert all("train/tis_weight_mean" in r for r in rows)

@@ -33,11 +33,22 @@ log(kept mass) per token; the trainer's recompute path does not truncate.
 Weights. `update_weights` hands vLLM a lazy iterator of full HF tensors in one
 `reload_weights` call (see its docstring for why one call, not one per bucket).
 
+Sleep. The trainer puts the engine to sleep right after it is built and around every train
+phase: `sleep()` -> (Megatron trains) -> `wake_weights()` -> `update_weights()` ->
+`wake_kv_cache()` -> `generate()`. The weights come back first, get overwritten, and only then is
+the KV cache re-allocated, so the two never compete for memory. `sleep_level=2` discards the
+weights instead of copying them to host, because every weight is re-synced before the next
+rollout; vLLM 0.32 keeps the buffers (rotary caches) on host at level 2 and restores them on
+`wake_up(tags=["weights"])`, which re-maps the weight memory at the same addresses (contents
+undefined); `reload_weights` then copies every processed weight back into that storage
+(`_copy_and_restore_kernel_tensors`), so CUDA graphs stay valid. The same rules hold logically on
+every platform (the engine tracks what is asleep, and generate/update_weights in the wrong state
+raise), so the CPU tests check the order the GPU needs, although on CPU the calls free nothing.
+
 CPU vs GPU. On CPU: eager mode, an explicit small KV cache, and no sleep mode (vLLM refuses it
 on CPU). NOTE: vLLM's CPU worker replaces `torch.set_num_threads` process-wide with a no-op
 (it pins its OpenMP threads), so set threads (OMP_NUM_THREADS) before the engine is built. On
-GPU: `gpu_memory_utilization` and `enable_sleep_mode`; `sleep()` offloads weights and drops the
-KV cache, `wake()` brings weights back before the KV cache. NOTE: processed log-probs and
+GPU: `gpu_memory_utilization` and `enable_sleep_mode`. NOTE: processed log-probs and
 per-request seeds both make vLLM's CUDA sampler fall back from FlashInfer to its PyTorch one.
 NOTE: the GPU branches below have NOT been run on a GPU in this repo yet (CPU-only CI).
 """
@@ -162,6 +173,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.5,
         kv_cache_memory_bytes: int | None = None,
         enable_sleep_mode: bool = True,
+        sleep_level: int = 2,
         enforce_eager: bool = False,
     ):
         """
@@ -179,7 +191,9 @@ class VLLMEngine:
                 first `update_weights` will overwrite everything anyway.
             gpu_memory_utilization: vLLM's share of GPU memory (GPU only).
             kv_cache_memory_bytes: explicit KV-cache size; on CPU defaults to 256 MiB.
-            enable_sleep_mode: allow sleep()/wake() to free GPU memory (GPU only).
+            enable_sleep_mode: let sleep() free GPU memory (GPU only; elsewhere sleep() frees nothing).
+            sleep_level: 2 discards the weights while asleep (the next update_weights rewrites them
+                all), 1 copies them to host memory.
             enforce_eager: no CUDA graphs (always eager on CPU).
         """
         if not dist.is_initialized():
@@ -194,6 +208,13 @@ class VLLMEngine:
         self.dtype = _DTYPES[dtype]
         self.on_gpu = torch.cuda.is_available()
         self.sleep_enabled = self.on_gpu and enable_sleep_mode
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
+        self.sleep_level = sleep_level
+        self._asleep: set[str] = set()
+        """Tags asleep, tracked on every platform (see the module docstring)."""
+        self._weights_lost = False
+        """Level-2 sleep discarded the weights: update_weights must come before generate."""
 
         from vllm import LLM
 
@@ -229,9 +250,11 @@ class VLLMEngine:
             dtype=model.params_dtype,
             max_model_len=model.max_seq_len,
             seed=seed,
+            load_format=rollout.load_format,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             kv_cache_memory_bytes=rollout.kv_cache_memory_bytes,
             enable_sleep_mode=rollout.enable_sleep_mode,
+            sleep_level=rollout.sleep_level,
             enforce_eager=rollout.enforce_eager,
         )
 
@@ -260,6 +283,9 @@ class VLLMEngine:
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if self._asleep or self._weights_lost:
+            raise RuntimeError(f"VLLMEngine.generate while {sorted(self._asleep) or 'weights discarded'}: call "
+                               "wake_weights(), update_weights(...), wake_kv_cache() first")
         mine = split_prompts(len(prompts), self.layout.num_replicas)[self.layout.replica]
         local: list[list[Completion]] = []
         if len(mine):
@@ -290,27 +316,47 @@ class VLLMEngine:
         The tensors may be in any dtype (vLLM casts into its parameters) and must be full
         (unsharded): each vLLM TP rank slices its own shard. vLLM iterates `weights` to the end
         on every rank, so an iterator that runs collectives (bridge/export.py) stays in lockstep.
-        On GPU the same call is used (NOT YET RUN ON GPU in this repo); with sleep mode, call
-        wake() first.
+        On GPU the same call is used (NOT YET RUN ON GPU in this repo); after sleep(), call
+        wake_weights() first (the KV cache may stay asleep: the prefix-cache reset below only
+        touches the scheduler's block metadata).
         """
+        if "weights" in self._asleep:
+            raise RuntimeError("VLLMEngine.update_weights while the weights sleep: call wake_weights() first")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         # Cached prefixes hold K/V computed with the old weights.
         self.llm.reset_prefix_cache()
+        self._weights_lost = False
 
     def sleep(self) -> None:
-        """Offload weights to host memory and drop the KV cache (GPU with sleep mode; else no-op)."""
-        if self.sleep_enabled:
-            self.llm.sleep(level=1)
+        """Free the weights (level 2: discard, level 1: to host) and the KV cache. Idempotent.
 
-    def wake(self) -> None:
-        """Weights back first, then the KV cache (GPU with sleep mode; else no-op).
-
-        NOTE: vLLM's order for RL: the weights are mapped back before the KV cache is
-        reallocated (empty), so the two never compete for fragmented memory.
+        Frees memory only on GPU with sleep mode; elsewhere only the state changes.
         """
+        if self._asleep:
+            return
+        if self.sleep_enabled:
+            self.llm.sleep(level=self.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_lost = self.sleep_level == 2
+
+    def wake_weights(self) -> None:
+        """Map the weight memory back (level 2: contents undefined until update_weights)."""
+        if "weights" not in self._asleep:
+            return
         if self.sleep_enabled:
             self.llm.wake_up(tags=["weights"])
+        self._asleep.discard("weights")
+
+    def wake_kv_cache(self) -> None:
+        """Re-allocate the (empty) KV cache, last: after the weights are back and synced."""
+        if "kv_cache" not in self._asleep:
+            return
+        if "weights" in self._asleep or self._weights_lost:
+            raise RuntimeError("VLLMEngine.wake_kv_cache before the weights: call wake_weights() and "
+                               "update_weights(...) first, so the KV cache is allocated last")
+        if self.sleep_enabled:
             self.llm.wake_up(tags=["kv_cache"])
+        self._asleep.discard("kv_cache")
 
 
 def _rotary_reload_filter(record: logging.LogRecord) -> bool:

@@ -211,5 +211,5 @@ def test_from_config_maps_the_rollout_and_model_sections(monkeypatch):
         seed=9,
     )
     assert seen == dict(path="/models/x", rollout_tp=2, logprob_mode="rollout", dtype="float32", max_model_len=3000,
-                        seed=9, gpu_memory_utilization=0.4, kv_cache_memory_bytes=2**28, enable_sleep_mode=False,
-                        enforce_eager=True)
+                        seed=9, load_format="dummy", gpu_memory_utilization=0.4, kv_cache_memory_bytes=2**28,
+                        enable_sleep_mode=False, sleep_level=2, enforce_eager=True)

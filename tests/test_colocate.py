@@ -1,0 +1,174 @@
+"""The order of the memory hand-overs between vLLM and Megatron (colocate.py, trainer.py, the engine).
+
+GPU memory is not needed to check the order: fakes record every call, and the real `train()` loop
+runs against them. `check_order` states the rules; it is also run on the order the trainer used
+before (KV cache woken before the weight sync, nothing asleep while the actor is built) to show
+that the rules catch it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agpo_megatron import trainer
+from agpo_megatron.colocate import Colocation
+from agpo_megatron.config import TrainConfig
+from agpo_megatron.config_io import load_config
+from agpo_megatron.data.datasets import Example
+
+from agpo_megatron.parallel import Layout
+from agpo_megatron.rollout.base import Completion
+
+ROLLOUT_TO_TRAIN = ["engine.sleep", "actor.reload"]
+TRAIN_TO_ROLLOUT = ["actor.offload_train_state", "empty_cache", "engine.wake_weights", "sync", "actor.offload_params",
+                    "empty_cache", "engine.wake_kv_cache"]
+
+
+def check_order(calls: list[str]) -> None:
+    """The rules, on a recorded call list (engine.*, actor.*, sync, build.*, generate)."""
+    asleep, synced = {"weights", "kv_cache"}, False  # the session hands out a sleeping engine
+    for i, c in enumerate(calls):
+        where = f"call {i} ({c}) in {calls}"
+        if c == "engine.build":  # as vLLM comes up: awake, with weights
+            asleep, synced = set(), True
+        elif c == "engine.sleep":
+            asleep, synced = {"weights", "kv_cache"}, False
+        elif c == "engine.wake_weights":
+            asleep.discard("weights")
+        elif c == "sync":
+            assert "weights" not in asleep, f"sync into sleeping weights: {where}"
+            assert "kv_cache" in asleep, f"KV cache woken before the weight sync: {where}"
+            synced = True
+        elif c == "engine.wake_kv_cache":
+            assert synced, f"KV cache woken before the weights were synced: {where}"
+            asleep.discard("kv_cache")
+        elif c.startswith("build."):
+            assert asleep == {"weights", "kv_cache"}, f"Megatron model built while vLLM is awake: {where}"
+        elif c in ("generate", "evaluate"):
+            assert not asleep and synced, f"{c} before wake_weights -> sync -> wake_kv_cache: {where}"
+        elif c in ("actor.logprobs", "ref.logprobs", "actor.policy_step"):
+            assert asleep == {"weights", "kv_cache"}, f"{c} while vLLM is awake: {where}"
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, name):
+        return lambda *a, **k: self.calls.append(name)
+
+
+class FakeEngine:
+    def __init__(self, rec: Recorder):
+        self.rec = rec
+        for name in ("sleep", "wake_weights", "wake_kv_cache"):
+            setattr(self, name, rec(f"engine.{name}"))
+
+    def generate(self, prompts, n, sampling):
+        self.rec.calls.append("generate")
+        return [[Completion(prompt_index=i, token_ids=[5, 6, 7][: 1 + (i + j) % 3], logprobs=None, text="x",
+                            finish_reason="stop") for j in range(n)] for i in range(len(prompts))]
+
+
+class FakeActorState:
+    def __init__(self, rec: Recorder):
+        for name in ("offload_train_state", "offload_params", "reload"):
+            setattr(self, name, rec(f"actor.{name}"))
+
+
+def test_colocation_transitions_in_order():
+    rec = Recorder()
+    colo = Colocation(FakeEngine(rec), FakeActorState(rec), sync=rec("sync"), empty_cache=rec("empty_cache"))
+    colo.start()
+    assert rec.calls == TRAIN_TO_ROLLOUT
+    rec.calls.clear()
+    colo.to_train()
+    assert rec.calls == ROLLOUT_TO_TRAIN
+    rec.calls.clear()
+    colo.to_rollout()
+    colo.finish()
+    assert rec.calls == TRAIN_TO_ROLLOUT + ROLLOUT_TO_TRAIN
+
+
+def test_check_order_rejects_the_old_order():
+    # trainer.py before colocate.py: the engine stayed awake after construction, the actor was
+    # built and synced into it, and wake() woke the KV cache before the sync.
+    old = ["build.actor", "sync", "evaluate", "generate", "engine.sleep", "actor.logprobs", "actor.policy_step",
+           "engine.wake_weights", "engine.wake_kv_cache", "sync", "generate"]
+    with pytest.raises(AssertionError, match="built while vLLM is awake"):
+        check_order(["engine.build", *old])
+    with pytest.raises(AssertionError, match="KV cache woken before"):
+        check_order(["engine.build", *old[3:]])  # even with the build order fixed, wake() is wrong
+    check_order(["engine.build", "engine.sleep", "build.actor", *TRAIN_TO_ROLLOUT, "generate", *ROLLOUT_TO_TRAIN,
+                 "actor.policy_step"])
+
+
+# ---- the real train() loop, on fakes -----------------------------------------------------------
+
+
+class FakeActor:
+    def __init__(self, rec: Recorder):
+        rec.calls.append("build.actor")
+        self.rec, self.model, self.chunks, self.optimizer, self.scheduler = rec, "model", ["ddp"], "opt", "sched"
+
+    def logprobs(self, mbs, *, temperature):
+        self.rec.calls.append("actor.logprobs")
+        return [{"logprobs": torch.zeros_like(mb["targets"], dtype=torch.float)} for mb in mbs]
+
+    def policy_step(self, mbs, loss_cfg, **kw):
+        self.rec.calls.append("actor.policy_step")
+        return {"pg_loss": 0.0, "kl_ref": 0.0, "approx_kl": 0.0}
+
+
+class FakeSession:
+    def __init__(self, cfg: TrainConfig, rec: Recorder):
+        self.cfg, self.rec, self.arch, self.pad_id = cfg, rec, "arch", 0
+        self.layout = Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0)
+        self.rollout = FakeEngine(rec)
+        self.train_examples = [Example(prompt_ids=[1, 2, 3 + i], prompt_text="q", gold="1", index=i) for i in range(8)]
+
+    def train_sampling(self, step):
+        return None
+
+    def evaluate(self, step):
+        self.rec.calls.append("evaluate")
+        assert self.rollout  # the fake engine's generate is what an evaluation calls first
+        return {"pass@1": 0.0}
+
+
+def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
+    rec = Recorder()
+    monkeypatch.setattr(trainer, "sync_weights", lambda chunks, arch, engine: rec.calls.append("sync"))
+    monkeypatch.setattr(trainer, "ActorMemory", lambda chunks, opt, cfg: FakeActorState(rec))
+    monkeypatch.setattr(trainer, "score_batch", lambda texts, golds, timeout_s: (
+        torch.tensor([float(i % 2) for i in range(len(texts))]), None, {}))
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda *a, **k: rec.calls.append("save_checkpoint"))
+    monkeypatch.setattr(trainer, "Colocation", lambda engine, state, sync: Colocation(
+        engine, state, sync, empty_cache=rec("empty_cache")))
+
+    class FakeReference:
+        def __init__(self, arch, cfg, layout, source):
+            assert source == "model"  # built from the actor's model, no intermediate copy
+            rec.calls.append("build.reference")
+
+        def logprobs(self, mbs, *, temperature):
+            rec.calls.append("ref.logprobs")
+            return [{"logprobs": torch.zeros_like(mb["targets"], dtype=torch.float)} for mb in mbs]
+
+    monkeypatch.setattr(trainer, "Reference", FakeReference)
+    cfg = load_config(TrainConfig, None, [
+        "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=2", "eval_interval=1",
+        "batch.prompts_per_step=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0.01",
+        f"logging.out_dir={tmp_path}", "logging.progress_bar=false", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+        "checkpoint.save_interval=1"])
+    session = FakeSession(cfg, rec)
+    actor = FakeActor(rec)
+    trainer.train(cfg, session, actor=actor)
+
+    step = ["generate", *ROLLOUT_TO_TRAIN, "actor.logprobs", "ref.logprobs", "actor.policy_step", "save_checkpoint",
+            *TRAIN_TO_ROLLOUT]
+    assert rec.calls == ["build.actor", "build.reference", *TRAIN_TO_ROLLOUT, "evaluate",
+                         *step, "evaluate",  # eval_interval=1, not at the last step
+                         *step, "evaluate", *ROLLOUT_TO_TRAIN]  # eval_after, then asleep as it was found
+    check_order(rec.calls)
