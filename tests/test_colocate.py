@@ -111,6 +111,7 @@ class FakeActor:
     def __init__(self, rec: Recorder):
         rec.calls.append("build.actor")
         self.rec, self.model, self.chunks, self.optimizer, self.scheduler = rec, "model", ["ddp"], "opt", "sched"
+        self.pad_multiple = 8
 
     def logprobs(self, mbs, *, temperature):
         self.rec.calls.append("actor.logprobs")

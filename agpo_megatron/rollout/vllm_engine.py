@@ -370,10 +370,13 @@ def _unique_cpu_shm_names() -> None:
     from agpo_megatron.rollout import cpu_shm
 
     run_id = [cpu_shm.new_run_id()]
-    dist.broadcast_object_list(run_id, src=0)  # one name for the whole job
+    multi = dist.get_world_size() > 1
+    if multi:
+        dist.broadcast_object_list(run_id, src=0)  # one name for the whole job
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # /dev/shm is per node
         cpu_shm.remove_stale_segments()
-    dist.barrier()
+    if multi:
+        dist.barrier()
     if cpu_shm.use_run_unique_names(run_id[0]):
         at_exit(lambda: cpu_shm.unlink_run_segments(run_id[0]))
 
