@@ -70,9 +70,12 @@ def torchrun_env_from_slurm(env: Mapping[str, str], first_host: Callable[[str], 
     Multi-node: RANK is the global task id (SLURM_PROCID), LOCAL_RANK the task's index on its node
     (SLURM_LOCALID, which picks the GPU), GROUP_RANK/NODE_RANK the node's index (SLURM_NODEID).
     MASTER_ADDR is the allocation's first host unless exported; MASTER_PORT derives from the job id
-    (unless exported), so two jobs sharing a node do not collide.
+    (unless exported), so two jobs sharing a node do not collide. So `srun python -m agpo_megatron.cli
+    train ...` needs nothing exported (slurm/agpo.sbatch exports both anyway).
     """
-    if "RANK" in env or "SLURM_PROCID" not in env:
+    # SLURM_STEP_ID: only srun's tasks carry it; the batch shell has SLURM_PROCID=0 and the job's
+    # SLURM_NTASKS too, and a process started there directly must stay a world of one.
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
         return {}
     node = int(env.get("SLURM_NODEID", "0"))
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")

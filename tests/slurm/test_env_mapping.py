@@ -7,7 +7,7 @@ from agpo_megatron.parallel import _tasks_on_node, torchrun_env_from_slurm
 # What srun sets for the 7th of 8 tasks (node 1, local index 2) of `sbatch --nodes=2 --ntasks-per-node=4`.
 TWO_NODES = {
     "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_NNODES": "2",
-    "SLURM_NTASKS": "8", "SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
     "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_TASKS_PER_NODE": "4(x2)",
 }
 
@@ -41,6 +41,8 @@ def test_exported_master_wins_and_torchrun_env_is_left_alone():
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.7", "29400")
     assert torchrun_env_from_slurm({**TWO_NODES, "RANK": "0"}) == {}  # torchrun inside an allocation
     assert torchrun_env_from_slurm({"PATH": "/bin"}) == {}  # not under Slurm
+    batch_shell = {k: v for k, v in TWO_NODES.items() if k != "SLURM_STEP_ID"}
+    assert torchrun_env_from_slurm(batch_shell) == {}  # sbatch's shell itself: not one of srun's tasks
 
 
 @pytest.mark.parametrize("spec, node, n", [("4(x2)", 1, 4), ("3,2", 1, 2), ("2(x3),1", 3, 1), ("8", 0, 8)])
