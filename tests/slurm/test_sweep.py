@@ -83,7 +83,7 @@ def test_tiny_sweep_on_slurm_runs_every_task_and_compares(tmp_path):
 @no_nemo_run
 @pytest.mark.timeout(600)
 def test_a_failed_task_makes_the_sweep_exit_nonzero(tmp_path):
-    proc = _run_sweep(tmp_path, "--only", "agpo", "algo.gamma=oops", timeout=580)
+    proc = _run_sweep(tmp_path, "algo.gamma=oops", "--only", "agpo", timeout=580)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     assert "sweep failed: 1 of 1 task(s) did not succeed" in proc.stderr
 
