@@ -24,6 +24,9 @@ Departures: "no clip" has no config switch; it is approximated by eps_low=0.999,
 ratio is then clipped only outside [0.001, 1e6]) with adaptive clipping off. An exact switch needs
 a new field (e.g. algo.loss.clip: false). Gamma 0.1 is the `agpo` task itself.
 
+NOTE: nemo-run 0.11.1 rewrites "/nemo_run" anywhere in a non-container Slurm job's paths (its
+rundir placeholder), so keep that string out of NEMORUN_HOME, --out and --repo.
+
 exp.run() returns normally even when a task failed, so the script reads every task's final state
 and exits 1 if any did not succeed (after writing the comparison of those that did).
 """

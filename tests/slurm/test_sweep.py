@@ -49,7 +49,8 @@ def test_every_task_is_a_valid_config_of_the_paper_setting(tmp_path):
 
 
 def _run_sweep(tmp_path: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SLURM_CONF": SLURM_CONF, "NEMORUN_HOME": str(tmp_path / "nemo_run"),
+    # NOTE: NEMORUN_HOME is not ".../nemo_run": nemo-run 0.11.1 rewrites "/nemo_run" in a Slurm job's paths.
+    env = {**os.environ, "SLURM_CONF": SLURM_CONF, "NEMORUN_HOME": str(tmp_path / "nemorun_home"),
            "AGPO_CACHE_DIR": str(tmp_path / "cache"),
            # No slurmdbd on the local cluster: scripts/sacct answers nemo-run's status queries.
            "PATH": f"{ROOT / 'scripts'}{os.pathsep}{os.environ['PATH']}"}
@@ -83,7 +84,8 @@ def test_tiny_sweep_on_slurm_runs_every_task_and_compares(tmp_path):
 @no_nemo_run
 @pytest.mark.timeout(600)
 def test_a_failed_task_makes_the_sweep_exit_nonzero(tmp_path):
-    proc = _run_sweep(tmp_path, "algo.gamma=oops", "--only", "agpo", timeout=580)
+    # --retries 0: nemo-run would otherwise requeue the failed job (Slurm holds a requeued job ~2 min).
+    proc = _run_sweep(tmp_path, "algo.gamma=oops", "--only", "agpo", "--retries", "0", timeout=580)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     assert "sweep failed: 1 of 1 task(s) did not succeed" in proc.stderr
 
