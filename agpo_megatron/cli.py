@@ -5,14 +5,18 @@
     agpo plan --config examples/agpo_qwen7b.yaml --world-size 8 [--gpu-mem-gb 80] [overrides]  # memory per rank
     agpo demo [--nproc 2] [demo args]                                      # the CPU demo (spawns torchrun)
     agpo plot runs/x/metrics.jsonl [-o out.png]
+    agpo compare runs/a runs/b ... [-o compare]                            # compare.md table + compare.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -32,10 +36,14 @@ def _train(args: argparse.Namespace) -> int:
     from agpo_megatron.parallel import exit_cleanly
     from agpo_megatron.trainer import train
 
+    t0 = time.time()
     cfg = load_train_config(args.config, args.overrides)
     results = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(results)
+        # `agpo compare` reads the final eval and the wall time from here.
+        Path(cfg.logging.out_dir, "results.json").write_text(
+            json.dumps({**results, "wall_time_s": time.time() - t0}, indent=2, default=str))
     exit_cleanly(0)
     return 0
 
@@ -88,6 +96,18 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from agpo_megatron.compare import compare
+
+    try:
+        table, md, png = compare(args.runs, args.out)
+    except ValueError as e:  # a missing or malformed run: one line naming it
+        print(f"agpo compare: {e}", file=sys.stderr)
+        return 2
+    print(table + f"\n\nwrote {md} and {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -106,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot")
     p.add_argument("metrics")
     p.add_argument("-o", "--out", default=None)
+    p = sub.add_parser("compare", help="one Markdown table + one PNG across run directories")
+    p.add_argument("runs", nargs="+", help="run directories (logging.out_dir)")
+    p.add_argument("-o", "--out", default="compare", help="output prefix: writes OUT.md and OUT.png")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of a user error")
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "demo":
@@ -114,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {rest}")
     USER_ERRORS = _user_errors()
     try:
-        return {"train": _train, "check": _check, "plan": _plan, "plot": _plot}[args.cmd](args)
+        return {"train": _train, "check": _check, "plan": _plan, "plot": _plot, "compare": _compare}[args.cmd](args)
     except USER_ERRORS as e:
         if args.debug:
             raise

