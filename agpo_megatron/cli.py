@@ -17,10 +17,16 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     from agpo_megatron.config import load_train_config
     from agpo_megatron.parallel import exit_cleanly
+    from agpo_megatron.preempt import EXIT_PREEMPTED, Preempted
     from agpo_megatron.trainer import train
 
     cfg = load_train_config(args.config, args.overrides)
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except Preempted as e:  # SIGTERM/SIGUSR1: stopped at a step boundary; rerun with resume=auto
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[agpo] {e}", file=sys.stderr)
+        exit_cleanly(EXIT_PREEMPTED)
     if int(os.environ.get("RANK", "0")) == 0:
         print(results)
     exit_cleanly(0)

@@ -261,6 +261,10 @@ class VLLMEngine:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         mine = split_prompts(len(prompts), self.layout.num_replicas)[self.layout.replica]
+        # NOTE: each call starts from an empty prefix cache, so that its samples never depend on
+        # what earlier calls (an evaluation, the previous step) left cached: a resumed run then
+        # samples exactly what the uninterrupted one did.
+        self.llm.reset_prefix_cache()
         local: list[list[Completion]] = []
         if len(mine):
             outputs = self.llm.generate(
