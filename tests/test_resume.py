@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from agpo_megatron import step_dirs
 from agpo_megatron.parallel import free_port
@@ -44,8 +45,11 @@ def tiny(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tiny")
     tok = synthetic.build_tokenizer(d / "model")
-    save_tiny_hf_model(d / "model", "qwen2", seed=0, tokenizer=tok, vocab_size=128, hidden_size=64,
-                       intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=2, max_position_embeddings=256,
+    # NOTE: every parameter (and TP shard) is a multiple of 64 values, so Megatron's distributed
+    # optimizer inserts no alignment padding into its buckets. That padding is saved uninitialised
+    # (torch.empty in `sharded_param_state_dp_reshardable`), and would differ between any two runs.
+    save_tiny_hf_model(d / "model", "qwen2", seed=0, tokenizer=tok, vocab_size=128, hidden_size=128,
+                       intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=256,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     synthetic.write_jsonl(synthetic.make_dataset(32, seed=0, max_difficulty=1), d / "train.jsonl")
     (d / "train.yaml").write_text(f"data: {{train: {{path: {d / 'train.jsonl'}, answer_format: raw, "
@@ -122,13 +126,32 @@ def assert_same_run(run: Path, reference: Path) -> None:
     final = step_dirs.step_name(STEPS)
     assert step_dirs.read_latest(run / "ckpt").name == final
     a, b = run / "ckpt" / final, reference / "ckpt" / final
-    data = sorted(p.name for p in a.iterdir() if p.suffix in (".distcp", ".pt"))
-    assert len(data) == 3  # two ranks' shards and common.pt
-    for name in data:
+    got, want = _tensors(a), _tensors(b)
+    assert sorted(got) == sorted(want) and "embedding.word_embeddings.weight" in got
+    assert any("exp_avg_sq" in k for k in got)  # the Adam state is compared too
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{key} differs from the uninterrupted run"
+    for name in ("common.pt", "rng/rank_00000.pt", "rng/rank_00001.pt"):  # scheduler, step; RNG states
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs from the uninterrupted run"
-    for rank in range(2):
-        name = f"rng/rank_{rank:05d}.pt"
-        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist checkpoint (weights and optimizer state), by key, in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / f"{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, torch.Tensor):
+            flat[prefix.rstrip(".")] = node
+    walk(torch.load(out, weights_only=False), "")
+    out.unlink()
+    return flat
 
 
 @pytest.fixture(scope="module")
