@@ -129,7 +129,10 @@ class RunCheckpointer:
         self.reference_source: dict[str, str] | None = None
         plan: tuple[str | None, str | None] = (None, None)
         if layout.rank == 0:
-            plan = self._plan()
+            try:
+                plan = self._plan()
+            except OSError as e:  # e.g. an unwritable save_dir: every rank raises, none waits
+                plan = (f"checkpoint.save_dir: {e}", None)
         error, resume = _broadcast(plan)
         if error:
             raise ConfigError(error)
@@ -155,10 +158,12 @@ class RunCheckpointer:
             if self.cfg.checkpoint.resume == "auto" and self.save_dir is not None:
                 say(f"resume=auto: no complete checkpoint under {self.save_dir}, starting fresh")
             return None, None
-        if self.save_dir is not None and found.parent == self.save_dir and step_dirs.read_latest(self.save_dir) != found:
+        found = found.resolve()
+        latest = step_dirs.read_latest(self.save_dir) if self.save_dir is not None else None
+        if found.parent == self.save_dir and (latest is None or latest.resolve() != found):
             step_dirs.publish_latest(self.save_dir, found)  # killed after the rename, before `latest`
         say(f"resuming from {found}")
-        return None, str(found.resolve())
+        return None, str(found)
 
     @property
     def resuming(self) -> bool:
