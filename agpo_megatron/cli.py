@@ -34,11 +34,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _train(args: argparse.Namespace) -> int:
     from agpo_megatron.config import load_train_config
     from agpo_megatron.parallel import exit_cleanly
+    from agpo_megatron.preempt import EXIT_PREEMPTED, Preempted
     from agpo_megatron.trainer import train
 
     t0 = time.time()
     cfg = load_train_config(args.config, args.overrides)
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except Preempted as e:  # SIGTERM/SIGUSR1: stopped at a step boundary; rerun with resume=auto
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[agpo] {e}", file=sys.stderr)
+        exit_cleanly(EXIT_PREEMPTED)
     if int(os.environ.get("RANK", "0")) == 0:
         print(results)
         # `agpo compare` reads the final eval and the wall time from here.

@@ -23,7 +23,9 @@ second `train()` on the same session (the demo's baseline run) builds its actor 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -70,6 +72,17 @@ class Colocation:
         self.actor_state.offload_params()
         self.empty_cache()
         self.engine.wake_kv_cache()
+
+    @contextlib.contextmanager
+    def actor_resident(self) -> Iterator[None]:
+        """The actor's offloaded state back for a while (a checkpoint save reads params and optimizer)."""
+        self.actor_state.reload()
+        try:
+            yield
+        finally:
+            self.actor_state.offload_train_state()
+            self.actor_state.offload_params()
+            self.empty_cache()
 
     def start(self) -> None:
         """The engine sleeps, the actor is built: serve the actor's weights."""

@@ -272,9 +272,17 @@ class CheckpointConfig:
     """Save every N steps (0 = only at the end); each save goes to save_dir/step_NNNNNN."""
     load_dir: str | None = None
     """Dist checkpoint to take the actor's initial weights from (with model.init_from=megatron)."""
+    resume: str = "auto"
+    """'auto' = continue from the newest complete checkpoint under save_dir (start fresh if none),
+    'never' = always start fresh, or a path: a step folder, or a save_dir (its `latest`)."""
+    keep_last: int = 0
+    """Keep only the newest K step checkpoints, deleting older ones once a new one is complete (0 = keep all)."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
+        _require(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
+        _require(self.resume in ("auto", "never") or Path(self.resume).exists(),
+                 f"checkpoint.resume must be 'auto', 'never' or an existing checkpoint path, got {self.resume!r}")
 
     def due(self, step: int, last_step: int) -> Path | None:
         """The directory to save `step` into, or None when this step is not a save step."""

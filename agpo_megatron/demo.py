@@ -91,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     # 2. RL from the same warm start: AGPO (the config), and optionally the GRPO baseline.
     runs = {"AGPO": cfg}
     if args.baseline:
+        # Its own save_dir: with resume=auto the AGPO run would otherwise continue from GRPO's checkpoints.
+        own = [f"checkpoint.save_dir={Path(cfg.checkpoint.save_dir) / 'grpo'}"] if cfg.checkpoint.save_dir else []
         runs = {"GRPO": load_train_config(args.config, [*paths, f"logging.out_dir={out / 'grpo'}", *args.overrides,
-                                                         "algo.advantage=grpo", "algo.length_reward=false"]), **runs}
+                                                         "algo.advantage=grpo", "algo.length_reward=false", *own]), **runs}
     results, times = {}, {}
     for label, run_cfg in runs.items():
         t = time.time()

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from agpo_megatron import batch as batching
+from agpo_megatron import preempt
 from agpo_megatron.algo.advantages import compute_advantages
 from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, AdaptiveKLController
 from agpo_megatron.algo.rewards import combine_rewards, length_reward
 from agpo_megatron.bridge.export import sync_weights
-from agpo_megatron.checkpoint import save_checkpoint
 from agpo_megatron.colocate import Colocation
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import to_dict
@@ -38,34 +38,38 @@ from agpo_megatron.data.datasets import PromptSampler
 from agpo_megatron.data.math_reward import score_batch
 from agpo_megatron.metrics import MetricsLogger, PhaseTimer
 from agpo_megatron.offload import ActorMemory
-from agpo_megatron.policy import Actor, Reference
+from agpo_megatron.policy import Actor
+from agpo_megatron.run_checkpoint import RunCheckpointer
 from agpo_megatron.session import Session
 from agpo_megatron.watchdog import StepWatchdog
 
 
 def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None = None) -> dict[str, Any]:
+    preempt.install()  # SIGTERM/SIGUSR1: save at the next step boundary, exit 75
     s = session or Session.create(cfg)
+    warm_start = actor is not None  # initial weights from memory: the run saves a copy for the Reference
     actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.steps * cfg.algo.ppo_epochs)
     loss_cfg = cfg.algo.loss
     needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
-    # The reference is the policy RL starts from (the actor before its first update).
-    reference = Reference(s.arch, cfg, s.layout, source=actor.model) if needs_ref else None
-    colo = Colocation(s.rollout, ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
-                      sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout))
-    colo.start()  # vLLM serves exactly the actor's weights from step 0
     kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=max(loss_cfg.kl_coef, 1e-4), target_kl=cfg.algo.adaptive_kl_target)) \
         if cfg.algo.adaptive_kl_target is not None else None
     clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=loss_cfg.eps_low, init_eps_high=loss_cfg.eps_high)) \
         if cfg.algo.adaptive_clip else None
     sampler = PromptSampler(s.train_examples, batch_size=cfg.batch.prompts_per_step, seed=cfg.parallel.seed)
+    colo = Colocation(s.rollout, ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
+                      sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout))
+    ckpt = RunCheckpointer(cfg, s.layout, actor, sampler, kl_ctl, clip_ctl, resident=colo.actor_resident)
+    # The reference is the policy RL starts from, rebuilt from its recorded source on resume.
+    reference = ckpt.reference(s.arch, warm_start=warm_start) if needs_ref else None
+    first, kl_coef, eps = ckpt.resume(loss_cfg.kl_coef, (loss_cfg.eps_low, loss_cfg.eps_high))
+    colo.start()  # vLLM serves exactly the actor's weights from the start
     log = MetricsLogger(cfg.logging.out_dir, enabled=s.layout.rank == 0, total_steps=cfg.steps, config=to_dict(cfg),
                         wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar)
     timer, G, T = PhaseTimer(), cfg.algo.group_size, cfg.rollout.temperature
-    results: dict[str, Any] = {"eval_before": s.evaluate(step=0)}
-    kl_coef, eps = loss_cfg.kl_coef, (loss_cfg.eps_low, loss_cfg.eps_high)
+    results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
     watchdog = StepWatchdog(cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank).start()
 
-    for step in range(1, cfg.steps + 1):
+    for step in range(first, cfg.steps + 1):
         prompts = next(sampler)
         with timer("rollout"):
             groups = s.rollout.generate([ex.prompt_ids for ex in prompts], n=G, sampling=s.train_sampling(step))
@@ -118,10 +122,6 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         if clip_ctl is not None:
             eps = clip_ctl.update(train_m.get("approx_kl", 0.0))
 
-        if (ckpt_dir := cfg.checkpoint.due(step, cfg.steps)) is not None:  # same format hf_to_megatron writes
-            save_checkpoint(ckpt_dir, actor.chunks, actor.optimizer, actor.scheduler, step=step,
-                            extra_state={"sampler": sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
-                            hf_dir=cfg.model.hf_path)  # before the offload: it reads params and optimizer
         with timer("weight_sync"):
             colo.to_rollout()
 
@@ -142,6 +142,11 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
         log.log(step, row)
         watchdog.beat()
+        stop = preempt.requested()  # collective: every rank stops after the same step
+        saved = ckpt.maybe_save(step, kl_coef, eps, force=stop)
+        if stop:
+            log.close()
+            raise preempt.Preempted(step, str(saved) if saved else None)
 
     watchdog.stop()
     results["eval_after"] = s.evaluate(step=cfg.steps)

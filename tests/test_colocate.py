@@ -144,20 +144,30 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "ActorMemory", lambda chunks, opt, cfg: FakeActorState(rec))
     monkeypatch.setattr(trainer, "score_batch", lambda texts, golds, timeout_s: (
         torch.tensor([float(i % 2) for i in range(len(texts))]), None, {}))
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda *a, **k: rec.calls.append("save_checkpoint"))
     monkeypatch.setattr(trainer, "Colocation", lambda engine, state, sync: Colocation(
         engine, state, sync, empty_cache=rec("empty_cache")))
 
     class FakeReference:
-        def __init__(self, arch, cfg, layout, source):
-            assert source == "model"  # built from the actor's model, no intermediate copy
-            rec.calls.append("build.reference")
-
         def logprobs(self, mbs, *, temperature):
             rec.calls.append("ref.logprobs")
             return [{"logprobs": torch.zeros_like(mb["targets"], dtype=torch.float)} for mb in mbs]
 
-    monkeypatch.setattr(trainer, "Reference", FakeReference)
+    class FakeCheckpointer:  # run_checkpoint.RunCheckpointer's part of the loop
+        def __init__(self, cfg, layout, actor, sampler, kl_ctl, clip_ctl, resident):
+            self.actor, self.resident = actor, resident
+
+        def reference(self, arch, *, warm_start):
+            rec.calls.append("build.reference")  # the real one copies from the actor's model
+            return FakeReference()
+
+        def resume(self, kl_coef, eps):
+            return 1, kl_coef, eps
+
+        def maybe_save(self, step, kl_coef, eps, *, force=False):
+            with self.resident():  # the actor's state may be offloaded between steps
+                rec.calls.append("save_checkpoint")
+
+    monkeypatch.setattr(trainer, "RunCheckpointer", FakeCheckpointer)
     cfg = load_config(TrainConfig, None, [
         "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=2", "eval_interval=1",
         "batch.prompts_per_step=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0.01",
@@ -167,9 +177,9 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     actor = FakeActor(rec)
     trainer.train(cfg, session, actor=actor)
 
-    step = ["generate", *ROLLOUT_TO_TRAIN, "actor.logprobs", "ref.logprobs", "actor.policy_step", "save_checkpoint",
-            *TRAIN_TO_ROLLOUT]
+    step = ["generate", *ROLLOUT_TO_TRAIN, "actor.logprobs", "ref.logprobs", "actor.policy_step", *TRAIN_TO_ROLLOUT]
+    save = ["actor.reload", "save_checkpoint", "actor.offload_train_state", "actor.offload_params", "empty_cache"]
     assert rec.calls == ["build.actor", "build.reference", *TRAIN_TO_ROLLOUT, "evaluate",
-                         *step, "evaluate",  # eval_interval=1, not at the last step
-                         *step, "evaluate", *ROLLOUT_TO_TRAIN]  # eval_after, then asleep as it was found
+                         *step, "evaluate", *save,  # eval_interval=1 (not at the last step), then the save
+                         *step, *save, "evaluate", *ROLLOUT_TO_TRAIN]  # eval_after, then asleep as it was found
     check_order(rec.calls)

@@ -53,7 +53,7 @@ def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
     assert "len_reward/len_reward_mean" in rows[0]  # m2 is on in the AGPO preset
 
     # The trainer's checkpoints are the converter's format: export the last one back to HF.
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001", "step_000002"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000001", "step_000002"]
     hf_out = tmp_path / "hf_out"
     proc = subprocess.run([sys.executable, "-m", "checkpoints_conversion.megatron_to_hf", "--ckpt",
                            str(tmp_path / "ckpt" / "step_000002"), "--out", str(hf_out)],

@@ -289,6 +289,10 @@ class VLLMEngine:
             raise RuntimeError(f"VLLMEngine.generate while {sorted(self._asleep) or 'weights discarded'}: call "
                                "wake_weights(), update_weights(...), wake_kv_cache() first")
         mine = split_prompts(len(prompts), self.layout.num_replicas)[self.layout.replica]
+        # NOTE: each call starts from an empty prefix cache, so that its samples never depend on
+        # what earlier calls (an evaluation, the previous step) left cached: a resumed run then
+        # samples exactly what the uninterrupted one did.
+        self.llm.reset_prefix_cache()
         local: list[list[Completion]] = []
         if len(mine):
             outputs = self.llm.generate(
