@@ -44,6 +44,7 @@ import torch.distributed as dist
 from agpo_megatron import step_dirs
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import ConfigError, to_dict
+from agpo_megatron.redact import redact
 from agpo_megatron.parallel import Layout
 from agpo_megatron.platform import cpu as cpu_platform
 
@@ -311,7 +312,7 @@ class RunCheckpointer:
             "clip_ctl": self.clip_ctl.state_dict() if self.clip_ctl is not None else None,
             "reference": self.reference_source,
             "layout": {"world_size": lay.world_size, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
-            "config": to_dict(self.cfg),
+            "config": redact(to_dict(self.cfg)),  # no token from the environment lands in a checkpoint
         }
 
 

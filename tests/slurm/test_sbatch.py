@@ -7,7 +7,6 @@ Needs a running cluster named by AGPO_SLURM_CONF (its slurm.conf); `.ci/run` sta
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import subprocess
@@ -17,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agpo_megatron.config import CheckpointConfig
 from agpo_megatron.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_CONF = os.environ.get("AGPO_SLURM_CONF", "")
-# TODO(merge): checkpoint.resume and the preemption exit (75) come from the resume branch; once both
-# are merged this is always true, and HAS_RESUME and its skip can go.
-HAS_RESUME = "resume" in {f.name for f in dataclasses.fields(CheckpointConfig)}
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,8 +33,6 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "SLURM_CONF": SLURM_CONF, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"),
            "AGPO_CACHE_DIR": str(tmp_path / "cache"), "CONFIG": "examples/tiny_cpu.yaml",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
-    if not HAS_RESUME:
-        env["RESUME"] = ""  # this branch's config has no checkpoint.resume field yet
     return env
 
 
@@ -106,8 +99,6 @@ def test_exit_75_requeues_the_job_and_the_requeued_run_finishes(tmp_path):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(not HAS_RESUME, reason="needs checkpoint.resume and the trainer's save-and-exit-75 on SIGUSR1 "
-                                           "(the resume/preemption branch of issue 9); not merged into this branch yet")
 def test_preempted_job_saves_requeues_resumes_and_finishes(tmp_path):
     job_id = _submit(tmp_path, _env(tmp_path), *TINY_FLAGS, "slurm/agpo_qwen7b.sbatch", "steps=4",
                      "checkpoint.save_interval=1")
