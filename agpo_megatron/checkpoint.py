@@ -243,7 +243,8 @@ def _checkpoint_error(e: BaseException, path: Path, doing: str) -> CheckpointErr
         return e
     if isinstance(e, OSError) and e.filename:
         return CheckpointError(f"{e.filename}: cannot {doing}: {e.strerror or e}")
-    return CheckpointError(f"{path}: cannot {doing} the checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:400]})")
+    what = " ".join(str(e).split())[:400]  # one line, whatever the library's message looks like
+    return CheckpointError(f"{path}: cannot {doing} the checkpoint ({type(e).__name__}: {what})")
 
 
 @torch.no_grad()  # the optimizer copies into fp32 main params, which for fp32 models are the params
@@ -679,9 +680,10 @@ class _StreamingWriter(FileSystemWriter):
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:
             # torch.save reports a failed write as "unexpected pos A vs B"; the stream kept the cause.
-            cause = (stream.error if stream is not None else None) or e
-            what = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
-            raise CheckpointError(f"{path}: cannot write: {what}") from None
+            cause = stream.error if stream is not None and stream.error is not None else e
+            if not isinstance(cause, OSError):
+                raise
+            raise CheckpointError(f"{path}: cannot write: {cause.strerror or cause}") from None
         self.checksums = {file_name: stream.entry()}
         fut: Future = Future()
         fut.set_result(results)

@@ -14,8 +14,11 @@ writing), after its imports, and reports its own peak RSS (VmHWM):
   raw   every tensor read once with safetensors (`get_tensor`, copied into a reused buffer)
   copy  the same, each tensor's bytes written to a new file (fsynced): a conversion's floor
         of work, reading plus writing, without any format
-  h2m   hf_to_megatron in one process (`convert_hf_to_megatron`)
-  m2h   megatron_to_hf (`convert_megatron_to_hf`)
+  h2m   hf_to_megatron in one process (`convert_hf_to_megatron`), checksums taken while writing
+  m2h   megatron_to_hf (`convert_megatron_to_hf`), checksums verified first
+With `--checksums`, the same two with the checksum work switched off, for the overhead:
+  h2m_nohash    hf_to_megatron with a no-op hasher in place of blake3 / sha256
+  m2h_noverify  megatron_to_hf with verify=False (`--no-verify`)
 Targets: conversion >= 70% of the raw read speed; peak RSS <= 2 x the largest tensor + 1 GB.
 
 Page cache: dropping it needs privileges this machine does not grant, so every measurement
@@ -148,23 +151,26 @@ def child(mode: str, work: Path, layers: int) -> None:
                     dst.flush()
                     os.fsync(dst.fileno())
         result = {"seconds": time.perf_counter() - start, "bytes": nbytes}
-    elif mode == "h2m":
+    elif mode in ("h2m", "h2m_nohash"):
+        from agpo_megatron import checksums
         from agpo_megatron.parallel import init_model_parallel
         from checkpoints_conversion.hf_to_megatron import convert_hf_to_megatron, inspect_source
 
+        if mode == "h2m_nohash":
+            checksums.new_hasher = lambda algo=checksums.ALGO: _NoHash()
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         init_model_parallel(1, 1, seed=0)
         start = time.perf_counter()
-        stats = convert_hf_to_megatron(inspect_source(work / "hf"), work / "mcore")
+        stats = convert_hf_to_megatron(inspect_source(work / "hf"), work / "mcore", overwrite=True)
         result = {"seconds": time.perf_counter() - start, "bytes": stats["bytes"]}
-    elif mode == "m2h":
+    elif mode in ("m2h", "m2h_noverify"):
         from agpo_megatron.parallel import init_model_parallel
         from checkpoints_conversion.megatron_to_hf import convert_megatron_to_hf
 
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         init_model_parallel(1, 1, seed=0)
         start = time.perf_counter()
-        stats = convert_megatron_to_hf(work / "mcore", work / "hf_export")
+        stats = convert_megatron_to_hf(work / "mcore", work / "hf_export", verify=mode == "m2h")
         result = {"seconds": time.perf_counter() - start, "bytes": stats["bytes"]}
     else:
         raise ValueError(mode)
@@ -173,6 +179,16 @@ def child(mode: str, work: Path, layers: int) -> None:
     status = Path("/proc/self/status").read_text()
     result["peak_rss"] = int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) * 1024
     print("RESULT " + json.dumps(result), flush=True)
+
+
+class _NoHash:
+    """A hasher that does nothing: hf_to_megatron without the cost of its checksums."""
+
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 def measure(mode: str, work: Path, layers: int = 0) -> dict:
@@ -201,7 +217,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/conversion_bench"))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--child", choices=["source", "raw", "copy", "h2m", "m2h"], help=argparse.SUPPRESS)
+    p.add_argument("--checksums", action="store_true",
+                   help="also run both conversions without their checksum work (h2m_nohash, m2h_noverify)")
+    p.add_argument("--child", choices=["source", "raw", "copy", "h2m", "m2h", "h2m_nohash", "m2h_noverify"],
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child, args.work, args.layers)
@@ -217,11 +236,13 @@ def main() -> None:
     # Rounds of every measurement, each in a fresh process; the median of each is reported.
     # NOTE: the machine is shared; interleaving the rounds spreads other jobs' load over all steps.
     steps = {"raw read": "raw", "raw copy (read+write)": "copy", "hf_to_megatron": "h2m", "megatron_to_hf": "m2h"}
+    if args.checksums:
+        steps.update({"hf_to_megatron, no hashing": "h2m_nohash", "megatron_to_hf --no-verify": "m2h_noverify"})
     runs: dict[str, list[dict]] = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, mode in steps.items():
             runs[name].append(measure(mode, args.work))
-            if mode in ("copy", "m2h"):  # outputs nothing reads again: free the space (tmpfs is RAM)
+            if mode in ("copy", "m2h", "m2h_noverify"):  # outputs nothing reads again: free the space (tmpfs is RAM)
                 shutil.rmtree(args.work / ("copy" if mode == "copy" else "hf_export"))
     bound = 2 * largest + 2**30
     raw_gbps = statistics.median(r["bytes"] / r["seconds"] for r in runs["raw read"]) / 1e9
