@@ -49,6 +49,8 @@ def check_target(out: str | Path, *, overwrite: bool, inputs: tuple[Path, ...] =
         a, b = out.resolve(), Path(src).resolve()
         if a == b or a in b.parents or b in a.parents:
             raise CheckpointError(f"{out}: the output folder may not be, hold or sit inside the input {src}")
+    if out.is_symlink():  # replacing it would swap the link, not the folder it points to
+        raise CheckpointError(f"{out}: is a symbolic link; pass the folder it points to")
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise CheckpointError(f"{out}: cannot be created: {blocker} exists and is not a folder")

@@ -101,3 +101,9 @@ def test_checksum_problems_name_the_file(tmp_path):
         f"{f}: truncated: 100 bytes, agpo_meta.json records 200"
     f.unlink()
     assert checksums.check(tmp_path, "data", entry, "agpo_meta.json") == f"{f}: missing (agpo_meta.json lists it)"
+
+
+def test_symlinked_output_is_refused(tmp_path):
+    (tmp_path / "link").symlink_to(fill(tmp_path / "real", OLD))
+    with pytest.raises(CheckpointError, match=r"/link: is a symbolic link"):
+        output_dir.check_target(tmp_path / "link", overwrite=True)
