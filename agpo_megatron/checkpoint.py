@@ -7,7 +7,8 @@ A checkpoint directory::
     common.pt            non-tensor state, saved by rank 0: step, extra_state, scheduler, optimizer param groups
     .metadata            torch.distributed.checkpoint index: each tensor's global shape, dtype and chunks
     __<rank>_0.distcp    one file per saving rank, holding that rank's chunks
-    agpo_meta.json       our sidecar (`CheckpointMeta`): step, HF config.json, source, dtype, layout
+    agpo_meta.json       our sidecar (`CheckpointMeta`): step, HF config.json, source, dtype, layout,
+                         and a checksum of every other file (verified before a load reads a tensor)
     hf_assets/           tokenizer and generation_config files of the HF model, for export back to HF
 
 Tensors are keyed the way `model.sharded_state_dict()` keys them: by global name and global shape.
@@ -36,6 +37,7 @@ import io
 import json
 import os
 import struct
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,12 +61,13 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 from megatron.core.transformer.module import Float16Module
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, LoadPlan
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter, LoadPlan
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from agpo_megatron import checksums
 from agpo_megatron.bridge.hf_io import CheckpointError
 from agpo_megatron.bridge.hf_writer import copy_hf_assets
 from agpo_megatron.config import ModelConfig, ParallelConfig
@@ -114,6 +117,9 @@ class CheckpointMeta:
     """The HF config.json contents. None when unknown; export then needs --hf-config-from."""
     format_version: int = FORMAT_VERSION
     """Bumped when this sidecar's meaning changes."""
+    checksums: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Every other file of the checkpoint: relative path -> {"bytes": size, "<algo>": hex digest}
+    (`agpo_megatron.checksums`). Empty for checkpoints saved before checksums existed."""
 
 
 def write_meta(path: str | Path, meta: CheckpointMeta) -> None:
@@ -175,7 +181,7 @@ def save_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     # Non-finite weights are never written (issue 11); collective, so every rank refuses alike.
     check_finite_weights(((n, p) for c in chunks for n, p in c.named_parameters()), f"saving {path}")
     if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        _mkdir(path)
     dist.barrier()
     sd_meta = sharded_sd_metadata()
     state = _model_state(chunks, sd_meta)
@@ -184,33 +190,82 @@ def save_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["agpo"] = {"step": int(step), "extra_state": dict(extra_state or {})}
-    with cpu_platform.megatron_scope():
-        dist_checkpointing.save(state, str(path), sharded_strategy=_StreamingSaveStrategy())
-
+    sums = _save(state, path, _StreamingSaveStrategy())
     if dist.get_rank() == 0:
-        hf_config = None
-        if hf_dir is not None:
-            hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
-            copy_hf_assets(hf_dir, path / ASSETS_DIR)
-        write_meta(path, CheckpointMeta(
+        hf_config = None if hf_dir is None else json.loads((Path(hf_dir) / "config.json").read_text())
+        _finish(path, CheckpointMeta(
             step=int(step), source="trainer", params_dtype=_dtype_name(next(chunks[0].parameters()).dtype),
             tp=mpu.get_tensor_model_parallel_world_size(), pp=mpu.get_pipeline_model_parallel_world_size(),
             hf_config=hf_config,
-        ))
+        ), sums, hf_assets_from=hf_dir)
     dist.barrier()
 
 
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot create the checkpoint folder: {e.strerror or e}") from None
+
+
+def _save(state: dict, path: Path, strategy: _StreamingSaveStrategy) -> dict[str, dict[str, Any]]:
+    """`dist_checkpointing.save`, any failure one CheckpointError naming the file. Collective.
+
+    Returns the checksums of every rank's data file, taken while writing it.
+    """
+    try:
+        with cpu_platform.megatron_scope():
+            dist_checkpointing.save(state, str(path), sharded_strategy=strategy)
+    except (Exception, CheckpointException) as e:  # NOTE: torch's CheckpointException is a BaseException
+        raise _checkpoint_error(e, path, "write") from None
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, getattr(strategy, "checksums", {}))
+    return {k: v for g in gathered for k, v in g.items()}
+
+
+def _finish(path: Path, meta: CheckpointMeta, sums: dict[str, dict[str, Any]], *,
+            hf_assets_from: str | Path | None) -> None:
+    """Rank 0, after the tensors: the HF assets, then the sidecar with a checksum of every file.
+
+    The small files (common.pt, .metadata, metadata.json, assets) are hashed here, after writing.
+    """
+    try:
+        if hf_assets_from is not None:
+            copy_hf_assets(hf_assets_from, path / ASSETS_DIR)
+        write_meta(path, dataclasses.replace(meta, checksums=checksums.complete(path, sums, skip={SIDECAR})))
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or path}: cannot write: {e.strerror or e}") from None
+
+
+def _checkpoint_error(e: BaseException, path: Path, doing: str) -> CheckpointError:
+    """One line for a failure inside torch DCP or Megatron, naming the file where it is known."""
+    if isinstance(e, CheckpointException):  # rank -> (exception, traceback)
+        errors = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        e = next((x for x in errors if isinstance(x, CheckpointError)), errors[0] if errors else e)
+    if isinstance(e, CheckpointError):
+        return e
+    if isinstance(e, OSError) and e.filename:
+        return CheckpointError(f"{e.filename}: cannot {doing}: {e.strerror or e}")
+    what = " ".join(str(e).split())[:400]  # one line, whatever the library's message looks like
+    return CheckpointError(f"{path}: cannot {doing} the checkpoint ({type(e).__name__}: {what})")
+
+
 @torch.no_grad()  # the optimizer copies into fp32 main params, which for fp32 models are the params
-def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=None) -> Restored:
+def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=None, *,
+                    verify: bool = True) -> Restored:
     """Load `path` into this rank's model (+ optimizer, scheduler), at whatever TP/PP it runs.
 
     Collective. With `optimizer=None`, only the weights are loaded: use this for checkpoints
     converted from HF, which hold no optimizer state, and for resuming at another TP/PP. Build
     the optimizer after loading, since Megatron's optimizer copies the weights into its fp32
     main params when it is constructed. Returns the saved `extra_state` and `step` ({} and 0 for
-    a converted checkpoint).
+    a converted checkpoint). `verify`: check every file against the checksums in the sidecar
+    first (each rank hashes a share of the files); a mismatch is a CheckpointError naming the file.
     """
     path = require_checkpoint(path)
+    if verify:
+        _verify_collective(path)
+    _check_sizes(path)
     chunks = _as_chunks(model_chunks)
     sd_meta = sharded_sd_metadata()
     state = _model_state(chunks, sd_meta)
@@ -220,7 +275,10 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     with cpu_platform.megatron_scope():
         # NOTE: Megatron calls a key the model requests but the checkpoint lacks "unexpected"
         # (and drops it from the load); those are the ones that must fail here.
-        loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+        try:
+            loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+        except (Exception, CheckpointException) as e:
+            raise _checkpoint_error(e, path, "read") from None
     if absent:
         hint = ""
         if any(k.startswith("optimizer.") for k in absent):
@@ -342,24 +400,87 @@ def save_from_source(path: str | Path, model: torch.nn.Module, materialize: Call
     """
     path = Path(path)
     if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        _mkdir(path)
     dist.barrier()
     state = {"model": model.sharded_state_dict(metadata=sharded_sd_metadata()),
              "agpo": {"step": meta.step, "extra_state": {}}}
-    with cpu_platform.megatron_scope():
-        dist_checkpointing.save(state, str(path), sharded_strategy=_StreamingSaveStrategy(materialize))
+    sums = _save(state, path, _StreamingSaveStrategy(materialize))
     if dist.get_rank() == 0:
-        if hf_assets_from is not None:
-            copy_hf_assets(hf_assets_from, path / ASSETS_DIR)
-        write_meta(path, meta)
+        _finish(path, meta, sums, hf_assets_from=hf_assets_from)
     dist.barrier()
 
 
 def stored_tensors(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Checkpoint key -> (global shape, dtype) of every tensor stored (model and optimizer)."""
-    with cpu_platform.megatron_scope():
-        meta = dist_checkpointing.load_tensors_metadata(str(require_checkpoint(path)))
+    path = require_checkpoint(path)
+    try:
+        with cpu_platform.megatron_scope():
+            meta = dist_checkpointing.load_tensors_metadata(str(path))
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e})") from None
     return {k: (tuple(sh.global_shape), sh.dtype) for k, sh in meta.items()}
+
+
+# ---- integrity: checksums from the sidecar, data file sizes from .metadata -----------------------
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check every file of the checkpoint against the checksums in its sidecar, in this process.
+
+    A mismatch raises a one-line CheckpointError naming the file. A checkpoint saved without
+    checksums (or by another tool) passes, with a one-line note on stderr.
+    """
+    problems, note = _verify_share(Path(path), 0, 1)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    if problems:
+        raise CheckpointError(problems[0])
+
+
+def _verify_collective(path: Path) -> None:
+    """`verify_checkpoint` over the world: each rank hashes every world-th file; all ranks raise alike."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problems, note = _verify_share(path, rank, world)
+    gathered: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, problems)
+    bad = sorted(p for g in gathered for p in g)
+    if note and rank == 0:
+        print(note, file=sys.stderr, flush=True)
+    if bad:
+        raise CheckpointError(bad[0] + (f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""))
+
+
+def _verify_share(path: Path, rank: int, world: int) -> tuple[list[str], str | None]:
+    meta = read_meta(path)
+    if meta is None or not meta.checksums:
+        why = f"it has no {SIDECAR}" if meta is None else "it was saved before checksums existed"
+        return [], f"note: {path}: loading without checksum verification ({why})"
+    files = sorted(meta.checksums)[rank::world]
+    return [p for rel in files if (p := checksums.check(path, rel, meta.checksums[rel], SIDECAR))], None
+
+
+def _check_sizes(path: Path, reader: FileSystemReader | None = None) -> None:
+    """Every data file at least as long as `.metadata` says: a truncated file named, cheaply.
+
+    NOTE: not inside a reader's `read_metadata`: torch DCP swallows errors raised there.
+    """
+    try:
+        metadata = (reader or FileSystemReader(str(path))).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e})") from None
+    need: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, n in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; the checkpoint's .metadata places tensors in it")
+        if f.stat().st_size < n:
+            raise CheckpointError(f"{f}: truncated: {f.stat().st_size} bytes, the checkpoint's .metadata "
+                                  f"needs {n}")
+    common = path / "common.pt"
+    if common.is_file() and not zipfile.is_zipfile(common):
+        raise CheckpointError(f"{common}: truncated or corrupt (not a torch.save archive)")
 
 
 class ParamReader:
@@ -369,8 +490,10 @@ class ParamReader:
     parameter comes back as the full tensor, whatever layout the checkpoint was saved at.
     """
 
-    def __init__(self, path: str | Path, model: torch.nn.Module):
+    def __init__(self, path: str | Path, model: torch.nn.Module, *, verify: bool = True):
         self.path = require_checkpoint(path)
+        if verify:  # `verify`: as in load_checkpoint, but this process checks every file
+            verify_checkpoint(self.path)
         sd = model.sharded_state_dict(metadata=sharded_sd_metadata())
         self._params = {name: sd[name] for name, _ in model.named_parameters() if name in sd}
         apply_factories(self._params)  # SwiGLU fc1 -> its stored pieces, as views of the meta param
@@ -379,6 +502,7 @@ class ParamReader:
         self._meta = dict(model.named_parameters())
         self._buffer = torch.empty(0, dtype=torch.uint8)
         self._reader = _DirectReader(self.path)
+        _check_sizes(self.path, self._reader)
 
     def names(self) -> list[str]:
         return list(self._chunks)
@@ -416,8 +540,11 @@ class ParamReader:
         # Straight to torch DCP, without Megatron's `load` around it: that re-reads common.pt
         # and checks that the requests cover every tensor, which one parameter never does.
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(request)
-        dcp.load(mcore_to_pyt_state_dict(by_key, is_loading=True), storage_reader=self._reader,
-                 planner=MCoreLoadPlanner(), no_dist=True)
+        try:
+            dcp.load(mcore_to_pyt_state_dict(by_key, is_loading=True), storage_reader=self._reader,
+                     planner=MCoreLoadPlanner(), no_dist=True)
+        except (Exception, CheckpointException) as e:
+            raise _checkpoint_error(e, self.path, "read") from None
         return out
 
 
@@ -457,8 +584,9 @@ class _StreamingSaveStrategy(SaveShardedStrategy):
             # Before `mcore_to_pyt_state_dict`, which reshapes each chunk's `data` in place.
             planner = _MaterializingPlanner(_param_views(sharded_state_dict), self.materialize, **planner_kw)
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False),
-                 storage_writer=_StreamingWriter(checkpoint_dir), planner=planner)
+        writer = _StreamingWriter(checkpoint_dir)
+        dcp.save(mcore_to_pyt_state_dict(by_key, is_loading=False), storage_writer=writer, planner=planner)
+        self.checksums = writer.checksums  # this rank's data file, hashed while written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,29 +652,42 @@ class _StreamingWriter(FileSystemWriter):
 
     def __init__(self, path):
         super().__init__(path, single_file_per_rank=True, thread_count=1, sync_files=True)
+        self.checksums: dict[str, dict[str, Any]] = {}
 
     def write_data(self, plan, planner) -> Future:
         file_name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        path = os.path.join(self.path, file_name)
         results = []
-        with open(os.path.join(self.path, file_name), "wb") as stream:
-            for item in plan.items:
-                data = planner.resolve_data(item)
-                offset = stream.tell()
-                if item.type == WriteItemType.BYTE_IO:
-                    stream.write(data.getbuffer())
-                else:
-                    tensor = _own_storage(data.detach().cpu())
-                    # NOTE: torch.load never checks the zip CRC32 that torch.save computes by
-                    # default; skipping it cut the time of torch.save by about 30% here.
-                    with torch_serialization.config.patch({"save.compute_crc32": False}):
-                        torch.save(tensor, stream)
-                    del tensor
-                del data
-                length = stream.tell() - offset
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(file_name, offset, length)))
-            stream.flush()
-            os.fsync(stream.fileno())
+        stream = None
+        try:
+            with open(path, "wb") as f:
+                # The checksum is taken on the way to the file: no second read pass.
+                stream = checksums.HashingWriter(f)
+                for item in plan.items:
+                    data = planner.resolve_data(item)
+                    offset = stream.tell()
+                    if item.type == WriteItemType.BYTE_IO:
+                        stream.write(data.getbuffer())
+                    else:
+                        tensor = _own_storage(data.detach().cpu())
+                        # NOTE: torch.load never checks the zip CRC32 that torch.save computes by
+                        # default; skipping it cut the time of torch.save by about 30% here.
+                        with torch_serialization.config.patch({"save.compute_crc32": False}):
+                            torch.save(tensor, stream)
+                        del tensor
+                    del data
+                    length = stream.tell() - offset
+                    results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                               storage_data=_StorageInfo(file_name, offset, length)))
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a failed write as "unexpected pos A vs B"; the stream kept the cause.
+            cause = stream.error if stream is not None and stream.error is not None else e
+            if not isinstance(cause, OSError):
+                raise
+            raise CheckpointError(f"{path}: cannot write: {cause.strerror or cause}") from None
+        self.checksums = {file_name: stream.entry()}
         fut: Future = Future()
         fut.set_result(results)
         return fut
@@ -595,7 +736,11 @@ class _DirectReader(FileSystemReader):
                 continue
             info = self.storage_data[req.storage_index]
             with open(os.path.join(self.path, info.relative_path), "rb", buffering=0) as f:
-                start = _record_data_offset(f, info.offset, info.length, target.nbytes)
+                try:
+                    start = _record_data_offset(f, info.offset, info.length, target.nbytes)
+                except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+                    raise CheckpointError(f"{self.path / info.relative_path}: chunk of {req.storage_index.fqn!r} "
+                                          f"at byte {info.offset} is corrupt ({e})") from None
                 if start is None:
                     stock.append(req)
                     continue
@@ -606,7 +751,12 @@ class _DirectReader(FileSystemReader):
                                           "is truncated")
             planner.commit_tensor(req, target)
         if stock:
-            return super().read_data(LoadPlan(stock), planner)
+            try:
+                return super().read_data(LoadPlan(stock), planner)
+            except Exception as e:
+                info = self.storage_data[stock[0].storage_index]
+                raise CheckpointError(f"{self.path / info.relative_path}: cannot read chunk(s) of "
+                                      f"{stock[0].storage_index.fqn!r} ({type(e).__name__}: {e})") from None
         fut: Future = Future()
         fut.set_result(None)
         return fut

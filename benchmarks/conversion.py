@@ -14,8 +14,12 @@ writing), after its imports, and reports its own peak RSS (VmHWM):
   raw   every tensor read once with safetensors (`get_tensor`, copied into a reused buffer)
   copy  the same, each tensor's bytes written to a new file (fsynced): a conversion's floor
         of work, reading plus writing, without any format
-  h2m   hf_to_megatron in one process (`convert_hf_to_megatron`)
-  m2h   megatron_to_hf (`convert_megatron_to_hf`)
+  h2m   hf_to_megatron in one process (`convert_hf_to_megatron`), checksums taken while writing
+  m2h   megatron_to_hf (`convert_megatron_to_hf`), checksums verified first
+With `--checksums`, the same two with the checksum work switched off, for the overhead:
+  h2m_nohash    hf_to_megatron with a no-op hasher in place of blake3 / sha256
+  m2h_noverify  megatron_to_hf with verify=False (`--no-verify`)
+  verify        `verify_checkpoint` alone: read and hash every file of the checkpoint
 Targets: conversion >= 70% of the raw read speed; peak RSS <= 2 x the largest tensor + 1 GB.
 
 Page cache: dropping it needs privileges this machine does not grant, so every measurement
@@ -148,23 +152,33 @@ def child(mode: str, work: Path, layers: int) -> None:
                     dst.flush()
                     os.fsync(dst.fileno())
         result = {"seconds": time.perf_counter() - start, "bytes": nbytes}
-    elif mode == "h2m":
+    elif mode in ("h2m", "h2m_nohash"):
+        from agpo_megatron import checksums
         from agpo_megatron.parallel import init_model_parallel
         from checkpoints_conversion.hf_to_megatron import convert_hf_to_megatron, inspect_source
 
+        if mode == "h2m_nohash":
+            checksums.new_hasher = lambda algo=checksums.ALGO: _NoHash()
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         init_model_parallel(1, 1, seed=0)
         start = time.perf_counter()
-        stats = convert_hf_to_megatron(inspect_source(work / "hf"), work / "mcore")
+        stats = convert_hf_to_megatron(inspect_source(work / "hf"), work / "mcore", overwrite=True)
         result = {"seconds": time.perf_counter() - start, "bytes": stats["bytes"]}
-    elif mode == "m2h":
+    elif mode == "verify":
+        from agpo_megatron.checkpoint import verify_checkpoint
+
+        start = time.perf_counter()
+        verify_checkpoint(work / "mcore")
+        result = {"seconds": time.perf_counter() - start,
+                  "bytes": sum(p.stat().st_size for p in (work / "mcore").rglob("*") if p.is_file())}
+    elif mode in ("m2h", "m2h_noverify"):
         from agpo_megatron.parallel import init_model_parallel
         from checkpoints_conversion.megatron_to_hf import convert_megatron_to_hf
 
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         init_model_parallel(1, 1, seed=0)
         start = time.perf_counter()
-        stats = convert_megatron_to_hf(work / "mcore", work / "hf_export")
+        stats = convert_megatron_to_hf(work / "mcore", work / "hf_export", verify=mode == "m2h")
         result = {"seconds": time.perf_counter() - start, "bytes": stats["bytes"]}
     else:
         raise ValueError(mode)
@@ -173,6 +187,16 @@ def child(mode: str, work: Path, layers: int) -> None:
     status = Path("/proc/self/status").read_text()
     result["peak_rss"] = int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) * 1024
     print("RESULT " + json.dumps(result), flush=True)
+
+
+class _NoHash:
+    """A hasher that does nothing: hf_to_megatron without the cost of its checksums."""
+
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 def measure(mode: str, work: Path, layers: int = 0) -> dict:
@@ -201,7 +225,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/conversion_bench"))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--child", choices=["source", "raw", "copy", "h2m", "m2h"], help=argparse.SUPPRESS)
+    p.add_argument("--checksums", action="store_true",
+                   help="also run both conversions without their checksum work (h2m_nohash, m2h_noverify)")
+    p.add_argument("--child", choices=["source", "raw", "copy", "h2m", "m2h", "h2m_nohash", "m2h_noverify", "verify"],
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child, args.work, args.layers)
@@ -217,11 +244,14 @@ def main() -> None:
     # Rounds of every measurement, each in a fresh process; the median of each is reported.
     # NOTE: the machine is shared; interleaving the rounds spreads other jobs' load over all steps.
     steps = {"raw read": "raw", "raw copy (read+write)": "copy", "hf_to_megatron": "h2m", "megatron_to_hf": "m2h"}
+    if args.checksums:
+        steps.update({"verify_checkpoint": "verify", "hf_to_megatron, no hashing": "h2m_nohash",
+                      "megatron_to_hf --no-verify": "m2h_noverify"})
     runs: dict[str, list[dict]] = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, mode in steps.items():
             runs[name].append(measure(mode, args.work))
-            if mode in ("copy", "m2h"):  # outputs nothing reads again: free the space (tmpfs is RAM)
+            if mode in ("copy", "m2h", "m2h_noverify"):  # outputs nothing reads again: free the space (tmpfs is RAM)
                 shutil.rmtree(args.work / ("copy" if mode == "copy" else "hf_export"))
     bound = 2 * largest + 2**30
     raw_gbps = statistics.median(r["bytes"] / r["seconds"] for r in runs["raw read"]) / 1e9
@@ -231,10 +261,10 @@ def main() -> None:
         rows.append({"step": name, "GB": rs[0]["bytes"] / 1e9, "GB/s": statistics.median(gbps),
                      "GB/s_range": [gbps[0], gbps[-1]], "vs_raw": statistics.median(gbps) / raw_gbps,
                      "peak_rss_GB": max(r["peak_rss"] for r in rs) / 1e9, "rss_bound_GB": bound / 1e9})
-    print(f"{'step':<24}{'GB':>6}{'GB/s (median, range)':>24}{'vs raw':>8}{'peak RSS GB':>13}{'bound GB':>10}")
+    print(f"{'step':<28}{'GB':>6}{'GB/s (median, range)':>24}{'vs raw':>8}{'peak RSS GB':>13}{'bound GB':>10}")
     for r in rows:
         rng = f"{r['GB/s']:.2f} ({r['GB/s_range'][0]:.2f}-{r['GB/s_range'][1]:.2f})"
-        print(f"{r['step']:<24}{r['GB']:>6.2f}{rng:>24}{r['vs_raw']:>8.0%}{r['peak_rss_GB']:>13.2f}"
+        print(f"{r['step']:<28}{r['GB']:>6.2f}{rng:>24}{r['vs_raw']:>8.0%}{r['peak_rss_GB']:>13.2f}"
               f"{r['rss_bound_GB']:>10.2f}")
     (args.work / "results.json").write_text(json.dumps({"layers": args.layers, "largest_tensor": largest,
                                                         "repeats": args.repeats, "rows": rows}, indent=2))

@@ -16,6 +16,13 @@ Before any tensor is read, the source is checked and any problem is an error nam
 and tensor: truncated files, a shard in the index that is missing, tensors the config does not
 account for, missing tensors, and shapes that disagree with config.json. Afterwards, every
 source tensor must have been consumed and every checkpoint tensor written.
+
+The output appears whole or not at all (`bridge.output_dir`). The checkpoint is written into a
+staging folder beside `--out` and renamed into place once it is complete and checked. A
+non-empty `--out` is refused: converting into a trained checkpoint would leave the new weights
+beside its old optimizer state, and a resume would pair them. `--overwrite` replaces the whole
+folder, optimizer state included. The sidecar records a checksum of every file
+(`agpo_megatron.checksums`), which the loaders verify.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hf_to_megatron", description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-dir", required=True, type=Path, help="HF model directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory (created)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output checkpoint directory: new or empty, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out as a whole (atomically, once the new checkpoint is complete)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate / shard for")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate / shard for")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -56,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         if world not in (1, args.tp * args.pp):
             raise ValueError(f"run as 1 process or as tp*pp={args.tp * args.pp} ranks, not {world}")
         start = time.perf_counter()
+        check_out(args.out, args.hf_dir, overwrite=args.overwrite)
         src = inspect_source(args.hf_dir, tp=args.tp, pp=args.pp)  # bad input fails before anything heavy
         layout = init_model_parallel(args.tp if world > 1 else 1, args.pp if world > 1 else 1, seed=0)
-        stats = convert_hf_to_megatron(src, args.out, dtype=args.dtype)
-    except (ValueError, FileNotFoundError) as e:  # our checks' errors: the message is the report
+        stats = convert_hf_to_megatron(src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # our checks' errors and unusable paths: the message is the report
         print(f"hf_to_megatron: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return 2
     if layout.rank == 0:
         print(f"hf_to_megatron: {stats['tensors']} HF tensors, {stats['bytes'] / 1e9:.2f} GB -> {args.out} "
               f"({stats['dtype']}, chunks laid out for TP={layout.tp}/PP={layout.pp}; loads at any TP/PP) "
@@ -74,9 +85,69 @@ def main(argv: list[str] | None = None) -> int:
 # ---- the conversion (inside an initialized world of 1 or tp*pp ranks) --------------------------
 
 
-def convert_hf_to_megatron(src: Source, out: str | Path, *, dtype: str = "auto") -> dict[str, Any]:
+def convert_hf_to_megatron(src: Source, out: str | Path, *, dtype: str = "auto",
+                           overwrite: bool = False) -> dict[str, Any]:
     """Convert a checked source (`inspect_source`); collective over the current world, which
-    Megatron's parallel state lays out. Returns {'tensors', 'bytes', 'dtype'} (global)."""
+    Megatron's parallel state lays out. Returns {'tensors', 'bytes', 'dtype'} (global).
+
+    `out` must be new or empty unless `overwrite`; it is replaced whole once the new checkpoint
+    is complete (see the module docstring)."""
+    import torch.distributed as dist
+
+    from agpo_megatron.bridge import output_dir
+    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.parallel import comm_device
+
+    out = Path(out)
+    check_out(out, src.dir, overwrite=overwrite)  # on every rank, before anything is written
+    rank = dist.get_rank()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = output_dir.make_staging(out)
+        except ValueError as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=0, device=comm_device())
+    if isinstance(box[0], Exception):
+        raise box[0]
+    staging = box[0]
+    try:
+        stats = _convert(src, staging, dtype)
+        dist.barrier()
+        if rank == 0:
+            output_dir.commit(staging, out)
+        dist.barrier()
+    except BaseException as e:
+        if rank == 0:
+            output_dir.discard(staging)
+        if isinstance(e, CheckpointError):  # name the files as the user knows them, not the staging folder
+            raise CheckpointError(str(e).replace(str(staging), str(out))) from None
+        raise
+    return stats
+
+
+def check_out(out: Path, hf_dir: Path, *, overwrite: bool) -> None:
+    """Refuse an `out` that is not new or empty, unless `overwrite`; reads only (any rank calls it).
+
+    NOTE: never into an existing checkpoint: the message says what `out` holds.
+    """
+    from agpo_megatron import checkpoint
+    from agpo_megatron.bridge import output_dir
+
+    held = ""
+    if (Path(out) / "metadata.json").is_file() or (Path(out) / checkpoint.SIDECAR).is_file():
+        try:
+            meta = checkpoint.read_meta(out)
+        except ValueError:
+            meta = None
+        what = f", step {meta.step}, source {meta.source}" if meta is not None else ""
+        held = (f" (it holds a Megatron checkpoint{what}; hf_to_megatron never writes into an existing "
+                "checkpoint, whose optimizer state would no longer match its weights)")
+    output_dir.check_target(out, overwrite=overwrite, inputs=(Path(hf_dir),), held=held)
+
+
+def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
+    """The conversion into the (staging) folder `out`."""
     import torch
     import torch.distributed as dist
 
@@ -124,7 +195,7 @@ def convert_hf_to_megatron(src: Source, out: str | Path, *, dtype: str = "auto")
     if unread:
         raise CheckpointError(f"{hf_dir}: {len(unread)} tensor(s) were never converted: {sorted(unread)[:8]}")
     # Every target tensor written, with the shape the trainer's model expects.
-    expected = checkpoint.ParamReader(out, model).expected()
+    expected = checkpoint.ParamReader(out, model, verify=False).expected()  # our own output: no second read
     gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, expected)
     check_stored(out, {k: v for d in gathered for k, v in d.items()}, "the converted model")

@@ -8,7 +8,9 @@ are appended one at a time in plan order. Memory stays at one tensor, whatever t
 
 Like `save_pretrained`, a plan that fits in one shard becomes `model.safetensors` with no index.
 Shards are written as `<name>.partial` and renamed when complete, and the index comes last: a
-directory with an index and no `.partial` files is a complete checkpoint.
+directory with an index and no `.partial` files is a complete checkpoint. The writer refuses a
+folder that already holds weight files (their index could name stale shards); the converter
+writes into a fresh staging folder and renames it (`bridge.output_dir`).
 
 Non-weight files of the source model (tokenizer, generation_config, chat template) travel with
 `copy_hf_assets`; config.json is written by `write_hf_config`, with the export dtype.
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from agpo_megatron.bridge.output_dir import fault_point
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -115,6 +119,9 @@ class HFCheckpointWriter:
             raise HFWriteError(f"safetensors cannot store dtypes {unsupported}")
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        stale = sorted(p.name for p in self.dir.iterdir() if p.name.endswith((".safetensors", ".partial", INDEX_NAME)))
+        if stale:
+            raise HFWriteError(f"{self.dir}: already holds weight files {stale[:3]}; write into a new folder")
         self.shards = plan_shards(specs, max_shard_bytes)
         self._queue = [(shard, spec) for shard in self.shards for spec in shard.specs]
         self._next = 0
@@ -153,6 +160,7 @@ class HFCheckpointWriter:
             self._stream.close()
             self._stream = None
             os.replace(self.dir / (shard.file + ".partial"), self.dir / shard.file)
+            fault_point("hf_writer:shard")
 
     def close(self) -> list[Path]:
         """Check completeness, write the index (if sharded); returns the shard paths."""
