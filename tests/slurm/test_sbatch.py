@@ -53,7 +53,7 @@ def _wait_done(job_id: str, timeout_s: float, *, on_requeue=None) -> dict[str, s
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True,
                            env={**os.environ, "SLURM_CONF": SLURM_CONF})
             nudged = True
-        time.sleep(1)
+        time.sleep(0.5)
     subprocess.run(["scancel", job_id], env={**os.environ, "SLURM_CONF": SLURM_CONF})
     raise AssertionError(f"job {job_id} did not finish in {timeout_s}s: {_job(job_id).get('JobState')}")
 
@@ -100,13 +100,14 @@ def test_exit_75_requeues_the_job_and_the_requeued_run_finishes(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_preempted_job_saves_requeues_resumes_and_finishes(tmp_path):
-    job_id = _submit(tmp_path, _env(tmp_path), *TINY_FLAGS, "slurm/agpo_qwen7b.sbatch", "steps=4",
+    # 8 steps: the signal must land while the job still runs (4 tiny steps can end within a poll).
+    job_id = _submit(tmp_path, _env(tmp_path), *TINY_FLAGS, "slurm/agpo_qwen7b.sbatch", "steps=8",
                      "checkpoint.save_interval=1")
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
         assert time.time() < deadline and _job(job_id)["JobState"] in ("PENDING", "RUNNING"), "no step before preemption"
-        time.sleep(1)
+        time.sleep(0.5)
     # What `#SBATCH --signal=USR1@120` delivers before the time limit: SIGUSR1 to the job steps' tasks.
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env={**os.environ, "SLURM_CONF": SLURM_CONF})
     job = _wait_done(job_id, 500)
@@ -114,5 +115,5 @@ def test_preempted_job_saves_requeues_resumes_and_finishes(tmp_path):
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-6000:]
     assert "requeueing job" in log
     rows = read_jsonl(metrics)
-    assert rows[-1]["step"] == 4 and {r["step"] for r in rows} == {1, 2, 3, 4}
-    assert (tmp_path / "run" / "checkpoints" / "step_000004").is_dir()
+    assert rows[-1]["step"] == 8 and {r["step"] for r in rows} == set(range(1, 9))
+    assert (tmp_path / "run" / "checkpoints" / "step_000008").is_dir()
