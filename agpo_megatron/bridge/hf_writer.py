@@ -146,6 +146,8 @@ class HFCheckpointWriter:
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise HFWriteError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, "
                                f"the plan says {spec.dtype} {spec.shape}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # issue 11: never export NaN/Inf
+            raise HFWriteError(f"tensor {name!r} has non-finite values (NaN or Inf); nothing was exported")
         if spec is shard.specs[0]:
             self._stream = open(self.dir / (shard.file + ".partial"), "wb")
             self._stream.write(shard.header())

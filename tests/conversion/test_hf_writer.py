@@ -73,6 +73,8 @@ def test_non_contiguous_input_is_written_by_value(tmp_path):
     ("b.weight", torch.zeros(16), r"'b\.weight' written out of order: the plan expects 'a\.weight' next"),
     ("a.weight", torch.zeros(64, 32), r"'a\.weight': got torch\.float32 \(64, 32\), the plan says torch\.bfloat16"),
     ("a.weight", torch.zeros(32, 64, dtype=torch.bfloat16), r"'a\.weight': got .*\(32, 64\).*\(64, 32\)"),
+    ("a.weight", torch.full((64, 32), float("nan"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
+    ("a.weight", torch.full((64, 32), float("inf"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
 ])
 def test_writes_that_break_the_plan_are_refused(tmp_path, name, tensor, message):
     w = HFCheckpointWriter(tmp_path, specs_of(make_tensors()))
