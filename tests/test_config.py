@@ -124,3 +124,13 @@ def test_agpo_reward_bounds_must_match_the_reward(yaml_file):
     with pytest.raises(ConfigError, match=r"algo.r_min=-1 / algo.r_max=1 must be the math reward's range \[0, 1\]"):
         load_train_config(yaml_file, ["algo.r_min=-1"])
     assert load_train_config(yaml_file, ["algo.r_min=-1", "algo.advantage=grpo"]).algo.r_min == -1  # unused by GRPO
+
+
+def test_a_run_with_save_dir_always_saves_its_last_step():
+    """Issue 11: save_interval=0 still saves once, at the end (and save_dir's writability is checked at start)."""
+    from agpo_megatron.config import CheckpointConfig
+
+    c = CheckpointConfig(save_dir="ckpt", save_interval=0)
+    assert [s for s in range(1, 11) if c.due(s, 10)] == [10]
+    assert [s for s in range(1, 11) if CheckpointConfig(save_dir="ckpt", save_interval=4).due(s, 10)] == [4, 8, 10]
+    assert not any(CheckpointConfig(save_dir=None).due(s, 10) for s in range(1, 11))
