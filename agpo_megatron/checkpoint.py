@@ -48,10 +48,10 @@ import torch.utils.serialization as torch_serialization
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as mpu
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreLoadPlanner,
     MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
@@ -432,19 +432,18 @@ def _leaves(tree) -> Iterator[Any]:
 # ---- the streaming save strategy ---------------------------------------------------------------
 
 
-class _StreamingSaveStrategy(SaveShardedStrategy):
+class _StreamingSaveStrategy(TorchDistSaveShardedStrategy):
     """torch_dist format, written synchronously by `_StreamingWriter` (see the module NOTE).
 
     With `materialize`, tensor data comes from it instead of the state dict (`save_from_source`).
+    NOTE: a subclass of Megatron's torch_dist strategy, not of the abstract base: megatron-core
+    0.19 silently replaces any other strategy by its default one (and 0.17+ removed the
+    `strategies.base` module). Only `save` is used; the async machinery is not.
     """
 
     def __init__(self, materialize: Callable[[str], torch.Tensor] | None = None):
         super().__init__("torch_dist", 1)
         self.materialize = materialize
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         planner_kw = dict(dedup_replicated_tensors=False, flatten_state_dict=False)
