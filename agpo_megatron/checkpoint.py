@@ -216,8 +216,9 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=sd_meta)
     with cpu_platform.megatron_scope():
         # NOTE: Megatron calls a key the model requests but the checkpoint lacks "unexpected"
-        # (and drops it from the load); those are the ones that must fail here.
-        loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+        # (and drops it from the load), and a key stored but not requested "missing".
+        loaded, stored_only, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
+    absent = {k for k in absent if not _is_extra_state(k)}
     if absent:
         hint = ""
         if any(k.startswith("optimizer.") for k in absent):
@@ -226,8 +227,20 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
             f"{path}: {len(absent)} tensor(s) the model needs are not in the checkpoint, e.g. "
             f"{sorted(absent)[:6]}.{hint}"
         )
+    # Stored weights the model has no place for (optimizer state may be left out on purpose;
+    # objects such as another tool's RNG state are not weights).
+    weights = stored_tensors(path)
+    extra = {k for k in stored_only if k in weights and not k.startswith("optimizer.") and not _is_extra_state(k)}
+    if extra:
+        raise CheckpointError(
+            f"{path}: {len(extra)} stored tensor(s) have no place in the model, e.g. {sorted(extra)[:6]}; "
+            "was it saved from another architecture (e.g. tied vs untied embeddings)?"
+        )
     for key, chunk in zip(_model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        wrong = [k for k in (*result.missing_keys, *result.unexpected_keys) if not _is_extra_state(k)]
+        if wrong:
+            raise CheckpointError(f"{path}: the loaded state does not match the model: {sorted(wrong)[:6]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_torch_adam_step(optimizer)
@@ -237,6 +250,17 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
         scheduler.load_state_dict(loaded["scheduler"])
     agpo = loaded.get("agpo", {"step": 0, "extra_state": {}})
     return Restored(extra_state=agpo["extra_state"], step=int(agpo["step"]))
+
+
+def _is_extra_state(key: str) -> bool:
+    """A module's `_extra_state` entry (Megatron's checkpoint key or a torch state-dict key).
+
+    NOTE: the Transformer Engine spec stores extra state (FP8 scaling metadata) where the local
+    spec has none, e.g. `decoder.final_layernorm._extra_state` and the q/k norms'. TE rebuilds
+    it when absent, and the local spec ignores it, so a checkpoint loads under either spec
+    as long as the real weights match.
+    """
+    return key.endswith("_extra_state")
 
 
 def _allocate_optimizer_state(optimizer) -> None:
