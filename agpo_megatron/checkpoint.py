@@ -5,6 +5,8 @@ A checkpoint directory::
 
     metadata.json        dist_checkpointing backend and version (torch_dist, 1)
     common.pt            non-tensor state, saved by rank 0: step, extra_state, scheduler, optimizer param groups
+                         (megatron-core 0.16; 0.19 stores it as the object `common_state` in the .distcp files,
+                         so 0.19 reads 0.16's checkpoints but not the reverse)
     .metadata            torch.distributed.checkpoint index: each tensor's global shape, dtype and chunks
     __<rank>_0.distcp    one file per saving rank, holding that rank's chunks
     agpo_meta.json       our sidecar (`CheckpointMeta`): step, HF config.json, source, dtype, layout
@@ -45,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.utils.serialization as torch_serialization
+import megatron.core
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as mpu
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
@@ -72,6 +75,7 @@ from agpo_megatron.models import build
 from agpo_megatron.platform import cpu as cpu_platform
 
 SIDECAR = "agpo_meta.json"
+_MCORE_VERSION = tuple(int(x) for x in megatron.core.__version__.split(".")[:2])
 ASSETS_DIR = "hf_assets"
 FORMAT_VERSION = 1
 
@@ -208,6 +212,9 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     a converted checkpoint).
     """
     path = require_checkpoint(path)
+    if not (path / "common.pt").is_file() and _MCORE_VERSION < (0, 17):
+        raise CheckpointError(f"{path}: no common.pt, so written by a newer megatron-core (0.19 keeps it "
+                              f"in the .distcp files); megatron-core {megatron.core.__version__} cannot read it")
     chunks = _as_chunks(model_chunks)
     sd_meta = sharded_sd_metadata()
     state = _model_state(chunks, sd_meta)
