@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.utils.serialization as torch_serialization
-import megatron.core
+from megatron.core import __version__ as _mcore_version
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as mpu
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
@@ -75,7 +75,7 @@ from agpo_megatron.models import build
 from agpo_megatron.platform import cpu as cpu_platform
 
 SIDECAR = "agpo_meta.json"
-_MCORE_VERSION = tuple(int(x) for x in megatron.core.__version__.split(".")[:2])
+_MCORE_VERSION = tuple(int(x) for x in _mcore_version.split(".")[:2])
 ASSETS_DIR = "hf_assets"
 FORMAT_VERSION = 1
 
@@ -214,7 +214,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     path = require_checkpoint(path)
     if not (path / "common.pt").is_file() and _MCORE_VERSION < (0, 17):
         raise CheckpointError(f"{path}: no common.pt, so written by a newer megatron-core (0.19 keeps it "
-                              f"in the .distcp files); megatron-core {megatron.core.__version__} cannot read it")
+                              f"in the .distcp files); megatron-core {_mcore_version} cannot read it")
     chunks = _as_chunks(model_chunks)
     sd_meta = sharded_sd_metadata()
     state = _model_state(chunks, sd_meta)
@@ -468,8 +468,8 @@ class _StreamingSaveStrategy(TorchDistSaveShardedStrategy):
 
     With `materialize`, tensor data comes from it instead of the state dict (`save_from_source`).
     NOTE: a subclass of Megatron's torch_dist strategy, not of the abstract base: megatron-core
-    0.19 silently replaces any other strategy by its default one (and 0.17+ removed the
-    `strategies.base` module). Only `save` is used; the async machinery is not.
+    0.19 silently replaces any other strategy by its default one (and has no `strategies.base`
+    module). Only `save` is used; the async machinery is not.
     """
 
     def __init__(self, materialize: Callable[[str], torch.Tensor] | None = None):
