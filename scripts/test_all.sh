@@ -17,6 +17,11 @@ python312() {  # python3.12 from PATH, else pyenv's newest 3.12
 
 tier() {  # tier NAME VENV PYTHON
     local name=$1 venv=$2 py=$3 start=$SECONDS rc
+    # NOTE: a TP=2 vLLM-CPU engine in a process that ends through os._exit (the trainer's
+    # exit_cleanly) leaves its shared-memory files behind, and the next TP=2 engine then fails
+    # with "create shm in SHMManager failed. errno: 17". One tier's e2e test would break the next
+    # tier's, so each tier starts without them.
+    rm -f /dev/shm/*cpushm*
     echo "== tier $name: setup ($venv, $py)"
     if ! VENV=$venv PYTHON=$py bash scripts/setup_cpu.sh; then
         echo "tier $name: setup failed" >&2; return 1
