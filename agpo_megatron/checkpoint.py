@@ -5,6 +5,8 @@ A checkpoint directory::
 
     metadata.json        dist_checkpointing backend and version (torch_dist, 1)
     common.pt            non-tensor state, saved by rank 0: step, extra_state, scheduler, optimizer param groups
+                         (megatron-core 0.16; 0.19 stores it as the object `common_state` in the .distcp files,
+                         so 0.19 reads 0.16's checkpoints but not the reverse)
     .metadata            torch.distributed.checkpoint index: each tensor's global shape, dtype and chunks
     __<rank>_0.distcp    one file per saving rank, holding that rank's chunks
     agpo_meta.json       our sidecar (`CheckpointMeta`): step, HF config.json, source, dtype, layout,
@@ -47,13 +49,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.utils.serialization as torch_serialization
+from megatron.core import __version__ as _mcore_version
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as mpu
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreLoadPlanner,
     MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
@@ -76,6 +79,7 @@ from agpo_megatron.nonfinite import check_finite_weights
 from agpo_megatron.platform import cpu as cpu_platform
 
 SIDECAR = "agpo_meta.json"
+_MCORE_VERSION = tuple(int(x) for x in _mcore_version.split(".")[:2])
 ASSETS_DIR = "hf_assets"
 FORMAT_VERSION = 1
 
@@ -266,6 +270,9 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     if verify:
         _verify_collective(path)
     _check_sizes(path)
+    if not (path / "common.pt").is_file() and _MCORE_VERSION < (0, 17):
+        raise CheckpointError(f"{path}: no common.pt, so written by a newer megatron-core (0.19 keeps it "
+                              f"in the .distcp files); megatron-core {_mcore_version} cannot read it")
     chunks = _as_chunks(model_chunks)
     sd_meta = sharded_sd_metadata()
     state = _model_state(chunks, sd_meta)
@@ -274,11 +281,12 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=sd_meta)
     with cpu_platform.megatron_scope():
         # NOTE: Megatron calls a key the model requests but the checkpoint lacks "unexpected"
-        # (and drops it from the load); those are the ones that must fail here.
+        # (and drops it from the load), and a key stored but not requested "missing".
         try:
-            loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+            loaded, stored_only, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
         except (Exception, CheckpointException) as e:
             raise _checkpoint_error(e, path, "read") from None
+    absent = {k for k in absent if not _is_extra_state(k)}
     if absent:
         hint = ""
         if any(k.startswith("optimizer.") for k in absent):
@@ -287,8 +295,20 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
             f"{path}: {len(absent)} tensor(s) the model needs are not in the checkpoint, e.g. "
             f"{sorted(absent)[:6]}.{hint}"
         )
+    # Stored weights the model has no place for (optimizer state may be left out on purpose;
+    # objects such as another tool's RNG state are not weights).
+    weights = stored_tensors(path)
+    extra = {k for k in stored_only if k in weights and not k.startswith("optimizer.") and not _is_extra_state(k)}
+    if extra:
+        raise CheckpointError(
+            f"{path}: {len(extra)} stored tensor(s) have no place in the model, e.g. {sorted(extra)[:6]}; "
+            "was it saved from another architecture (e.g. tied vs untied embeddings)?"
+        )
     for key, chunk in zip(_model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        wrong = [k for k in (*result.missing_keys, *result.unexpected_keys) if not _is_extra_state(k)]
+        if wrong:
+            raise CheckpointError(f"{path}: the loaded state does not match the model: {sorted(wrong)[:6]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_torch_adam_step(optimizer)
@@ -298,6 +318,17 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
         scheduler.load_state_dict(loaded["scheduler"])
     agpo = loaded.get("agpo", {"step": 0, "extra_state": {}})
     return Restored(extra_state=agpo["extra_state"], step=int(agpo["step"]))
+
+
+def _is_extra_state(key: str) -> bool:
+    """A module's `_extra_state` entry (Megatron's checkpoint key or a torch state-dict key).
+
+    NOTE: the Transformer Engine spec stores extra state (FP8 scaling metadata) where the local
+    spec has none, e.g. `decoder.final_layernorm._extra_state` and the q/k norms'. TE rebuilds
+    it when absent, and the local spec ignores it, so a checkpoint loads under either spec
+    as long as the real weights match.
+    """
+    return key.endswith("_extra_state")
 
 
 def _allocate_optimizer_state(optimizer) -> None:
@@ -562,19 +593,18 @@ def _leaves(tree) -> Iterator[Any]:
 # ---- the streaming save strategy ---------------------------------------------------------------
 
 
-class _StreamingSaveStrategy(SaveShardedStrategy):
+class _StreamingSaveStrategy(TorchDistSaveShardedStrategy):
     """torch_dist format, written synchronously by `_StreamingWriter` (see the module NOTE).
 
     With `materialize`, tensor data comes from it instead of the state dict (`save_from_source`).
+    NOTE: a subclass of Megatron's torch_dist strategy, not of the abstract base: megatron-core
+    0.19 silently replaces any other strategy by its default one (and has no `strategies.base`
+    module). Only `save` is used; the async machinery is not.
     """
 
     def __init__(self, materialize: Callable[[str], torch.Tensor] | None = None):
         super().__init__("torch_dist", 1)
         self.materialize = materialize
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         planner_kw = dict(dedup_replicated_tensors=False, flatten_state_dict=False)

@@ -1,4 +1,4 @@
-"""Run real megatron-core (0.16.x) on a CPU-only machine with gloo.
+"""Run real megatron-core (0.16.1 to 0.19.x) on a CPU-only machine with gloo.
 
 megatron-core assumes CUDA in a handful of places. Nothing here changes numerics; each
 redirection only tells Megatron "the device is the CPU". The layer is active only when
@@ -32,6 +32,10 @@ The redirections, and why each is needed:
 
 5. `torch.cuda.synchronize()` -> no-op. The pipeline p2p exchange syncs the device after
    `batch_isend_irecv`; CPU ops are already synchronous, so there is nothing to wait for.
+
+6. `torch.cuda.current_stream()` -> `torch.cpu.current_stream()`. megatron-core 0.19's DDP
+   grad sync asks for the current stream to wait on CUDA-graph events (none exist on CPU).
+   The CPU stream has the same `wait_event`/`wait_stream` methods, and they do nothing.
 
 Also: pass an explicit causal `attention_mask` to GPTModel: Megatron's default mask is built
 with `device="cuda"` outside any place we can scope cheaply.
@@ -108,7 +112,7 @@ def _patch_rng() -> None:
 
 
 def activate() -> bool:
-    """Install the process-wide redirections (1, 2, 5). Returns whether the layer is active.
+    """Install the process-wide redirections (1, 2, 5, 6). Returns whether the layer is active.
 
     A no-op when CUDA is present, and a no-op when called a second time.
     """
@@ -117,6 +121,7 @@ def activate() -> bool:
         return _ACTIVE
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
     _patch_rng()
     _ACTIVE = True
     return True

@@ -62,3 +62,18 @@ def test_rng_tracker_fork_is_served_by_the_cpu_generator():
         "print(torch.equal(a, b))"
     )
     assert out == "True"
+
+
+def test_current_stream_is_the_cpu_stream():
+    # megatron-core 0.19's DDP grad sync waits on torch.cuda.current_stream().
+    out = _run(
+        "import torch\n"
+        "from agpo_megatron.platform import cpu\n"
+        "if cpu.activate():\n"
+        "    s = torch.cuda.current_stream()\n"
+        "    s.wait_stream(torch.cuda.current_stream()); s.wait_event(torch.cpu.Event())\n"
+        "    print(type(s).__module__, type(s).__name__)\n"
+        "else:\n"
+        "    print('torch.cpu Stream')  # inert on GPU machines"
+    )
+    assert out == "torch.cpu Stream"
