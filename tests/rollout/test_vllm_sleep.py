@@ -70,8 +70,9 @@ def test_gpu_level2_calls_vllm_in_the_rl_order(engine_on):
     engine.update_weights(iter([("w", None)]))
     engine.wake_kv_cache()
     _generate(engine)
+    # generate() clears the prefix cache first: a step never reuses K/V cached by an earlier call.
     assert llm.calls == [("sleep", 2), ("wake_up", ("weights",)), ("reload_weights",), ("reset_prefix_cache",),
-                         ("wake_up", ("kv_cache",)), ("generate",)]
+                         ("wake_up", ("kv_cache",)), ("reset_prefix_cache",), ("generate",)]
 
 
 def test_level1_keeps_the_weights(engine_on):
@@ -80,7 +81,8 @@ def test_level1_keeps_the_weights(engine_on):
     engine.wake_weights()
     engine.wake_kv_cache()  # allowed without a sync: level 1 restored the weights
     _generate(engine)
-    assert llm.calls == [("sleep", 1), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)), ("generate",)]
+    assert llm.calls == [("sleep", 1), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)), ("reset_prefix_cache",),
+                         ("generate",)]
 
 
 @pytest.mark.parametrize("gpu", [True, False])
@@ -102,7 +104,7 @@ def test_wrong_order_raises_on_every_platform(engine_on, gpu):
     engine.wake_kv_cache()
     _generate(engine)
     if not gpu:  # vLLM refuses sleep mode on CPU: nothing but generate and the sync reach it
-        assert llm.calls == [("reload_weights",), ("reset_prefix_cache",), ("generate",)]
+        assert llm.calls == [("reload_weights",), ("reset_prefix_cache",), ("reset_prefix_cache",), ("generate",)]
         assert "enable_sleep_mode" not in llm.kwargs
 
 

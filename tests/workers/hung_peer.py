@@ -15,7 +15,8 @@ from agpo_megatron.watchdog import StepWatchdog
 
 init_distributed(timeout_s=3600)  # the process-group timeout alone would block for an hour
 rank = dist.get_rank()
-print("PID", rank, os.getpid(), flush=True)
+sys.stdout.write(f"PID {rank} {os.getpid()}\n")  # one write: the ranks share the pipe
+sys.stdout.flush()
 timer = PhaseTimer(cuda=False)
 wd = StepWatchdog(float(sys.argv[1]), phase=lambda: timer.current, rank=rank).start()
 for i in range(100_000):
@@ -24,4 +25,5 @@ for i in range(100_000):
         dist.all_reduce(t)
     wd.beat()
     if i % 50 == 0:
-        print("STEP", rank, i, flush=True)
+        sys.stdout.write(f"STEP {rank} {i}\n")
+        sys.stdout.flush()

@@ -35,6 +35,12 @@ mask = torch.zeros(N, S)
 mask[:, 5:20] = 1.0
 
 
+def say(line: str) -> None:
+    """One write per line: print() may split text and newline, and two ranks share the pipe."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def step(nan_on_rank0: bool):
     adv = torch.randn(N, generator=g)
     if nan_on_rank0 and rank == 0:
@@ -53,28 +59,28 @@ w0 = weights()
 m = step(False)
 w1 = weights()
 moved = any(not torch.equal(w0[n], w1[n]) for n in w0)
-print(f"RESULT {rank} good_skipped={m['update_skipped']} moved={int(moved)}", flush=True)
+say(f"RESULT {rank} good_skipped={m['update_skipped']} moved={int(moved)}")
 
 sched = actor.scheduler.num_steps
 m = step(True)
 w2 = weights()
 unchanged = all(torch.equal(w1[n], w2[n]) for n in w1)
-print(f"RESULT {rank} bad_skipped={m['update_skipped']} nonfinite={m['nonfinite_step']} unchanged={int(unchanged)} "
-      f"sched_same={int(actor.scheduler.num_steps == sched)}", flush=True)
+say(f"RESULT {rank} bad_skipped={m['update_skipped']} nonfinite={m['nonfinite_step']} unchanged={int(unchanged)} "
+      f"sched_same={int(actor.scheduler.num_steps == sched)}")
 
 try:
     step(True)  # a second bad step in a row with max_bad_steps=1
-    print(f"RESULT {rank} second_bad=continued", flush=True)
+    say(f"RESULT {rank} second_bad=continued")
 except NonFiniteError as e:
-    print(f"RESULT {rank} second_bad=stopped stop_msg={'max_bad_steps=1' in str(e)}", flush=True)
+    say(f"RESULT {rank} second_bad=stopped stop_msg={'max_bad_steps=1' in str(e)}")
 
 if rank == 1:
     with torch.no_grad():
         next(actor.model.parameters())[0] = float("inf")
 try:
     actor.check_finite("a test save")
-    print(f"RESULT {rank} weights=accepted", flush=True)
+    say(f"RESULT {rank} weights=accepted")
 except NonFiniteError as e:
-    print(f"RESULT {rank} weights=refused refuse_msg={'before a test save' in str(e)}", flush=True)
+    say(f"RESULT {rank} weights=refused refuse_msg={'before a test save' in str(e)}")
 dist.barrier()
 exit_cleanly(0)

@@ -43,5 +43,6 @@ with strict_collectives() as checked:
     metrics = actor.policy_step([mb], PolicyLossConfig(), temperature=1.0, global_num_tokens=4 * 15,
                                 global_num_seqs=4, kl_coef=0.0, eps=(0.2, 0.2))
 assert metrics["grad_norm"] > 0, metrics
-print("CHECKED", len(checked), sorted({n for n, _ in checked}), flush=True)
+sys.stdout.write(f"CHECKED {len(checked)} {sorted({n for n, _ in checked})}\n")  # one write per line
+sys.stdout.flush()
 exit_cleanly(0)
