@@ -78,8 +78,9 @@ class ParallelConfig:
     """Process-group timeout for any one collective, sized for the slowest legitimate one (loading
     a 72B checkpoint, the first vLLM build)."""
     step_timeout_s: float = 1800.0
-    """A rank that finishes no training step for this long exits (code 124), naming its phase: a hung
-    or stopped peer fails the job instead of blocking it for `timeout_s`. 0 = off."""
+    """A rank that finishes no training step for this long exits (code 124), naming its phase, and once
+    steps run every collective is bounded by it too: a hung or stopped peer fails the job instead of
+    blocking it for `timeout_s`. 0 = off."""
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1, f"parallel.tp must be >= 1, got {self.tp}")

@@ -145,6 +145,39 @@ def init_model_parallel(tp: int, pp: int, seed: int, *, timeout_s: float = 3600.
     return current_layout()
 
 
+def set_collective_timeout(timeout_s: float) -> int:
+    """Bound every collective of the world and of Megatron's groups by `timeout_s` from now on.
+
+    NOTE (issue 11): start-up needs the long `parallel.timeout_s` (a 72B checkpoint load, the first
+    vLLM build); once training steps run, a collective that waits longer than a step may take is
+    a hung peer. The step watchdog ends such a rank in any case; this makes the collective itself
+    fail with an error first where the backend supports it (gloo and NCCL in torch >= 2.2).
+    Returns how many groups took the timeout (0 for `timeout_s` 0: off).
+    """
+    from megatron.core import parallel_state as mpu
+
+    if timeout_s <= 0:
+        return 0
+    td = datetime.timedelta(seconds=timeout_s)
+    getters = [lambda: None, mpu.get_tensor_model_parallel_group, mpu.get_pipeline_model_parallel_group,
+               mpu.get_data_parallel_group, mpu.get_model_parallel_group, mpu.get_embedding_group]
+    done, seen = 0, set()
+    for get in getters:
+        try:
+            group = get()
+        except (AssertionError, RuntimeError, AttributeError):  # a group this layout does not have
+            continue
+        if id(group) in seen:
+            continue
+        seen.add(id(group))
+        try:
+            dist.distributed_c10d._set_pg_timeout(td, group)
+            done += 1
+        except (AttributeError, ValueError, RuntimeError, AssertionError):  # older torch, or not a member
+            pass
+    return done
+
+
 def current_layout() -> Layout:
     from megatron.core import parallel_state as mpu
 

@@ -37,6 +37,7 @@ from agpo_megatron.config_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
 from agpo_megatron.data.math_reward import score_batch
 from agpo_megatron.metrics import MetricsLogger, PhaseTimer
+from agpo_megatron.parallel import set_collective_timeout
 from agpo_megatron.offload import ActorMemory
 from agpo_megatron.policy import Actor
 from agpo_megatron.run_checkpoint import RunCheckpointer
@@ -68,6 +69,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     timer, G, T = PhaseTimer(), cfg.algo.group_size, cfg.rollout.temperature
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
     watchdog = StepWatchdog(cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank).start()
+    set_collective_timeout(cfg.parallel.step_timeout_s)  # start-up is over: no collective may wait longer
 
     for step in range(first, cfg.steps + 1):
         prompts = next(sampler)
@@ -149,6 +151,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             raise preempt.Preempted(step, str(saved) if saved else None)
 
     watchdog.stop()
+    set_collective_timeout(cfg.parallel.timeout_s)  # the final evaluation may be long
     results["eval_after"] = s.evaluate(step=cfg.steps)
     colo.finish()
     log.close()

@@ -68,3 +68,18 @@ def test_watchdog_is_off_at_zero_and_quiet_while_beating():
     wd._thread.join(1)
     assert not wd._thread.is_alive()  # ended by stop(); had it fired, os._exit would have killed pytest
 
+
+
+@pytest.mark.slow
+def test_collectives_during_steps_time_out_at_the_tighter_bound(tmp_path):
+    """parallel.timeout_s covers start-up; set_collective_timeout bounds each collective of the steps."""
+    from tests.dist import torchrun
+
+    try:
+        out = torchrun("collective_timeout.py", timeout=120)
+    except AssertionError as e:  # a rank may exit non-zero after a broken collective; the line is what counts
+        out = str(e)
+    line = next(l for l in out.splitlines() if l.startswith(("TIMEOUT", "NOTIMEOUT")))
+    assert line.startswith("TIMEOUT"), out[-3000:]
+    took, groups = float(line.split()[1]), int(line.split()[2])
+    assert took < 7.0 and groups >= 2, line  # the peer was 8 s late; the bound is 2 s
