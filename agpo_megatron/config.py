@@ -333,6 +333,12 @@ class TrainConfig:
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
         )
+        # With logprob_mode=rollout the old log-probs ARE the engine's, so the TIS weight
+        # min(exp(old - rollout), C) is exactly 1: TIS would be on in name only.
+        _require(self.algo.loss.tis_cap is None or self.rollout.logprob_mode == "recompute",
+                 f"algo.loss.tis_cap={self.algo.loss.tis_cap} needs rollout.logprob_mode=recompute: with "
+                 f"rollout.logprob_mode={self.rollout.logprob_mode} the old log-probs are the engine's own, so "
+                 f"the truncated importance weight is always 1")
         lo, hi = REWARD_RANGES[self.data.reward]
         _require(self.algo.advantage != "agpo" or (self.algo.r_min, self.algo.r_max) == (lo, hi),
                  f"algo.r_min={self.algo.r_min:g} / algo.r_max={self.algo.r_max:g} must be the {self.data.reward} reward's "

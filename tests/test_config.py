@@ -134,3 +134,12 @@ def test_a_run_with_save_dir_always_saves_its_last_step():
     assert [s for s in range(1, 11) if c.due(s, 10)] == [10]
     assert [s for s in range(1, 11) if CheckpointConfig(save_dir="ckpt", save_interval=4).due(s, 10)] == [4, 8, 10]
     assert not any(CheckpointConfig(save_dir=None).due(s, 10) for s in range(1, 11))
+
+
+def test_tis_needs_recomputed_old_logprobs(yaml_file):
+    """Issue 10: with logprob_mode=rollout, old log-probs are the rollout's and the TIS weight is always 1."""
+    with pytest.raises(ConfigError, match=r"algo.loss.tis_cap=2.0 needs rollout.logprob_mode=recompute") as e:
+        load_train_config(yaml_file, ["algo.loss.tis_cap=2", "rollout.logprob_mode=rollout"])
+    assert "rollout.logprob_mode=rollout" in str(e.value)
+    cfg = load_train_config(yaml_file, ["algo.loss.tis_cap=2", "rollout.logprob_mode=recompute"])
+    assert cfg.algo.loss.tis_cap == 2.0

@@ -75,7 +75,9 @@ def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
 def test_tp2_fused_loss_reference_kl_adaptive_tis_dynamic_batch_offload(tmp_path):
     results = _demo(tmp_path, "parallel.tp=2", "rollout.tp=2", "algo.loss.kl_coef=0.01",
                     "algo.loss.kl_estimator=symmetric", "algo.loss.entropy_coef=0.001",
-                    "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", "rollout.logprob_mode=rollout",
+                    "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true",
+                    # TIS needs the engine's log-probs next to recomputed old ones (logprob_mode=rollout is refused)
+                    "rollout.logprob_mode=recompute",
                     "algo.loss.tis_cap=2.0", "batch.max_tokens_per_micro_batch=256", "algo.advantage=grpo",
                     "algo.length_reward=false",
                     # Host offload runs host -> host on CPU: the same code path as on GPU, so a read of

@@ -96,7 +96,8 @@ class PolicyLossConfig:
 
     tis_cap: float | None = None
     """Truncated importance sampling cap ``C > 0`` on ``exp(old_logprobs - rollout_logprobs)``.
-    When set, ``rollout_logprobs`` are required. None disables it."""
+    When set, ``rollout_logprobs`` are required. None disables it. Needs ``rollout.logprob_mode:
+    recompute`` (the trainer config refuses ``rollout``, where old == rollout log-probs and the weight is 1)."""
 
     def __post_init__(self) -> None:
         # `not (...)` forms also reject NaN.
