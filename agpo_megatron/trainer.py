@@ -62,7 +62,9 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     ckpt = RunCheckpointer(cfg, s.layout, actor, sampler, kl_ctl, clip_ctl, resident=colo.actor_resident)
     # The reference is the policy RL starts from, rebuilt from its recorded source on resume.
     reference = ckpt.reference(s.arch, warm_start=warm_start) if needs_ref else None
-    first, kl_coef, eps = ckpt.resume(loss_cfg.kl_coef, (loss_cfg.eps_low, loss_cfg.eps_high))
+    # Step 1 runs at the controllers' starting values; on resume, at the values the saved step chose.
+    first, kl_coef, eps = ckpt.resume(kl_ctl.beta if kl_ctl else loss_cfg.kl_coef,
+                                      (clip_ctl.eps_low, clip_ctl.eps_high) if clip_ctl else (loss_cfg.eps_low, loss_cfg.eps_high))
     colo.start()  # vLLM serves exactly the actor's weights from the start
     log = MetricsLogger(cfg.logging.out_dir, enabled=s.layout.rank == 0, total_steps=cfg.steps, config=to_dict(cfg),
                         wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar)
@@ -119,10 +121,6 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             for _ in range(cfg.algo.ppo_epochs):
                 train_m = actor.policy_step(mbs, loss_cfg, temperature=T, global_num_tokens=global_tokens,
                                             global_num_seqs=global_seqs, kl_coef=kl_coef, eps=eps)
-        if kl_ctl is not None:
-            kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0))
-        if clip_ctl is not None:
-            eps = clip_ctl.update(train_m.get("approx_kl", 0.0))
 
         with timer("weight_sync"):
             colo.to_rollout()
@@ -142,7 +140,9 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         }
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
-        log.log(step, row)
+        log.log(step, row)  # the beta and eps this step used; the controllers now choose the next step's
+        kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0)) if kl_ctl else kl_coef
+        eps = clip_ctl.update(train_m.get("approx_kl", 0.0)) if clip_ctl else eps
         watchdog.beat()
         stop = preempt.requested()  # collective: every rank stops after the same step
         saved = ckpt.maybe_save(step, kl_coef, eps, force=stop)

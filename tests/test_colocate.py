@@ -138,8 +138,8 @@ class FakeSession:
         return {"pass@1": 0.0}
 
 
-def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
-    rec = Recorder()
+def patch_trainer(monkeypatch, rec: Recorder) -> None:
+    """Replace what train() builds around the actor (weight sync, memory, reward, checkpoints) with fakes."""
     monkeypatch.setattr(trainer, "sync_weights", lambda chunks, arch, engine: rec.calls.append("sync"))
     monkeypatch.setattr(trainer, "ActorMemory", lambda chunks, opt, cfg: FakeActorState(rec))
     monkeypatch.setattr(trainer, "score_batch", lambda texts, golds, timeout_s: (
@@ -168,6 +168,11 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
                 rec.calls.append("save_checkpoint")
 
     monkeypatch.setattr(trainer, "RunCheckpointer", FakeCheckpointer)
+
+
+def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
+    rec = Recorder()
+    patch_trainer(monkeypatch, rec)
     cfg = load_config(TrainConfig, None, [
         "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=2", "eval_interval=1",
         "batch.prompts_per_step=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0.01",
@@ -183,3 +188,38 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
                          *step, "evaluate", *save,  # eval_interval=1 (not at the last step), then the save
                          *step, *save, "evaluate", *ROLLOUT_TO_TRAIN]  # eval_after, then asleep as it was found
     check_order(rec.calls)
+
+
+def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkeypatch):
+    """Issue 10: with kl_coef=0 + an adaptive target, step 1 ran at beta=0 while the controller started
+    above it, and the logged beta / eps were the ones chosen for the NEXT step."""
+    import json
+
+    from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, \
+        AdaptiveKLController
+
+    rec, used = Recorder(), []
+
+    class MovingActor(FakeActor):  # the policy moves: KL above both targets, so beta grows and eps shrinks
+        def policy_step(self, mbs, loss_cfg, **kw):
+            used.append((kw["kl_coef"], kw["eps"]))
+            return {"pg_loss": 0.0, "kl_ref": 0.05, "approx_kl": 0.05}
+
+    patch_trainer(monkeypatch, rec)
+    cfg = load_config(TrainConfig, None, [
+        "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=3",
+        "batch.prompts_per_step=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0",
+        "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", f"logging.out_dir={tmp_path}",
+        "logging.progress_bar=false"])
+    trainer.train(cfg, FakeSession(cfg, rec), actor=MovingActor(rec))
+
+    kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=1e-4, target_kl=0.01))
+    clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=0.2, init_eps_high=0.2))
+    expected = [(kl_ctl.beta, (clip_ctl.eps_low, clip_ctl.eps_high))]
+    for _ in range(2):
+        expected.append((kl_ctl.update(0.05), clip_ctl.update(0.05)))
+    assert used == expected
+    assert used[0][0] == 1e-4 and used[1][0] > used[0][0] and used[1][1][0] < 0.2  # they did adapt
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["train/kl_coef"], (r["train/eps_low"], r["train/eps_high"])) for r in rows if "train/kl_coef" in r]
+    assert logged == used
