@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveKLConfig
 from agpo_megatron.algo.loss import PolicyLossConfig
 from agpo_megatron.config_io import ConfigError, load_config
 from agpo_megatron.data.datasets import DatasetConfig
@@ -91,6 +92,46 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class KLControllerConfig:
+    """A-GRPO's adaptive beta_t (algo/controllers.py), on when `algo.adaptive_kl_target` is set. It starts
+    at max(algo.loss.kl_coef, beta_min): a multiplicative controller cannot leave 0."""
+
+    horizon: float = 10.0
+    """Steps H over which a saturated error changes beta by about e^0.2; >= 1."""
+    ema_decay: float = 0.9
+    """Decay of the moving average of the measured KL to the reference; in [0, 1), 0 = no smoothing."""
+    beta_min: float = 1e-6
+    """Lower bound on beta; > 0."""
+    beta_max: float = 1.0
+    """Upper bound on beta; >= beta_min and >= algo.loss.kl_coef."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClipControllerConfig:
+    """A-GRPO's adaptive eps_t (algo/controllers.py), on with `algo.adaptive_clip`. It starts at
+    algo.loss.eps_low / eps_high, which must lie in [eps_min, eps_max]."""
+
+    target_kl: float = 0.01
+    """KL between the current and the old policy (per token, `approx_kl`) to steer towards; > 0."""
+    horizon: float = 10.0
+    """Steps H over which a saturated error changes both clip ranges by about e^(+-0.2); >= 1."""
+    ema_decay: float = 0.9
+    """Decay of the moving average of the measured KL; in [0, 1), 0 = no smoothing."""
+    eps_min: float = 0.05
+    """Lower bound on both clip ranges; > 0."""
+    eps_max: float = 0.4
+    """Upper bound on both clip ranges; in [eps_min, 1) (eps_low must stay below 1)."""
+
+
+def _controller(cls, where: str, **kw):
+    """`cls(**kw)`, its ValueError (which starts with the field's name) as a ConfigError naming `where`."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}") from None
+
+
+@dataclasses.dataclass(kw_only=True)
 class AlgoConfig:
     advantage: Literal["grpo", "drgrpo", "agpo"] = "agpo"
     """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), or AGPO Eq. 6 (m1)."""
@@ -114,8 +155,12 @@ class AlgoConfig:
     """Tokens per chunk in the fused loss (bounds live memory to chunk x vocab/TP)."""
     adaptive_kl_target: float | None = None
     """A-GRPO: if set, beta_t adapts so the moving-average KL tracks this target."""
+    kl_controller: KLControllerConfig = dataclasses.field(default_factory=KLControllerConfig)
+    """Settings of the adaptive beta_t (used only with adaptive_kl_target)."""
     adaptive_clip: bool = False
     """A-GRPO: adapt the clip range eps_t from the moving-average KL."""
+    clip_controller: ClipControllerConfig = dataclasses.field(default_factory=ClipControllerConfig)
+    """Settings of the adaptive eps_t (used only with adaptive_clip)."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (each skipped: no update) before the run
     stops with an error."""
@@ -131,6 +176,31 @@ class AlgoConfig:
             self.adaptive_kl_target is None or self.adaptive_kl_target > 0,
             f"algo.adaptive_kl_target must be > 0, got {self.adaptive_kl_target}",
         )
+        self.kl_settings(), self.clip_settings()  # validate the controllers' settings (when they are on)
+
+    def kl_settings(self) -> AdaptiveKLConfig | None:
+        """The adaptive-beta controller's settings, or None when beta is fixed."""
+        if self.adaptive_kl_target is None:
+            return None
+        k, where = self.kl_controller, "algo.kl_controller"
+        _controller(AdaptiveKLConfig, where, init_beta=k.beta_min, target_kl=self.adaptive_kl_target, **dataclasses.asdict(k))
+        _require(self.loss.kl_coef <= k.beta_max, f"algo.loss.kl_coef={self.loss.kl_coef:g} is the adaptive beta's "
+                 f"start and must be <= algo.kl_controller.beta_max={k.beta_max:g}")
+        return _controller(AdaptiveKLConfig, where, init_beta=max(self.loss.kl_coef, k.beta_min),
+                           target_kl=self.adaptive_kl_target, **dataclasses.asdict(k))
+
+    def clip_settings(self) -> AdaptiveClipConfig | None:
+        """The adaptive-clip controller's settings, or None when eps is fixed."""
+        if not self.adaptive_clip:
+            return None
+        c, where = self.clip_controller, "algo.clip_controller"
+        _controller(AdaptiveClipConfig, where, init_eps_low=c.eps_min, init_eps_high=c.eps_min, **dataclasses.asdict(c))
+        for name in ("eps_low", "eps_high"):
+            value = getattr(self.loss, name)
+            _require(c.eps_min <= value <= c.eps_max, f"algo.loss.{name}={value:g} is the adaptive clip's start and must "
+                     f"be in [algo.clip_controller.eps_min, eps_max] = [{c.eps_min:g}, {c.eps_max:g}]")
+        return _controller(AdaptiveClipConfig, where, init_eps_low=self.loss.eps_low,
+                           init_eps_high=self.loss.eps_high, **dataclasses.asdict(c))
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -28,7 +28,7 @@ import torch
 from agpo_megatron import batch as batching
 from agpo_megatron import preempt
 from agpo_megatron.algo.advantages import compute_advantages
-from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, AdaptiveKLController
+from agpo_megatron.algo.controllers import AdaptiveClipController, AdaptiveKLController
 from agpo_megatron.algo.rewards import combine_rewards, length_reward
 from agpo_megatron.bridge.export import sync_weights
 from agpo_megatron.colocate import Colocation
@@ -52,10 +52,9 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.steps * cfg.algo.ppo_epochs)
     loss_cfg = cfg.algo.loss
     needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
-    kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=max(loss_cfg.kl_coef, 1e-4), target_kl=cfg.algo.adaptive_kl_target)) \
-        if cfg.algo.adaptive_kl_target is not None else None
-    clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=loss_cfg.eps_low, init_eps_high=loss_cfg.eps_high)) \
-        if cfg.algo.adaptive_clip else None
+    kl_set, clip_set = cfg.algo.kl_settings(), cfg.algo.clip_settings()  # None: fixed beta / eps
+    kl_ctl = AdaptiveKLController(kl_set) if kl_set else None
+    clip_ctl = AdaptiveClipController(clip_set) if clip_set else None
     sampler = PromptSampler(s.train_examples, batch_size=cfg.batch.prompts_per_step, seed=cfg.parallel.seed)
     colo = Colocation(s.rollout, ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
                       sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout))

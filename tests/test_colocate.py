@@ -210,16 +210,17 @@ def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkey
         "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=3",
         "batch.prompts_per_step=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0",
         "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", f"logging.out_dir={tmp_path}",
-        "logging.progress_bar=false"])
+        "logging.progress_bar=false", "algo.kl_controller.beta_min=1e-4", "algo.clip_controller.horizon=5"])
     trainer.train(cfg, FakeSession(cfg, rec), actor=MovingActor(rec))
 
     kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=1e-4, target_kl=0.01))
-    clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=0.2, init_eps_high=0.2))
+    clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=0.2, init_eps_high=0.2, horizon=5))
     expected = [(kl_ctl.beta, (clip_ctl.eps_low, clip_ctl.eps_high))]
     for _ in range(2):
         expected.append((kl_ctl.update(0.05), clip_ctl.update(0.05)))
     assert used == expected
-    assert used[0][0] == 1e-4 and used[1][0] > used[0][0] and used[1][1][0] < 0.2  # they did adapt
+    # kl_coef=0 starts at algo.kl_controller.beta_min; both controllers did adapt
+    assert used[0][0] == 1e-4 and used[1][0] > used[0][0] and used[1][1][0] < 0.2
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [(r["train/kl_coef"], (r["train/eps_low"], r["train/eps_high"])) for r in rows if "train/kl_coef" in r]
     assert logged == used

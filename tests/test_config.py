@@ -143,3 +143,28 @@ def test_tis_needs_recomputed_old_logprobs(yaml_file):
     assert "rollout.logprob_mode=rollout" in str(e.value)
     cfg = load_train_config(yaml_file, ["algo.loss.tis_cap=2", "rollout.logprob_mode=recompute"])
     assert cfg.algo.loss.tis_cap == 2.0
+
+
+def test_controller_settings_come_from_the_config(yaml_file):
+    """Issue 10: A-GRPO's eps = 0.5 ablation with adaptive clip needs the clip bounds in the config."""
+    eps = ["algo.loss.eps_low=0.5", "algo.loss.eps_high=0.5", "algo.adaptive_clip=true"]
+    with pytest.raises(ConfigError, match=r"algo.loss.eps_low=0.5 is the adaptive clip's start and must be in "
+                                          r"\[algo.clip_controller.eps_min, eps_max\] = \[0.05, 0.4\]"):
+        load_train_config(yaml_file, eps)
+    cfg = load_train_config(yaml_file, [*eps, "algo.clip_controller.eps_max=0.6", "algo.clip_controller.target_kl=0.02",
+                                        "algo.adaptive_kl_target=0.05", "algo.kl_controller.horizon=20"])
+    clip, kl = cfg.algo.clip_settings(), cfg.algo.kl_settings()
+    assert (clip.init_eps_low, clip.init_eps_high, clip.eps_max, clip.target_kl) == (0.5, 0.5, 0.6, 0.02)
+    assert (kl.init_beta, kl.target_kl, kl.horizon) == (1e-6, 0.05, 20)  # kl_coef=0 starts at beta_min
+    for bad, needle in [("algo.clip_controller.eps_max=1.0", "algo.clip_controller.eps_max must be in [eps_min, 1)"),
+                        ("algo.clip_controller.eps_min=0", "algo.clip_controller.eps_min must be > 0"),
+                        ("algo.clip_controller.horizon=0.5", "algo.clip_controller.horizon must be >= 1"),
+                        ("algo.kl_controller.beta_min=0", "algo.kl_controller.beta_min must be > 0"),
+                        ("algo.kl_controller.ema_decay=1", "algo.kl_controller.ema_decay must be in [0, 1)"),
+                        ("algo.loss.kl_coef=2", "algo.loss.kl_coef=2 is the adaptive beta's start and must be <= "
+                                                "algo.kl_controller.beta_max=1")]:
+        with pytest.raises(ConfigError) as e:
+            load_train_config(yaml_file, ["algo.adaptive_clip=true", "algo.adaptive_kl_target=0.01", bad])
+        assert needle in str(e.value) and str(yaml_file) in str(e.value)
+    # off: the settings are not used, so an eps outside the (default) bounds is fine
+    assert load_train_config(yaml_file, ["algo.loss.eps_low=0.5"]).algo.clip_settings() is None

@@ -56,7 +56,8 @@ TASKS: dict[str, list[str]] = {
     # A-GRPO and its ablations.
     "agrpo": AGRPO,
     "agrpo-eps0.1": [*AGRPO, "algo.loss.eps_low=0.1", "algo.loss.eps_high=0.1"],
-    "agrpo-eps0.5": [*AGRPO, "algo.loss.eps_low=0.5", "algo.loss.eps_high=0.5"],
+    # eps_t starts at 0.5, outside the default [0.05, 0.4] clip-controller bounds; 0.8 keeps room to widen (< 1).
+    "agrpo-eps0.5": [*AGRPO, "algo.loss.eps_low=0.5", "algo.loss.eps_high=0.5", "algo.clip_controller.eps_max=0.8"],
     "agrpo-beta0.1": [*AGRPO, "algo.loss.kl_coef=0.1"],
     "agrpo-beta1.0": [*AGRPO, "algo.loss.kl_coef=1.0"],
     "agrpo-nokl": [*AGRPO, "algo.loss.kl_coef=0.0", "algo.adaptive_kl_target=null"],
