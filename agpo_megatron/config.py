@@ -9,6 +9,7 @@ before any process group, model or vLLM engine exists.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -134,7 +135,9 @@ def _controller(cls, where: str, **kw):
 @dataclasses.dataclass(kw_only=True)
 class AlgoConfig:
     advantage: Literal["grpo", "drgrpo", "agpo"] = "agpo"
-    """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), or AGPO Eq. 6 (m1)."""
+    """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), or AGPO Eq. 6 (m1). Dr.GRPO also drops the
+    per-sequence length normalisation, so 'drgrpo' is Dr.GRPO only with algo.loss.agg_mode:
+    seq-mean-token-sum (warned otherwise; up to a constant factor: Dr.GRPO divides by a fixed budget)."""
     length_reward: bool = True
     """AGPO m2: add gamma * length reward (Eq. 7-8) before the advantage."""
     gamma: float = 0.1
@@ -177,6 +180,12 @@ class AlgoConfig:
             f"algo.adaptive_kl_target must be > 0, got {self.adaptive_kl_target}",
         )
         self.kl_settings(), self.clip_settings()  # validate the controllers' settings (when they are on)
+        if self.advantage == "drgrpo" and self.loss.agg_mode != "seq-mean-token-sum":
+            # A warning, not an error: no-std advantages under another aggregation is a legitimate
+            # ablation (Dr.GRPO's two fixes one at a time), but it is not Dr.GRPO.
+            warnings.warn(f"algo.advantage=drgrpo with algo.loss.agg_mode={self.loss.agg_mode} is not Dr.GRPO, which "
+                          "also drops the per-sequence length normalisation: set algo.loss.agg_mode=seq-mean-token-sum",
+                          stacklevel=2)
 
     def kl_settings(self) -> AdaptiveKLConfig | None:
         """The adaptive-beta controller's settings, or None when beta is fixed."""

@@ -168,3 +168,13 @@ def test_controller_settings_come_from_the_config(yaml_file):
         assert needle in str(e.value) and str(yaml_file) in str(e.value)
     # off: the settings are not used, so an eps outside the (default) bounds is fine
     assert load_train_config(yaml_file, ["algo.loss.eps_low=0.5"]).algo.clip_settings() is None
+
+
+def test_drgrpo_warns_unless_its_aggregation_is_used(yaml_file, recwarn):
+    """Issue 10: Dr.GRPO is no-std advantages AND seq-mean-token-sum; the advantage alone is not Dr.GRPO."""
+    with pytest.warns(UserWarning, match="algo.advantage=drgrpo with algo.loss.agg_mode=token-mean is not Dr.GRPO"):
+        load_train_config(yaml_file, ["algo.advantage=drgrpo"])
+    recwarn.clear()
+    load_train_config(yaml_file, ["algo.advantage=drgrpo", "algo.loss.agg_mode=seq-mean-token-sum"])
+    load_train_config(yaml_file, ["algo.advantage=grpo"])
+    assert not [w for w in recwarn if "drgrpo" in str(w.message)]
