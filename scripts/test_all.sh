@@ -6,13 +6,13 @@
 # tests collected) counts as a failure: a tier that runs nothing must not pass silently.
 #   TIERS="311" bash scripts/test_all.sh      # one tier only (311, 312)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 python312() {  # python3.12 from PATH, else pyenv's newest 3.12
     if python3.12 -c '' 2>/dev/null; then command -v python3.12; return; fi
     local root
     root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
-    ls -d "$root"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V | tail -1
+    find "$root"/versions -maxdepth 3 -path '*/3.12.*/bin/python3.12' 2>/dev/null | sort -V | tail -1
 }
 
 tier() {  # tier NAME VENV PYTHON

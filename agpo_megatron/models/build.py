@@ -7,6 +7,7 @@ CUDA). FP8 only exists through TE; asking for it, or for the TE spec, on CPU is 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -119,6 +120,12 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
     )
 
 
+def _not_the_gptmodel_deprecation(record: logging.LogRecord) -> bool:
+    """megatron-core 0.19 logs "GPTModel IS DEPRECATED ..." at every build (it points to HybridModel).
+    GPTModel is what 0.16.1-0.19.x share, so the notice says nothing a user can act on here."""
+    return not record.getMessage().startswith("GPTModel IS DEPRECATED")
+
+
 def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelConfig):
     """One GPTModel chunk for this rank's pipeline stage (no DDP)."""
     from megatron.core import parallel_state as mpu
@@ -128,6 +135,7 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCon
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_not_the_gptmodel_deprecation)
     spec_name = resolve_spec(model_cfg)
     tf_config = transformer_config(arch, model_cfg, parallel_cfg)
     if spec_name == "te":
