@@ -10,10 +10,12 @@ import atexit
 import dataclasses
 import datetime
 import os
+import random
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,8 +45,32 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
 def free_port() -> int:
-    """An unused local TCP port (for a world of one, or a launcher's rendezvous)."""
+    """An unused local TCP port (for a world of one, or a launcher's rendezvous).
+
+    NOTE: a port the kernel hands out for `bind(0)` comes from the ephemeral range, where gloo's
+    many short connections leave ports in TIME_WAIT; TCPStore's later bind of such a port failed
+    with EADDRINUSE in CI. Ports below the ephemeral range are never used as the local end of an
+    outgoing connection, so one that binds now stays bindable.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    if low > 11_000:
+        for _ in range(200):
+            port = rng.randrange(10_000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                    return port
+                except OSError:
+                    continue
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

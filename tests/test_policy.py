@@ -38,3 +38,4 @@ def test_policy_step_hands_collectives_only_comm_device_tensors(tmp_path, tp, lo
     out = torchrun("strict_policy_step.py", hf_dir, tp, loss, timeout=240)
     line = next(l for l in out.splitlines() if l.startswith("CHECKED"))
     assert "all_reduce" in line and int(line.split()[1]) > 0, line
+
