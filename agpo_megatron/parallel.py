@@ -112,7 +112,8 @@ def torchrun_env_from_slurm(env: Mapping[str, str], first_host: Callable[[str], 
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "GROUP_RANK": str(node),
         "NODE_RANK": str(node),
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "9500")) % 20000),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(
+            20000 + (int(env.get("SLURM_JOB_ID", "9500")) + 997 * int(env.get("SLURM_RESTART_COUNT", "0"))) % 12000),
         "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
     }
     if per_node:

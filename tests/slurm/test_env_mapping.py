@@ -21,7 +21,14 @@ def test_two_node_task_maps_to_global_rank_local_rank_and_node():
     env = torchrun_env_from_slurm(TWO_NODES, first_host=_hosts)
     assert env == {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4",
                    "GROUP_RANK": "1", "NODE_RANK": "1", "MASTER_ADDR": "gpu-07",
-                   "MASTER_PORT": str(20000 + 123456 % 20000)}
+                   "MASTER_PORT": str(20000 + 123456 % 12000)}
+
+
+def test_a_requeued_job_gets_another_port():
+    """The restart must not bind the port its previous run's TCPStore may hold in TIME_WAIT."""
+    first = torchrun_env_from_slurm(TWO_NODES, first_host=_hosts)["MASTER_PORT"]
+    again = torchrun_env_from_slurm({**TWO_NODES, "SLURM_RESTART_COUNT": "1"}, first_host=_hosts)["MASTER_PORT"]
+    assert first != again and 20000 <= int(again) < 32000  # below the ephemeral range (32768+)
 
 
 def test_every_task_of_two_nodes_gets_a_distinct_rank_and_one_master():
