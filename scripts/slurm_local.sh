@@ -37,7 +37,10 @@ ClusterName=agpo-local
 SlurmctldHost=$host
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$ROOT/munge/munge.socket.2
+# cred_expire: a requeued job waits this long before it may start again (Slurm's default 120 s).
+# Starting it sooner (scontrol update StartTime=now) races the revoked credential of its previous
+# run: "Killing non-startable batch JobId=N: Job credential revoked", exit 1 (seen in CI).
+AuthInfo=socket=$ROOT/munge/munge.socket.2,cred_expire=15
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$ROOT/state

@@ -68,7 +68,7 @@ def test_tp2_runs_back_to_back_leave_no_segments(tmp_path):
     before = {p.name for p in cpu_shm.SHM_DIR.iterdir() if "cpushm" in p.name} - {stale.name}
     for _ in range(2):
         out = torchrun("vllm_tp2_once.py", hf, timeout=240)
-        assert "GENERATED 2" in out
+        assert "GENERATED 2" in out, out[-6000:]
         after = {p.name for p in cpu_shm.SHM_DIR.iterdir() if "cpushm" in p.name}
         assert after <= before, f"left behind: {sorted(after - before)}"
     assert not stale.exists()

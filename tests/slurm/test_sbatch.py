@@ -42,17 +42,15 @@ def _job(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def _wait_done(job_id: str, timeout_s: float, *, on_requeue=None) -> dict[str, str]:
-    """Poll until the job ends; a requeued job is made eligible at once (Slurm holds it ~2 min)."""
-    deadline, nudged = time.time() + timeout_s, False
+def _wait_done(job_id: str, timeout_s: float) -> dict[str, str]:
+    """Poll until the job ends. A requeued job waits the cluster's cred_expire before it restarts
+    (15 s on scripts/slurm_local.sh's cluster). NOTE: forcing it sooner (StartTime=now) races the
+    revoked credential of its previous run, and Slurm then fails the job."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         job = _job(job_id)
         if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return job
-        if job["JobState"] == "PENDING" and int(job["Restarts"]) >= 1 and not nudged:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True,
-                           env={**os.environ, "SLURM_CONF": SLURM_CONF})
-            nudged = True
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], env={**os.environ, "SLURM_CONF": SLURM_CONF})
     raise AssertionError(f"job {job_id} did not finish in {timeout_s}s: {_job(job_id).get('JobState')}")
