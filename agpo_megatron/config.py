@@ -21,7 +21,7 @@ from agpo_megatron.data.datasets import DatasetConfig
 
 REWARD_RANGES: dict[str, tuple[float, float]] = {"math": (0.0, 1.0)}
 """(lowest, highest) accuracy reward of each `data.reward`. With the length reward on, an all-correct
-group still scores exactly r_max: its length reward is 0 (AGPO Eq. 7)."""
+group still scores exactly r_max: its length reward is 0 (AGPO m2)."""
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -135,11 +135,11 @@ def _controller(cls, where: str, **kw):
 @dataclasses.dataclass(kw_only=True)
 class AlgoConfig:
     advantage: Literal["grpo", "drgrpo", "agpo"] = "agpo"
-    """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), or AGPO Eq. 6 (m1). Dr.GRPO also drops the
+    """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), or AGPO's revised advantage (m1). Dr.GRPO also drops the
     per-sequence length normalisation, so 'drgrpo' is Dr.GRPO only with algo.loss.agg_mode:
     seq-mean-token-sum (warned otherwise; up to a constant factor: Dr.GRPO divides by a fixed budget)."""
     length_reward: bool = True
-    """AGPO m2: add gamma * length reward (Eq. 7-8) before the advantage."""
+    """AGPO m2: add gamma * length reward before the advantage."""
     gamma: float = 0.1
     """Length-reward weight (paper: 0.1)."""
     group_size: int = 5

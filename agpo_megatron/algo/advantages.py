@@ -11,7 +11,8 @@ Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training") drops the std d
 
     A_{p,i} = r_{p,i} - mean_j r_{p,j}
 
-AGPO (Li et al. 2025, "Adaptive Group Policy Optimization", Eq. 6, modification m1) keeps GRPO
+AGPO (Li et al. 2025, "Adaptive Group Policy Optimization", arXiv 2503.15952v1, modification m1,
+the "revised advantage"; formulas are named, not numbered, as the versions number them differently) keeps GRPO
 for groups with reward variance and replaces the zero advantage of uniform groups with a
 constant signal, so that all-correct / all-wrong groups still produce a gradient::
 
@@ -28,9 +29,9 @@ Departures from the papers and choices the papers leave open:
   ``max - min <= tol``, and it sits at r_max (r_min) when its mean is within ``tol`` of it.
   Rewards that went through float arithmetic (e.g. 0.9999999 from a verifier) thus still count.
 * A uniform group whose common value lies strictly between r_min and r_max (possible with shaped
-  or combined rewards) gets advantage 0 for every sample. Eq. 6 only covers the two extreme
+  or combined rewards) gets advantage 0 for every sample. m1 only covers the two extreme
   cases; 0 is what GRPO gives such a group and is the only sign-neutral choice.
-* The AGPO +1/-1 constants are used as is, also when ``scale_by_std=False``: Eq. 6 defines
+* The AGPO +1/-1 constants are used as is, also when ``scale_by_std=False``: m1 defines
   them in absolute terms, not relative to the group scale.
 * Groups whose rewards are exactly equal get advantage exactly 0 under GRPO/Dr.GRPO. Without
   this, ``r - mean`` can be one ulp off zero (the mean of identical floats is not always exact)
@@ -120,7 +121,7 @@ def agpo_advantages(
     tol: float = 1e-6,
     scale_by_std: bool = True,
 ) -> tuple[torch.Tensor, Metrics]:
-    """AGPO advantages (paper Eq. 6): +1 / -1 for uniform groups at r_max / r_min, else GRPO.
+    """AGPO advantages (the paper's revised advantage, m1): +1 / -1 for uniform groups at r_max / r_min, else GRPO.
 
     A group is uniform when ``max - min <= tol``. Uniform groups at r_max get +1 for every
     sample, at r_min -1, and 0 when the common value lies strictly between the two.

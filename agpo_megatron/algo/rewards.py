@@ -1,7 +1,12 @@
-"""AGPO length-aware reward (Li et al. 2025, "Adaptive Group Policy Optimization", Eq. 7-8, m2).
+"""AGPO length-aware reward (Li et al. 2025, "Adaptive Group Policy Optimization", arXiv 2503.15952v1,
+modification m2, "length-based reward").
+
+NOTE: formulas are named, not numbered: the paper's equation numbers differ between its arXiv
+versions (v2 and v3 rewrote the method as one "revised objective"), and an earlier numbering here
+was wrong.
 
 Within a group of G answers to one prompt, correct answers are rewarded for being short
-relative to the other correct answers of the same group (Eq. 7)::
+relative to the other correct answers of the same group::
 
     lambda_i = 1 - (L_i - L_min) / (L_max - L_min)
 
@@ -9,14 +14,14 @@ relative to the other correct answers of the same group (Eq. 7)::
               0          otherwise
 
 with L_min / L_max the shortest / longest response among the group's correct answers. The
-training reward is then (Eq. 8)::
+training reward is then::
 
     r_i = r_acc_i + gamma * r_len_i          (the paper uses gamma = 0.1)
 
 Order of operations, as in the paper: the length reward is computed first, combined with the
 accuracy reward, and the advantage (:mod:`agpo_megatron.algo.advantages`) is computed on the
 combined reward. All-correct groups get no length reward, so their combined rewards stay
-uniform and AGPO's Eq. 6 still gives every sample +1. Where the length reward does act, a
+uniform and AGPO's revised advantage (m1) still gives every sample +1. Where the length reward does act, a
 wrong answer (reward 0) still ranks below every correct one (reward >= 1) for any gamma >= 0
 (with binary accuracy rewards).
 
@@ -40,7 +45,7 @@ def length_reward(
     correct: torch.Tensor,  # [P, G] bool
     lengths: torch.Tensor,  # [P, G] int or float, response token counts
 ) -> tuple[torch.Tensor, Metrics]:
-    """Per-sample AGPO length reward ``r_len`` of shape ``[P, G]`` (float32), paper Eq. 7.
+    """Per-sample AGPO length reward ``r_len`` of shape ``[P, G]`` (float32), the paper's length reward.
 
     Metrics: ``len_reward_mean`` (mean r_len over the correct answers of groups that are
     neither all-correct nor all-wrong; 0 if there are none) and ``num_len_reward_groups``
@@ -89,7 +94,7 @@ def combine_rewards(
     r_len: torch.Tensor,  # [P, G] float
     gamma: float,
 ) -> torch.Tensor:  # [P, G]
-    """Training reward ``r_acc + gamma * r_len`` (paper Eq. 8; the paper uses gamma = 0.1)."""
+    """Training reward ``r_acc + gamma * r_len`` (the paper's combined reward; it uses gamma = 0.1)."""
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if r_acc.shape != r_len.shape:
