@@ -326,8 +326,8 @@ class DataConfig:
     reward_timeout_s: float = 5.0
     """Per-answer verification timeout (seconds), for the answers the fast string/number check cannot decide."""
     reward_step_budget_s: float = 60.0
-    """Budget (seconds) for all of one step's answer checks on a rank; the checks run concurrently on
-    the verifier pool and the ranks split the batch. Checks still running, or not yet started, when it
+    """Budget (seconds) for all of one step's (or one evaluation's) answer checks on a rank; the checks
+    run concurrently on the verifier pool and the ranks split the batch. Checks still running, or not yet started, when it
     runs out score 0 and count in reward/num_timeouts. Bounds the reward phase however many answers
     are hostile (without it: about num_answers / pool_workers x reward_timeout_s)."""
     max_drop_frac: float = 0.1

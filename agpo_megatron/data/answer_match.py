@@ -207,13 +207,12 @@ def get_default_pool(num_workers: int | None = None) -> DeadlinePool:
     global _default_pool
     with _default_pool_lock:
         pool = _default_pool
-        usable = pool is not None and pool.usable
-        if usable and (num_workers is None or num_workers == pool.num_workers):
-            return pool
-        if usable:
+        if pool is not None and pool.usable:
+            if num_workers is None or num_workers == pool.num_workers:
+                return pool
             pool.close()
-        _default_pool = pool = verifier_pool(default_num_workers() if num_workers is None else num_workers)
-        return pool
+        _default_pool = verifier_pool(default_num_workers() if num_workers is None else num_workers)
+        return _default_pool
 
 
 @atexit.register

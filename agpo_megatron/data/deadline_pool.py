@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 __all__ = ["DeadlinePool", "Outcome", "Status", "default_num_workers"]
 
@@ -226,7 +226,7 @@ class DeadlinePool:
                 self._kill(worker)
             self._workers.clear()
 
-    def __enter__(self) -> DeadlinePool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -281,8 +281,9 @@ class DeadlinePool:
         call_deadline = math.inf  # set when the first task is handed out
         num_done = 0
 
-        def finish(task: int, outcome: Outcome) -> None:
+        def finish(task: int | None, outcome: Outcome) -> None:  # task: a busy worker's, never None
             nonlocal num_done
+            assert task is not None
             outcomes[task] = outcome
             num_done += 1
             if outcome.missed_deadline:
@@ -333,7 +334,8 @@ class DeadlinePool:
                         worker.ready = True
                     elif message is None:  # the process exited
                         if not worker.ready:
-                            self._fail(f"{self.name} worker exited during start-up (exit code {worker.process.exitcode})")
+                            code = worker.process.exitcode
+                            self._fail(f"{self.name} worker exited during start-up (exit code {code})")
                         logger.warning("%s worker died mid-task; replacing it", self.name)
                         finish(worker.task, Outcome(Status.WORKER_DIED))
                         self._replace(worker)
@@ -343,9 +345,11 @@ class DeadlinePool:
                 elif now >= watched[worker.conn]:
                     if not worker.ready:
                         self._fail(f"{self.name} worker did not start within {self.start_timeout_s}s")
-                    logger.warning("%s task exceeded its deadline (%.1fs each, %.1fs per call): %r",
-                                   self.name, timeout_s, budget_s, tasks[worker.task])
-                    finish(worker.task, Outcome(Status.TIMEOUT))
+                    late = worker.task
+                    assert late is not None  # a ready worker is watched only while it runs a task
+                    logger.warning("%s task exceeded its deadline (%.1fs each, %.1fs per call): %r", self.name,
+                                   timeout_s, budget_s, tasks[late])
+                    finish(late, Outcome(Status.TIMEOUT))
                     self._replace(worker)
         return outcomes  # type: ignore[return-value]  # every slot is set once num_done == len(tasks)
 

@@ -64,7 +64,8 @@ def score_distributed(
 
     # Columns: correct, formatted, timed_out. Padded to the largest share so all shards are equal.
     per_rank = -(-n // world)
-    local = torch.zeros(per_rank, 3, dtype=torch.uint8, device=comm_device(group) if world > 1 else "cpu")  # [ceil(N/W), 3]
+    device = comm_device(group) if world > 1 else torch.device("cpu")
+    local = torch.zeros(per_rank, 3, dtype=torch.uint8, device=device)  # [ceil(N/W), 3]
     if mine:
         local[: len(mine)] = torch.tensor([[r.correct, r.formatted, r.timed_out] for r in mine], dtype=torch.uint8)
     if world > 1:

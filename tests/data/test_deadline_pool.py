@@ -27,7 +27,8 @@ def hang_pool():
 
 def test_returns_whatever_fn_returns_in_task_order():
     with DeadlinePool(2, fn=pair) as p:
-        assert p.run([(1, 2), (3, 4), (5, 6)], timeout_s=60) == [Outcome(Status.DONE, v) for v in [(3, 2), (7, 12), (11, 30)]]
+        out = p.run([(1, 2), (3, 4), (5, 6)], timeout_s=60)
+        assert out == [Outcome(Status.DONE, v) for v in [(3, 2), (7, 12), (11, 30)]]
         assert p.run([], timeout_s=60) == []
 
 
