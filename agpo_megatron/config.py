@@ -324,13 +324,20 @@ class DataConfig:
     reward: Literal["math"] = "math"
     """Reward function: math-verify answer equivalence (1/0)."""
     reward_timeout_s: float = 5.0
-    """Per-answer verification timeout."""
+    """Per-answer verification timeout (seconds), for the answers the fast string/number check cannot decide."""
+    reward_step_budget_s: float = 60.0
+    """Budget (seconds) for all of one step's (or one evaluation's) answer checks on a rank; the checks
+    run concurrently on the verifier pool and the ranks split the batch. Checks still running, or not yet started, when it
+    runs out score 0 and count in reward/num_timeouts. Bounds the reward phase however many answers
+    are hostile (without it: about num_answers / pool_workers x reward_timeout_s)."""
     max_drop_frac: float = 0.1
     """Largest fraction of a dataset's prompts the filters (e.g. max_prompt_tokens) may drop before
     the run stops; what was dropped, and why, is printed at startup either way."""
 
     def __post_init__(self) -> None:
         _require(self.reward_timeout_s > 0, f"data.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+        _require(self.reward_step_budget_s > 0,
+                 f"data.reward_step_budget_s must be > 0, got {self.reward_step_budget_s}")
         _require(0 <= self.max_drop_frac <= 1, f"data.max_drop_frac must be in [0, 1], got {self.max_drop_frac}")
 
 

@@ -73,4 +73,5 @@ class Session:
         sampling = SamplingConfig(temperature=r.eval_temperature, top_p=1.0, top_k=-1,
                                   max_new_tokens=r.max_new_tokens, seed=self.cfg.parallel.seed, logprobs=False,
                                   stop_token_ids=self.stop_token_ids)
-        return evaluate(self.rollout, self.eval_examples, sampling, n=r.eval_n, timeout_s=self.cfg.data.reward_timeout_s)
+        return evaluate(self.rollout, self.eval_examples, sampling, n=r.eval_n, timeout_s=self.cfg.data.reward_timeout_s,
+                        budget_s=self.cfg.data.reward_step_budget_s)

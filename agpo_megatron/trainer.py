@@ -6,8 +6,9 @@
 (the memory hand-overs between vLLM and Megatron, and their order, live in colocate.py)
 
 Every rank runs this same function (SPMD) inside one torchrun/srun world: vLLM and Megatron are
-colocated. The rollout gathers the whole global batch onto every rank, so rewards, advantages and
-the global token count are computed redundantly and identically everywhere, without collectives;
+colocated. The rollout gathers the whole global batch onto every rank; each rank checks a share of
+the answers and an all-gather gives all the same rewards (data/reward_dist.py), so advantages and
+the global token count are then computed redundantly and identically everywhere, without collectives;
 each Megatron data-parallel rank then trains on its contiguous slice of the sequences.
 
 Departures from the AGPO paper (arXiv 2503.15952):
@@ -35,7 +36,7 @@ from agpo_megatron.colocate import Colocation
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
-from agpo_megatron.data.math_reward import score_batch
+from agpo_megatron.data.reward_dist import score_distributed
 from agpo_megatron.metrics import MetricsLogger, PhaseTimer
 from agpo_megatron.parallel import set_collective_timeout
 from agpo_megatron.offload import ActorMemory
@@ -81,7 +82,9 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
 
         with timer("reward"):
             golds = [ex.gold for ex in prompts for _ in range(G)]
-            r_acc, _, reward_m = score_batch([c.text for c in completions], golds, timeout_s=cfg.data.reward_timeout_s)
+            # Each rank checks its share; all get the same verdicts (one reward, one advantage per sample).
+            r_acc, _, reward_m = score_distributed([c.text for c in completions], golds, timeout_s=cfg.data.reward_timeout_s,
+                                                   budget_s=cfg.data.reward_step_budget_s)
             r_acc = r_acc.view(-1, G)  # [P, G]
             lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float).view(-1, G)
             rewards, len_m = r_acc, {}

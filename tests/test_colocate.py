@@ -142,7 +142,7 @@ def patch_trainer(monkeypatch, rec: Recorder) -> None:
     """Replace what train() builds around the actor (weight sync, memory, reward, checkpoints) with fakes."""
     monkeypatch.setattr(trainer, "sync_weights", lambda chunks, arch, engine: rec.calls.append("sync"))
     monkeypatch.setattr(trainer, "ActorMemory", lambda chunks, opt, cfg: FakeActorState(rec))
-    monkeypatch.setattr(trainer, "score_batch", lambda texts, golds, timeout_s: (
+    monkeypatch.setattr(trainer, "score_distributed", lambda texts, golds, **kw: (
         torch.tensor([float(i % 2) for i in range(len(texts))]), None, {}))
     monkeypatch.setattr(trainer, "Colocation", lambda engine, state, sync: Colocation(
         engine, state, sync, empty_cache=rec("empty_cache")))

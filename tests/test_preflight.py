@@ -52,6 +52,7 @@ def test_a_good_config_reports_its_data(capsys, cfg):
     ("data.train.path=/nowhere/train.jsonl", "data.train.path='/nowhere/train.jsonl': no such file"),
     ("model.hf_path=", "model.hf_path is empty"),
     ("data.reward_timeout_s=-1", "data.reward_timeout_s must be > 0"),
+    ("data.reward_step_budget_s=0", "data.reward_step_budget_s must be > 0"),
     ("data.train.max_prompt_tokens=5", "data.train (.*): 0 of 8 prompts kept; dropped 8 longer"),
     ("model.init_from=megatron", "checkpoint.load_dir"),
 ])

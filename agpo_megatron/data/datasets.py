@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from agpo_megatron.data.math_reward import extract_boxed, gold_from_gsm8k_answer
+from agpo_megatron.data.answer_match import extract_boxed, gold_from_gsm8k_answer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -130,7 +130,7 @@ class Example:
     prompt_text: str
     """The templated prompt as text, for logging and for engines that take text."""
     gold: str
-    """Gold final answer, as :func:`agpo_megatron.data.math_reward.score` expects it."""
+    """Gold final answer, as :func:`agpo_megatron.data.answer_match.score` expects it."""
     index: int
     """Position of the row in the source (0-based), stable under shuffling and filtering."""
     metadata: dict[str, Any] = field(default_factory=dict)

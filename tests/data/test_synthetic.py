@@ -5,8 +5,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+from agpo_megatron.data.answer_match import extract_boxed, score_batch
 from agpo_megatron.data.datasets import load_examples
-from agpo_megatron.data.math_reward import extract_boxed, score_batch
 from agpo_megatron.data.synthetic import (
     BOS_TOKEN,
     EOS_TOKEN,

@@ -1,41 +1,31 @@
-"""Tests for answer extraction and the math-verify accuracy reward."""
+"""Tests for answer extraction and the math-verify accuracy reward (the pool itself: test_deadline_pool.py)."""
 
 import itertools
 import json
-import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from agpo_megatron.data.math_reward import (
-    CheckOutcome,
-    VerifierPool,
+from agpo_megatron.data.answer_match import (
     extract_answer,
     extract_boxed,
     extract_gsm8k,
     gold_from_gsm8k_answer,
     score,
     score_batch,
+    score_many,
+    verifier_pool,
 )
-from tests.dist import pid_alive
+from agpo_megatron.data.deadline_pool import DeadlinePool
+from tests.data.pool_fns import misbehaving
 
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def _misbehaving_check(extracted: str, gold: str) -> bool:
-    """A check (run in a worker) that hangs when the gold is ``"hang"`` and crashes on ``"die"``."""
-    if gold == "hang":
-        time.sleep(600)
-    if gold == "die":
-        os._exit(1)
-    return extracted == gold
-
-
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(2) as p:
+    with verifier_pool(2) as p:
         yield p
 
 
@@ -132,7 +122,7 @@ def test_unformatted_response_scores_zero(pool):
 
 
 def test_fast_path_never_touches_the_pool():
-    closed = VerifierPool(1)
+    closed = DeadlinePool(1, fn=misbehaving)
     closed.close()  # any use would raise
     assert score(r"\boxed{1,234}", "1234", pool=closed).correct
     assert score(r"\boxed{\frac{14}{3}}", r"\frac{14}{3}", pool=closed).correct
@@ -149,32 +139,31 @@ def test_score_from_a_worker_thread_uses_default_pool():
     assert results and results[0].correct
 
 
-def test_hanging_and_crashing_checks_score_zero_and_pool_recovers():
-    with VerifierPool(2, check_fn=_misbehaving_check, preload=()) as hang_pool:
-        # Start both workers first: start-up time is not part of a check's deadline.
-        assert hang_pool.check([("a", "a"), ("a", "b")], timeout_s=30) == [CheckOutcome.EQUAL, CheckOutcome.NOT_EQUAL]
+@pytest.fixture(scope="module")
+def hang_pool():
+    with DeadlinePool(2, fn=misbehaving) as p:
+        yield p
 
-        start = time.monotonic()
-        result = score(r"\boxed{x}", "hang", timeout_s=0.5, pool=hang_pool)
-        elapsed = time.monotonic() - start
-        assert result.timed_out and not result.correct and result.formatted
-        assert elapsed < 0.5 + 1.0, f"timed-out check took {elapsed:.2f}s"
-        assert hang_pool.num_timeouts == 1 and hang_pool.num_restarts == 1
 
-        # The replacement worker serves the rest of a batch; only the hanging check fails.
-        r_acc, formatted, metrics = score_batch(
-            [r"\boxed{y}", r"\boxed{x}", r"\boxed{z}"], ["y", "hang", "w"], timeout_s=0.5, pool=hang_pool
-        )
-        assert r_acc.tolist() == [1.0, 0.0, 0.0]
-        assert formatted.tolist() == [True, True, True]
-        assert metrics["num_timeouts"] == 1
-        assert hang_pool.num_timeouts == 2
+def test_hanging_crashing_and_raising_checks_score_zero(hang_pool):
+    results = score_many([r"\boxed{y}", r"\boxed{x}", r"\boxed{x}", r"\boxed{x}", r"\boxed{z}"],
+                         ["y", "hang", "die", "raise", "w"], timeout_s=0.5, pool=hang_pool)
+    assert [r.correct for r in results] == [True, False, False, False, False]
+    assert [r.timed_out for r in results] == [False, True, False, False, False]
+    assert all(r.formatted for r in results)
 
-        # A worker that dies mid-check scores 0 without counting as a timeout, and is replaced.
-        result = score(r"\boxed{x}", "die", timeout_s=30, pool=hang_pool)
-        assert not result.correct and not result.timed_out
-        assert hang_pool.num_restarts == 3
-        assert score(r"\boxed{x}", "x", pool=hang_pool).correct
+
+def test_hostile_batch_within_the_step_budget(hang_pool):
+    """8 hanging checks and one per-check timeout of budget: all score 0, all are flagged, and only
+    the two that were running get cut off (the rest never start; see test_deadline_pool.py)."""
+    hang_pool.start()  # both workers idle and ready (the test above replaced some)
+    n, restarts = 8, hang_pool.num_restarts
+    r_acc, formatted, metrics = score_batch([r"\boxed{x}"] * n + ["#### 3"], ["hang"] * n + ["3"],
+                                            timeout_s=1.0, budget_s=1.0, pool=hang_pool)
+    assert r_acc.tolist() == [0.0] * n + [1.0]  # the fast path is not subject to the budget
+    assert formatted.all()
+    assert metrics["num_timeouts"] == n
+    assert hang_pool.num_restarts - restarts == 2
 
 
 def test_pathological_expression_times_out(pool):
@@ -222,48 +211,3 @@ def test_math500_reference_solutions_are_correct(pool):
     failures = [row["answer"] for row, r in zip(rows, r_acc.tolist(), strict=True) if r != 1.0]
     assert not failures, f"reference solutions scored wrong for golds {failures}"
     assert metrics["num_timeouts"] == 0
-
-
-_ORPHAN_PARENT = """
-import threading, time
-from agpo_megatron.data.math_reward import VerifierPool
-from tests.data.test_math_reward import _misbehaving_check
-if __name__ == "__main__":
-    pool = VerifierPool(2, check_fn=_misbehaving_check, preload=())
-    threading.Thread(target=pool.check, args=([("1", "hang"), ("2", "hang")],), kwargs=dict(timeout_s=600),
-                     daemon=True).start()
-    while len(pool._workers) < 2:
-        time.sleep(0.05)
-    time.sleep(2.0)  # both workers are now inside their (endless) check
-    print(*[w.process.pid for w in pool._workers], flush=True)
-    time.sleep(600)
-"""
-
-
-def test_workers_exit_when_the_trainer_is_killed(tmp_path):
-    """Issue 11: after `kill -9` of the parent, its verifier workers (busy in a check) go away."""
-    import signal
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    script = tmp_path / "parent.py"
-    script.write_text(_ORPHAN_PARENT)
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=root,
-                              env={**os.environ, "PYTHONPATH": str(root)})
-    try:
-        pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) == 2
-        for pid in pids:
-            os.kill(pid, 0)  # alive before the parent dies
-        parent.send_signal(signal.SIGKILL)
-        parent.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        alive = pids
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.2)
-            alive = [p for p in pids if pid_alive(p)]
-        assert not alive, f"verifier workers {alive} outlived their parent"
-    finally:
-        parent.kill()
-
