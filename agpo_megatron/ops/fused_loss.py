@@ -170,7 +170,7 @@ def _combine(
     group: dist.ProcessGroup | None,
     tp_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # logprobs, entropy, lse: [c]
-    """Merge the per-rank statistics (module docstring) and turn them into log p(t), H, lse."""
+    """Merge the per-rank statistics (docs/fused-loss.md) and turn them into log p(t), H, lse."""
     if tp_size > 1:
         m_local = m
         m = m_local.clone()
