@@ -547,8 +547,8 @@ class ParamReader:
 
         The result lives in a buffer that the next `get` reuses: consume it (or copy it) first.
         NOTE: reusing one buffer, sized by the largest parameter, bounds memory. It is also
-        faster: touching fresh memory costs more than the copy itself on this VM (0.3 GB/s
-        fresh vs 7 GB/s warm).
+        faster: touching fresh memory costs more than the copy itself (measured in
+        docs/benchmarks.md, "Fresh memory is the expensive part").
         """
         meta = self._meta[name]
         nbytes = meta.numel() * meta.dtype.itemsize
@@ -728,7 +728,7 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
     A contiguous view (a parameter inside DDP's buffer, half of SwiGLU's fc1) gets a storage
     that aliases its bytes; a copy (`clone`) would cost fresh memory, and first-touch page
-    faults are the slowest part of a copy on this VM (0.3 GB/s fresh vs 7 GB/s warm).
+    faults are the slowest part of a copy (docs/benchmarks.md, "Fresh memory is the expensive part").
     """
     if t.untyped_storage().nbytes() == t.nbytes:
         return t

@@ -4,8 +4,8 @@ load reads any tensor.
 An entry is `{"bytes": <size>, "<algo>": "<hex digest>"}`, keyed by the file's path relative to
 the folder. The algorithm is blake3 when it is importable (a vLLM dependency), else sha256.
 Each entry names its own algorithm, so a checkpoint verifies wherever that algorithm exists.
-On this project's 2-core VM, one core hashes about 1.5 GB/s with blake3 and 0.3 GB/s with
-sha256 (hashlib, no SHA extensions); see docs/benchmarks.md for what that costs a conversion.
+blake3 hashes several times faster than hashlib's sha256; docs/benchmarks.md ("Checksums") has
+the measured speeds and what they cost a conversion.
 
 Checksums catch accidental corruption (a flipped bit on disk or in transit, a truncated copy),
 not tampering: whoever can edit a data file can edit the sidecar too.

@@ -33,7 +33,8 @@ Not handled (refused with an error, or left in place):
   refused, since discarding the grads would discard the weights;
 - tensors on another device than the params (Adam's `step` counter lives on host): left in place;
 - Transformer Engine's FP8 weight caches (transposes, amax history in `_extra_state`): not moved.
-NOTE: none of this has run on a GPU in this repo yet (CPU-only CI).
+
+GPU status: docs/gpu-status.md.
 """
 
 from __future__ import annotations

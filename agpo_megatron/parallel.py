@@ -139,6 +139,18 @@ def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_tp_group(tp_group: dist.ProcessGroup | None = None) -> tuple[dist.ProcessGroup | None, int, int]:
+    """(group, rank, size) of a tensor-parallel group. None means Megatron's TP group, or a single
+    rank when Megatron's model parallel state is not initialized (unit tests, single-process tools)."""
+    if tp_group is None:
+        # Never imported means never initialized; importing megatron.core costs seconds of CPU.
+        mpu = sys.modules.get("megatron.core.parallel_state")
+        if mpu is None or not mpu.model_parallel_is_initialized():
+            return None, 0, 1
+        tp_group = mpu.get_tensor_model_parallel_group()
+    return tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
 def init_distributed(*, timeout_s: float = 3600.0) -> None:
     """Create the default process group (idempotent). `timeout_s`: per collective (parallel.timeout_s)."""
     if dist.is_initialized():

@@ -17,9 +17,10 @@ from agpo_megatron.batch import pad_multiple
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import ModelArch
+from agpo_megatron.models.lm_head import capture_lm_head_input
 from agpo_megatron.nonfinite import BadStepCounter, check_finite_weights, step_is_finite
 from agpo_megatron.offload import HostStash
-from agpo_megatron.ops.fused_loss import capture_lm_head_input, fused_policy_loss_from_hidden
+from agpo_megatron.ops.fused_loss import fused_policy_loss_from_hidden
 from agpo_megatron.parallel import Layout, comm_device
 from agpo_megatron.platform import cpu as cpu_platform
 

@@ -9,7 +9,7 @@ A step checkpoint (`step_dirs.py` has the folder layout and the commit protocol)
                                         controllers, the Reference's source, the layout, the config
 
 Exact resume: the step-(N+1) rollout seeds derive from (parallel.seed, step, prompt index) only
-(`Session.train_sampling`, `vllm_engine.request_seed`), and each `generate` starts from an empty
+(`Session.train_sampling`, `replicas.request_seed`), and each `generate` starts from an empty
 prefix cache, so a resumed step samples what the uninterrupted run sampled. Everything else the
 next step reads is in the checkpoint. The evaluation before step 1 is not repeated on resume.
 

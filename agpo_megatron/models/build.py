@@ -19,7 +19,8 @@ from agpo_megatron.platform import cpu as cpu_platform
 if TYPE_CHECKING:
     from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""`ModelConfig.params_dtype` names -> torch dtypes (also the rollout engine's `dtype`)."""
 
 
 def te_available() -> bool:
@@ -82,7 +83,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
 
     if arch.vocab_size % parallel_cfg.tp:
         raise ValueError(f"vocab_size {arch.vocab_size} must be divisible by parallel.tp={parallel_cfg.tp}")
-    dtype = _DTYPES[model_cfg.params_dtype]
+    dtype = DTYPES[model_cfg.params_dtype]
     on_cpu = not cpu_platform.cuda_present()
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if model_cfg.recompute_activations else {}

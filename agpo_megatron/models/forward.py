@@ -148,7 +148,8 @@ def compute_logprobs(
     and never forms the `[B, S, V/TP]` logits; None: the plain reference path above.
     Only the last pipeline stage gets results (that is where the loss needs them).
     """
-    from agpo_megatron.ops.fused_loss import capture_lm_head_input, fused_logprobs_entropy
+    from agpo_megatron.models.lm_head import capture_lm_head_input
+    from agpo_megatron.ops.fused_loss import fused_logprobs_entropy
 
     chunks = model if isinstance(model, list) else [model]
     with contextlib.ExitStack() as stack:

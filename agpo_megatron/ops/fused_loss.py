@@ -1,115 +1,43 @@
 """Chunked, vocab-parallel policy loss that never holds a full-vocabulary fp32 tensor.
 
-The plain path (`models/forward.py::vocab_parallel_logprobs` then `algo/loss.py::policy_loss`)
-keeps an fp32 copy of the logits `[tokens, V/TP]` alive for backward, and the entropy graph keeps
-a second one. At Qwen's 152k vocabulary that is the largest activation of an RL step. Here:
+How it works, with the formulas: docs/fused-loss.md. In short:
 
-* The vocab-sized work runs over chunks of `chunk_tokens` tokens. Per chunk, the logits (or, in
-  the hidden-states variant, `hidden[c] @ weight.T`, so the `[N, V/TP]` logits never exist) are
-  reduced to four fp32 statistics per token; only `[N]` vectors leave the chunk. At any time at
-  most about three `[chunk_tokens, V/TP]` temporaries are alive.
-* Hidden-states variant (`fused_policy_loss_from_hidden`), when a gradient is needed: the
-  gradients are computed eagerly in forward (Liger-kernel's "fused linear cross-entropy"), so
-  the chunk logits are computed once and never recomputed. The loss depends on token t only
-  through (log p_t, H_t) and constants known before any matmul (advantages, old / ref / rollout
-  log-probs, mask, global counts, row lengths, coefficients), so per chunk, while its logits are
-  alive: (1) `logits = hidden[c] @ W.T`, the statistics and their all-reduces -> log p, H of the
-  chunk; the per-token upstream gradients `g_lp`, `g_H` of the chunk from ordinary autograd
-  through `algo/loss.py::policy_loss` on the whole `[B, S]` batch (exact: a token's gradient does
-  not depend on the other tokens' values, which are zeros or earlier chunks' there; no vocab
-  dimension, so cheap); `d_logits` (below); (2) `d_hidden[c] = d_logits @ W`; (3)
-  `d_W += d_logits.T @ hidden[c]`. Three `[N, H] x [H, V/TP]`-sized matmuls, as on the plain
-  path (forward logits, backward d_hidden and d_W). Loss and metrics come from one more
-  `policy_loss` call on the full detached `[B, S]` log-probs and entropy, so they equal the
-  reference's for every `PolicyLossConfig` option. What is saved for backward: d_hidden
-  `[N, H]` and d_W `[V/TP, H]` (weight-sized, like the weight's own `.grad`; in the weight's
-  dtype), nothing else: neither the hidden states nor the weight. Backward only multiplies them
-  in place by the upstream gradient of the loss, so it may run once per forward (no
-  `retain_graph`), and the returned log-probs and entropy are detached: gradients w.r.t. them are
-  not supported in this mode (the trainer needs only the loss's). Without a gradient (no_grad, or
-  neither input requires one) the op is forward-only.
-* Logits variant (`fused_policy_loss_from_logits`): the op yields differentiable `[B, S]`
-  log-probs and entropy and `policy_loss` runs on them with ordinary autograd; backward
-  recomputes each chunk's `d_logits` from the saved `[N]` statistics (local target ids,
-  log-sum-exp, entropy) and the caller's logits, which exist anyway.
+* The vocab-sized work runs over chunks of `chunk_tokens` tokens; each chunk's logits are reduced
+  to four fp32 statistics per token (per-rank max, sum exp, entropy sum, target logit), combined
+  over TP with two all-reduces. At most about three `[chunk_tokens, V/TP]` temporaries are alive.
+* `fused_policy_loss_from_hidden`: the gradients are computed eagerly in forward, chunk by chunk
+  (logits `hidden[c] @ W.T`, per-token upstream gradients from `policy_loss`, `d_logits`, then
+  d_hidden and d_W), so the `[N, V/TP]` logits never exist; backward only scales the saved
+  d_hidden `[N, H]` and d_W `[V/TP, H]`, once per forward. Returned log-probs / entropy are detached.
+* `fused_policy_loss_from_logits`: differentiable `[B, S]` log-probs and entropy; backward
+  recomputes each chunk's `d_logits` from the saved `[N]` statistics and the caller's logits.
+* `fused_logprobs_entropy`: forward only (old / reference log-probs).
+* d_hidden is this rank's partial sum over its vocab slice: feed `hidden` through
+  `models/lm_head.py` (`capture_lm_head_input`, or `copy_to_tp_region`), whose backward reduces it.
 
-Layout. Per-token tensors are `[B, S]` as everywhere in the trainer (models/forward.py): row b is
-one sequence, which is how the seq-mean-* modes of `policy_loss` find sequences; the op flattens
-to `N = B * S` tokens for chunking. Packed (THD) batches are not supported. In the trainer's loss
-function on the last pipeline stage (`forward_backward`, models/forward.py)::
+Departures from the reference, numerical only: at TP > 1 the statistics are combined from
+per-rank shifts (~1e-7 relative in fp32); with 16-bit weights the weight gradient is accumulated
+over chunks in fp32 and the loss's upstream gradient multiplies d_hidden / d_W after rounding;
+every token is processed, masked or not.
 
-    with capture_lm_head_input(model) as weight:        # around forward_backward, every stage
-        ...
-        def loss_fn(hidden, mb):                           # hidden: [B, S, H], not logits
-            loss, metrics, _, _ = fused_policy_loss_from_hidden(
-                hidden, weight, mb["targets"], mb["old_logprobs"], mb["advantages"], mb["mask"],
-                cfg, ref_logprobs=mb["ref_logprobs"], temperature=T,
-                global_num_tokens=n_tokens, global_num_seqs=n_seqs)
-            return loss, metrics
-
-and `fused_logprobs_entropy(hidden, targets, weight=weight)` under the same context for the
-old / reference log-probs.
-
-Vocab-parallel statistics. Rank r holds logits `z` (already divided by the temperature) for
-vocab ids `[r * V/TP, (r + 1) * V/TP)`. Each rank reduces its slice relative to its own max
-`m_r`: `s_r = sum exp(z - m_r)`, `w_r = sum exp(z - m_r) (z - m_r)`, and the target logit when
-the target is in its slice. Two all-reduces per chunk combine them (MAX of `m_r`, then one SUM
-of three stacked vectors rescaled to the global max `m`)::
-
-    s = sum_r exp(m_r - m) s_r,    w = sum_r exp(m_r - m) (w_r + (m_r - m) s_r)
-    log p(t) = (z_t - m) - log s,  H = log s - w / s
-
-The gradient, with `g` the upstream gradients of `log p(t)` and `H`, and `log p_v = z_v - lse`::
-
-    dL/dz_v = g_lp (1[v = t] - p_v) - g_H p_v (log p_v + H),    dL/dlogits = dL/dz / T
-
-It needs no communication: every rank owns its slice of `d_logits`.
-
-Tensor parallelism of `d_hidden`. Megatron's output layer is column-parallel: its input is
-replicated on the TP ranks and each rank's gradient w.r.t. it is a partial sum over that rank's
-vocab slice. This op returns that partial sum and does NOT all-reduce it. The caller passes
-`hidden` through an input mapping whose backward does the reduction, as `ColumnParallelLinear`
-does: `copy_to_tp_region` below (identity forward, all-reduce backward) or, with sequence
-parallelism, Megatron's `gather_from_sequence_parallel_region` (all-gather forward,
-reduce-scatter backward). `capture_lm_head_input` applies the right one for you.
-
-Departures from the reference, numerical only:
-
-* At TP > 1 the statistics are combined from per-rank shifts (above) instead of one global max
-  first; it saves an all-reduce and lets a single-pass kernel (Triton, on CUDA) produce them.
-  Rounding differs from the reference by ~1e-7 relative in fp32.
-* In the hidden-states variant with 16-bit weights, the weight gradient is accumulated over
-  chunks in fp32 (each chunk's product is rounded to the weight dtype once) and cast back at the
-  end of forward; the reference does one matmul over all tokens. A transient fp32 weight-sized
-  buffer. The upstream gradient of the loss multiplies d_hidden and d_W after they are rounded
-  to the input dtypes (the reference folds it into d_logits): one more rounding with 16-bit
-  inputs, none when it is 1.
-* Every token is processed, masked or not, so the returned log-probs / entropy are valid at
-  every position (the old / reference log-prob pass needs that).
-
-On CUDA with Triton installed, the per-chunk statistics and `d_logits` come from the kernels in
-`ops/triton_fused_loss.py`; everything else (matmuls, all-reduces, the loss) is the same code.
+On CUDA with Triton, the per-chunk statistics and `d_logits` come from `ops/triton_fused_loss.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import warnings
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.loss import GlobalCount, Metrics, PolicyLossConfig, policy_loss
 from agpo_megatron.ops import triton_fused_loss
+from agpo_megatron.parallel import resolve_tp_group
 
 __all__ = [
     "fused_policy_loss_from_hidden",
     "fused_policy_loss_from_logits",
     "fused_logprobs_entropy",
-    "capture_lm_head_input",
-    "copy_to_tp_region",
 ]
 
 
@@ -234,48 +162,6 @@ def _chunk_dlogits(logits, local_targets, lse, entropy, g_lp, g_ent, temperature
 # tensor parallelism
 
 
-def _resolve_tp_group(tp_group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
-    """(group, rank, size). None means Megatron's TP group, or a single rank when Megatron's model
-    parallel state is not initialized (unit tests, single-process tools)."""
-    if tp_group is None:
-        # Never imported means never initialized; importing megatron.core costs seconds of CPU.
-        mpu = sys.modules.get("megatron.core.parallel_state")
-        if mpu is None or not mpu.model_parallel_is_initialized():
-            return None, 0, 1
-        tp_group = mpu.get_tensor_model_parallel_group()
-    return tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group)
-
-
-class _CopyToTPRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # A contiguous copy: the incoming gradient may be a transposed view, or shared.
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def copy_to_tp_region(
-    x: torch.Tensor,  # [..., H] replicated on the TP ranks
-    tp_group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:  # [..., H], the same values
-    """Identity forward, all-reduce of the gradient over TP backward: wrap the hidden states fed
-    to `fused_policy_loss_from_hidden` with it (unless they come from `capture_lm_head_input`).
-
-    NOTE: Megatron's `copy_to_tensor_model_parallel_region` means the same, but its `_reduce`
-    all-reduces `grad.contiguous()` and returns `grad`, so a non-contiguous gradient is silently
-    left unreduced. GPTModel's `[S, B, *] -> [B, S, *]` transpose after the output layer produces
-    exactly such a gradient (tests/ops/test_fused_loss.py caught it at TP=2).
-    """
-    group, _, tp_size = _resolve_tp_group(tp_group)
-    return x if tp_size == 1 else _CopyToTPRegion.apply(x, group)
-
-
 def _combine(
     m: torch.Tensor,  # [c] per-rank max
     s: torch.Tensor,  # [c]
@@ -284,7 +170,7 @@ def _combine(
     group: dist.ProcessGroup | None,
     tp_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # logprobs, entropy, lse: [c]
-    """Merge the per-rank statistics (module docstring) and turn them into log p(t), H, lse."""
+    """Merge the per-rank statistics (docs/fused-loss.md) and turn them into log p(t), H, lse."""
     if tp_size > 1:
         m_local = m
         m = m_local.clone()
@@ -488,7 +374,7 @@ class _EagerHiddenLoss(torch.autograd.Function):
 def _prepare(x, weight, targets, temperature, chunk_tokens, tp_group):
     """Validate, resolve the TP group, flatten: (x [N, D], local targets [N], group, tp_size)."""
     _check_op_inputs(x, weight, targets, temperature, chunk_tokens)
-    group, tp_rank, tp_size = _resolve_tp_group(tp_group)
+    group, tp_rank, tp_size = resolve_tp_group(tp_group)
     if weight is not None and x.dtype != weight.dtype:
         # Megatron's Float16Module hands the last stage's output back in fp32; the output
         # layer ran in the weight dtype, and so does this (bf16 -> fp32 -> bf16 is exact).
@@ -642,52 +528,3 @@ def fused_logprobs_entropy(
         x2d, weight, local_targets, temperature, chunk_tokens, group, tp_size, with_entropy
     )
     return lp.view(targets.shape), (ent.view(targets.shape) if ent is not None else None)
-
-
-@contextlib.contextmanager
-def capture_lm_head_input(model: torch.nn.Module) -> Iterator[torch.Tensor | None]:
-    """Make a last-stage Megatron `GPTModel` return its output layer's input; yields the weight.
-
-    Inside the context, `model(tokens, position_ids, attention_mask)` returns the final hidden
-    states (after the final norm) as `[B, S, H]` instead of logits `[B, S, V/TP]`: GPTModel
-    transposes whatever its output layer returns from `[S, B, *]` to `[B, S, *]`, so the hidden
-    states come back in the logits' layout (one `[B, S, H]` copy, small next to the logits).
-    The yielded tensor is the output weight `[V/TP, H]`: the embedding matrix when embeddings are
-    tied on a one-stage model, else `output_layer.weight`.
-
-    The returned hidden states have already been through the column-parallel input mapping that
-    the output layer would apply (`copy_to_tp_region`, or the sequence-parallel all-gather), so
-    the backward of that mapping all-reduces (reduce-scatters) d_hidden over TP. The
-    sequence-parallel branch is Megatron's own mapping and is not covered by the CPU tests.
-    Feed them and the weight to `fused_policy_loss_from_hidden` / `fused_logprobs_entropy`.
-
-    `model` is this rank's model chunk (the last one with virtual pipelining); wrappers with a
-    `.module` (Megatron DDP, Float16Module) are unwrapped. On earlier pipeline stages, which have
-    no output layer, it changes nothing and yields None, so a trainer can enter it on every rank
-    around `forward_backward` and use the weight only in the last stage's loss function.
-    """
-    gpt = model
-    while hasattr(gpt, "module"):
-        gpt = gpt.module
-    if not getattr(gpt, "post_process", False):
-        yield None
-        return
-    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
-    if gpt.config.mtp_num_layers or gpt.config.defer_embedding_wgrad_compute:
-        raise ValueError("capture_lm_head_input supports neither MTP nor deferred embedding wgrad")
-    layer = gpt.output_layer
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else layer.weight
-
-    def forward(input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
-        # [S(/TP), B, H] -> [S, B, H], the mapping ColumnParallelLinear.forward applies.
-        if layer.sequence_parallel:
-            return gather_from_sequence_parallel_region(input_, group=layer.tp_group), None
-        return copy_to_tp_region(input_, layer.tp_group), None
-
-    # An instance attribute shadows the class's forward; nn.Module.__call__ (and its hooks) is kept.
-    layer.forward = forward
-    try:
-        yield weight
-    finally:
-        del layer.forward

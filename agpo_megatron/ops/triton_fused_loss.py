@@ -14,14 +14,13 @@ Two kernels, one program per token row, each streaming the row's `V/TP` logits i
 The PyTorch versions in `fused_loss.py` are the reference; `tests/ops/test_triton_fused_loss.py`
 checks these against them and against autograd.
 
-NOTE: this module has NOT been run on a GPU in this repo yet: the machine it was written on has
-no CUDA. It has been run in Triton's interpreter (`TRITON_INTERPRET=1`, triton 3.9.0, CPU
-tensors) against the PyTorch chunk functions and fp64 autograd: statistics within 1.3e-6 and
-fp32 `d_logits` within 8e-6 of the largest entry, and the whole fused loss through the kernels
-within 1e-7 of its PyTorch path. That checks the arithmetic and the masking, not GPU code
-generation or speed. The parity tests are marked `gpu` and skip without CUDA; until someone runs
-`pytest -m gpu tests/ops/test_triton_fused_loss.py` on a GPU, treat the compiled kernels as
-unverified. `fused_loss` uses them only for CUDA tensors (fp16 / bf16 / fp32).
+GPU status: docs/gpu-status.md. The kernels have been run in Triton's interpreter
+(`TRITON_INTERPRET=1`, triton 3.9.0, CPU tensors) against the PyTorch chunk functions and fp64
+autograd: statistics within 1.3e-6 and fp32 `d_logits` within 8e-6 of the largest entry, and the
+whole fused loss through the kernels within 1e-7 of its PyTorch path. That checks the arithmetic
+and the masking, not GPU code generation or speed; the GPU parity tests
+(`pytest -m gpu tests/ops/test_triton_fused_loss.py`) skip without CUDA. `fused_loss` uses the
+kernels only for CUDA tensors (fp16 / bf16 / fp32).
 
 Importing this module never fails: without Triton `HAVE_TRITON` is False and the fused op keeps
 its PyTorch path.

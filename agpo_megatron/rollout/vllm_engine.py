@@ -1,21 +1,10 @@
 """Colocated SPMD vLLM: one engine per rank, inside the same torchrun/srun world as Megatron.
 
 Layout. vLLM runs with `distributed_executor_backend="external_launcher"`: it builds its own
-groups on top of the existing torch.distributed world, TP innermost, so the world of W ranks
-holds W / rollout_tp independent *replicas* (vLLM's "external DP"): ranks
-[r*tp, (r+1)*tp) form replica r. Ranks of one replica must see identical requests (same prompts,
-same seeds, same order), because each runs its own scheduler and they only agree if scheduling
-and sampling are deterministic. Replicas share nothing during generate().
-
-Prompts and seeds. `generate()` takes the *global* prompt list on every rank. Replica r
-generates the r-th contiguous chunk (`split_prompts`), and every prompt gets a seed derived from
-(sampling.seed, its global index), never from the replica. So all ranks of a replica agree, the
-replicas sample independently, and the samples do not depend on rollout_tp. The completions
-come back to every rank through `all_gather_object` over the world (`gather_completions`): a
-pickle of token lists, cheap next to generation. NOTE: unseeded requests would draw from the
-process-global torch RNG, which Megatron advances differently on different TP ranks; the ranks
-of a replica would then sample different tokens and their schedulers would diverge. Hence a
-seed on every request.
+groups on top of the existing torch.distributed world, TP innermost, so the world holds
+world_size / rollout_tp independent replicas (vLLM's "external DP"). How prompts are split over
+them, how every request is seeded and how the completions are gathered is engine-agnostic and
+lives in rollout/replicas.py.
 
 Order of construction. Megatron's parallel state first (`parallel.init_model_parallel`), then
 this engine, on every rank in the same order: vLLM reuses the default process group and adds
@@ -50,30 +39,22 @@ on CPU). NOTE: vLLM's CPU worker replaces `torch.set_num_threads` process-wide w
 (it pins its OpenMP threads), so set threads (OMP_NUM_THREADS) before the engine is built. On
 GPU: `gpu_memory_utilization` and `enable_sleep_mode`. NOTE: processed log-probs and
 per-request seeds both make vLLM's CUDA sampler fall back from FlashInfer to its PyTorch one.
-NOTE: the GPU branches below have NOT been run on a GPU in this repo yet (CPU-only CI).
+GPU status of the GPU branches: docs/gpu-status.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
 
-# NOTE: external_launcher requires in-process engine cores: every rank must own a deterministic
-# scheduler in its own process (vLLM asserts this), and tensors given to collective_rpc must stay
-# tensors (with engine-core subprocesses they are pickled into lists). vLLM reads the variable
-# when it is imported and when it builds the executor, so it is set here, before any import of
-# vllm that goes through this module. Hard-set rather than setdefault: a 1 left in the
-# environment would only turn into an assertion deep inside vLLM.
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import torch
+import torch.distributed as dist
 
-import dataclasses  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
-from typing import TYPE_CHECKING, Any, Literal  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from agpo_megatron.rollout.base import Completion, SamplingConfig  # noqa: E402
+from agpo_megatron.models.build import DTYPES
+from agpo_megatron.rollout.base import Completion, SamplingConfig
+from agpo_megatron.rollout.replicas import ReplicaLayout, gather_completions, request_seed, split_prompts
 
 if TYPE_CHECKING:
     from agpo_megatron.config import ModelConfig, RolloutConfig
@@ -83,74 +64,6 @@ LogprobMode = Literal["recompute", "rollout"]
 _CPU_KV_CACHE_BYTES = 256 * 2**20
 """Default KV cache on CPU: vLLM's own default is 5 GiB, and the first generate() pays for
 touching all of it (13 s measured)."""
-
-_SEED_MOD = 2**31
-"""Request seeds stay below 2**31: vLLM's CPU sampler draws per-token seeds in [0, 2**31)."""
-_SEED_STRIDE = 1_000_003
-"""Spacing between the seed spaces of consecutive `SamplingConfig.seed` values (a prime, so
-nearby steps and prompt indices do not line up)."""
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaLayout:
-    """This rank's place among the vLLM replicas (TP innermost, as vLLM builds its groups)."""
-
-    replica: int
-    """Which replica (vLLM external-DP rank) this rank belongs to."""
-    num_replicas: int
-    """world_size / rollout_tp."""
-    tp_rank: int
-    """Rank inside the replica's TP group."""
-    tp: int
-    """rollout_tp."""
-
-    @classmethod
-    def of_rank(cls, rank: int, world_size: int, rollout_tp: int) -> ReplicaLayout:
-        if rollout_tp < 1 or world_size % rollout_tp:
-            raise ValueError(f"rollout_tp={rollout_tp} must be >= 1 and divide the world size {world_size}")
-        return cls(replica=rank // rollout_tp, num_replicas=world_size // rollout_tp,
-                   tp_rank=rank % rollout_tp, tp=rollout_tp)
-
-
-def split_prompts(num_prompts: int, num_replicas: int) -> list[range]:
-    """Contiguous, near-equal chunks of the global prompt indices, one per replica.
-
-    The first `num_prompts % num_replicas` replicas take one extra prompt; a replica may get an
-    empty range when there are fewer prompts than replicas.
-    """
-    base, extra = divmod(num_prompts, num_replicas)
-    bounds = [0]
-    for r in range(num_replicas):
-        bounds.append(bounds[-1] + base + (r < extra))
-    return [range(bounds[r], bounds[r + 1]) for r in range(num_replicas)]
-
-
-def request_seed(seed: int, prompt_index: int, n: int) -> int:
-    """The vLLM seed of one prompt's request; vLLM gives its j-th sample `request_seed + j`.
-
-    Within one call, prompts' seed ranges [s, s + n) do not overlap (indices are spaced by n).
-    """
-    return (seed * _SEED_STRIDE + prompt_index * n) % _SEED_MOD
-
-
-def gather_completions(local: list[list[Completion]], layout: ReplicaLayout) -> list[list[Completion]]:
-    """Every rank gets the global list: each replica's chunk, in replica (= prompt) order.
-
-    Only TP-rank 0 of each replica contributes (its TP peers hold identical results).
-    NOTE: `all_gather_object` pickles over the default group (gloo on CPU; on NCCL it stages
-    the bytes through the current CUDA device). Token-id lists are small next to generation
-    cost; if that ever changes, gather padded id tensors instead.
-    """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local if layout.tp_rank == 0 else None)
-    out: list[list[Completion]] = []
-    for r in range(layout.num_replicas):
-        out.extend(gathered[r * layout.tp])
-    return out
 
 
 class VLLMEngine:
@@ -176,36 +89,36 @@ class VLLMEngine:
         sleep_level: int = 2,
         enforce_eager: bool = False,
     ):
-        """
-        Args:
-            model_path: HF directory (config.json, tokenizer; weights unless load_format="dummy").
-            rollout_tp: vLLM tensor-parallel size; must divide the world size.
-            logprob_mode: "rollout" = every completion carries vLLM's sampling log-probs (the
-                trainer uses them as old log-probs); "recompute" = only when `SamplingConfig.logprobs`
-                asks (the trainer recomputes old log-probs with Megatron).
-            dtype: vLLM weight/compute dtype ("float32", "bfloat16", "float16").
-            max_model_len: longest prompt + completion.
-            seed: vLLM's engine seed (only used for requests without a seed, which this class
-                never sends).
-            load_format: "auto" loads the HF weights at start-up; "dummy" skips the read when the
-                first `update_weights` will overwrite everything anyway.
-            gpu_memory_utilization: vLLM's share of GPU memory (GPU only).
-            kv_cache_memory_bytes: explicit KV-cache size; on CPU defaults to 256 MiB.
-            enable_sleep_mode: let sleep() free GPU memory (GPU only; elsewhere sleep() frees nothing).
-            sleep_level: 2 discards the weights while asleep (the next update_weights rewrites them
-                all), 1 copies them to host memory.
-            enforce_eager: no CUDA graphs (always eager on CPU).
+        """Build the engine on every rank (collective), after `parallel.init_model_parallel()`.
+
+        `model_path`: HF directory (config.json, tokenizer; weights unless load_format="dummy").
+        `rollout_tp`: vLLM tensor-parallel size; must divide the world size.
+        `logprob_mode`: "rollout" = every completion carries vLLM's sampling log-probs (the
+        trainer uses them as old log-probs); "recompute" = only when `SamplingConfig.logprobs`
+        asks (the trainer recomputes old log-probs with Megatron).
+        `dtype`: vLLM weight/compute dtype ("float32", "bfloat16", "float16").
+        `max_model_len`: longest prompt + completion.
+        `seed`: vLLM's engine seed (only used for requests without a seed, which this class never
+        sends).
+        `load_format`: "auto" loads the HF weights at start-up; "dummy" skips the read when the
+        first `update_weights` will overwrite everything anyway.
+        `gpu_memory_utilization`: vLLM's share of GPU memory (GPU only).
+        `kv_cache_memory_bytes`: explicit KV-cache size; on CPU defaults to 256 MiB.
+        `enable_sleep_mode`: let sleep() free GPU memory (GPU only; elsewhere sleep() frees nothing).
+        `sleep_level`: 2 discards the weights while asleep (the next update_weights rewrites them
+        all), 1 copies them to host memory.
+        `enforce_eager`: no CUDA graphs (always eager on CPU).
         """
         if not dist.is_initialized():
             raise RuntimeError("VLLMEngine needs torch.distributed: call parallel.init_model_parallel() first, "
                                "on every rank, then build the engine on every rank in the same order")
         if logprob_mode not in ("recompute", "rollout"):
             raise ValueError(f"logprob_mode must be 'recompute' or 'rollout', got {logprob_mode!r}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.layout = ReplicaLayout.of_rank(dist.get_rank(), dist.get_world_size(), rollout_tp)
         self.logprob_mode: LogprobMode = logprob_mode
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.on_gpu = torch.cuda.is_available()
         self.sleep_enabled = self.on_gpu and enable_sleep_mode
         if sleep_level not in (1, 2):
@@ -216,6 +129,14 @@ class VLLMEngine:
         self._weights_lost = False
         """Level-2 sleep discarded the weights: update_weights must come before generate."""
 
+        # NOTE: external_launcher requires in-process engine cores: every rank must own a
+        # deterministic scheduler in its own process (vLLM asserts this), and tensors given to
+        # collective_rpc must stay tensors (with engine-core subprocesses they are pickled into
+        # lists). vLLM 0.32 reads the variable lazily (vllm.envs), first when LLM(...) below builds
+        # its engine, so setting it here, before any vllm import of this class, is early enough.
+        # Hard-set rather than setdefault: a 1 left in the environment would only turn into an
+        # assertion deep inside vLLM.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -229,7 +150,6 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
         )
         if self.on_gpu:
-            # GPU branch: NOT YET RUN ON GPU in this repo.
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
                           enforce_eager=enforce_eager)
             if kv_cache_memory_bytes is not None:
@@ -322,7 +242,7 @@ class VLLMEngine:
         The tensors may be in any dtype (vLLM casts into its parameters) and must be full
         (unsharded): each vLLM TP rank slices its own shard. vLLM iterates `weights` to the end
         on every rank, so an iterator that runs collectives (bridge/export.py) stays in lockstep.
-        On GPU the same call is used (NOT YET RUN ON GPU in this repo); after sleep(), call
+        On GPU the same call is used (docs/gpu-status.md); after sleep(), call
         wake_weights() first (the KV cache may stay asleep: the prefix-cache reset below only
         touches the scheduler's block metadata).
         """

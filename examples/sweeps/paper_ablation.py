@@ -10,9 +10,10 @@
     python examples/sweeps/paper_ablation.py --executor slurm --tiny --gpus-per-node 0 --nproc 2
     python examples/sweeps/paper_ablation.py --list     # print the tasks and their overrides
 
-Install: `pip install -e ".[launch]"` (nemo-run 0.11.1 with leptonai<0.47; newer leptonai breaks the
-import). NOTE: leptonai<0.47 pins starlette<1, which vLLM 0.32 refuses, so keep nemo-run in its own
-venv (scripts/setup_cpu.sh makes .venv-launch) and point --python at the training venv.
+Install: the `launch` extra of pyproject.toml (nemo-run 0.11.1 with leptonai<0.47; newer leptonai
+breaks the import). NOTE: leptonai<0.47 pins starlette<1, which vLLM 0.32 refuses, so keep nemo-run
+in its own venv: scripts/setup_cpu.sh makes .venv-launch with only that extra's packages. Run this
+script with that venv's python and point --python at the training venv.
 
 Every task is `PYTHON -m agpo_megatron.cli train --config BASE <overrides>` over one base config
 (examples/agpo_qwen7b.yaml, or examples/tiny_cpu.yaml with --tiny). On Slurm each task is one

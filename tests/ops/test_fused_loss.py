@@ -8,7 +8,8 @@ all-masked batch, input checks.
 Through one 2-rank torchrun worker (tests/workers/fused_loss_tp.py): every case of its CASES
 table at TP=1 and TP=2, from hidden states and from logits, against the oracle
 `vocab_parallel_logprobs` -> `policy_loss` on materialised logits; TP=2 against TP=1; and
-`capture_lm_head_input` on a tiny GPTModel (logits, loss and every parameter's gradient).
+`capture_lm_head_input` (models/lm_head.py) on a tiny GPTModel (logits, loss and every
+parameter's gradient).
 
 Tolerances are relative to the largest reference entry. fp32: 1e-5 (measured <= 5e-7).
 bf16 inputs: the log-probs, entropy, loss and metrics are fp32 statistics of the same bf16
@@ -24,8 +25,8 @@ import pytest
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
+from agpo_megatron.models.lm_head import capture_lm_head_input
 from agpo_megatron.ops.fused_loss import (
-    capture_lm_head_input,
     fused_logprobs_entropy,
     fused_policy_loss_from_hidden,
     fused_policy_loss_from_logits,

@@ -1,8 +1,8 @@
 """The Triton kernels of ops/triton_fused_loss.py against fp64 PyTorch, and the fused loss on
 CUDA (which dispatches to them) against its CPU path and the plain reference.
 
-NOTE: written on a CPU-only machine and NOT yet run (see the kernels' module docstring). The
-GPU tests skip without CUDA + Triton; run them with `pytest -m gpu tests/ops/test_triton_fused_loss.py`.
+GPU status: docs/gpu-status.md. The GPU tests skip without CUDA + Triton; run them with
+`pytest -m gpu tests/ops/test_triton_fused_loss.py`.
 """
 
 from __future__ import annotations

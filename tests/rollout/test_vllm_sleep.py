@@ -3,6 +3,8 @@ and the order it enforces on every platform (sleep -> wake_weights -> update_wei
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
 
@@ -19,6 +21,7 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls = kwargs, []
+        self.multiprocessing_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         FakeLLM.instances.append(self)
 
     def sleep(self, level):
@@ -111,3 +114,16 @@ def test_wrong_order_raises_on_every_platform(engine_on, gpu):
 def test_sleep_level_is_validated(engine_on):
     with pytest.raises(ValueError, match="sleep_level"):
         engine_on(gpu=False, sleep_level=3)
+
+
+def test_in_process_engine_cores_are_set_at_construction_not_import(engine_on, monkeypatch):
+    # external_launcher needs VLLM_ENABLE_V1_MULTIPROCESSING=0 by the time vLLM builds its engine
+    # (vllm.envs reads it lazily); a 1 left in the environment is overridden.
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    _, llm = engine_on(gpu=False)
+    assert llm.multiprocessing_env == "0"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    out = subprocess.run([sys.executable, "-c", "import os, agpo_megatron.rollout.vllm_engine; "
+                          "print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'))"],
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "None"  # importing the module has no side effect

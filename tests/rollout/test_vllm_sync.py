@@ -19,7 +19,6 @@ import torch
 from agpo_megatron.data.synthetic import build_tokenizer
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from agpo_megatron.rollout.base import SamplingConfig
-from agpo_megatron.rollout.vllm_engine import ReplicaLayout, request_seed, split_prompts
 from tests.dist import torchrun
 
 pytestmark = pytest.mark.slow
@@ -164,31 +163,6 @@ def test_sync_stats(runs):
 
 
 # ---- pure helpers (no processes) ----------------------------------------------------------------
-
-
-def test_split_prompts_covers_each_index_once_in_order():
-    assert split_prompts(5, 2) == [range(0, 3), range(3, 5)]
-    assert split_prompts(2, 4) == [range(0, 1), range(1, 2), range(2, 2), range(2, 2)]
-    for num, reps in [(0, 1), (7, 3), (32, 8), (3, 5)]:
-        chunks = split_prompts(num, reps)
-        assert [i for c in chunks for i in c] == list(range(num))
-        assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
-
-
-def test_replica_layout_is_tp_innermost_like_vllm():
-    assert ReplicaLayout.of_rank(5, 8, 2) == ReplicaLayout(replica=2, num_replicas=4, tp_rank=1, tp=2)
-    assert ReplicaLayout.of_rank(3, 4, 1) == ReplicaLayout(replica=3, num_replicas=4, tp_rank=0, tp=1)
-    with pytest.raises(ValueError, match="divide the world size"):
-        ReplicaLayout.of_rank(0, 6, 4)
-
-
-def test_request_seeds_of_one_call_do_not_overlap():
-    # vLLM gives sample j of a request the seed request_seed + j.
-    n = 8
-    seeds = [request_seed(3, i, n) + j for i in range(1000) for j in range(n)]
-    assert len(set(seeds)) == len(seeds)
-    assert all(0 <= s < 2**31 for s in seeds)
-    assert request_seed(3, 0, n) != request_seed(4, 0, n)
 
 
 def test_sampling_config_validates():

@@ -99,8 +99,8 @@ def run_case(case: Case, tp: int, tp_rank: int) -> dict:
 
     from agpo_megatron.algo.loss import policy_loss
     from agpo_megatron.models.forward import vocab_parallel_logprobs
+    from agpo_megatron.models.lm_head import copy_to_tp_region
     from agpo_megatron.ops.fused_loss import (
-        copy_to_tp_region,
         fused_policy_loss_from_hidden,
         fused_policy_loss_from_logits,
     )
@@ -159,9 +159,9 @@ def run_capture(tie: bool, tp: int) -> dict:
     from agpo_megatron.models import build
     from agpo_megatron.models.forward import causal_mask, vocab_parallel_logprobs
     from agpo_megatron.models.hf_config import arch_from_hf_dict
+    from agpo_megatron.models.lm_head import capture_lm_head_input
     from agpo_megatron.models.tiny import tiny_hf_config
     from agpo_megatron.ops.fused_loss import (
-        capture_lm_head_input,
         fused_logprobs_entropy,
         fused_policy_loss_from_hidden,
     )
