@@ -24,7 +24,7 @@ REQUIRED = ["reward/mean", "acc/mean", "len/mean", "len/max", "len/correct_mean"
 def _demo(out: Path, *overrides: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            "-m", "agpo_megatron.demo", "--out", str(out), "--no-baseline", "--sft-steps", "3", "--n-train", "64", "--n-eval", "8",
-           "--sft-batch", "8", "steps=2", "batch.prompts_per_step=4", "algo.group_size=4", "batch.micro_batch_size=4",
+           "--sft-batch", "8", "steps=2", "batch.prompts_per_rollout=4", "algo.group_size=4", "batch.micro_batch_size=4",
            "rollout.max_new_tokens=24", "logging.progress_bar=false", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
