@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
                                             dp_rank=s.layout.dp_rank, micro_batch_size=cfg.batch.micro_batch_size,
                                             max_tokens=cfg.batch.max_tokens_per_micro_batch, pad_id=s.pad_id,
                                             uniform_length=s.layout.pp > 1, pad_to_multiple=actor.pad_multiple)
-        ppo_kw = dict(mode=cfg.rollout.logprob_mode, epochs=cfg.algo.ppo_epochs)
+        ppo_kw = {"mode": cfg.rollout.logprob_mode, "epochs": cfg.algo.ppo_epochs}
 
         with timer("logprobs"):  # once per rollout, before the first update
             ppo.attach_logprobs(actor, reference, minis, temperature=T, **ppo_kw)

@@ -198,12 +198,12 @@ def test_mini_batches_divide_the_rollout_and_the_layout(yaml_file):
     cfg = load_train_config(yaml_file, ["batch.prompts_per_update=2", "algo.ppo_epochs=3", "steps=5"])
     assert (cfg.batch.updates_per_rollout, cfg.optimizer_steps()) == (4, 5 * 4 * 3)
     assert load_train_config(yaml_file).batch.updates_per_rollout == 1  # None: the whole rollout
-    for bad, needle in [("batch.prompts_per_update=3", "batch.prompts_per_update (3) must be >= 1 and divide "
-                                                       "batch.prompts_per_rollout (8)"),
+    for bad, needle in [("batch.prompts_per_update=3", ("batch.prompts_per_update (3) must be >= 1 and divide "
+                                                        "batch.prompts_per_rollout (8)")),
                         ("batch.prompts_per_update=16", "batch.prompts_per_update (16) must be"),
                         ("batch.prompts_per_update=0", "batch.prompts_per_update (0) must be"),
-                        ("batch.micro_batch_size=3", "batch.micro_batch_size (3) must divide the mini-batch of "
-                                                     "batch.prompts_per_rollout x algo.group_size = 32 sequences")]:
+                        ("batch.micro_batch_size=3", ("batch.micro_batch_size (3) must divide the mini-batch of "
+                                                      "batch.prompts_per_rollout x algo.group_size = 32 sequences"))]:
         with pytest.raises(ConfigError) as e:
             load_train_config(yaml_file, [bad])
         assert needle in str(e.value)

@@ -35,7 +35,7 @@ arch = read_arch(hf_dir)
 layout = init_model_parallel(1, 1, seed=3)
 # entropy bonus on: the shortcut must also hold with the entropy term in the loss
 loss_cfg = PolicyLossConfig(entropy_coef=0.01)
-step_kw = dict(temperature=1.0, kl_coef=0.0, eps=(0.2, 0.2))
+step_kw = {"temperature": 1.0, "kl_coef": 0.0, "eps": (0.2, 0.2)}
 
 # A rollout of 4 prompts x G=2, prompt-major, identical on both ranks (the rollout is gathered).
 g = torch.Generator().manual_seed(0)
