@@ -115,3 +115,35 @@ def split_micro_batches(seqs: Sequences, *, micro_batch_size: int, max_tokens: i
         sub = seqs.select(g)
         out.append(to_micro_batch(sub, longest_all if uniform_length else padded(max(len(t) for t in sub.tokens)), pad_id))
     return out
+
+
+@dataclasses.dataclass
+class MiniBatch:
+    """One optimizer step's share of a rollout, as this data-parallel rank sees it."""
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    """This rank's micro-batches of the mini-batch."""
+    num_tokens: int
+    """Response tokens of the whole mini-batch over all DP ranks (the loss's token-mean denominator)."""
+    num_seqs: int
+    """Sequences of the whole mini-batch over all DP ranks (the seq-mean-* denominator)."""
+
+
+def split_mini_batches(seqs: Sequences, *, seqs_per_update: int, dp: int, dp_rank: int,
+                       **micro) -> list[MiniBatch]:
+    """Split a rollout (prompt-major, whole groups of G) into PPO mini-batches, this rank's part of each.
+
+    Mini-batch k is rows `[k * seqs_per_update, (k + 1) * seqs_per_update)`: whole prompt groups when
+    `seqs_per_update` is a multiple of G (config validation ensures it). Its rows are split into
+    `dp` contiguous slices, and this rank's slice into micro-batches by `split_micro_batches(**micro)`.
+    The counts are the mini-batch's global ones, computed here with no collective (every rank holds
+    the whole rollout), so the loss is the same whatever the DP / micro-batch layout.
+    """
+    if len(seqs) % seqs_per_update or seqs_per_update % dp:
+        raise ValueError(f"{len(seqs)} sequences do not split into mini-batches of {seqs_per_update} over {dp} DP ranks")
+    per_rank, out = seqs_per_update // dp, []
+    for lo in range(0, len(seqs), seqs_per_update):
+        mini = seqs.select(range(lo, lo + seqs_per_update))
+        mine = mini.select(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        out.append(MiniBatch(split_micro_batches(mine, **micro), mini.num_response_tokens(), len(mini)))
+    return out

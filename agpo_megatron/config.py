@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveKLConfig
 from agpo_megatron.algo.loss import PolicyLossConfig
@@ -149,7 +149,7 @@ class AlgoConfig:
     r_max: float = 1.0
     """Highest reward a uniform group can have; uniform at r_max gets +1 (AGPO)."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch."""
+    """Passes over each rollout batch, each of batch.prompts_per_rollout / prompts_per_update optimizer steps."""
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     """Token-level loss: clip range, KL, entropy bonus, aggregation (see algo/loss.py)."""
     fused_loss: bool = True
@@ -303,16 +303,43 @@ class OffloadConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class BatchConfig:
-    prompts_per_step: int = 32
-    """Global prompts per RL step (paper mini-batch: 32); each gets algo.group_size responses."""
+    RENAMED: ClassVar[dict[str, str]] = {"prompts_per_step": "prompts_per_rollout"}
+    """Old field names and their new ones: an old config gets one line naming the new field."""
+
+    prompts_per_rollout: int = 32
+    """Prompts sampled per RL step (the rollout batch, VeRL's train_batch_size); each gets algo.group_size
+    responses. A step is one rollout: `steps`, checkpoints and the prompt sampler count rollouts."""
+    prompts_per_update: int | None = None
+    """Prompts per optimizer step (the PPO mini-batch, VeRL's ppo_mini_batch_size; paper: 32), whole
+    prompt groups. A rollout makes prompts_per_rollout / prompts_per_update optimizer steps per
+    algo.ppo_epochs, the first on-policy, the later ones off-policy (where the clip acts). None = prompts_per_rollout."""
     micro_batch_size: int = 4
     """Sequences per forward/backward micro-batch on one data-parallel rank."""
     max_tokens_per_micro_batch: int | None = None
     """Dynamic batch size: pack sequences into micro-batches up to this many tokens instead."""
 
     def __post_init__(self) -> None:
-        _require(self.prompts_per_step >= 1, f"batch.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        _require(self.prompts_per_rollout >= 1, f"batch.prompts_per_rollout must be >= 1, got {self.prompts_per_rollout}")
         _require(self.micro_batch_size >= 1, f"batch.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        n = self.update_prompts
+        _require(1 <= n <= self.prompts_per_rollout and self.prompts_per_rollout % n == 0,
+                 f"batch.prompts_per_update ({n}) must be >= 1 and divide batch.prompts_per_rollout "
+                 f"({self.prompts_per_rollout})")
+
+    @property
+    def update_prompts(self) -> int:
+        """Prompts per optimizer step (prompts_per_update, or the whole rollout when unset)."""
+        return self.prompts_per_rollout if self.prompts_per_update is None else self.prompts_per_update
+
+    @property
+    def update_field(self) -> str:
+        """The field that sets the mini-batch, for error messages."""
+        return "batch.prompts_per_rollout" if self.prompts_per_update is None else "batch.prompts_per_update"
+
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps per rollout and PPO epoch."""
+        return self.prompts_per_rollout // self.update_prompts
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -401,7 +428,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     """Saving and resuming."""
     steps: int = 100
-    """RL steps."""
+    """RL steps, one rollout each (`optimizer_steps()` counts the optimizer steps they make)."""
     eval_interval: int = 0
     """Evaluate every N steps (0 = only before and after)."""
 
@@ -409,12 +436,13 @@ class TrainConfig:
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         _require(self.model.init_from != "megatron" or bool(self.checkpoint.load_dir),
                  "model.init_from=megatron needs checkpoint.load_dir (a dist checkpoint, e.g. from hf_to_megatron)")
-        seqs = self.batch.prompts_per_step * self.algo.group_size
+        seqs = self.batch.update_prompts * self.algo.group_size
         _require(
             seqs % self.batch.micro_batch_size == 0,
-            f"batch.micro_batch_size ({self.batch.micro_batch_size}) must divide the batch of "
-            f"batch.prompts_per_step x algo.group_size = {seqs} sequences",
+            f"batch.micro_batch_size ({self.batch.micro_batch_size}) must divide the mini-batch of "
+            f"{self.batch.update_field} x algo.group_size = {seqs} sequences",
         )
+        self._check_off_policy()
         _require(
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
@@ -436,6 +464,24 @@ class TrainConfig:
                  f"({self.model.max_seq_len})")
         if self.model.hf_path:
             self.check_model_shape()
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run: the LR schedule's length (optim.warmup_steps counts these too)."""
+        return self.steps * self.batch.updates_per_rollout * self.algo.ppo_epochs
+
+    def _check_off_policy(self) -> None:
+        """With one update per rollout every update runs at the weights that sampled it: the ratio is 1."""
+        if self.batch.updates_per_rollout * self.algo.ppo_epochs > 1:
+            return
+        why = (f"batch.prompts_per_update = batch.prompts_per_rollout ({self.batch.prompts_per_rollout}) and "
+               f"algo.ppo_epochs=1 make one update per rollout, at the weights that sampled it, where the clip never acts")
+        _require(not self.algo.adaptive_clip,
+                 f"algo.adaptive_clip needs off-policy updates (its KL would always be 0): {why}; set "
+                 f"batch.prompts_per_update below batch.prompts_per_rollout or algo.ppo_epochs > 1")
+        loss, default = self.algo.loss, PolicyLossConfig()
+        if self.rollout.logprob_mode == "recompute" and (loss.eps_low, loss.eps_high) != (default.eps_low, default.eps_high):
+            warnings.warn(f"algo.loss.eps_low/eps_high ({loss.eps_low:g}/{loss.eps_high:g}) have no effect: {why}",
+                          stacklevel=2)
 
     def check_model_shape(self) -> None:
         """TP/PP against the model's shape, from config.json alone."""
@@ -460,12 +506,12 @@ class TrainConfig:
         _require(world_size % mp == 0, f"world size {world_size} is not a multiple of tp x pp = {mp}")
         _require(world_size % self.rollout.tp == 0, f"world size {world_size} is not a multiple of rollout.tp")
         dp = world_size // mp
-        seqs = self.batch.prompts_per_step * self.algo.group_size
-        _require(self.batch.prompts_per_step % dp == 0,
-                 f"batch.prompts_per_step ({self.batch.prompts_per_step}) must be divisible by data-parallel size {dp}")
+        prompts = self.batch.update_prompts  # each mini-batch is split over the DP ranks, whole groups each
+        seqs = prompts * self.algo.group_size
+        _require(prompts % dp == 0, f"{self.batch.update_field} ({prompts}) must be divisible by data-parallel size {dp}")
         _require((seqs // dp) % self.batch.micro_batch_size == 0,
                  f"batch.micro_batch_size ({self.batch.micro_batch_size}) must divide the {seqs // dp} "
-                 f"sequences per data-parallel rank")
+                 f"sequences of a mini-batch per data-parallel rank")
         return dp
 
 

@@ -3,8 +3,9 @@
     cfg = load_config(TrainConfig, "examples/agpo_qwen7b.yaml", ["algo.gamma=0.05", "parallel.tp=4"])
 
 Values in overrides are parsed as YAML scalars (`1e-6`, `true`, `null`, `[1, 2]`). Unknown keys and
-type mismatches raise `ConfigError` naming the dotted field and the file, before any model or
-process group exists. `__post_init__` of each dataclass then validates ranges.
+type mismatches raise `ConfigError` naming the dotted field and the file (a renamed field: its new name,
+from the section's `RENAMED` table), before any model or process group exists. `__post_init__` of
+each dataclass then validates ranges.
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        renamed = getattr(cls, "RENAMED", {})  # {old field: new field}, a ClassVar of the section
+        for old in (k for k in unknown if k in renamed):
+            raise ConfigError(f"{prefix}{old} was renamed {prefix}{renamed[old]}")
         raise ConfigError(
             f"unknown config field(s) {[prefix + k for k in unknown]}; "
             f"{where or cls.__name__} accepts {sorted(fields)}"

@@ -241,7 +241,7 @@ def stage_activations(arch: ModelArch, cfg: TrainConfig, *, pp_rank: int, dp: in
     per_layer, layer_in = layer_activation_bytes(
         arch, tokens=tokens, tp=tp, sequence_parallel=sp, spec=plan_spec(cfg),
         seq_len=cfg.model.max_seq_len, fp8=cfg.model.fp8 is not None)
-    seqs = cfg.batch.prompts_per_step * cfg.algo.group_size // dp
+    seqs = cfg.batch.update_prompts * cfg.algo.group_size // dp  # one optimizer step: a mini-batch
     if cfg.batch.max_tokens_per_micro_batch:  # worst case: every row padded to max_seq_len
         n_mb = math.ceil(seqs / max(1, tokens // cfg.model.max_seq_len))
     else:

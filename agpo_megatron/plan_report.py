@@ -79,7 +79,7 @@ def render(plan: MemoryPlan) -> str:
     kv_tok = kv_bytes_per_token(arch, r.tp)
     kv_room = max(0, plan.vllm_total - plan.vllm_weights)
     replicas = plan.world_size // r.tp
-    step_seqs = -(-b.prompts_per_step * cfg.algo.group_size // replicas)
+    step_seqs = -(-b.prompts_per_rollout * cfg.algo.group_size // replicas)
     lines = [
         f"model: {arch.model_type}, {hf_param_count(arch) / 1e9:.2f}B params, {arch.num_layers} layers, hidden "
         f"{arch.hidden_size}, vocab {arch.vocab_size}{', tied' if arch.tie_word_embeddings else ''}",

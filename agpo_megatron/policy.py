@@ -112,12 +112,15 @@ class Actor:
                                         with_entropy=with_entropy, chunk_tokens=self.chunk_tokens)
 
     def policy_step(self, micro_batches, loss_cfg: PolicyLossConfig, *, temperature: float,
-                    global_num_tokens: int, global_num_seqs: int, kl_coef: float, eps: tuple[float, float]):
+                    global_num_tokens: int, global_num_seqs: int, kl_coef: float, eps: tuple[float, float],
+                    on_policy: bool = False):
         """One PPO/GRPO optimizer step with the token-level loss of algo/loss.py.
 
         Micro-batches carry "old_logprobs" (and "ref_logprobs", "rollout_logprobs" when used).
-        The counts are those of the whole global batch, which makes the gradient independent of
-        the DP/micro-batch layout. `kl_coef` and `eps` are this step's (adaptive) values.
+        `on_policy`: these weights sampled the batch, so the old log-probs are this forward pass's
+        own, detached (no "old_logprobs" needed; same gradient, one forward pass fewer).
+        The counts are those of the whole mini-batch over all DP ranks, which makes the gradient
+        independent of the DP/micro-batch layout. `kl_coef` and `eps` are this step's (adaptive) values.
         """
         common = dict(kl_coef=kl_coef, eps_low=eps[0], eps_high=eps[1],
                       global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
@@ -126,17 +129,20 @@ class Actor:
             return dict(ref_logprobs=mb.get("ref_logprobs"),
                         rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None)
 
+        def old(mb):
+            return None if on_policy else mb["old_logprobs"]
+
         if self.chunk_tokens is None:
             def loss_fn(logits, mb):  # [B, S, V/TP]: the plain path materialises fp32 log-softmax
                 lp, ent = forward.vocab_parallel_logprobs(logits, mb["targets"], temperature=temperature)
-                return policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], loss_cfg,
+                return policy_loss(lp, old(mb), mb["advantages"], mb["loss_mask"], loss_cfg,
                                    entropy=ent, **extras(mb), **common)
             return self.train_step(micro_batches, loss_fn)
 
         with capture_lm_head_input(self.model) as weight:
             def fused_loss_fn(hidden, mb):  # [B, S, H]: the logits never exist
                 loss, metrics, _, _ = fused_policy_loss_from_hidden(
-                    hidden, weight, mb["targets"], mb["old_logprobs"], mb["advantages"], mb["loss_mask"], loss_cfg,
+                    hidden, weight, mb["targets"], old(mb), mb["advantages"], mb["loss_mask"], loss_cfg,
                     temperature=temperature, chunk_tokens=self.chunk_tokens, **extras(mb), **common)
                 return loss, metrics
             return self.train_step(micro_batches, fused_loss_fn)

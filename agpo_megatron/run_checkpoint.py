@@ -22,8 +22,9 @@ this source, never from the resumed actor.
 Departures / limits:
 - Resuming needs the saving run's TP and PP (the distributed optimizer's 'dp_reshardable' state
   reshards over DP only; see docs/checkpoints.md). RNG states are restored only at the same world size.
-- The LR schedule (optim.*, steps, algo.ppo_epochs) must match: Megatron's scheduler refuses a
-  checkpoint whose schedule differs.
+- The LR schedule (optim.*, steps, algo.ppo_epochs, optimizer steps per rollout) must match:
+  Megatron's scheduler refuses a checkpoint whose schedule differs. A step is one rollout, however
+  many optimizer steps it makes (batch.prompts_per_update).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ from agpo_megatron.platform import cpu as cpu_platform
 
 FORMAT = 1
 RNG_DIR = "rng"
+
+
+def _updates_per_rollout(batch: dict[str, Any]) -> int:
+    """From a saved config's batch section; configs saved before the rename have prompts_per_step (1)."""
+    rollout = batch.get("prompts_per_rollout", batch.get("prompts_per_step"))
+    return rollout // (batch.get("prompts_per_update") or rollout)
 
 
 def say(msg: str) -> None:
@@ -259,6 +266,8 @@ class RunCheckpointer:
         changed = [f"optim.{k}" for k in new["optim"] if old["optim"].get(k) != new["optim"][k]]
         changed += [k for k in ("steps",) if old[k] != new[k]]
         changed += ["algo.ppo_epochs"] if old["algo"]["ppo_epochs"] != new["algo"]["ppo_epochs"] else []
+        if _updates_per_rollout(old["batch"]) != _updates_per_rollout(new["batch"]):
+            changed += ["batch.prompts_per_rollout / batch.prompts_per_update"]
         if changed:
             raise ConfigError(f"checkpoint.resume: {self.resume_from} was saved with a different LR schedule "
                               f"({', '.join(changed)}); resume with the saved values")

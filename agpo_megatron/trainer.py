@@ -9,14 +9,16 @@ Every rank runs this same function (SPMD) inside one torchrun/srun world: vLLM a
 colocated. The rollout gathers the whole global batch onto every rank; each rank checks a share of
 the answers and an all-gather gives all the same rewards (data/reward_dist.py), so advantages and
 the global token count are then computed redundantly and identically everywhere, without collectives;
-each Megatron data-parallel rank then trains on its contiguous slice of the sequences.
+each PPO mini-batch is then split into contiguous slices, one per Megatron data-parallel rank.
 
 Departures from the AGPO paper (arXiv 2503.15952):
 - The paper does not say how uniform groups whose reward is strictly between r_min and r_max are
   treated (possible with shaped rewards); they get advantage 0 here (algo/advantages.py).
-- The loss defaults to token-mean over the global batch (`algo.loss.agg_mode`); the paper follows
+- The loss defaults to token-mean over the global mini-batch (`algo.loss.agg_mode`); the paper follows
   GRPO's per-sequence mean. Both are available.
-- One optimizer step per rollout batch per PPO epoch (the paper's mini-batch 32 = prompts_per_step).
+- A rollout of batch.prompts_per_rollout prompts makes prompts_per_rollout / prompts_per_update
+  optimizer steps per PPO epoch (ppo.py); the paper's mini-batch of 32 prompts is prompts_per_update,
+  its rollout batch is not stated (the 7B-72B presets sample 128: 4 updates per rollout).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from agpo_megatron import batch as batching
-from agpo_megatron import preempt
+from agpo_megatron import ppo, preempt
 from agpo_megatron.algo.advantages import compute_advantages
 from agpo_megatron.algo.controllers import AdaptiveClipController, AdaptiveKLController
 from agpo_megatron.algo.rewards import combine_rewards, length_reward
@@ -50,13 +52,13 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     preempt.install()  # SIGTERM/SIGUSR1: save at the next step boundary, exit 75
     s = session or Session.create(cfg)
     warm_start = actor is not None  # initial weights from memory: the run saves a copy for the Reference
-    actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.steps * cfg.algo.ppo_epochs)
+    actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.optimizer_steps())
     loss_cfg = cfg.algo.loss
     needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
     kl_set, clip_set = cfg.algo.kl_settings(), cfg.algo.clip_settings()  # None: fixed beta / eps
     kl_ctl = AdaptiveKLController(kl_set) if kl_set else None
     clip_ctl = AdaptiveClipController(clip_set) if clip_set else None
-    sampler = PromptSampler(s.train_examples, batch_size=cfg.batch.prompts_per_step, seed=cfg.parallel.seed)
+    sampler = PromptSampler(s.train_examples, batch_size=cfg.batch.prompts_per_rollout, seed=cfg.parallel.seed)
     colo = Colocation(s.rollout, ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
                       sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout))
     ckpt = RunCheckpointer(cfg, s.layout, actor, sampler, kl_ctl, clip_ctl, resident=colo.actor_resident)
@@ -100,29 +102,18 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             advantages=advantages.flatten(),
             rollout_logprobs=[c.logprobs for c in completions] if completions[0].logprobs is not None else None,
         )
-        global_tokens, global_seqs = seqs.num_response_tokens(), len(seqs)
-        per_rank = len(seqs) // s.layout.dp
-        mine = seqs.select(range(s.layout.dp_rank * per_rank, (s.layout.dp_rank + 1) * per_rank))
-        mbs = batching.split_micro_batches(mine, micro_batch_size=cfg.batch.micro_batch_size,
-                                           max_tokens=cfg.batch.max_tokens_per_micro_batch, pad_id=s.pad_id,
-                                           uniform_length=s.layout.pp > 1,
-                                           pad_to_multiple=actor.pad_multiple)
+        global_tokens = seqs.num_response_tokens()
+        minis = batching.split_mini_batches(seqs, seqs_per_update=cfg.batch.update_prompts * G, dp=s.layout.dp,
+                                            dp_rank=s.layout.dp_rank, micro_batch_size=cfg.batch.micro_batch_size,
+                                            max_tokens=cfg.batch.max_tokens_per_micro_batch, pad_id=s.pad_id,
+                                            uniform_length=s.layout.pp > 1, pad_to_multiple=actor.pad_multiple)
+        ppo_kw = {"mode": cfg.rollout.logprob_mode, "epochs": cfg.algo.ppo_epochs}
 
-        with timer("logprobs"):
-            if cfg.rollout.logprob_mode == "recompute":
-                for mb, out in zip(mbs, actor.logprobs(mbs, temperature=T)):
-                    mb["old_logprobs"] = out["logprobs"]
-            else:
-                for mb in mbs:
-                    mb["old_logprobs"] = mb["rollout_logprobs"]
-            if reference is not None:
-                for mb, out in zip(mbs, reference.logprobs(mbs, temperature=T)):
-                    mb["ref_logprobs"] = out["logprobs"]
+        with timer("logprobs"):  # once per rollout, before the first update
+            ppo.attach_logprobs(actor, reference, minis, temperature=T, **ppo_kw)
 
         with timer("update"):
-            for _ in range(cfg.algo.ppo_epochs):
-                train_m = actor.policy_step(mbs, loss_cfg, temperature=T, global_num_tokens=global_tokens,
-                                            global_num_seqs=global_seqs, kl_coef=kl_coef, eps=eps)
+            train_m = ppo.update(actor, minis, loss_cfg, temperature=T, kl_coef=kl_coef, eps=eps, **ppo_kw)
 
         with timer("weight_sync"):
             colo.to_rollout()
@@ -144,7 +135,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
         log.log(step, row)  # the beta and eps this step used; the controllers now choose the next step's
         kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0)) if kl_ctl else kl_coef
-        eps = clip_ctl.update(train_m.get("approx_kl", 0.0)) if clip_ctl else eps
+        eps = clip_ctl.update(train_m["approx_kl_off_policy"]) if clip_ctl else eps  # config: 2+ updates
         watchdog.beat()
         stop = preempt.requested()  # collective: every rank stops after the same step
         saved = ckpt.maybe_save(step, kl_coef, eps, force=stop)

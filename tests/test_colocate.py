@@ -175,14 +175,15 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     patch_trainer(monkeypatch, rec)
     cfg = load_config(TrainConfig, None, [
         "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=2", "eval_interval=1",
-        "batch.prompts_per_step=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0.01",
+        "batch.prompts_per_rollout=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0.01",
         f"logging.out_dir={tmp_path}", "logging.progress_bar=false", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
         "checkpoint.save_interval=1"])
     session = FakeSession(cfg, rec)
     actor = FakeActor(rec)
     trainer.train(cfg, session, actor=actor)
 
-    step = ["generate", *ROLLOUT_TO_TRAIN, "actor.logprobs", "ref.logprobs", "actor.policy_step", *TRAIN_TO_ROLLOUT]
+    # One update per rollout: it is on-policy, so the actor needs no log-prob pass of its own (ppo.py).
+    step = ["generate", *ROLLOUT_TO_TRAIN, "ref.logprobs", "actor.policy_step", *TRAIN_TO_ROLLOUT]
     save = ["actor.reload", "save_checkpoint", "actor.offload_train_state", "actor.offload_params", "empty_cache"]
     assert rec.calls == ["build.actor", "build.reference", *TRAIN_TO_ROLLOUT, "evaluate",
                          *step, "evaluate", *save,  # eval_interval=1 (not at the last step), then the save
@@ -192,7 +193,8 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
 
 def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkeypatch):
     """Issue 10: with kl_coef=0 + an adaptive target, step 1 ran at beta=0 while the controller started
-    above it, and the logged beta / eps were the ones chosen for the NEXT step."""
+    above it, and the logged beta / eps were the ones chosen for the NEXT step. Every update of a
+    rollout runs at that rollout's values."""
     import json
 
     from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, \
@@ -203,13 +205,14 @@ def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkey
     class MovingActor(FakeActor):  # the policy moves: KL above both targets, so beta grows and eps shrinks
         def policy_step(self, mbs, loss_cfg, **kw):
             used.append((kw["kl_coef"], kw["eps"]))
-            return {"pg_loss": 0.0, "kl_ref": 0.05, "approx_kl": 0.05}
+            # update 1 runs at the sampling weights (approx_kl 0); eps_t must see the later ones' KL only
+            return {"pg_loss": 0.0, "kl_ref": 0.05, "approx_kl": 0.0 if kw["on_policy"] else 0.05}
 
     patch_trainer(monkeypatch, rec)
     cfg = load_config(TrainConfig, None, [
         "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=3",
-        "batch.prompts_per_step=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0",
-        "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", f"logging.out_dir={tmp_path}",
+        "batch.prompts_per_rollout=2", "batch.prompts_per_update=1", "batch.micro_batch_size=2", "algo.group_size=2",
+        "algo.loss.kl_coef=0", "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", f"logging.out_dir={tmp_path}",
         "logging.progress_bar=false", "algo.kl_controller.beta_min=1e-4", "algo.clip_controller.horizon=5"])
     trainer.train(cfg, FakeSession(cfg, rec), actor=MovingActor(rec))
 
@@ -218,6 +221,8 @@ def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkey
     expected = [(kl_ctl.beta, (clip_ctl.eps_low, clip_ctl.eps_high))]
     for _ in range(2):
         expected.append((kl_ctl.update(0.05), clip_ctl.update(0.05)))
+    assert used[::2] == used[1::2]  # 2 updates per rollout, both at the rollout's values
+    used = used[::2]
     assert used == expected
     # kl_coef=0 starts at algo.kl_controller.beta_min; both controllers did adapt
     assert used[0][0] == 1e-4 and used[1][0] > used[0][0] and used[1][1][0] < 0.2

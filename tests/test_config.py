@@ -26,7 +26,7 @@ def yaml_file(tmp_path, hf_dir):
         f"model: {{hf_path: {hf_dir}}}\n"
         "data: {train: {path: x.jsonl, answer_format: gsm8k}}\n"
         "algo: {gamma: 0.1, group_size: 4}\n"
-        "batch: {prompts_per_step: 8, micro_batch_size: 4}\n"
+        "batch: {prompts_per_rollout: 8, micro_batch_size: 4}\n"
     )
     return p
 
@@ -81,7 +81,7 @@ def test_world_size_checks(yaml_file):
     with pytest.raises(ConfigError, match="not a multiple of tp x pp"):
         cfg.check_world(3)
     with pytest.raises(ConfigError, match="must be divisible by data-parallel size"):
-        load_train_config(yaml_file, ["batch.prompts_per_step=3", "batch.micro_batch_size=1"]).check_world(2)
+        load_train_config(yaml_file, ["batch.prompts_per_rollout=3", "batch.micro_batch_size=1"]).check_world(2)
 
 
 def test_every_field_has_a_docstring():
@@ -147,7 +147,7 @@ def test_tis_needs_recomputed_old_logprobs(yaml_file):
 
 def test_controller_settings_come_from_the_config(yaml_file):
     """Issue 10: A-GRPO's eps = 0.5 ablation with adaptive clip needs the clip bounds in the config."""
-    eps = ["algo.loss.eps_low=0.5", "algo.loss.eps_high=0.5", "algo.adaptive_clip=true"]
+    eps = ["algo.loss.eps_low=0.5", "algo.loss.eps_high=0.5", "algo.adaptive_clip=true", "batch.prompts_per_update=4"]
     with pytest.raises(ConfigError, match=r"algo.loss.eps_low=0.5 is the adaptive clip's start and must be in "
                                           r"\[algo.clip_controller.eps_min, eps_max\] = \[0.05, 0.4\]"):
         load_train_config(yaml_file, eps)
@@ -164,7 +164,8 @@ def test_controller_settings_come_from_the_config(yaml_file):
                         ("algo.loss.kl_coef=2", "algo.loss.kl_coef=2 is the adaptive beta's start and must be <= "
                                                 "algo.kl_controller.beta_max=1")]:
         with pytest.raises(ConfigError) as e:
-            load_train_config(yaml_file, ["algo.adaptive_clip=true", "algo.adaptive_kl_target=0.01", bad])
+            load_train_config(yaml_file, ["algo.adaptive_clip=true", "algo.adaptive_kl_target=0.01",
+                                          "batch.prompts_per_update=4", bad])
         assert needle in str(e.value) and str(yaml_file) in str(e.value)
     # off: the settings are not used, so an eps outside the (default) bounds is fine
     assert load_train_config(yaml_file, ["algo.loss.eps_low=0.5"]).algo.clip_settings() is None
@@ -178,3 +179,56 @@ def test_drgrpo_warns_unless_its_aggregation_is_used(yaml_file, recwarn):
     load_train_config(yaml_file, ["algo.advantage=drgrpo", "algo.loss.agg_mode=seq-mean-token-sum"])
     load_train_config(yaml_file, ["algo.advantage=grpo"])
     assert not [w for w in recwarn if "drgrpo" in str(w.message)]
+
+
+def test_old_batch_key_names_its_new_name(yaml_file, tmp_path):
+    """Issue 10: batch.prompts_per_step became batch.prompts_per_rollout (+ prompts_per_update)."""
+    with pytest.raises(ConfigError) as e:
+        load_train_config(yaml_file, ["batch.prompts_per_step=8"])
+    assert "batch.prompts_per_step was renamed batch.prompts_per_rollout" in str(e.value)
+    assert str(e.value).count("\n") == 0
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml_file.read_text().replace("prompts_per_rollout", "prompts_per_step"))
+    with pytest.raises(ConfigError, match=r"old.yaml: batch.prompts_per_step was renamed batch.prompts_per_rollout"):
+        load_train_config(old)
+
+
+def test_mini_batches_divide_the_rollout_and_the_layout(yaml_file):
+    """Issue 10: a rollout of prompts_per_rollout prompts makes rollout / update optimizer steps per epoch."""
+    cfg = load_train_config(yaml_file, ["batch.prompts_per_update=2", "algo.ppo_epochs=3", "steps=5"])
+    assert (cfg.batch.updates_per_rollout, cfg.optimizer_steps()) == (4, 5 * 4 * 3)
+    assert load_train_config(yaml_file).batch.updates_per_rollout == 1  # None: the whole rollout
+    for bad, needle in [("batch.prompts_per_update=3", ("batch.prompts_per_update (3) must be >= 1 and divide "
+                                                        "batch.prompts_per_rollout (8)")),
+                        ("batch.prompts_per_update=16", "batch.prompts_per_update (16) must be"),
+                        ("batch.prompts_per_update=0", "batch.prompts_per_update (0) must be"),
+                        ("batch.micro_batch_size=3", ("batch.micro_batch_size (3) must divide the mini-batch of "
+                                                      "batch.prompts_per_rollout x algo.group_size = 32 sequences"))]:
+        with pytest.raises(ConfigError) as e:
+            load_train_config(yaml_file, [bad])
+        assert needle in str(e.value)
+    with pytest.raises(ConfigError, match=r"micro_batch_size \(8\) must divide the mini-batch of "
+                                          r"batch.prompts_per_update x algo.group_size = 4 sequences"):
+        load_train_config(yaml_file, ["batch.prompts_per_update=1", "batch.micro_batch_size=8"])
+    cfg = load_train_config(yaml_file, ["batch.prompts_per_update=2"])
+    assert cfg.check_world(2) == 2
+    with pytest.raises(ConfigError, match=r"batch.prompts_per_update \(2\) must be divisible by data-parallel size 4"):
+        cfg.check_world(4)
+    with pytest.raises(ConfigError, match=r"micro_batch_size \(4\) must divide the 2 sequences of a mini-batch"):
+        load_train_config(yaml_file, ["batch.prompts_per_update=4", "algo.group_size=2"]).check_world(4)
+
+
+def test_adaptive_clip_needs_an_off_policy_update(yaml_file, recwarn):
+    """Issue 10: with one update per rollout the ratio is exactly 1, so approx_kl is 0 and eps_t drifts to its cap."""
+    with pytest.raises(ConfigError, match=r"algo.adaptive_clip needs off-policy updates .*batch.prompts_per_update = "
+                                          r"batch.prompts_per_rollout \(8\) and algo.ppo_epochs=1"):
+        load_train_config(yaml_file, ["algo.adaptive_clip=true"])
+    for ok in (["batch.prompts_per_update=4"], ["algo.ppo_epochs=2"]):
+        assert load_train_config(yaml_file, ["algo.adaptive_clip=true", *ok]).algo.clip_settings() is not None
+    assert not [w for w in recwarn if "eps_low/eps_high" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"algo.loss.eps_low/eps_high \(0.2/0.28\) have no effect"):
+        load_train_config(yaml_file, ["algo.loss.eps_high=0.28"])
+    recwarn.clear()
+    load_train_config(yaml_file, ["algo.loss.eps_high=0.28", "batch.prompts_per_update=4"])
+    load_train_config(yaml_file, ["algo.loss.eps_high=0.28", "rollout.logprob_mode=rollout"])  # clips engine mismatch
+    assert not [w for w in recwarn if "eps_low/eps_high" in str(w.message)]

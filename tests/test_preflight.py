@@ -32,7 +32,7 @@ def cfg(tmp_path, hf_dir):
                  f"data: {{train: {{path: {data}, answer_format: gsm8k, max_prompt_tokens: 512}}}}\n"
                  f"logging: {{out_dir: {tmp_path / 'run'}}}\n"
                  "rollout: {max_new_tokens: 64}\n"
-                 "algo: {group_size: 4}\nbatch: {prompts_per_step: 4, micro_batch_size: 4}\n")
+                 "algo: {group_size: 4}\nbatch: {prompts_per_rollout: 4, micro_batch_size: 4}\n")
     return p
 
 

@@ -30,7 +30,7 @@ STEPS = 4
 TRAIN = ["model.params_dtype=float32", "model.spec=local", "model.max_seq_len=96", "parallel.seed=1",
          "algo.group_size=4", "algo.loss.kl_coef=0.01", "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true",
          "optim.lr=0.001", "rollout.max_new_tokens=16", "rollout.kv_cache_memory_bytes=33554432",
-         "rollout.enforce_eager=true", "rollout.enable_sleep_mode=false", "batch.prompts_per_step=4",
+         "rollout.enforce_eager=true", "rollout.enable_sleep_mode=false", "batch.prompts_per_rollout=4",
          "batch.micro_batch_size=4",
          "data.train.max_prompt_tokens=32", "logging.progress_bar=false", f"steps={STEPS}"]
 COMPARED = ("reward/mean", "acc/mean", "len/mean", "train/pg_loss", "train/grad_norm", "train/kl_ref",

@@ -8,7 +8,9 @@ moving average (EMA) and turn it into a saturated relative error::
     e_t   = clip((ema_t - target_kl) / target_kl, -0.2, 0.2)
 
 The KL controller is meant to be fed the KL to the reference policy (``kl_ref`` of the loss
-metrics), the clip controller the KL between the current and the old policy (``approx_kl``).
+metrics), the clip controller the KL between the current and the old policy (``approx_kl``) of
+the off-policy updates: the trainer passes the mean over updates 2.. of a rollout (ppo.py); update 1
+runs at the sampling weights, where it is 0.
 
 KL coefficient, proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models
 from Human Preferences")::

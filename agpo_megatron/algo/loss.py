@@ -221,7 +221,7 @@ def _check_like(name: str, x: torch.Tensor, shape: torch.Size) -> None:
 
 def policy_loss(
     logprobs: torch.Tensor,  # [N, T] current policy, carries the gradient
-    old_logprobs: torch.Tensor,  # [N, T] policy that sampled (as recomputed by the trainer)
+    old_logprobs: torch.Tensor | None,  # [N, T] policy that sampled (as recomputed by the trainer)
     advantages: torch.Tensor,  # [N] (broadcast over tokens) or [N, T]
     mask: torch.Tensor,  # [N, T], nonzero = response token that counts
     cfg: PolicyLossConfig,
@@ -240,6 +240,10 @@ def policy_loss(
     ``kl_coef``, ``eps_low`` and ``eps_high`` override the values of ``cfg`` when not None, so an
     adaptive controller can change them every step; they are validated like the config.
     ``global_num_tokens`` / ``global_num_seqs`` are passed to :func:`aggregate`.
+
+    ``old_logprobs=None`` means on-policy: the weights being trained sampled the batch, so the old
+    log-probs are ``logprobs.detach()`` (ratio exactly 1), which saves the trainer a forward pass.
+    Loss, gradient and metrics are then those of passing the same values explicitly.
 
     Returns the 0-dim loss and detached 0-dim metrics, each a mean over this micro-batch's valid
     tokens unless noted: ``pg_loss``, ``pg_clipfrac`` (clipped branch active),
@@ -260,6 +264,8 @@ def policy_loss(
     if logprobs.ndim != 2:
         raise ValueError(f"logprobs must be 2-D [N, T], got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
     _check_like("old_logprobs", old_logprobs, shape)
     _check_like("mask", mask, shape)
     optional = {"ref_logprobs": ref_logprobs, "entropy": entropy, "rollout_logprobs": rollout_logprobs}

@@ -423,7 +423,7 @@ def fused_policy_loss_from_hidden(
     hidden: torch.Tensor,  # [B, S, H] final hidden states (after the final norm), TP-replicated
     weight: torch.Tensor,  # [V/TP, H] this rank's rows of the output layer
     targets: torch.Tensor,  # [B, S] global token ids
-    old_logprobs: torch.Tensor,  # [B, S]
+    old_logprobs: torch.Tensor | None,  # [B, S]; None = on-policy (policy_loss)
     advantages: torch.Tensor,  # [B] or [B, S]
     mask: torch.Tensor,  # [B, S], nonzero = response token that counts
     cfg: PolicyLossConfig,
@@ -456,6 +456,8 @@ def fused_policy_loss_from_hidden(
     `tp_group`: None = Megatron's TP group (a single rank when Megatron is not initialized).
     """
     def loss_fn(lp: torch.Tensor, ent: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        # On-policy (None): policy_loss takes lp.detach(), the values of this very call, which per
+        # chunk in _token_grads are the chunk's own (a token's gradient sees only its own old value).
         return policy_loss(
             lp, old_logprobs, advantages, mask, cfg,
             ref_logprobs=ref_logprobs, entropy=ent, rollout_logprobs=rollout_logprobs,
@@ -482,7 +484,7 @@ def fused_policy_loss_from_hidden(
 def fused_policy_loss_from_logits(
     logits: torch.Tensor,  # [B, S, V/TP] this rank's vocab slice
     targets: torch.Tensor,  # [B, S]
-    old_logprobs: torch.Tensor,  # [B, S]
+    old_logprobs: torch.Tensor | None,  # [B, S]; None = on-policy (policy_loss)
     advantages: torch.Tensor,  # [B] or [B, S]
     mask: torch.Tensor,  # [B, S]
     cfg: PolicyLossConfig,

@@ -423,3 +423,21 @@ def test_policy_loss_shape_errors():
         aggregate(torch.zeros(2, 3), torch.ones(2, 3), "mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="estimator"):
         kl_penalty(torch.zeros(2), torch.zeros(2), "k5")  # type: ignore[arg-type]
+
+
+def test_old_logprobs_none_is_on_policy_bit_for_bit():
+    """Issue 10: None = the detached current log-probs (the first update of a rollout skips a forward)."""
+    g = torch.Generator().manual_seed(3)
+    lp0 = torch.randn(3, 6, generator=g, dtype=torch.float64) - 2
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    adv, ref, ent = torch.randn(3, generator=g, dtype=torch.float64), lp0 + 0.1, torch.rand(3, 6, dtype=torch.float64)
+    cfg = PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0, agg_mode="seq-mean-token-mean")
+    out = []
+    for old in (lp0.clone(), None):
+        lp = lp0.clone().requires_grad_()
+        loss, m = policy_loss(lp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent, rollout_logprobs=lp0 - 0.05)
+        loss.backward()
+        out.append((loss.detach(), m, lp.grad))
+    (l1, m1, g1), (l2, m2, g2) = out
+    assert torch.equal(l1, l2) and torch.equal(g1, g2) and all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert m2["ratio_mean"] == 1 and m2["approx_kl"] == 0

@@ -348,3 +348,23 @@ def test_out_of_memory_in_triton_is_not_hidden(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         fused_loss._with_triton_fallback(oom, lambda: None)
     assert fused_loss._triton_failure is None
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 1024])
+def test_on_policy_old_logprobs_none_equals_passing_the_current_ones(chunk_tokens):
+    """Issue 10: old_logprobs=None (the first update of a rollout) is the explicit detached current
+    log-probs, bit for bit: loss, metrics and both gradients, chunk by chunk (fp32, TIS and all on)."""
+    p = problem(dtype=torch.float32)
+    _, kw = loss_args(p)
+    hidden, weight = p["hidden"], p["weight"]
+    current = fused_logprobs_entropy(hidden, p["targets"], weight=weight, chunk_tokens=chunk_tokens)[0]
+    out = {}
+    for label, old in (("explicit", current), ("none", None)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, metrics, _, _ = fused_policy_loss_from_hidden(h, w, p["targets"], old, p["adv"], p["mask"], CFG,
+                                                            chunk_tokens=chunk_tokens, **kw)
+        loss.backward()
+        out[label] = (loss.detach(), metrics, h.grad, w.grad)
+    (l1, m1, h1, w1), (l2, m2, h2, w2) = out["explicit"], out["none"]
+    assert torch.equal(l1, l2) and torch.equal(h1, h2) and torch.equal(w1, w2)
+    assert all(torch.equal(m1[k], m2[k]) for k in m1) and m2["approx_kl"] == 0 and m2["pg_clipfrac"] == 0

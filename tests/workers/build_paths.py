@@ -29,7 +29,7 @@ def cfg(dtype: str) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(hf_path=str(hf_dir), params_dtype=dtype, spec="local", max_seq_len=64),
         parallel=ParallelConfig(), algo=AlgoConfig(fused_loss=False), optim=OptimConfig(lr=1e-4, clip_grad=0.0),
-        rollout=RolloutConfig(max_new_tokens=16), batch=BatchConfig(prompts_per_step=2, micro_batch_size=2),
+        rollout=RolloutConfig(max_new_tokens=16), batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
         data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)))
 
 

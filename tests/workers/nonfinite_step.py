@@ -22,7 +22,7 @@ hf_dir = Path(sys.argv[1])
 cfg = TrainConfig(
     model=ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=64),
     parallel=ParallelConfig(), algo=AlgoConfig(max_bad_steps=1), optim=OptimConfig(lr=1e-3),
-    rollout=RolloutConfig(max_new_tokens=16), batch=BatchConfig(prompts_per_step=2, micro_batch_size=2),
+    rollout=RolloutConfig(max_new_tokens=16), batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
     data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)))
 arch = read_arch(hf_dir)
 layout = init_model_parallel(1, 1, seed=3)

@@ -25,7 +25,7 @@ cfg = TrainConfig(
     algo=AlgoConfig(fused_loss=fused, loss_chunk_tokens=16),
     optim=OptimConfig(lr=1e-3),
     rollout=RolloutConfig(max_new_tokens=16),
-    batch=BatchConfig(prompts_per_step=2, micro_batch_size=2),
+    batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
     data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
 )
 arch = read_arch(hf_dir)
