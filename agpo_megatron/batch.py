@@ -14,6 +14,8 @@ import dataclasses
 
 import torch
 
+from agpo_megatron.parallel import dp_slice
+
 
 @dataclasses.dataclass
 class Sequences:
@@ -141,9 +143,9 @@ def split_mini_batches(seqs: Sequences, *, seqs_per_update: int, dp: int, dp_ran
     """
     if len(seqs) % seqs_per_update or seqs_per_update % dp:
         raise ValueError(f"{len(seqs)} sequences do not split into mini-batches of {seqs_per_update} over {dp} DP ranks")
-    per_rank, out = seqs_per_update // dp, []
+    out = []
     for lo in range(0, len(seqs), seqs_per_update):
         mini = seqs.select(range(lo, lo + seqs_per_update))
-        mine = mini.select(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        mine = mini.select(dp_slice(len(mini), dp, dp_rank))
         out.append(MiniBatch(split_micro_batches(mine, **micro), mini.num_response_tokens(), len(mini)))
     return out

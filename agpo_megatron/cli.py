@@ -35,12 +35,13 @@ def _train(args: argparse.Namespace) -> int:
     from agpo_megatron.config import load_train_config
     from agpo_megatron.parallel import exit_cleanly
     from agpo_megatron.preempt import EXIT_PREEMPTED, Preempted
+    from agpo_megatron.session import Session
     from agpo_megatron.trainer import train
 
     t0 = time.time()
     cfg = load_train_config(args.config, args.overrides)
     try:
-        results = train(cfg)
+        results = train(Session.create(cfg))
     except Preempted as e:  # SIGTERM/SIGUSR1: stopped at a step boundary; rerun with resume=auto
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[agpo] {e}", file=sys.stderr)

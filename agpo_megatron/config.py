@@ -465,6 +465,10 @@ class TrainConfig:
         if self.model.hf_path:
             self.check_model_shape()
 
+    def eval_due(self, step: int) -> bool:
+        """Whether step `step` evaluates (the runs before step 1 and after the last always do)."""
+        return bool(self.eval_interval) and step % self.eval_interval == 0 and step < self.steps
+
     def optimizer_steps(self) -> int:
         """Optimizer steps of the whole run: the LR schedule's length (optim.warmup_steps counts these too)."""
         return self.steps * self.batch.updates_per_rollout * self.algo.ppo_epochs

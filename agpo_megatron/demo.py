@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, run_cfg in runs.items():
         t = time.time()
         actor = Actor(session.arch, run_cfg, session.layout, total_steps=run_cfg.optimizer_steps(), init_weights=start)
-        session.cfg = run_cfg
-        results[label] = train(run_cfg, session, actor=actor)
+        results[label] = train(session.for_run(run_cfg), actor=actor)
         times[label] = time.time() - t
         del actor
 

@@ -52,6 +52,18 @@ def _ephemeral_low(default: int = 32768) -> int:
         return default
 
 
+def dp_slice(n: int, dp: int, dp_rank: int) -> range:
+    """This data-parallel rank's contiguous share of `n` items (rollout rows, prompts, SFT pairs).
+
+    The one place that decides who trains on what: every rank holds the whole batch and takes
+    `[dp_rank * n/dp, (dp_rank + 1) * n/dp)`. `n` must split evenly (config validation sees to it).
+    """
+    if n % dp:
+        raise ValueError(f"{n} items do not split evenly over {dp} data-parallel ranks")
+    per_rank = n // dp
+    return range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+
+
 def free_port() -> int:
     """An unused local TCP port (for a world of one, or a launcher's rendezvous).
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron import step_dirs
+from agpo_megatron.algo.controllers import ClipController, KLController
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import ConfigError, to_dict
 from agpo_megatron.redact import redact
@@ -132,7 +133,8 @@ class RunCheckpointer:
     """Saves and restores everything the loop needs to continue bit-exactly. Collective: every
     method runs on every rank, in the same order."""
 
-    def __init__(self, cfg: TrainConfig, layout: Layout, actor, sampler, kl_ctl=None, clip_ctl=None,
+    def __init__(self, cfg: TrainConfig, layout: Layout, actor, sampler, kl_ctl: KLController,
+                 clip_ctl: ClipController,
                  resident: Callable[[], ContextManager[Any]] = contextlib.nullcontext):
         """`resident()`: a context in which the actor's state is in memory (it may be offloaded between
         steps, see colocate.py); saves run inside it."""
@@ -230,11 +232,11 @@ class RunCheckpointer:
 
     # ---- resume ------------------------------------------------------------------------------
 
-    def resume(self, kl_coef: float, eps: tuple[float, float]) -> tuple[int, float, tuple[float, float]]:
+    def resume(self) -> tuple[int, float, tuple[float, float]]:
         """Restore actor, optimizer, scheduler, sampler, controllers and RNG; returns the first step to
-        run and this step's kl_coef and eps (the inputs, unchanged, on a fresh start)."""
+        run and this step's kl_coef and eps (the controllers' starting values on a fresh start)."""
         if not self.resuming:
-            return 1, kl_coef, eps
+            return 1, self.kl_ctl.beta, self.clip_ctl.eps
         from agpo_megatron.checkpoint import load_checkpoint
 
         st, path = self.state, self.resume_from
@@ -242,10 +244,11 @@ class RunCheckpointer:
         load_checkpoint(path, self.actor.chunks, self.actor.optimizer, self.actor.scheduler)
         self.sampler.load_state_dict(st["sampler"])
         for name, ctl in (("kl_ctl", self.kl_ctl), ("clip_ctl", self.clip_ctl)):
-            if ctl is not None:
-                if st.get(name) is None:
-                    raise ConfigError(f"checkpoint.resume: {path} has no {name} state (the run did not use it)")
-                ctl.load_state_dict(st[name])
+            if ctl.stateful and not st.get(name):  # a fixed controller saves {} (older runs: None)
+                raise ConfigError(f"checkpoint.resume: {path} has no adaptive {name} state (the run did not use it)")
+            if not ctl.stateful and st.get(name):
+                raise ConfigError(f"checkpoint.resume: {path} was saved by an adaptive {name}; this run's is fixed")
+            ctl.load_state_dict(st.get(name))
         if st["layout"]["world_size"] == self.layout.world_size:
             set_rng_state(torch.load(_rng_file(path, self.layout.rank), weights_only=True))
         else:
@@ -317,8 +320,7 @@ class RunCheckpointer:
         return {
             "format": FORMAT, "step": step, "sampler": self.sampler.state_dict(),
             "kl_coef": kl_coef, "eps": list(eps),
-            "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl is not None else None,
-            "clip_ctl": self.clip_ctl.state_dict() if self.clip_ctl is not None else None,
+            "kl_ctl": self.kl_ctl.state_dict(), "clip_ctl": self.clip_ctl.state_dict(),
             "reference": self.reference_source,
             "layout": {"world_size": lay.world_size, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
             "config": redact(to_dict(self.cfg)),  # no token from the environment lands in a checkpoint

@@ -61,6 +61,14 @@ class Session:
         stop_ids = model_stop_token_ids(cfg.model.hf_path, tokenizer.eos_token_id)
         return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine, stop_ids)
 
+    def for_run(self, cfg: TrainConfig) -> "Session":
+        """This session (same world, model, data and engine) for another run's config, e.g. the demo's
+        GRPO baseline and AGPO runs. Only what the session did not build from may differ."""
+        for field in ("model", "parallel", "rollout", "data"):
+            if getattr(cfg, field) != getattr(self.cfg, field):
+                raise ValueError(f"Session.for_run: `{field}` differs from the session's; build a new Session")
+        return dataclasses.replace(self, cfg=cfg)
+
     def train_sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout
         return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,

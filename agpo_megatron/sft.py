@@ -12,7 +12,7 @@ import torch
 
 from agpo_megatron import batch as batching
 from agpo_megatron.models.forward import vocab_parallel_logprobs
-from agpo_megatron.parallel import Layout
+from agpo_megatron.parallel import Layout, dp_slice
 from agpo_megatron.policy import Actor
 
 
@@ -29,8 +29,7 @@ def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, b
         seqs = batching.Sequences(tokens=[p + r for p, r in rows], prompt_lens=[len(p) for p, _ in rows],
                                   advantages=torch.zeros(len(rows)))
         global_tokens = seqs.num_response_tokens()
-        per_rank = batch_size // layout.dp
-        mine = seqs.select(range(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank))
+        mine = seqs.select(dp_slice(len(seqs), layout.dp, layout.dp_rank))
         mbs = batching.split_micro_batches(mine, micro_batch_size=micro_batch_size, max_tokens=None, pad_id=pad_id,
                                            uniform_length=layout.pp > 1, pad_to_multiple=actor.pad_multiple)
 

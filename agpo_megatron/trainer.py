@@ -23,7 +23,6 @@ Departures from the AGPO paper (arXiv 2503.15952):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -31,15 +30,14 @@ import torch
 from agpo_megatron import batch as batching
 from agpo_megatron import ppo, preempt
 from agpo_megatron.algo.advantages import compute_advantages
-from agpo_megatron.algo.controllers import AdaptiveClipController, AdaptiveKLController
+from agpo_megatron.algo.controllers import clip_controller, kl_controller
 from agpo_megatron.algo.rewards import combine_rewards, length_reward
 from agpo_megatron.bridge.export import sync_weights
 from agpo_megatron.colocate import Colocation
-from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
 from agpo_megatron.data.reward_dist import score_distributed
-from agpo_megatron.metrics import MetricsLogger, PhaseTimer
+from agpo_megatron.metrics import MetricsLogger, PhaseTimer, step_row
 from agpo_megatron.parallel import set_collective_timeout
 from agpo_megatron.offload import ActorMemory
 from agpo_megatron.policy import Actor
@@ -48,16 +46,18 @@ from agpo_megatron.session import Session
 from agpo_megatron.watchdog import StepWatchdog
 
 
-def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None = None) -> dict[str, Any]:
+def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
+    """Run `session.cfg` (build the session with `Session.create(cfg)`, or `session.for_run(cfg)` to
+    reuse one). `actor`: start from these weights instead of `cfg.model` (the demo's warm start)."""
     preempt.install()  # SIGTERM/SIGUSR1: save at the next step boundary, exit 75
-    s = session or Session.create(cfg)
+    s, cfg = session, session.cfg
     warm_start = actor is not None  # initial weights from memory: the run saves a copy for the Reference
     actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.optimizer_steps())
     loss_cfg = cfg.algo.loss
     needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
-    kl_set, clip_set = cfg.algo.kl_settings(), cfg.algo.clip_settings()  # None: fixed beta / eps
-    kl_ctl = AdaptiveKLController(kl_set) if kl_set else None
-    clip_ctl = AdaptiveClipController(clip_set) if clip_set else None
+    # Fixed or adaptive (A-GRPO): the loop treats both alike.
+    kl_ctl = kl_controller(cfg.algo.kl_settings(), loss_cfg.kl_coef)
+    clip_ctl = clip_controller(cfg.algo.clip_settings(), (loss_cfg.eps_low, loss_cfg.eps_high))
     sampler = PromptSampler(s.train_examples, batch_size=cfg.batch.prompts_per_rollout, seed=cfg.parallel.seed)
     colo = Colocation(s.rollout, ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
                       sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout))
@@ -65,8 +65,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
     # The reference is the policy RL starts from, rebuilt from its recorded source on resume.
     reference = ckpt.reference(s.arch, warm_start=warm_start) if needs_ref else None
     # Step 1 runs at the controllers' starting values; on resume, at the values the saved step chose.
-    first, kl_coef, eps = ckpt.resume(kl_ctl.beta if kl_ctl else loss_cfg.kl_coef,
-                                      (clip_ctl.eps_low, clip_ctl.eps_high) if clip_ctl else (loss_cfg.eps_low, loss_cfg.eps_high))
+    first, kl_coef, eps = ckpt.resume()
     colo.start()  # vLLM serves exactly the actor's weights from the start
     log = MetricsLogger(cfg.logging.out_dir, enabled=s.layout.rank == 0, total_steps=cfg.steps, config=to_dict(cfg),
                         wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar)
@@ -118,24 +117,14 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
         with timer("weight_sync"):
             colo.to_rollout()
 
-        times = timer.pop()
-        correct = r_acc.flatten() > 0.5
-        row = {
-            "reward/mean": rewards.mean().item(), "acc/mean": r_acc.mean().item(),
-            "len/mean": lengths.mean().item(), "len/max": lengths.max().item(),
-            "len/correct_mean": lengths.flatten()[correct].mean().item() if correct.any() else math.nan,
-            "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            **{f"adv/{k}": float(v) for k, v in adv_m.items()}, **{f"len_reward/{k}": float(v) for k, v in len_m.items()},
-            **{f"reward/{k}": float(v) for k, v in reward_m.items()}, **{f"train/{k}": v for k, v in train_m.items()},
-            "train/kl_coef": kl_coef, "train/eps_low": eps[0], "train/eps_high": eps[1], **times,
-            "throughput/rollout_tokens_per_s": lengths.sum().item() / max(times["time/rollout"], 1e-9),
-            "throughput/train_tokens_per_s": cfg.algo.ppo_epochs * global_tokens / max(times["time/update"], 1e-9),
-        }
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
+        row = step_row(r_acc=r_acc, rewards=rewards, lengths=lengths, finish_reasons=[c.finish_reason for c in completions],
+                       times=timer.pop(), trained_tokens=cfg.algo.ppo_epochs * global_tokens, kl_coef=kl_coef, eps=eps,
+                       adv=adv_m, len_reward=len_m, reward=reward_m, train=train_m)
+        if cfg.eval_due(step):
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
         log.log(step, row)  # the beta and eps this step used; the controllers now choose the next step's
-        kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0)) if kl_ctl else kl_coef
-        eps = clip_ctl.update(train_m["approx_kl_off_policy"]) if clip_ctl else eps  # config: 2+ updates
+        kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0))
+        eps = clip_ctl.update(train_m.get("approx_kl_off_policy", 0.0))  # adaptive: config ensures 2+ updates
         watchdog.beat()
         stop = preempt.requested()  # collective: every rank stops after the same step
         saved = ckpt.maybe_save(step, kl_coef, eps, force=stop)

@@ -154,14 +154,14 @@ def patch_trainer(monkeypatch, rec: Recorder) -> None:
 
     class FakeCheckpointer:  # run_checkpoint.RunCheckpointer's part of the loop
         def __init__(self, cfg, layout, actor, sampler, kl_ctl, clip_ctl, resident):
-            self.actor, self.resident = actor, resident
+            self.actor, self.resident, self.kl_ctl, self.clip_ctl = actor, resident, kl_ctl, clip_ctl
 
         def reference(self, arch, *, warm_start):
             rec.calls.append("build.reference")  # the real one copies from the actor's model
             return FakeReference()
 
-        def resume(self, kl_coef, eps):
-            return 1, kl_coef, eps
+        def resume(self):
+            return 1, self.kl_ctl.beta, self.clip_ctl.eps
 
         def maybe_save(self, step, kl_coef, eps, *, force=False):
             with self.resident():  # the actor's state may be offloaded between steps
@@ -180,7 +180,7 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
         "checkpoint.save_interval=1"])
     session = FakeSession(cfg, rec)
     actor = FakeActor(rec)
-    trainer.train(cfg, session, actor=actor)
+    trainer.train(session, actor=actor)
 
     # One update per rollout: it is on-policy, so the actor needs no log-prob pass of its own (ppo.py).
     step = ["generate", *ROLLOUT_TO_TRAIN, "ref.logprobs", "actor.policy_step", *TRAIN_TO_ROLLOUT]
@@ -214,7 +214,7 @@ def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkey
         "batch.prompts_per_rollout=2", "batch.prompts_per_update=1", "batch.micro_batch_size=2", "algo.group_size=2",
         "algo.loss.kl_coef=0", "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", f"logging.out_dir={tmp_path}",
         "logging.progress_bar=false", "algo.kl_controller.beta_min=1e-4", "algo.clip_controller.horizon=5"])
-    trainer.train(cfg, FakeSession(cfg, rec), actor=MovingActor(rec))
+    trainer.train(FakeSession(cfg, rec), actor=MovingActor(rec))
 
     kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=1e-4, target_kl=0.01))
     clip_ctl = AdaptiveClipController(AdaptiveClipConfig(init_eps_low=0.2, init_eps_high=0.2, horizon=5))

@@ -32,7 +32,11 @@ Departures from Ziegler et al.:
 
 The controllers live on the host and take a Python float: the measured KL is expected to be
 already reduced over data-parallel ranks by the caller, so that every rank computes the same
-value and the replicas stay in lockstep.
+value and the replicas stay in lockstep. A non-finite measurement comes from a step that made no
+update (nonfinite.py skips it): it is ignored and the controller keeps its values.
+
+The trainer always holds one controller of each kind (`kl_controller`, `clip_controller`): a fixed
+one when the config does not ask for adaptation, so the loop never branches on it.
 """
 
 import math
@@ -48,16 +52,17 @@ __all__ = [
     "AdaptiveClipConfig",
     "AdaptiveClipController",
     "FixedClipController",
+    "kl_controller",
+    "clip_controller",
 ]
 
 _MAX_REL_ERROR = 0.2
 
 
-def _check_measured_kl(measured_kl: float | torch.Tensor) -> float:
+def _finite_kl(measured_kl: float | torch.Tensor) -> float | None:
+    """The measurement as a float, or None for a non-finite one (a skipped step: nothing to learn)."""
     measured_kl = float(measured_kl)
-    if not math.isfinite(measured_kl):
-        raise ValueError(f"measured_kl must be finite, got {measured_kl}")
-    return measured_kl
+    return measured_kl if math.isfinite(measured_kl) else None
 
 
 def _ema(previous: float | None, value: float, decay: float) -> float:
@@ -123,10 +128,14 @@ class AdaptiveKLController:
         self.ema_kl: float | None = None
         self.num_updates = 0
 
+    stateful = True
+
     def update(self, measured_kl: float | torch.Tensor) -> float:
         """Fold in this step's KL and return beta for the next step."""
-        cfg = self.cfg
-        self.ema_kl = _ema(self.ema_kl, _check_measured_kl(measured_kl), cfg.ema_decay)
+        cfg, kl = self.cfg, _finite_kl(measured_kl)
+        if kl is None:
+            return self.beta
+        self.ema_kl = _ema(self.ema_kl, kl, cfg.ema_decay)
         error = _rel_error(self.ema_kl, cfg.target_kl)
         self.beta = min(max(self.beta * (1.0 + error / cfg.horizon), cfg.beta_min), cfg.beta_max)
         self.num_updates += 1
@@ -150,17 +159,18 @@ class FixedKLController:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.beta = beta
 
-    def update(self, measured_kl: float | torch.Tensor) -> float:
-        """Return the constant beta; the measurement is only checked for being finite."""
-        _check_measured_kl(measured_kl)
+    stateful = False
+
+    def update(self, measured_kl: float | torch.Tensor | None) -> float:
+        """Return the constant beta; the measurement is not needed."""
         return self.beta
 
     def state_dict(self) -> dict[str, Any]:
         # Stateless: the constant comes from the config, which is the source of truth on resume.
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state_keys(state, set(), type(self).__name__)
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        _check_state_keys(state or {}, set(), type(self).__name__)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -221,10 +231,18 @@ class AdaptiveClipController:
         self.ema_kl: float | None = None
         self.num_updates = 0
 
+    stateful = True
+
+    @property
+    def eps(self) -> tuple[float, float]:
+        return self.eps_low, self.eps_high
+
     def update(self, measured_kl: float | torch.Tensor) -> tuple[float, float]:
         """Fold in this step's KL and return ``(eps_low, eps_high)`` for the next step."""
-        cfg = self.cfg
-        self.ema_kl = _ema(self.ema_kl, _check_measured_kl(measured_kl), cfg.ema_decay)
+        cfg, kl = self.cfg, _finite_kl(measured_kl)
+        if kl is None:
+            return self.eps
+        self.ema_kl = _ema(self.ema_kl, kl, cfg.ema_decay)
         factor = 1.0 - _rel_error(self.ema_kl, cfg.target_kl) / cfg.horizon
         self.eps_low = min(max(self.eps_low * factor, cfg.eps_min), cfg.eps_max)
         self.eps_high = min(max(self.eps_high * factor, cfg.eps_min), cfg.eps_max)
@@ -258,14 +276,36 @@ class FixedClipController:
         self.eps_low = eps_low
         self.eps_high = eps_high
 
-    def update(self, measured_kl: float | torch.Tensor) -> tuple[float, float]:
-        """Return the constant ``(eps_low, eps_high)``; the measurement is only checked for being finite."""
-        _check_measured_kl(measured_kl)
+    stateful = False
+
+    @property
+    def eps(self) -> tuple[float, float]:
         return self.eps_low, self.eps_high
+
+    def update(self, measured_kl: float | torch.Tensor | None) -> tuple[float, float]:
+        """Return the constant ``(eps_low, eps_high)``; the measurement is not needed."""
+        return self.eps
 
     def state_dict(self) -> dict[str, Any]:
         # Stateless: the constants come from the config, which is the source of truth on resume.
         return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        _check_state_keys(state or {}, set(), type(self).__name__)
+
+
+KLController = AdaptiveKLController | FixedKLController
+ClipController = AdaptiveClipController | FixedClipController
+
+
+def kl_controller(settings: AdaptiveKLConfig | None, beta: float) -> KLController:
+    """The adaptive controller for `settings`, or a fixed `beta` when there are none."""
+    return AdaptiveKLController(settings) if settings is not None else FixedKLController(beta)
+
+
+def clip_controller(settings: AdaptiveClipConfig | None, eps: tuple[float, float]) -> ClipController:
+    """The adaptive controller for `settings`, or fixed `(eps_low, eps_high)` when there are none."""
+    return AdaptiveClipController(settings) if settings is not None else FixedClipController(*eps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_state_keys(state, set(), type(self).__name__)

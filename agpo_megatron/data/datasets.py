@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from agpo_megatron.data.answer_match import extract_boxed, gold_from_gsm8k_answer
+from agpo_megatron.parallel import dp_slice
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -405,10 +406,9 @@ class PromptSampler:
             self.epoch += 1
             self.step_in_epoch = 0
             self._order = self._permutation(self.epoch)
-        per_rank = self.batch_size // self.dp_size
-        start = self.step_in_epoch * self.batch_size + self.dp_rank * per_rank
+        batch = self._order[self.step_in_epoch * self.batch_size:(self.step_in_epoch + 1) * self.batch_size]
         self.step_in_epoch += 1
-        return [self.examples[i] for i in self._order[start : start + per_rank]]
+        return [self.examples[batch[i]] for i in dp_slice(len(batch), self.dp_size, self.dp_rank)]
 
     def state_dict(self) -> dict[str, int]:
         return {

@@ -92,10 +92,23 @@ def test_fixed_kl_controller_is_constant():
         FixedKLController(-0.1)
 
 
-def test_controllers_reject_non_finite_kl():
+def test_a_non_finite_kl_leaves_the_controllers_unchanged():
+    """A non-finite KL comes from a step nonfinite.py skipped (no update): nothing to learn from."""
     for ctl in (_kl(), FixedKLController(0.1), _clip(), FixedClipController(0.2, 0.2)):
-        with pytest.raises(ValueError, match="measured_kl"):
-            ctl.update(float("nan"))
+        ctl.update(0.05)
+        before = ctl.state_dict(), getattr(ctl, "beta", None), getattr(ctl, "eps", None)
+        for bad in (float("nan"), float("inf")):
+            ctl.update(bad)
+        assert (ctl.state_dict(), getattr(ctl, "beta", None), getattr(ctl, "eps", None)) == before
+
+
+def test_factories_pick_fixed_without_settings():
+    from agpo_megatron.algo.controllers import clip_controller, kl_controller
+
+    assert isinstance(kl_controller(None, 0.01), FixedKLController)
+    assert isinstance(clip_controller(None, (0.2, 0.28)), FixedClipController)
+    assert clip_controller(None, (0.2, 0.28)).eps == (0.2, 0.28)
+    assert isinstance(kl_controller(AdaptiveKLConfig(init_beta=0.1, target_kl=0.01), 0.0), AdaptiveKLController)
 
 
 @pytest.mark.parametrize(
