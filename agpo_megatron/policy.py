@@ -34,7 +34,7 @@ def _build(arch: ModelArch, cfg, layout: Layout):
         load_hf_weights(model, arch, HFCheckpointReader(cfg.model.hf_path), tp_rank=layout.tp_rank, tp=layout.tp,
                         pp_rank=layout.pp_rank, pp=layout.pp)
     elif cfg.model.init_from == "megatron":  # e.g. written by hf_to_megatron, at any TP/PP
-        from agpo_megatron.checkpoint import load_checkpoint
+        from agpo_megatron.checkpoint.train_state import load_checkpoint
 
         load_checkpoint(cfg.checkpoint.load_dir, [model])
     return model

@@ -2,7 +2,7 @@
 
 A step checkpoint (`step_dirs.py` has the folder layout and the commit protocol) holds:
 
-    <checkpoint.py's torch_dist files>  actor weights, distributed-optimizer state, LR scheduler
+    <torch_dist files, checkpoint/>    actor weights, distributed-optimizer state, LR scheduler
     rng/rank_NNNNN.pt                   each rank's RNG states: torch CPU, CUDA (when present),
                                         Megatron's tracker, python `random`, numpy
     run_state.json                      step, sampler position, kl_coef and eps, the A-GRPO
@@ -217,7 +217,7 @@ class RunCheckpointer:
         return {"kind": "megatron", "path": str(self._save_initial_weights())}
 
     def _save_initial_weights(self) -> Path:
-        from agpo_megatron.checkpoint import save_checkpoint
+        from agpo_megatron.checkpoint.train_state import save_checkpoint
 
         final = self.save_dir / step_dirs.INITIAL
         tmp = self.save_dir / _broadcast(step_dirs.tmp_name(final.name))
@@ -237,7 +237,7 @@ class RunCheckpointer:
         run and this step's kl_coef and eps (the controllers' starting values on a fresh start)."""
         if not self.resuming:
             return 1, self.kl_ctl.beta, self.clip_ctl.eps
-        from agpo_megatron.checkpoint import load_checkpoint
+        from agpo_megatron.checkpoint.train_state import load_checkpoint
 
         st, path = self.state, self.resume_from
         self._check_compatible(st)
@@ -284,7 +284,7 @@ class RunCheckpointer:
         """
         if self.save_dir is None or (self.cfg.checkpoint.due(step, self.cfg.steps) is None and not force):
             return None
-        from agpo_megatron.checkpoint import save_checkpoint
+        from agpo_megatron.checkpoint.train_state import save_checkpoint
 
         final = self.save_dir / step_dirs.step_name(step)
         name = None

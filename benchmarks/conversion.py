@@ -165,7 +165,7 @@ def child(mode: str, work: Path, layers: int) -> None:
         stats = convert_hf_to_megatron(inspect_source(work / "hf"), work / "mcore", overwrite=True)
         result = {"seconds": time.perf_counter() - start, "bytes": stats["bytes"]}
     elif mode == "verify":
-        from agpo_megatron.checkpoint import verify_checkpoint
+        from agpo_megatron.checkpoint.metadata import verify_checkpoint
 
         start = time.perf_counter()
         verify_checkpoint(work / "mcore")

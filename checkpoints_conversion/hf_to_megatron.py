@@ -2,7 +2,7 @@
 
     hf_to_megatron --hf-dir Qwen2.5-Math-7B --out ckpt/qwen7b --tp 4 --pp 1
 
-The checkpoint is written through the trainer's own `agpo_megatron.checkpoint` path, from a
+The checkpoint is written through the trainer's own path (`checkpoint.convert_io`), from a
 model built on the meta device (no weights in memory). Each parameter is produced from the HF
 tensors only when the writer reaches it: read, fused (QKV, gate/up) by `bridge.names`, cast, and
 written. So memory is about one parameter, and never the model.
@@ -95,7 +95,7 @@ def convert_hf_to_megatron(src: Source, out: str | Path, *, dtype: str = "auto",
     import torch.distributed as dist
 
     from agpo_megatron.bridge import output_dir
-    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.checkpoint import CheckpointError
     from agpo_megatron.parallel import comm_device
 
     out = Path(out)
@@ -131,13 +131,13 @@ def check_out(out: Path, hf_dir: Path, *, overwrite: bool) -> None:
 
     NOTE: never into an existing checkpoint: the message says what `out` holds.
     """
-    from agpo_megatron import checkpoint
     from agpo_megatron.bridge import output_dir
+    from agpo_megatron.checkpoint import metadata
 
     held = ""
-    if (Path(out) / "metadata.json").is_file() or (Path(out) / checkpoint.SIDECAR).is_file():
+    if (Path(out) / "metadata.json").is_file() or (Path(out) / metadata.SIDECAR).is_file():
         try:
-            meta = checkpoint.read_meta(out)
+            meta = metadata.read_meta(out)
         except ValueError:
             meta = None
         what = f", step {meta.step}, source {meta.source}" if meta is not None else ""
@@ -151,16 +151,16 @@ def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from agpo_megatron import checkpoint
     from agpo_megatron.bridge import names
-    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.checkpoint import CheckpointError, convert_io
+    from agpo_megatron.checkpoint.metadata import CheckpointMeta
     from agpo_megatron.parallel import current_layout
 
     hf_dir, arch, reader = src.dir, src.arch, src.reader
     store_dtype = _resolve_dtype(dtype, src.tensors, arch)
 
     lay = current_layout()
-    model = checkpoint.abstract_model(arch, store_dtype)
+    model = convert_io.abstract_model(arch, store_dtype)
     rules = {r.megatron: r for r in names.param_rules(arch, "local")}
     offset = names.layer_range(arch, lay.pp_rank, lay.pp).start
     consumed: set[str] = set()
@@ -184,9 +184,9 @@ def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
         consumed.update(rule.hf)
         return local
 
-    meta = checkpoint.CheckpointMeta(step=0, source=f"hf:{hf_dir.resolve()}", params_dtype=store_dtype,
-                                     tp=lay.tp, pp=lay.pp, hf_config=src.config)
-    checkpoint.save_from_source(out, model, materialize, meta, hf_assets_from=hf_dir)
+    meta = CheckpointMeta(step=0, source=f"hf:{hf_dir.resolve()}", params_dtype=store_dtype,
+                          tp=lay.tp, pp=lay.pp, hf_config=src.config)
+    convert_io.save_from_source(out, model, materialize, meta, hf_assets_from=hf_dir)
 
     # Every source tensor consumed (each rank saw only its own shard of the model).
     everyone: list[set[str]] = [set() for _ in range(dist.get_world_size())]
@@ -195,7 +195,7 @@ def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
     if unread:
         raise CheckpointError(f"{hf_dir}: {len(unread)} tensor(s) were never converted: {sorted(unread)[:8]}")
     # Every target tensor written, with the shape the trainer's model expects.
-    expected = checkpoint.ParamReader(out, model, verify=False).expected()  # our own output: no second read
+    expected = convert_io.ParamReader(out, model, verify=False).expected()  # our own output: no second read
     gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, expected)
     check_stored(out, {k: v for d in gathered for k, v in d.items()}, "the converted model")
@@ -243,7 +243,7 @@ def check_files(hf_dir: Path) -> dict[str, _SourceTensor]:
     Missing shards, truncated files, and index entries absent from their file are errors that
     name the file and the tensor.
     """
-    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.checkpoint import CheckpointError
 
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -332,7 +332,7 @@ def read_safetensors_header(path: Path, listed: list[str] = ()) -> dict[str, dic
     A truncated file is reported with the first tensor whose bytes are cut off (or, if the
     header itself is cut, with the tensors that `listed` says the file should hold).
     """
-    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.checkpoint import CheckpointError
 
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -362,7 +362,7 @@ def check_source(source: dict[str, _SourceTensor], reader, arch) -> None:
     import torch
 
     from agpo_megatron.bridge import names
-    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.checkpoint import CheckpointError
 
     # Names and shapes implied by config.json, through the same table the conversion uses.
     expected: dict[str, tuple[int, ...]] = {}
@@ -411,8 +411,8 @@ def _ignorable(source: dict, arch) -> set[str]:
 def check_stored(ckpt: Path, expected: dict[str, tuple[tuple[int, ...], Any]], what: str) -> None:
     """The checkpoint holds exactly the model tensors `expected` (key -> (global shape, dtype)),
     besides optimizer state."""
-    from agpo_megatron.bridge.hf_io import CheckpointError
-    from agpo_megatron.checkpoint import stored_tensors
+    from agpo_megatron.checkpoint import CheckpointError
+    from agpo_megatron.checkpoint.metadata import stored_tensors
 
     stored = stored_tensors(ckpt)
     for key, (shape, _dtype) in expected.items():

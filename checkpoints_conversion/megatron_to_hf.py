@@ -81,39 +81,38 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, hf_config_from:
     `verify` checks the checkpoint's checksums first."""
     import torch
 
-    from agpo_megatron import checkpoint
     from agpo_megatron.bridge import hf_writer, names, output_dir
-    from agpo_megatron.bridge.hf_io import CheckpointError
+    from agpo_megatron.checkpoint import CheckpointError, convert_io, metadata
     from agpo_megatron.models.hf_config import arch_from_hf_dict
     from checkpoints_conversion.hf_to_megatron import check_stored, check_supported
 
-    ckpt = checkpoint.require_checkpoint(ckpt)
+    ckpt = metadata.require_checkpoint(ckpt)
     inputs = (ckpt,) if hf_config_from is None else (ckpt, Path(hf_config_from))
     output_dir.check_target(out, overwrite=overwrite, inputs=inputs)  # before the long part
     if verify:
-        checkpoint.verify_checkpoint(ckpt)
-    meta = checkpoint.read_meta(ckpt)
+        metadata.verify_checkpoint(ckpt)
+    meta = metadata.read_meta(ckpt)
     if hf_config_from is not None:
         config_path = Path(hf_config_from) / "config.json"
         config = json.loads(config_path.read_text())
         assets = Path(hf_config_from)
     elif meta is not None and meta.hf_config is not None:
-        config_path = ckpt / checkpoint.SIDECAR
+        config_path = ckpt / metadata.SIDECAR
         config = meta.hf_config
-        assets = ckpt / checkpoint.ASSETS_DIR
+        assets = ckpt / metadata.ASSETS_DIR
     else:
-        raise CheckpointError(f"{ckpt}: no HF config stored with this checkpoint (no {checkpoint.SIDECAR} "
+        raise CheckpointError(f"{ckpt}: no HF config stored with this checkpoint (no {metadata.SIDECAR} "
                               "with hf_config); pass --hf-config-from <HF model dir>")
     arch = arch_from_hf_dict(config, str(config_path))
     check_supported(config, config_path)
 
     # Read the model in the dtype it is stored in: a different dtype here would cast on load.
-    stored = checkpoint.stored_tensors(ckpt)
+    stored = metadata.stored_tensors(ckpt)
     if "embedding.word_embeddings.weight" not in stored:
         raise CheckpointError(f"{ckpt}: no 'embedding.word_embeddings.weight': not a GPT model checkpoint")
     store_dtype = str(stored["embedding.word_embeddings.weight"][1]).removeprefix("torch.")
-    model = checkpoint.abstract_model(arch, store_dtype)
-    reader = checkpoint.ParamReader(ckpt, model, verify=False)  # verified above, before any other read
+    model = convert_io.abstract_model(arch, store_dtype)
+    reader = convert_io.ParamReader(ckpt, model, verify=False)  # verified above, before any other read
     check_stored(ckpt, reader.expected(), f"the model of {config_path}")
 
     rules = names.param_rules(arch, "local")

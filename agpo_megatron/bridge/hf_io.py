@@ -13,11 +13,8 @@ import torch
 from safetensors import safe_open
 
 from agpo_megatron.bridge import names
+from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.models.hf_config import ModelArch
-
-
-class CheckpointError(ValueError):
-    """A missing, truncated or inconsistent checkpoint file; the message names file and tensor."""
 
 
 class HFCheckpointReader:

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from agpo_megatron.bridge.hf_io import CheckpointError
+from agpo_megatron.checkpoint import CheckpointError
 
 FAULT_ENV = "AGPO_TEST_KILL_AT"
 """Test hook: a process whose env names a `fault_point` SIGKILLs itself there."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from agpo_megatron.bridge.hf_io import CheckpointError
+from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.models.hf_config import UnsupportedModelError
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from checkpoints_conversion.hf_to_megatron import inspect_source

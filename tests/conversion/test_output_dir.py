@@ -9,7 +9,7 @@ import torch
 
 from agpo_megatron import checksums
 from agpo_megatron.bridge import output_dir
-from agpo_megatron.bridge.hf_io import CheckpointError
+from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.bridge.hf_writer import HFCheckpointWriter, HFWriteError, TensorSpec
 
 

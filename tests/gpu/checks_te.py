@@ -1,5 +1,5 @@
 """Smoke sections with Transformer Engine: the TE layer spec (bf16 forward/backward), FP8
-(`model.fp8`, Hopper+), and a local <-> TE checkpoint round trip through checkpoint.py.
+(`model.fp8`, Hopper+), and a local <-> TE checkpoint round trip through checkpoint/train_state.py.
 
 The round trip saves a local-spec model with `save_checkpoint`, loads it into a TE-spec model
 with `load_checkpoint` (the TE model asks for `_extra_state` keys a local checkpoint lacks: issue
@@ -14,13 +14,13 @@ from tests.gpu.common import Ctx, Skip, check, judge, require_attrs, require_par
 
 
 def prepare(ctx: Ctx) -> None:
-    from agpo_megatron import checkpoint
     from agpo_megatron.bridge import hf_io, names
+    from agpo_megatron.checkpoint import train_state
     from agpo_megatron.models import build, forward  # noqa: F401
 
-    require_attrs(checkpoint, "save_checkpoint", "load_checkpoint")
-    require_params(checkpoint.save_checkpoint, "path", "model_chunks")
-    require_params(checkpoint.load_checkpoint, "path", "model_chunks")
+    require_attrs(train_state, "save_checkpoint", "load_checkpoint")
+    require_params(train_state.save_checkpoint, "path", "model_chunks")
+    require_params(train_state.load_checkpoint, "path", "model_chunks")
     require_attrs(build, "build_gpt", "te_available", "resolve_spec")
     require_attrs(hf_io, "spec_of")
     require_attrs(names, "param_rules")
@@ -109,7 +109,7 @@ def run_te_checkpoint_roundtrip(ctx: Ctx) -> None:
     prepare(ctx)
     import torch
 
-    from agpo_megatron.checkpoint import load_checkpoint, save_checkpoint
+    from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
     from agpo_megatron.models import build
 
     with check(ctx, "te_checkpoint_roundtrip"):

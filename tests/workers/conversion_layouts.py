@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from agpo_megatron import checkpoint
-from agpo_megatron.bridge.hf_io import CheckpointError, HFCheckpointReader, load_hf_weights
+from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
+from agpo_megatron.checkpoint import CheckpointError
+from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
 from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
@@ -74,13 +75,13 @@ def main() -> None:
         arch = read_arch(hf_dir)
         for tp, pp in [(1, 1), (2, 1), (1, 2)]:
             lay, model = build_at(arch, tp, pp)
-            checkpoint.load_checkpoint(ckpt, [model])
+            load_checkpoint(ckpt, [model])
             save_result(lay, out / f"{name}_tp{tp}pp{pp}.pt", logits_and_logprobs(model, arch))
             if (tp, pp) == (2, 1):
-                checkpoint.save_checkpoint(out / f"{name}_saved_tp2", [model], step=7, hf_dir=hf_dir,
+                save_checkpoint(out / f"{name}_saved_tp2", [model], step=7, hf_dir=hf_dir,
                                            extra_state={"model": name, "seen": torch.arange(3)})
         lay, model = build_at(arch, 1, 2)
-        restored = checkpoint.load_checkpoint(out / f"{name}_saved_tp2", [model])
+        restored = load_checkpoint(out / f"{name}_saved_tp2", [model])
         save_result(lay, out / f"{name}_reshard.pt", logits_and_logprobs(model, arch),
                     step=restored.step, extra_state=restored.extra_state)
 
@@ -92,12 +93,12 @@ def main() -> None:
         ckpt = out / f"native_tp{tp}pp{pp}"
         convert_hf_to_megatron(inspect_source(hf_dir, tp=tp, pp=pp), ckpt)
         lay, model = build_at(arch, load_tp, load_pp)
-        checkpoint.load_checkpoint(ckpt, [model])
+        load_checkpoint(ckpt, [model])
         result = logits_and_logprobs(model, arch)
         if result is not None:
             native[f"tp{tp}pp{pp}"] = result["logits"]
         lay, model = build_at(arch, 1, 1)
-        checkpoint.load_checkpoint(ckpt, [model])
+        load_checkpoint(ckpt, [model])
         _, ref = build_at(arch, 1, 1)
         load_hf_weights(ref, arch, HFCheckpointReader(hf_dir), tp_rank=0, tp=1, pp_rank=0, pp=1)
         ref_params = dict(ref.named_parameters())
@@ -125,7 +126,7 @@ def resume_check(arch, hf_dir: str, converted: str, out: Path) -> None:
 
     def trainable():
         _, model = build_at(arch, 1, 1)
-        checkpoint.load_checkpoint(converted, [model])  # weights only, before the optimizer exists
+        load_checkpoint(converted, [model])  # weights only, before the optimizer exists
         return build.wrap_for_training(model, optim, par, total_steps=10)
 
     lay = init_model_parallel(1, 1, seed=1)
@@ -149,13 +150,13 @@ def resume_check(arch, hf_dir: str, converted: str, out: Path) -> None:
     for _ in range(2):
         train_step(ddp, opt, sched)
     saved = out / "resume"
-    checkpoint.save_checkpoint(saved, [ddp], opt, sched, extra_state={"epoch": 0}, step=2, hf_dir=hf_dir)
+    save_checkpoint(saved, [ddp], opt, sched, extra_state={"epoch": 0}, step=2, hf_dir=hf_dir)
     lr_saved = opt.param_groups[0]["lr"]
     train_step(ddp, opt, sched)
     continued = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
 
     ddp2, opt2, sched2 = trainable()
-    restored = checkpoint.load_checkpoint(saved, [ddp2], opt2, sched2)
+    restored = load_checkpoint(saved, [ddp2], opt2, sched2)
     lr_at_load, steps_at_load = opt2.param_groups[0]["lr"], sched2.num_steps
     train_step(ddp2, opt2, sched2)
     resumed = dict(ddp2.module.named_parameters())
@@ -164,7 +165,7 @@ def resume_check(arch, hf_dir: str, converted: str, out: Path) -> None:
     ddp3, opt3, _ = trainable()
     untrained = dict(ddp3.module.named_parameters())
     try:
-        checkpoint.load_checkpoint(converted, [ddp3], opt3)
+        load_checkpoint(converted, [ddp3], opt3)
         no_optim_error = ""
     except CheckpointError as e:
         no_optim_error = str(e)

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from agpo_megatron import checkpoint
 from agpo_megatron.bridge.hf_io import HFCheckpointReader
+from agpo_megatron.checkpoint.metadata import SIDECAR, read_meta, stored_tensors
+from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
 from agpo_megatron.config import OptimConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
@@ -71,7 +72,7 @@ def fresh_model(arch):
 def trained_checkpoint(arch, hf: Path, converted: Path, out: Path) -> None:
     """A trainer checkpoint with optimizer and scheduler state, after one step."""
     _, model = build_at(arch, 1, 1)
-    checkpoint.load_checkpoint(converted, [model])
+    load_checkpoint(converted, [model])
     optim = OptimConfig(lr=1e-2, warmup_steps=2, decay_style="cosine")
     ddp, opt, sched = build.wrap_for_training(model, optim, ParallelConfig(use_distributed_optimizer=True),
                                               total_steps=10)
@@ -88,7 +89,7 @@ def trained_checkpoint(arch, hf: Path, converted: Path, out: Path) -> None:
     with megatron_scope():
         opt.step()
     sched.step(1)
-    checkpoint.save_checkpoint(out, [ddp], opt, sched, step=3, hf_dir=hf)
+    save_checkpoint(out, [ddp], opt, sched, step=3, hf_dir=hf)
 
 
 @contextlib.contextmanager
@@ -112,7 +113,7 @@ def main() -> None:
     mcore = out / "mcore"
     r["h2m"] = run(h2m, "--hf-dir", hf, "--out", mcore)
     r["mcore_files"] = sorted(listing(mcore))
-    r["mcore_checksums"] = sorted(getattr(checkpoint.read_meta(mcore), "checksums", {}))
+    r["mcore_checksums"] = sorted(getattr(read_meta(mcore), "checksums", {}))
 
     # -- stale shards: a sharded export, then a single-file bf16 export into the same folder
     export = out / "export"
@@ -130,13 +131,13 @@ def main() -> None:
     # -- hf_to_megatron into a trained checkpoint
     trained = out / "trained"
     trained_checkpoint(arch, hf, mcore, trained)
-    r["trained_optimizer_keys"] = sum(k.startswith("optimizer.") for k in checkpoint.stored_tensors(trained))
+    r["trained_optimizer_keys"] = sum(k.startswith("optimizer.") for k in stored_tensors(trained))
     before = listing(trained)
     r["into_trained"] = run(h2m, "--hf-dir", hf, "--out", trained)
     r["trained_left_untouched"] = listing(trained) == before
     r["into_trained_overwrite"] = run(h2m, "--hf-dir", hf, "--out", trained, "--overwrite")
-    r["overwritten_optimizer_keys"] = sum(k.startswith("optimizer.") for k in checkpoint.stored_tensors(trained))
-    meta = checkpoint.read_meta(trained)
+    r["overwritten_optimizer_keys"] = sum(k.startswith("optimizer.") for k in stored_tensors(trained))
+    meta = read_meta(trained)
     r["overwritten_meta"] = [meta.source.split(":")[0], meta.step]
 
     # -- a flipped bit inside a tensor's bytes (the middle of the largest stored record)
@@ -153,8 +154,8 @@ def main() -> None:
     src, got = HFCheckpointReader(hf), HFCheckpointReader(out / "flip_export")
     r["flip_noverify_changed"] = [k for k in src.keys() if not torch.equal(src.get(k), got.get(k))]
     init_model_parallel(1, 1, seed=1)
-    r["flip_load"] = attempt(lambda: checkpoint.load_checkpoint(flipped, [fresh_model(arch)]))
-    r["flip_load_noverify"] = attempt(lambda: checkpoint.load_checkpoint(flipped, [fresh_model(arch)],
+    r["flip_load"] = attempt(lambda: load_checkpoint(flipped, [fresh_model(arch)]))
+    r["flip_load_noverify"] = attempt(lambda: load_checkpoint(flipped, [fresh_model(arch)],
                                                                         verify=False))
 
     # -- a truncated data file
@@ -164,17 +165,17 @@ def main() -> None:
     r["trunc"] = run(m2h, "--ckpt", trunc, "--out", out / "trunc_export")
     r["trunc_noverify"] = run(m2h, "--ckpt", trunc, "--out", out / "trunc_export", "--no-verify")
     init_model_parallel(1, 1, seed=1)
-    r["trunc_load_noverify"] = attempt(lambda: checkpoint.load_checkpoint(trunc, [fresh_model(arch)],
+    r["trunc_load_noverify"] = attempt(lambda: load_checkpoint(trunc, [fresh_model(arch)],
                                                                           verify=False))
 
     # -- a checkpoint from before checksums: its sidecar lacks them
     old = Path(shutil.copytree(mcore, out / "old"))
-    sidecar = json.loads((old / checkpoint.SIDECAR).read_text())
+    sidecar = json.loads((old / SIDECAR).read_text())
     sidecar.pop("checksums", None)
-    (old / checkpoint.SIDECAR).write_text(json.dumps(sidecar))
+    (old / SIDECAR).write_text(json.dumps(sidecar))
     r["old"] = run(m2h, "--ckpt", old, "--out", out / "old_export")
     init_model_parallel(1, 1, seed=1)
-    r["old_load"] = attempt(lambda: checkpoint.load_checkpoint(old, [fresh_model(arch)]))
+    r["old_load"] = attempt(lambda: load_checkpoint(old, [fresh_model(arch)]))
 
     # -- unusable outputs: a path under a regular file; a write that fails part-way
     (out / "afile").write_text("not a folder")
@@ -184,7 +185,7 @@ def main() -> None:
         r["efbig_h2m"] = run(h2m, "--hf-dir", hf, "--out", out / "big")
         init_model_parallel(1, 1, seed=1)
         model = fresh_model(arch)
-        r["efbig_save"] = attempt(lambda: checkpoint.save_checkpoint(out / "big_save", [model]))
+        r["efbig_save"] = attempt(lambda: save_checkpoint(out / "big_save", [model]))
     r["efbig_out_exists"] = (out / "big").exists()
     r["final_leftovers"] = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
 

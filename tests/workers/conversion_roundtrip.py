@@ -9,7 +9,7 @@ OUT_DIR/mismatch_error.txt.
 import sys
 from pathlib import Path
 
-from agpo_megatron.bridge.hf_io import CheckpointError
+from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.parallel import exit_cleanly
 from checkpoints_conversion import hf_to_megatron, megatron_to_hf
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from agpo_megatron import checkpoint
-from agpo_megatron.bridge.hf_io import CheckpointError, HFCheckpointReader, load_hf_weights
+from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
+from agpo_megatron.checkpoint import CheckpointError
+from agpo_megatron.checkpoint.storage import sharded_sd_metadata
+from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
 from agpo_megatron.config import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
@@ -66,7 +68,7 @@ def assert_same(a: dict, b: dict, what: str) -> None:
 
 def extra_keys(model) -> list[str]:
     """The checkpoint keys of the model's extra state."""
-    sd = model.sharded_state_dict(metadata=checkpoint.sharded_sd_metadata())
+    sd = model.sharded_state_dict(metadata=sharded_sd_metadata())
     return sorted({sh.key for sh in sd.values() if sh.key.endswith("_extra_state")})
 
 
@@ -89,22 +91,22 @@ assert "decoder.final_layernorm._extra_state" in res["te_only_extra_state"], te_
 # 1. hf_to_megatron's checkpoint into the TE-like model.
 with te_like():
     te_model = build.build_gpt(arch, model_cfg, par)
-    checkpoint.load_checkpoint(local_ckpt, te_model)
+    load_checkpoint(local_ckpt, te_model)
 assert_same(weights(te_model), ref_w, "local -> TE-like")
 res["local_to_te"] = "ok"
 
 # 2. The TE-like model's checkpoint (with extra state) into a local-spec model, and back.
 te_ckpt = out_dir / "from_te"
 with te_like():
-    checkpoint.save_checkpoint(te_ckpt, te_model, step=5)
+    save_checkpoint(te_ckpt, te_model, step=5)
 local_model = build.build_gpt(arch, model_cfg, par)
-restored = checkpoint.load_checkpoint(te_ckpt, local_model)
+restored = load_checkpoint(te_ckpt, local_model)
 assert restored.step == 5
 assert_same(weights(local_model), ref_w, "TE-like -> local")
 res["te_to_local"] = "ok"
 SET_CALLS.clear()
 with te_like():
-    checkpoint.load_checkpoint(te_ckpt, build.build_gpt(arch, model_cfg, par))
+    load_checkpoint(te_ckpt, build.build_gpt(arch, model_cfg, par))
 # Extra state that is stored is restored (TE gets its FP8 metadata back when it was saved).
 assert SET_CALLS and all(torch.equal(s, torch.tensor([1, 2, 3], dtype=torch.uint8)) for s in SET_CALLS), SET_CALLS
 res["te_to_te_extra_state_restored"] = len(SET_CALLS)
@@ -114,16 +116,16 @@ tied = dataclasses.replace(arch, tie_word_embeddings=True)
 errors = {}
 for name, (ckpt, model_arch) in {"checkpoint_has_extra_weight": (local_ckpt, tied)}.items():
     try:
-        checkpoint.load_checkpoint(ckpt, build.build_gpt(model_arch, model_cfg, par))
+        load_checkpoint(ckpt, build.build_gpt(model_arch, model_cfg, par))
         errors[name] = None
     except CheckpointError as e:
         errors[name] = str(e)
 tied_ckpt = out_dir / "tied"
 tied_model = build.build_gpt(tied, model_cfg, par)
-checkpoint.save_checkpoint(tied_ckpt, tied_model)
+save_checkpoint(tied_ckpt, tied_model)
 try:
     with te_like():
-        checkpoint.load_checkpoint(tied_ckpt, build.build_gpt(arch, model_cfg, par))
+        load_checkpoint(tied_ckpt, build.build_gpt(arch, model_cfg, par))
     errors["checkpoint_lacks_weight"] = None
 except CheckpointError as e:
     errors["checkpoint_lacks_weight"] = str(e)
