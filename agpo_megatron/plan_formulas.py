@@ -124,7 +124,8 @@ def ddp_buckets(params: list[Param], *, dp: int, distributed_optimizer: bool, ti
     shared embedding of tied PP > 1 models sits in a bucket of its own. `bucket_size` is None
     because models/build.py turns overlap_grad_reduce off.
     """
-    buckets, ranges = [], []
+    buckets: list[tuple[int, int, list[tuple[int, int]]]] = []
+    ranges: list[tuple[int, int]] = []
     bucket_start = pos = 0
     pad = distributed_optimizer
 

@@ -40,7 +40,7 @@ Departures from the papers and choices the papers leave open:
   lives in :mod:`agpo_megatron.algo.loss` (``agg_mode``), not here.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -159,7 +159,7 @@ def agpo_advantages(
 def compute_advantages(
     rewards: torch.Tensor,  # [P, G]
     estimator: AdvantageEstimator,
-    **kwargs: float | bool,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, Metrics]:
     """Dispatch to an estimator by name; ``kwargs`` go to the estimator function.
 

@@ -49,7 +49,7 @@ Departures from the papers (numerical only):
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -256,8 +256,8 @@ def policy_loss(
     without ``ref_logprobs``, ``entropy_coef > 0`` without ``entropy``, ``tis_cap`` without
     ``rollout_logprobs``.
     """
-    overrides = {"kl_coef": kl_coef, "eps_low": eps_low, "eps_high": eps_high}
-    overrides = {name: value for name, value in overrides.items() if value is not None}
+    given: dict[str, float | None] = {"kl_coef": kl_coef, "eps_low": eps_low, "eps_high": eps_high}
+    overrides: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)  # re-runs the config validation
 
@@ -307,6 +307,7 @@ def policy_loss(
 
     tis_weight = None
     if cfg.tis_cap is not None:
+        assert rollout_logprobs is not None  # checked with the other inputs above
         rollout_logprobs = torch.where(mask, rollout_logprobs, 0.0)
         # A correction factor, not something to optimise: no gradient flows through it.
         tis_weight = _clamped_exp(old_logprobs - rollout_logprobs).clamp(max=cfg.tis_cap).detach()
