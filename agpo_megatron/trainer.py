@@ -8,7 +8,8 @@
 Every rank runs this same function (SPMD) inside one torchrun/srun world: vLLM and Megatron are
 colocated. The rollout gathers the whole global batch onto every rank, so rewards, advantages and
 the global token count are computed redundantly and identically everywhere, without collectives;
-each Megatron data-parallel rank then trains on its contiguous slice of the sequences.
+each Megatron data-parallel rank then trains on its share of the sequences (`batch.balance_dp`:
+equal counts, balanced tokens), packed into micro-batches (`batch.packing`).
 
 Departures from the AGPO paper (arXiv 2503.15952):
 - The paper does not say how uniform groups whose reward is strictly between r_min and r_max are
@@ -98,12 +99,12 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             rollout_logprobs=[c.logprobs for c in completions] if completions[0].logprobs is not None else None,
         )
         global_tokens, global_seqs = seqs.num_response_tokens(), len(seqs)
-        per_rank = len(seqs) // s.layout.dp
-        mine = seqs.select(range(s.layout.dp_rank * per_rank, (s.layout.dp_rank + 1) * per_rank))
-        mbs = batching.split_micro_batches(mine, micro_batch_size=cfg.batch.micro_batch_size,
-                                           max_tokens=cfg.batch.max_tokens_per_micro_batch, pad_id=s.pad_id,
-                                           uniform_length=s.layout.pp > 1,
-                                           pad_to_multiple=actor.pad_multiple)
+        seq_lens = [len(t) for t in seqs.tokens]  # prompt + response
+        dp_seqs = batching.balance_dp(seq_lens, s.layout.dp)  # equal counts, balanced tokens
+        mine = seqs.select(dp_seqs[s.layout.dp_rank])
+        plan_kw = dict(micro_batch_size=cfg.batch.micro_batch_size, max_tokens=cfg.batch.max_tokens_per_micro_batch,
+                       uniform_length=s.layout.pp > 1, pad_to_multiple=actor.pad_multiple, packing=cfg.batch.packing)
+        mbs = batching.split_micro_batches(mine, pad_id=s.pad_id, **plan_kw)
 
         with timer("logprobs"):
             if cfg.rollout.logprob_mode == "recompute":
@@ -133,6 +134,7 @@ def train(cfg: TrainConfig, session: Session | None = None, actor: Actor | None 
             "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
             **{f"adv/{k}": float(v) for k, v in adv_m.items()}, **{f"len_reward/{k}": float(v) for k, v in len_m.items()},
             **{f"reward/{k}": float(v) for k, v in reward_m.items()}, **{f"train/{k}": v for k, v in train_m.items()},
+            **batching.padding_stats(seq_lens, dp_seqs, **plan_kw),
             "train/kl_coef": kl_coef, "train/eps_low": eps[0], "train/eps_high": eps[1], **times,
             "throughput/rollout_tokens_per_s": lengths.sum().item() / max(times["time/rollout"], 1e-9),
             "throughput/train_tokens_per_s": cfg.algo.ppo_epochs * global_tokens / max(times["time/update"], 1e-9),

@@ -34,8 +34,9 @@ a second one. At Qwen's 152k vocabulary that is the largest activation of an RL 
   log-sum-exp, entropy) and the caller's logits, which exist anyway.
 
 Layout. Per-token tensors are `[B, S]` as everywhere in the trainer (models/forward.py): row b is
-one sequence, which is how the seq-mean-* modes of `policy_loss` find sequences; the op flattens
-to `N = B * S` tokens for chunking. Packed (THD) batches are not supported. In the trainer's loss
+one sequence, which is how the seq-mean-* modes of `policy_loss` find sequences, unless `seq_ids`
+numbers the sequences of packed rows (batch.py / packing.py); the op flattens to `N = B * S`
+tokens for chunking, so packed rows need nothing else. In the trainer's loss
 function on the last pipeline stage (`forward_backward`, models/forward.py)::
 
     with capture_lm_head_input(model) as weight:        # around forward_backward, every stage
@@ -551,6 +552,7 @@ def fused_policy_loss_from_hidden(
     eps_high: float | None = None,
     global_num_tokens: GlobalCount | None = None,
     global_num_seqs: GlobalCount | None = None,
+    seq_ids: torch.Tensor | None = None,  # [B, S] packed batches: sequence of each token
     tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, Metrics, torch.Tensor, torch.Tensor]:  # loss, metrics, [B, S], [B, S]
     """`policy_loss` of `log_softmax(hidden @ weight.T / T)` without forming the logits.
@@ -574,7 +576,7 @@ def fused_policy_loss_from_hidden(
             lp, old_logprobs, advantages, mask, cfg,
             ref_logprobs=ref_logprobs, entropy=ent, rollout_logprobs=rollout_logprobs,
             kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
-            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
         )
 
     x2d, local_targets, group, tp_size = _prepare(hidden, weight, targets, temperature, chunk_tokens, tp_group)
@@ -610,6 +612,7 @@ def fused_policy_loss_from_logits(
     eps_high: float | None = None,
     global_num_tokens: GlobalCount | None = None,
     global_num_seqs: GlobalCount | None = None,
+    seq_ids: torch.Tensor | None = None,  # [B, S] packed batches: sequence of each token
     tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, Metrics, torch.Tensor, torch.Tensor]:
     """`fused_policy_loss_from_hidden` for callers that already have the logits (e.g. the
@@ -620,7 +623,7 @@ def fused_policy_loss_from_logits(
         logprobs, old_logprobs, advantages, mask, cfg,
         ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
         kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
-        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
     )
     return loss, metrics, logprobs, entropy
 
