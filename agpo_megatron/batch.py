@@ -1,11 +1,13 @@
-"""From sampled completions to padded Megatron micro-batches.
+"""From sampled completions to Megatron micro-batches: padded (one sequence per row) or packed.
 
 Per-token convention (shared with models/forward.py): in a `[B, S]` tensor, position t belongs to
 the prediction of `tokens[:, t + 1]`, so a response of R tokens after a prompt of L tokens owns
 positions L-1 .. L+R-2 of `loss_mask`.
 
 Every rank holds the whole global batch (the rollout gathers it), so counts such as the global
-number of response tokens are computed locally, with no collective, and are identical everywhere.
+number of response tokens are computed locally, with no collective, and are identical everywhere;
+so are the assignment of sequences to data-parallel ranks (`balance_dp`) and the padding
+statistics (`padding_stats`). Packing itself lives in packing.py.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
-from agpo_megatron.parallel import dp_slice
 
 
 @dataclasses.dataclass
@@ -82,28 +82,72 @@ def to_micro_batch(seqs: Sequences, seq_len: int, pad_id: int) -> dict[str, torc
     return mb
 
 
-def split_micro_batches(seqs: Sequences, *, micro_batch_size: int, max_tokens: int | None,
-                        pad_id: int, uniform_length: bool, pad_to_multiple: int = 8) -> list[dict[str, torch.Tensor]]:
-    """Split into micro-batches by count, or by a padded-token budget (dynamic batch size).
+def balance_dp(lengths: list[int], dp: int) -> list[list[int]]:
+    """Indices of the sequences each data-parallel rank trains: equal counts, balanced tokens.
 
-    With `uniform_length` (required when PP > 1: the pipeline exchanges activations of one fixed
-    shape between stages) every micro-batch is padded to the step's longest sequence. Otherwise
-    the dynamic mode sorts rows by length and packs each micro-batch up to `max_tokens` padded
-    tokens, which is where the saving comes from on long-tailed response lengths.
+    NOTE: a contiguous slice per rank leaves one rank with the step's long tail and the others
+    waiting for it at the gradient all-reduce. Longest first, each sequence goes to the rank with
+    the fewest tokens that still has room for another sequence (LPT under a cardinality limit):
+    the heaviest rank ends within one sequence's length of the mean. Counts stay equal (`len /
+    dp` each), so the count-based micro-batch split and its pipeline shapes are unchanged. The
+    loss divides by the global counts (passed in), so which rank trains what cannot change it.
+    Each rank's indices come back in ascending order. Deterministic: every rank gets the same.
     """
+    if len(lengths) % dp:
+        raise ValueError(f"{len(lengths)} sequences do not split evenly over {dp} data-parallel ranks")
+    cap = len(lengths) // dp
+    ranks: list[list[int]] = [[] for _ in range(dp)]
+    load = [0] * dp
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min((r for r in range(dp) if len(ranks[r]) < cap), key=lambda r: (load[r], r))
+        ranks[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(r) for r in ranks]
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatchPlan:
+    """Which sequences go where in one micro-batch, before any tensor exists."""
+
+    rows: list[list[int]]
+    """Sequence indices per row (one each when padded; several, back to back, when packed)."""
+    shape: tuple[int, int]
+    """[rows, tokens per row] of the micro-batch's tensors (empty rows fill a fixed shape)."""
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def plan_micro_batches(lengths: list[int], *, micro_batch_size: int, max_tokens: int | None,
+                       uniform_length: bool, pad_to_multiple: int = 8, packing: bool = False) -> list[MicroBatchPlan]:
+    """The micro-batches of one rank's sequences (token counts `lengths`), padded or packed.
+
+    Padded: by count, or by a padded-token budget (dynamic batch size). With `uniform_length`
+    (required when PP > 1: the pipeline exchanges activations of one fixed shape between stages)
+    every micro-batch is padded to the step's longest sequence. Otherwise the dynamic mode sorts
+    rows by length and fills each micro-batch up to `max_tokens` padded tokens.
+    Packed: see `packing.plan_packed`.
+    """
+    if packing:
+        from agpo_megatron.packing import plan_packed
+
+        return plan_packed(lengths, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
+                           fixed_shape=uniform_length, pad_to_multiple=pad_to_multiple)
+
     def padded(n: int) -> int:
         return -(-n // pad_to_multiple) * pad_to_multiple
 
-    order = list(range(len(seqs)))
+    order = list(range(len(lengths)))
+    longest_all = padded(max(lengths))
     if max_tokens is None:
         groups = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     else:
         if not uniform_length:
-            order.sort(key=lambda i: len(seqs.tokens[i]))
-        longest_all = padded(max(len(t) for t in seqs.tokens))
+            order.sort(key=lambda i: lengths[i])
         groups, cur = [], []
         for i in order:
-            width = longest_all if uniform_length else padded(len(seqs.tokens[i]))  # sorted: i is the longest
+            width = longest_all if uniform_length else padded(lengths[i])  # sorted: i is the longest
             if width > max_tokens:
                 raise ValueError(f"batch.max_tokens_per_micro_batch={max_tokens} is below one padded sequence ({width})")
             if cur and (len(cur) + 1) * width > max_tokens:
@@ -111,12 +155,37 @@ def split_micro_batches(seqs: Sequences, *, micro_batch_size: int, max_tokens: i
                 cur = []
             cur.append(i)
         groups.append(cur)
-    longest_all = padded(max(len(t) for t in seqs.tokens))
-    out = []
-    for g in groups:
-        sub = seqs.select(g)
-        out.append(to_micro_batch(sub, longest_all if uniform_length else padded(max(len(t) for t in sub.tokens)), pad_id))
-    return out
+    return [MicroBatchPlan(rows=[[i] for i in g],
+                           shape=(len(g), longest_all if uniform_length else padded(max(lengths[i] for i in g))))
+            for g in groups]
+
+
+def split_micro_batches(seqs: Sequences, *, micro_batch_size: int, max_tokens: int | None,
+                        pad_id: int, uniform_length: bool, pad_to_multiple: int = 8,
+                        packing: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The micro-batch tensors of `plan_micro_batches` (packed ones: `packing.to_packed_micro_batch`)."""
+    plans = plan_micro_batches([len(t) for t in seqs.tokens], micro_batch_size=micro_batch_size,
+                               max_tokens=max_tokens, uniform_length=uniform_length,
+                               pad_to_multiple=pad_to_multiple, packing=packing)
+    if packing:
+        from agpo_megatron.packing import to_packed_micro_batch
+
+        return [to_packed_micro_batch(seqs, p, pad_id) for p in plans]
+    return [to_micro_batch(seqs.select([r[0] for r in p.rows]), p.shape[1], pad_id) for p in plans]
+
+
+def padding_stats(lengths: list[int], ranks: list[list[int]], **plan_kw) -> dict[str, float]:
+    """Real tokens / computed tokens of the whole step, over every data-parallel rank.
+
+    Pure (every rank holds the whole batch and plans every rank's micro-batches the same way), so
+    it needs no collective. The same micro-batches go through the log-prob passes and the update,
+    so one number describes both. `plan_kw`: `plan_micro_batches`'s keywords.
+    """
+    real = sum(lengths[i] for r in ranks for i in r)
+    computed = sum(p.computed_tokens for r in ranks
+                   for p in plan_micro_batches([lengths[i] for i in r], **plan_kw))
+    return {"batch/real_tokens": float(real), "batch/computed_tokens": float(computed),
+            "batch/padding_efficiency": real / max(computed, 1)}
 
 
 @dataclasses.dataclass
@@ -129,15 +198,17 @@ class MiniBatch:
     """Response tokens of the whole mini-batch over all DP ranks (the loss's token-mean denominator)."""
     num_seqs: int
     """Sequences of the whole mini-batch over all DP ranks (the seq-mean-* denominator)."""
+    padding: dict[str, float] = dataclasses.field(default_factory=dict)
+    """`padding_stats` of the mini-batch over all DP ranks (real and computed tokens)."""
 
 
-def split_mini_batches(seqs: Sequences, *, seqs_per_update: int, dp: int, dp_rank: int,
-                       **micro) -> list[MiniBatch]:
+def split_mini_batches(seqs: Sequences, *, seqs_per_update: int, dp: int, dp_rank: int, pad_id: int,
+                       **plan_kw) -> list[MiniBatch]:
     """Split a rollout (prompt-major, whole groups of G) into PPO mini-batches, this rank's part of each.
 
     Mini-batch k is rows `[k * seqs_per_update, (k + 1) * seqs_per_update)`: whole prompt groups when
-    `seqs_per_update` is a multiple of G (config validation ensures it). Its rows are split into
-    `dp` contiguous slices, and this rank's slice into micro-batches by `split_micro_batches(**micro)`.
+    `seqs_per_update` is a multiple of G (config validation ensures it). `balance_dp` deals its rows
+    to the `dp` ranks, and this rank's rows become micro-batches (`split_micro_batches(**plan_kw)`).
     The counts are the mini-batch's global ones, computed here with no collective (every rank holds
     the whole rollout), so the loss is the same whatever the DP / micro-batch layout.
     """
@@ -146,6 +217,16 @@ def split_mini_batches(seqs: Sequences, *, seqs_per_update: int, dp: int, dp_ran
     out = []
     for lo in range(0, len(seqs), seqs_per_update):
         mini = seqs.select(range(lo, lo + seqs_per_update))
-        mine = mini.select(dp_slice(len(mini), dp, dp_rank))
-        out.append(MiniBatch(split_micro_batches(mine, **micro), mini.num_response_tokens(), len(mini)))
+        lengths = [len(t) for t in mini.tokens]
+        ranks = balance_dp(lengths, dp)  # equal counts, balanced tokens
+        out.append(MiniBatch(split_micro_batches(mini.select(ranks[dp_rank]), pad_id=pad_id, **plan_kw),
+                             mini.num_response_tokens(), len(mini), padding_stats(lengths, ranks, **plan_kw)))
     return out
+
+
+def padding_summary(minis: list[MiniBatch]) -> dict[str, float]:
+    """The rollout's padding statistics: real and computed tokens summed over its mini-batches."""
+    real = sum(m.padding["batch/real_tokens"] for m in minis)
+    computed = sum(m.padding["batch/computed_tokens"] for m in minis)
+    return {"batch/real_tokens": real, "batch/computed_tokens": computed,
+            "batch/padding_efficiency": real / max(computed, 1.0)}

@@ -316,11 +316,20 @@ class BatchConfig:
     micro_batch_size: int = 4
     """Sequences per forward/backward micro-batch on one data-parallel rank."""
     max_tokens_per_micro_batch: int | None = None
-    """Dynamic batch size: pack sequences into micro-batches up to this many tokens instead."""
+    """Dynamic batch size: fill micro-batches up to this many computed tokens (padding included)
+    instead of micro_batch_size sequences."""
+    packing: bool = True
+    """Pack several sequences back to back into each row of a micro-batch (rows of the step's
+    longest sequence, best-fit decreasing; attention never crosses sequences: THD on the
+    Transformer Engine spec, a block-diagonal mask on the local one). Log-probs, loss and
+    gradients equal the padded path's. false: one right-padded sequence per row."""
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_rollout >= 1, f"batch.prompts_per_rollout must be >= 1, got {self.prompts_per_rollout}")
         _require(self.micro_batch_size >= 1, f"batch.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _require(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+                 f"batch.max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        _require(isinstance(self.packing, bool), f"batch.packing must be true or false, got {self.packing!r}")
         n = self.update_prompts
         _require(1 <= n <= self.prompts_per_rollout and self.prompts_per_rollout % n == 0,
                  f"batch.prompts_per_update ({n}) must be >= 1 and divide batch.prompts_per_rollout "

@@ -18,7 +18,8 @@ from agpo_megatron.redact import install_log_redaction, redact
 
 
 class PhaseTimer:
-    """Wall time per phase of a step: `with timer("rollout"): ...` -> {"time/rollout": s}.
+    """Wall time per phase of a step: `with timer("rollout"): ...` -> {"time/rollout": s}, and this
+    process's CPU time, `cpu_time/rollout`.
 
     NOTE: CUDA kernels run asynchronously, so without a device sync a phase would be charged for
     the kernels its predecessor queued. On a GPU every phase boundary synchronizes, and each phase
@@ -38,7 +39,7 @@ class PhaseTimer:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
@@ -47,6 +48,8 @@ class PhaseTimer:
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 self.times[f"mem/{name}_peak_gib"] = max(self.times.get(f"mem/{name}_peak_gib", 0.0), peak)
             self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+            # This process's CPU time (all threads): steadier than wall time on a shared CPU machine.
+            self.times[f"cpu_time/{name}"] = self.times.get(f"cpu_time/{name}", 0.0) + time.process_time() - c0
             self.current = "between phases"
 
     def pop(self) -> dict[str, float]:

@@ -126,7 +126,7 @@ class Actor:
                       global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
 
         def extras(mb):
-            return dict(ref_logprobs=mb.get("ref_logprobs"),
+            return dict(ref_logprobs=mb.get("ref_logprobs"), seq_ids=mb.get("seq_ids"),  # seq_ids: packed rows
                         rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None)
 
         def old(mb):

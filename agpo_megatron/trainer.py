@@ -9,7 +9,8 @@ Every rank runs this same function (SPMD) inside one torchrun/srun world: vLLM a
 colocated. The rollout gathers the whole global batch onto every rank; each rank checks a share of
 the answers and an all-gather gives all the same rewards (data/reward_dist.py), so advantages and
 the global token count are then computed redundantly and identically everywhere, without collectives;
-each PPO mini-batch is then split into contiguous slices, one per Megatron data-parallel rank.
+each PPO mini-batch is then dealt to the Megatron data-parallel ranks (`batch.balance_dp`: equal
+counts, balanced tokens) and packed into micro-batches (`batch.packing`).
 
 Departures from the AGPO paper (arXiv 2503.15952):
 - The paper does not say how uniform groups whose reward is strictly between r_min and r_max are
@@ -102,10 +103,10 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             rollout_logprobs=[c.logprobs for c in completions] if completions[0].logprobs is not None else None,
         )
         global_tokens = seqs.num_response_tokens()
+        plan_kw = dict(micro_batch_size=cfg.batch.micro_batch_size, max_tokens=cfg.batch.max_tokens_per_micro_batch,
+                       uniform_length=s.layout.pp > 1, pad_to_multiple=actor.pad_multiple, packing=cfg.batch.packing)
         minis = batching.split_mini_batches(seqs, seqs_per_update=cfg.batch.update_prompts * G, dp=s.layout.dp,
-                                            dp_rank=s.layout.dp_rank, micro_batch_size=cfg.batch.micro_batch_size,
-                                            max_tokens=cfg.batch.max_tokens_per_micro_batch, pad_id=s.pad_id,
-                                            uniform_length=s.layout.pp > 1, pad_to_multiple=actor.pad_multiple)
+                                            dp_rank=s.layout.dp_rank, pad_id=s.pad_id, **plan_kw)
         ppo_kw = {"mode": cfg.rollout.logprob_mode, "epochs": cfg.algo.ppo_epochs}
 
         with timer("logprobs"):  # once per rollout, before the first update
@@ -119,7 +120,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
 
         row = step_row(r_acc=r_acc, rewards=rewards, lengths=lengths, finish_reasons=[c.finish_reason for c in completions],
                        times=timer.pop(), trained_tokens=cfg.algo.ppo_epochs * global_tokens, kl_coef=kl_coef, eps=eps,
-                       adv=adv_m, len_reward=len_m, reward=reward_m, train=train_m)
+                       adv=adv_m, len_reward=len_m, reward=reward_m, train=train_m) | batching.padding_summary(minis)
         if cfg.eval_due(step):
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
         log.log(step, row)  # the beta and eps this step used; the controllers now choose the next step's

@@ -171,6 +171,7 @@ def aggregate(
     *,
     global_num_tokens: GlobalCount | None = None,
     global_num_seqs: GlobalCount | None = None,
+    seq_ids: torch.Tensor | None = None,  # [N, T] int: which sequence a token belongs to (packing)
 ) -> torch.Tensor:  # 0-dim
     """Reduce per-token values to this micro-batch's share of the global-batch loss.
 
@@ -191,6 +192,11 @@ def aggregate(
     on one rank: the number of valid tokens (``token-mean``), or the number of rows ``N``
     (sequence modes; fully masked rows count, so callers that pad with empty rows should pass
     ``global_num_seqs``). Local counts are floored at 1 so that an empty batch gives 0, not NaN.
+
+    Sequences are the rows of ``[N, T]`` unless ``seq_ids`` is given (a packed batch: several
+    sequences per row). Then ``seq_ids[i, t]`` numbers the sequence of token ``(i, t)`` from 0 in
+    this micro-batch; values under ``mask == 0`` are ignored, and the local sequence count is
+    ``max(seq_ids) + 1``. ``token-mean`` does not need it.
     """
     if per_token.ndim != 2 or mask.shape != per_token.shape:
         raise ValueError(
@@ -207,10 +213,21 @@ def aggregate(
         return masked.sum() / num_tokens
     if mode not in ("seq-mean-token-mean", "seq-mean-token-sum"):
         raise ValueError(f"mode must be one of {get_args(AggMode)}, got {mode!r}")
-    per_seq = masked.sum(dim=1)  # [N]
+    if seq_ids is None:
+        per_seq = masked.sum(dim=1)  # [N]
+        lengths = mask.sum(dim=1)
+        local_seqs = max(per_token.shape[0], 1)
+    else:
+        if seq_ids.shape != mask.shape:
+            raise ValueError(f"seq_ids must have the shape of per_token {tuple(mask.shape)}, got {tuple(seq_ids.shape)}")
+        # A sequence has at least one token, so every id is below numel(): no host sync for the count.
+        ids = torch.where(mask, seq_ids, 0).flatten().long()
+        per_seq = masked.new_zeros(masked.numel()).index_add(0, ids, masked.flatten())
+        lengths = mask.new_zeros(mask.numel(), dtype=masked.dtype).index_add(0, ids, mask.flatten().to(masked.dtype))
+        local_seqs = int(seq_ids.max()) + 1 if global_num_seqs is None else 1
     if mode == "seq-mean-token-mean":
-        per_seq = per_seq / mask.sum(dim=1).clamp(min=1)
-    num_seqs = max(per_token.shape[0], 1) if global_num_seqs is None else global_num_seqs
+        per_seq = per_seq / lengths.clamp(min=1)
+    num_seqs = local_seqs if global_num_seqs is None else global_num_seqs
     return per_seq.sum() / num_seqs
 
 
@@ -234,12 +251,14 @@ def policy_loss(
     eps_high: float | None = None,
     global_num_tokens: GlobalCount | None = None,
     global_num_seqs: GlobalCount | None = None,
+    seq_ids: torch.Tensor | None = None,  # [N, T] sequence of each token in a packed batch
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped policy-gradient loss of one micro-batch, aggregated as ``cfg.agg_mode``.
 
     ``kl_coef``, ``eps_low`` and ``eps_high`` override the values of ``cfg`` when not None, so an
     adaptive controller can change them every step; they are validated like the config.
-    ``global_num_tokens`` / ``global_num_seqs`` are passed to :func:`aggregate`.
+    ``global_num_tokens`` / ``global_num_seqs`` / ``seq_ids`` are passed to :func:`aggregate`
+    (``seq_ids``: packed rows holding several sequences; pass ``advantages`` per token then).
 
     ``old_logprobs=None`` means on-policy: the weights being trained sampled the batch, so the old
     log-probs are ``logprobs.detach()`` (ratio exactly 1), which saves the trainer a forward pass.
@@ -334,6 +353,7 @@ def policy_loss(
         cfg.agg_mode,
         global_num_tokens=global_num_tokens,
         global_num_seqs=global_num_seqs,
+        seq_ids=seq_ids,
     )
 
     with torch.no_grad():

@@ -142,7 +142,7 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCon
     if spec_name == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        spec = _arbitrary_mask(get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"))
     spec = _block_spec(tf_config, spec, spec_name)
     rs = arch.rope_scaling
     with cpu_platform.megatron_scope():
@@ -164,7 +164,25 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCon
             model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
         if cpu_platform.cuda_present():
             model.cuda(torch.cuda.current_device())
+    model.agpo_spec = spec_name  # how models/forward.py feeds packed micro-batches (THD or a mask)
     return model
+
+
+def _arbitrary_mask(layer_spec):
+    """The local spec's self-attention with `AttnMaskType.arbitrary`: it attends with the mask passed in.
+
+    NOTE: with `causal`, Megatron's fused softmax (GPU, fp16/bf16, when its kernel imports) runs
+    the upper-triangular kernel and ignores the mask it is given, which would let packed sequences
+    see each other. models/forward.py passes every local-spec forward an explicit mask (causal,
+    or block-diagonal for packed rows); the plain-PyTorch softmax (CPU) used it either way.
+    """
+    import dataclasses
+
+    from megatron.core.transformer.enums import AttnMaskType
+
+    attn = layer_spec.submodules.self_attention
+    attn = dataclasses.replace(attn, params={**attn.params, "attn_mask_type": AttnMaskType.arbitrary})
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, self_attention=attn))
 
 
 def _block_spec(tf_config, layer_spec, spec_name: str):

@@ -24,6 +24,86 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:  # [1, 1, S
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
+def packed_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:  # [R, S] -> [R, 1, S, S] bool
+    """True = masked: a token sees the earlier tokens of its own sequence only (block-diagonal causal).
+
+    A row's end padding (`seq_ids` -1) is one more block, so no softmax row is empty. Megatron's
+    local attention fills masked scores with -10000, not -inf (`attention_mask_func`), exactly as
+    for the padded path's causal mask, so a masked key contributes exp(-10000 - max) = 0 in both.
+    """
+    s = seq_ids.shape[1]
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seq_ids.device).tril()
+    return ~(same & causal)[:, None]
+
+
+def _gpt(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):  # Megatron DDP / Float16Module
+        module = module.module
+    return module
+
+
+def _uses_te(module: torch.nn.Module) -> bool:
+    spec = getattr(_gpt(module), "agpo_spec", None)  # set by models/build.py
+    return spec == "te" if spec is not None else cpu_platform.cuda_present()
+
+
+@contextlib.contextmanager
+def _rope_at(module: torch.nn.Module, position_ids: torch.Tensor):  # [R, S]
+    """RoPE at `position_ids` instead of 0..S-1 for the duration of one local-spec forward.
+
+    NOTE: GPTModel ignores position_ids under RoPE: it rotates by the row position 0..S-1. In a
+    packed row that rotates a later sequence by its offset in the row; attention is relative, so
+    only the rounding of cos/sin of larger angles changes, but that grows with the offset (fp32
+    angles lose about offset x 6e-8 radians; tests/models/test_packing_parity.py sees it in the
+    log-probs at offsets of tens). Restarting the positions gives every sequence the exact rotations
+    it has alone: the rotary table of the row's length, gathered at `position_ids`, `[S, R, 1, D]`
+    (it broadcasts over heads like the usual `[S, 1, 1, D]`; the local spec applies it to
+    `[S, R, heads, D]` queries and keys). The THD path needs none of this: Megatron restarts the
+    rotation at every `cu_seqlens` boundary itself.
+    """
+    rope = getattr(_gpt(module), "rotary_pos_emb", None)
+    if rope is None:  # no RoPE module on this stage
+        yield
+        return
+    table = rope(position_ids.shape[1])  # [S, 1, 1, D]
+    emb = table[:, 0][position_ids.t()]  # [S, R, 1, D]
+    rope.forward = lambda *args, **kwargs: emb  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del rope.forward
+
+
+def _thd_params(mb: MicroBatch):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=mb["cu_seqlens"], cu_seqlens_kv=mb["cu_seqlens"],
+                           max_seqlen_q=mb["max_seqlen"], max_seqlen_kv=mb["max_seqlen"])
+
+
+def run_model(module: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """One forward of a (padded or packed) micro-batch on this stage; tensors already on the device.
+
+    Padded: causal attention over `[B, S]`. Packed (`seq_ids` present, packing.py): THD with
+    `cu_seqlens` on the Transformer Engine spec, the rows flattened to one `[1, R * S]` stream
+    (the last stage's output is `[1, R * S, *]`: `forward_backward` reshapes it back); on the
+    local spec a block-diagonal causal mask and RoPE restarted per sequence.
+    """
+    tokens = mb["tokens"]
+    b, s = tokens.shape
+    te = _uses_te(module)
+    if "seq_ids" not in mb:
+        # The local spec attends with the mask it is given (build.py sets AttnMaskType.arbitrary).
+        mask = None if te else causal_mask(s, tokens.device)
+        return module(tokens, torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1), mask)
+    if te:
+        return module(tokens.reshape(1, -1), mb["position_ids"].reshape(1, -1), None,
+                      packed_seq_params=_thd_params(mb))
+    with _rope_at(module, mb["position_ids"]):
+        return module(tokens, mb["position_ids"], packed_causal_mask(mb["seq_ids"]))
+
+
 def vocab_parallel_logprobs(
     logits: torch.Tensor,  # [..., V/TP] this rank's vocab slice
     targets: torch.Tensor,  # [...] global token ids
@@ -78,7 +158,8 @@ def forward_backward(
     `loss_fn(logits [B, S, V/TP], mb) -> (loss, metrics)` runs on the last stage; the returned
     loss must already be normalised by the *global* token count (Megatron will not divide, see
     `calculate_per_token_loss` in models/build.py). Returns the metrics of each micro-batch on the
-    last pipeline stage, and [] elsewhere.
+    last pipeline stage, and [] elsewhere. Micro-batches may be packed (packing.py): `loss_fn`
+    then gets `[R, S, *]` outputs in the packed layout, and `mb["seq_ids"]` to find sequences.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -88,17 +169,18 @@ def forward_backward(
         shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
         if len(shapes) > 1:
             raise ValueError(f"with pipeline parallelism all micro-batches need one shape, got {sorted(shapes)}")
+    thd = "seq_ids" in micro_batches[0] and _uses_te(chunks[0])
+    if thd:  # the stages exchange [R * S, 1, H] activations
+        batch, seq_len = 1, batch * seq_len
     device = next(chunks[0].parameters()).device
 
     def step(data_iter, module):
         mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data_iter).items()}
         b, s = mb["tokens"].shape
-        mask = causal_mask(s, device) if not cpu_platform.cuda_present() else None
-        position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
-        logits = module(mb["tokens"], position_ids, mask)
+        logits = run_model(module, mb)
 
-        def loss_func(output: torch.Tensor):
-            loss, metrics = loss_fn(output, mb)
+        def loss_func(output: torch.Tensor):  # [B, S, *], or [1, B * S, *] from THD
+            loss, metrics = loss_fn(output.reshape(b, s, -1) if thd else output, mb)
             return loss, torch.ones((), dtype=torch.int), metrics
 
         return logits, loss_func

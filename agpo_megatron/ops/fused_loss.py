@@ -15,6 +15,7 @@ How it works, with the formulas: docs/fused-loss.md. In short:
 * d_hidden is this rank's partial sum over its vocab slice: feed `hidden` through
   `models/lm_head.py` (`capture_lm_head_input`, or `copy_to_tp_region`), whose backward reduces it.
 
+Per-token tensors are `[B, S]`; packed rows name their sequences with `seq_ids` (packing.py).
 Departures from the reference, numerical only: at TP > 1 the statistics are combined from
 per-rank shifts (~1e-7 relative in fp32); with 16-bit weights the weight gradient is accumulated
 over chunks in fp32 and the loss's upstream gradient multiplies d_hidden / d_W after rounding;
@@ -437,6 +438,7 @@ def fused_policy_loss_from_hidden(
     eps_high: float | None = None,
     global_num_tokens: GlobalCount | None = None,
     global_num_seqs: GlobalCount | None = None,
+    seq_ids: torch.Tensor | None = None,  # [B, S] packed batches: sequence of each token
     tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, Metrics, torch.Tensor, torch.Tensor]:  # loss, metrics, [B, S], [B, S]
     """`policy_loss` of `log_softmax(hidden @ weight.T / T)` without forming the logits.
@@ -462,7 +464,7 @@ def fused_policy_loss_from_hidden(
             lp, old_logprobs, advantages, mask, cfg,
             ref_logprobs=ref_logprobs, entropy=ent, rollout_logprobs=rollout_logprobs,
             kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
-            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
         )
 
     x2d, local_targets, group, tp_size = _prepare(hidden, weight, targets, temperature, chunk_tokens, tp_group)
@@ -498,6 +500,7 @@ def fused_policy_loss_from_logits(
     eps_high: float | None = None,
     global_num_tokens: GlobalCount | None = None,
     global_num_seqs: GlobalCount | None = None,
+    seq_ids: torch.Tensor | None = None,  # [B, S] packed batches: sequence of each token
     tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, Metrics, torch.Tensor, torch.Tensor]:
     """`fused_policy_loss_from_hidden` for callers that already have the logits (e.g. the
@@ -508,7 +511,7 @@ def fused_policy_loss_from_logits(
         logprobs, old_logprobs, advantages, mask, cfg,
         ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
         kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
-        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
     )
     return loss, metrics, logprobs, entropy
 

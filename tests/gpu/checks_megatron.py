@@ -68,8 +68,8 @@ def run_local_fwd_bwd(ctx: Ctx) -> None:
         tokens, targets, mask = (mb[k].to(ctx.device) for k in ("tokens", "targets", "loss_mask"))
         b, s = tokens.shape
         pos = torch.arange(s, device=ctx.device).unsqueeze(0).expand(b, -1)
-        # Megatron builds its default causal mask on "cuda"; on CPU it must be passed in.
-        amask = None if ctx.gpu else forward.causal_mask(s, torch.device("cpu"))
+        # The local spec attends with the mask it is given (AttnMaskType.arbitrary, models/build.py).
+        amask = forward.causal_mask(s, torch.device(ctx.device))
         with cpu_platform.megatron_scope():  # a no-op on GPU
             logits = model(tokens, pos, amask)  # [B, S, V]
             lp, _ = forward.vocab_parallel_logprobs(logits, targets)

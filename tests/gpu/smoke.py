@@ -76,6 +76,8 @@ SECTIONS: tuple[Section, ...] = (
             cpu_logic=False),
     Section("te_checkpoint_roundtrip", "checks_te", "run_te_checkpoint_roundtrip", ("te_checkpoint_roundtrip",), 180,
             ("transformer_engine",), cpu_needs=()),
+    Section("te_packed_thd", "checks_te", "run_te_packed_thd", ("te_packed_thd",), 150, ("transformer_engine",),
+            cpu_needs=()),
     Section("vllm", "checks_vllm", "run_vllm", ("vllm_sleep_wake_memory", "vllm_weight_sync", "vllm_logprob_agreement"),
             360, _VLLM_NEEDS),
 )
