@@ -19,10 +19,8 @@ from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.ops.fused_loss import (
-    capture_lm_head_input,
-    fused_policy_loss_from_hidden,
-)
+from agpo_megatron.models.lm_head import capture_lm_head_input
+from agpo_megatron.ops.fused_loss import fused_policy_loss_from_hidden
 from agpo_megatron.packing import unpack
 from agpo_megatron.parallel import exit_cleanly, init_model_parallel
 
