@@ -154,7 +154,7 @@ def main() -> None:
         cfg = load_train_config(EXAMPLE, [
             f"model.hf_path={out / 'model'}", f"data.train.path={out / 'train.jsonl'}",
             f"data.eval.path={out / 'train.jsonl'}", f"logging.out_dir={run_dir}", "logging.progress_bar=false",
-            f"steps={args.steps}", f"batch.packing={str(packing).lower()}", f"batch.prompts_per_step={args.prompts}",
+            f"steps={args.steps}", f"batch.packing={str(packing).lower()}", f"batch.prompts_per_rollout={args.prompts}",
             f"algo.group_size={args.group}", f"batch.micro_batch_size={args.micro_batch}",
             f"data.train.max_prompt_tokens={prompt_max}", f"data.eval.max_prompt_tokens={prompt_max}",
             f"rollout.max_new_tokens={longest}", f"model.max_seq_len={prompt_max + longest}",

@@ -1,6 +1,6 @@
 """Group-relative advantage estimators: GRPO, Dr.GRPO and AGPO.
 
-Every prompt p is sampled G times; ``rewards[p, i]`` is the scalar reward of sample i. All
+Every prompt p is sampled G times; `rewards[p, i]` is the scalar reward of sample i. All
 estimators are outcome-level: one advantage per sample, broadcast over its tokens by the loss.
 
 GRPO (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2, outcome supervision)::
@@ -22,22 +22,22 @@ constant signal, so that all-correct / all-wrong groups still produce a gradient
 
 Departures from the papers and choices the papers leave open:
 
-* ``std`` is the unbiased sample std (Bessel's correction, ``torch.std`` default), as in verl and
+* `std` is the unbiased sample std (Bessel's correction, `torch.std` default), as in verl and
   TRL. The DeepSeekMath paper does not say which one it uses. Hence G >= 2 is required: with
   G = 1 the unbiased std is NaN and no group-relative baseline exists anyway.
 * "All rewards equal" is tested with a tolerance: a group is uniform when
-  ``max - min <= tol``, and it sits at r_max (r_min) when its mean is within ``tol`` of it.
+  `max - min <= tol`, and it sits at r_max (r_min) when its mean is within `tol` of it.
   Rewards that went through float arithmetic (e.g. 0.9999999 from a verifier) thus still count.
 * A uniform group whose common value lies strictly between r_min and r_max (possible with shaped
   or combined rewards) gets advantage 0 for every sample. m1 only covers the two extreme
   cases; 0 is what GRPO gives such a group and is the only sign-neutral choice.
-* The AGPO +1/-1 constants are used as is, also when ``scale_by_std=False``: m1 defines
+* The AGPO +1/-1 constants are used as is, also when `scale_by_std=False`: m1 defines
   them in absolute terms, not relative to the group scale.
 * Groups whose rewards are exactly equal get advantage exactly 0 under GRPO/Dr.GRPO. Without
-  this, ``r - mean`` can be one ulp off zero (the mean of identical floats is not always exact)
-  and dividing it by ``eps`` would turn rounding noise into a small spurious signal.
+  this, `r - mean` can be one ulp off zero (the mean of identical floats is not always exact)
+  and dividing it by `eps` would turn rounding noise into a small spurious signal.
 * Dr.GRPO also changes the loss aggregation (no per-sequence length normalisation); that part
-  lives in :mod:`agpo_megatron.algo.loss` (``agg_mode``), not here.
+  lives in `agpo_megatron.algo.loss` (`agg_mode`), not here.
 """
 
 from typing import Any, Literal
@@ -99,10 +99,10 @@ def grpo_advantages(
     eps: float = 1e-6,
     scale_by_std: bool = True,
 ) -> tuple[torch.Tensor, Metrics]:
-    """GRPO advantages ``(r - mean) / (std + eps)`` per group; Dr.GRPO with ``scale_by_std=False``.
+    """GRPO advantages `(r - mean) / (std + eps)` per group; Dr.GRPO with `scale_by_std=False`.
 
-    Returns the advantages ``[P, G]`` and metrics: ``frac_uniform_groups`` (groups whose rewards
-    are exactly equal, which get advantage 0), ``adv_mean``, ``adv_std``, ``adv_abs_max``.
+    Returns the advantages `[P, G]` and metrics: `frac_uniform_groups` (groups whose rewards
+    are exactly equal, which get advantage 0), `adv_mean`, `adv_std`, `adv_abs_max`.
     """
     _check_rewards(rewards)
     if not eps >= 0:
@@ -123,12 +123,12 @@ def agpo_advantages(
 ) -> tuple[torch.Tensor, Metrics]:
     """AGPO advantages (the paper's revised advantage, m1): +1 / -1 for uniform groups at r_max / r_min, else GRPO.
 
-    A group is uniform when ``max - min <= tol``. Uniform groups at r_max get +1 for every
+    A group is uniform when `max - min <= tol`. Uniform groups at r_max get +1 for every
     sample, at r_min -1, and 0 when the common value lies strictly between the two.
 
-    Returns the advantages ``[P, G]`` and metrics: ``frac_uniform_groups``,
-    ``frac_uniform_pos`` (uniform at r_max), ``frac_uniform_neg`` (uniform at r_min),
-    ``adv_mean``, ``adv_std``, ``adv_abs_max``.
+    Returns the advantages `[P, G]` and metrics: `frac_uniform_groups`,
+    `frac_uniform_pos` (uniform at r_max), `frac_uniform_neg` (uniform at r_min),
+    `adv_mean`, `adv_std`, `adv_abs_max`.
     """
     _check_rewards(rewards)
     if not eps >= 0:
@@ -161,10 +161,10 @@ def compute_advantages(
     estimator: AdvantageEstimator,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Dispatch to an estimator by name; ``kwargs`` go to the estimator function.
+    """Dispatch to an estimator by name; `kwargs` go to the estimator function.
 
-    ``"grpo"`` and ``"drgrpo"`` fix ``scale_by_std`` (True / False), so passing it for them is an
-    error; ``"agpo"`` accepts it.
+    `"grpo"` and `"drgrpo"` fix `scale_by_std` (True / False), so passing it for them is an
+    error; `"agpo"` accepts it.
     """
     if estimator in ("grpo", "drgrpo"):
         if "scale_by_std" in kwargs:

@@ -7,8 +7,8 @@ moving average (EMA) and turn it into a saturated relative error::
     ema_t = d * ema_{t-1} + (1 - d) * kl_t           (later steps; d = ema_decay)
     e_t   = clip((ema_t - target_kl) / target_kl, -0.2, 0.2)
 
-The KL controller is meant to be fed the KL to the reference policy (``kl_ref`` of the loss
-metrics), the clip controller the KL between the current and the old policy (``approx_kl``) of
+The KL controller is meant to be fed the KL to the reference policy (`kl_ref` of the loss
+metrics), the clip controller the KL between the current and the old policy (`approx_kl`) of
 the off-policy updates: the trainer passes the mean over updates 2.. of a rollout (ppo.py); update 1
 runs at the sampling weights, where it is 0.
 
@@ -24,10 +24,10 @@ when the KL is above target, so the trust region shrinks; it widens when below::
 
 Departures from Ziegler et al.:
 
-* They feed the raw per-batch KL and set ``K_beta = n_samples / H`` with H counted in samples;
+* They feed the raw per-batch KL and set `K_beta = n_samples / H` with H counted in samples;
   we feed the EMA and count the horizon H in optimizer steps (one update per step). With a
-  saturated error, beta moves by at most a factor ``(1 + 0.2 / H)^H ~ e^0.2 ~ 1.22`` over H steps.
-* beta is clipped to ``[beta_min, beta_max]``; ``beta_min > 0`` because a multiplicative
+  saturated error, beta moves by at most a factor `(1 + 0.2 / H)^H ~ e^0.2 ~ 1.22` over H steps.
+* beta is clipped to `[beta_min, beta_max]`; `beta_min > 0` because a multiplicative
   controller can never leave 0.
 
 The controllers live on the host and take a Python float: the measured KL is expected to be
@@ -81,16 +81,16 @@ def _check_state_keys(state: dict[str, Any], expected: set[str], owner: str) -> 
 
 @dataclass(kw_only=True, frozen=True)
 class AdaptiveKLConfig:
-    """Settings of :class:`AdaptiveKLController`."""
+    """Settings of `AdaptiveKLController`."""
 
     init_beta: float = 0.001
-    """KL coefficient at step 0; within ``[beta_min, beta_max]``."""
+    """KL coefficient at step 0; within `[beta_min, beta_max]`."""
 
     target_kl: float = 0.01
     """KL (to the reference policy, per token) the controller steers towards; > 0."""
 
     horizon: float = 10.0
-    """Steps H over which a saturated error changes beta by about ``e^0.2``; >= 1."""
+    """Steps H over which a saturated error changes beta by about `e^0.2`; >= 1."""
 
     ema_decay: float = 0.9
     """Decay d of the moving average of the measured KL; in [0, 1), 0 = no smoothing."""
@@ -152,7 +152,7 @@ class AdaptiveKLController:
 
 
 class FixedKLController:
-    """Constant KL coefficient with the interface of :class:`AdaptiveKLController`."""
+    """Constant KL coefficient with the interface of `AdaptiveKLController`."""
 
     def __init__(self, beta: float) -> None:
         if not beta >= 0:
@@ -175,19 +175,19 @@ class FixedKLController:
 
 @dataclass(kw_only=True, frozen=True)
 class AdaptiveClipConfig:
-    """Settings of :class:`AdaptiveClipController`."""
+    """Settings of `AdaptiveClipController`."""
 
     init_eps_low: float = 0.2
-    """Lower clip range at step 0; within ``[eps_min, eps_max]``."""
+    """Lower clip range at step 0; within `[eps_min, eps_max]`."""
 
     init_eps_high: float = 0.2
-    """Upper clip range at step 0; within ``[eps_min, eps_max]``."""
+    """Upper clip range at step 0; within `[eps_min, eps_max]`."""
 
     target_kl: float = 0.01
-    """KL (current vs. old policy, per token; e.g. ``approx_kl`` of the loss) to steer towards; > 0."""
+    """KL (current vs. old policy, per token; e.g. `approx_kl` of the loss) to steer towards; > 0."""
 
     horizon: float = 10.0
-    """Steps H over which a saturated error changes the clip ranges by about ``e^(+-0.2)``; >= 1."""
+    """Steps H over which a saturated error changes the clip ranges by about `e^(+-0.2)`; >= 1."""
 
     ema_decay: float = 0.9
     """Decay d of the moving average of the measured KL; in [0, 1), 0 = no smoothing."""
@@ -238,7 +238,7 @@ class AdaptiveClipController:
         return self.eps_low, self.eps_high
 
     def update(self, measured_kl: float | torch.Tensor) -> tuple[float, float]:
-        """Fold in this step's KL and return ``(eps_low, eps_high)`` for the next step."""
+        """Fold in this step's KL and return `(eps_low, eps_high)` for the next step."""
         cfg, kl = self.cfg, _finite_kl(measured_kl)
         if kl is None:
             return self.eps
@@ -266,7 +266,7 @@ class AdaptiveClipController:
 
 
 class FixedClipController:
-    """Constant clip ranges with the interface of :class:`AdaptiveClipController`."""
+    """Constant clip ranges with the interface of `AdaptiveClipController`."""
 
     def __init__(self, eps_low: float, eps_high: float) -> None:
         if not 0 <= eps_low < 1:
@@ -283,7 +283,7 @@ class FixedClipController:
         return self.eps_low, self.eps_high
 
     def update(self, measured_kl: float | torch.Tensor | None) -> tuple[float, float]:
-        """Return the constant ``(eps_low, eps_high)``; the measurement is not needed."""
+        """Return the constant `(eps_low, eps_high)`; the measurement is not needed."""
         return self.eps
 
     def state_dict(self) -> dict[str, Any]:

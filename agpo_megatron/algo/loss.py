@@ -3,22 +3,22 @@
 A fused kernel elsewhere is tested against this module, so every step is spelled out and
 nothing is approximated beyond what is listed below.
 
-Per response token t of sequence i, with ratio ``rho = exp(logp - logp_old)`` and the
-sequence advantage ``A`` (GRPO / AGPO: one value per sequence, broadcast over its tokens)::
+Per response token t of sequence i, with ratio `rho = exp(logp - logp_old)` and the
+sequence advantage `A` (GRPO / AGPO: one value per sequence, broadcast over its tokens)::
 
     pg   = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high))      PPO (Schulman 2017)
     pg   = min(pg, -A * c)                    if A < 0 and dual clip on    (Ye et al. 2020)
     pg   = pg * min(exp(logp_old - logp_rollout), C).detach()   if TIS on  (Yao et al. 2025)
     loss = pg + beta * KL_hat(logp, logp_ref) - alpha * H                 GRPO (Shao et al. 2024)
 
-``eps_low != eps_high`` is DAPO's clip-higher (Yu et al. 2025). TIS, truncated importance
+`eps_low != eps_high` is DAPO's clip-higher (Yu et al. 2025). TIS, truncated importance
 sampling, corrects for the mismatch between the inference engine that sampled the rollouts
-(``logp_rollout``) and the trainer's recomputation of the same policy (``logp_old``).
+(`logp_rollout`) and the trainer's recomputation of the same policy (`logp_old`).
 
-KL estimators, with ``p = pi_theta``, ``q = pi_ref``, ``r = q / p = exp(logp_ref - logp)`` and
+KL estimators, with `p = pi_theta`, `q = pi_ref`, `r = q / p = exp(logp_ref - logp)` and
 tokens sampled from p (Schulman 2020, "Approximating KL divergence"). A term's *value* (what is
 logged) and its *gradient* as a loss (samples from p, not differentiated through) are different
-questions; ``tests/algo/test_loss.py`` checks both against exact values on a categorical::
+questions; `tests/algo/test_loss.py` checks both against exact values on a categorical::
 
     estimator  per token                 value estimates            gradient as a loss is
     k1         -log r                    KL(p||q), unbiased         0 in expectation (useless as a loss)
@@ -28,22 +28,22 @@ questions; ``tests/algo/test_loss.py`` checks both against exact values on a cat
 
 "symmetric" is half the Jeffreys divergence (A-GRPO's symmetric KL): KL(p||q) = E_p[-log r] and
 KL(q||p) = E_p[r log r]. Used directly as a loss its gradient would be 43% off on a small
-example, so its gradient is taken from ``0.5 * (k2 + k3)`` (exact: k2's gradient is the forward
+example, so its gradient is taken from `0.5 * (k2 + k3)` (exact: k2's gradient is the forward
 KL's, k3's the reverse's) while its value stays the unbiased estimate above (a straight-through
-combination, see ``kl_penalty``).
+combination, see `kl_penalty`).
 
-Aggregation (:func:`aggregate`) returns each micro-batch's share of the *global* batch mean,
+Aggregation (`aggregate`) returns each micro-batch's share of the *global* batch mean,
 which makes the loss independent of how the batch is split over micro-batches and
 data-parallel ranks; see that function.
 
 Departures from the papers (numerical only):
 
-* Log-ratios are clamped to [-20, 20] before ``exp`` (policy ratio, k3, symmetric KL, TIS
-  weight). ``exp(20)`` ~ 4.9e8 is far beyond any ratio a sane update produces, and without the
-  clamp a single extreme token overflows to inf, and ``0 * inf`` in the backward of the
-  unselected branch of ``max`` / ``where`` turns the gradient into NaN. Tokens outside the
+* Log-ratios are clamped to [-20, 20] before `exp` (policy ratio, k3, symmetric KL, TIS
+  weight). `exp(20)` ~ 4.9e8 is far beyond any ratio a sane update produces, and without the
+  clamp a single extreme token overflows to inf, and `0 * inf` in the backward of the
+  unselected branch of `max` / `where` turns the gradient into NaN. Tokens outside the
   clamp get zero gradient from that term.
-* Masked tokens are replaced by zeros (``torch.where``) *before* any arithmetic, so padding with
+* Masked tokens are replaced by zeros (`torch.where`) *before* any arithmetic, so padding with
   arbitrary values (-inf, NaN, -1e30) contributes exactly 0 to the loss and to the gradient.
 """
 
@@ -65,39 +65,39 @@ _MAX_LOG_RATIO = 20.0
 
 @dataclass(kw_only=True, frozen=True)
 class PolicyLossConfig:
-    """Static settings of :func:`policy_loss`."""
+    """Static settings of `policy_loss`."""
 
     eps_low: float = 0.2
-    """Lower clip range: the ratio is clipped from below at ``1 - eps_low``; ``0 <= eps_low < 1``."""
+    """Lower clip range: the ratio is clipped from below at `1 - eps_low`; `0 <= eps_low < 1`."""
 
     eps_high: float = 0.2
-    """Upper clip range: the ratio is clipped from above at ``1 + eps_high``; ``>= 0``. DAPO's
-    clip-higher uses 0.28 with ``eps_low = 0.2`` to leave room for low-probability tokens."""
+    """Upper clip range: the ratio is clipped from above at `1 + eps_high`; `>= 0`. DAPO's
+    clip-higher uses 0.28 with `eps_low = 0.2` to leave room for low-probability tokens."""
 
     dual_clip_c: float | None = None
-    """Dual-clip constant ``c > 1`` (Ye et al. 2020): for negative advantages the per-token loss is
-    capped at ``c * |A|`` so that a huge ratio cannot blow up the update. None disables it."""
+    """Dual-clip constant `c > 1` (Ye et al. 2020): for negative advantages the per-token loss is
+    capped at `c * |A|` so that a huge ratio cannot blow up the update. None disables it."""
 
     kl_coef: float = 0.0
-    """KL penalty weight beta, ``>= 0``. The KL to the reference policy is part of the loss only
-    when > 0 (then ``ref_logprobs`` are required)."""
+    """KL penalty weight beta, `>= 0`. The KL to the reference policy is part of the loss only
+    when > 0 (then `ref_logprobs` are required)."""
 
     kl_estimator: KLEstimator = "k3"
-    """Per-token KL estimator: ``"k1"``, ``"k2"``, ``"k3"`` or ``"symmetric"`` (see module doc)."""
+    """Per-token KL estimator: `"k1"`, `"k2"`, `"k3"` or `"symmetric"` (see module doc)."""
 
     entropy_coef: float = 0.0
-    """Entropy bonus weight, ``>= 0``: the loss is lowered by ``entropy_coef * entropy``. When > 0,
-    the per-token ``entropy`` is required."""
+    """Entropy bonus weight, `>= 0`: the loss is lowered by `entropy_coef * entropy`. When > 0,
+    the per-token `entropy` is required."""
 
     agg_mode: AggMode = "token-mean"
-    """How per-token losses become one scalar: ``"token-mean"`` (DAPO, every token weighs the
-    same), ``"seq-mean-token-mean"`` (original GRPO, every sequence weighs the same) or
-    ``"seq-mean-token-sum"`` (Dr.GRPO-style, no length normalisation)."""
+    """How per-token losses become one scalar: `"token-mean"` (DAPO, every token weighs the
+    same), `"seq-mean-token-mean"` (original GRPO, every sequence weighs the same) or
+    `"seq-mean-token-sum"` (Dr.GRPO-style, no length normalisation)."""
 
     tis_cap: float | None = None
-    """Truncated importance sampling cap ``C > 0`` on ``exp(old_logprobs - rollout_logprobs)``.
-    When set, ``rollout_logprobs`` are required. None disables it. Needs ``rollout.logprob_mode:
-    recompute`` (the trainer config refuses ``rollout``, where old == rollout log-probs and the weight is 1)."""
+    """Truncated importance sampling cap `C > 0` on `exp(old_logprobs - rollout_logprobs)`.
+    When set, `rollout_logprobs` are required. None disables it. Needs `rollout.logprob_mode:
+    recompute` (the trainer config refuses `rollout`, where old == rollout log-probs and the weight is 1)."""
 
     def __post_init__(self) -> None:
         # `not (...)` forms also reject NaN.
@@ -175,11 +175,11 @@ def aggregate(
 ) -> torch.Tensor:  # 0-dim
     """Reduce per-token values to this micro-batch's share of the global-batch loss.
 
-    With ``m`` the mask and ``len_i = sum_t m[i, t]``:
+    With `m` the mask and `len_i = sum_t m[i, t]`:
 
-    * ``token-mean``: ``sum_{i,t} l*m / global_num_tokens``
-    * ``seq-mean-token-mean``: ``sum_i [sum_t l*m / max(len_i, 1)] / global_num_seqs``
-    * ``seq-mean-token-sum``: ``sum_{i,t} l*m / global_num_seqs``
+    * `token-mean`: `sum_{i,t} l*m / global_num_tokens`
+    * `seq-mean-token-mean`: `sum_i [sum_t l*m / max(len_i, 1)] / global_num_seqs`
+    * `seq-mean-token-sum`: `sum_{i,t} l*m / global_num_seqs`
 
     The numerators are sums, so they add up over any partition of the global batch. Dividing by
     the *global* count (tokens or sequences over all micro-batches of the step and all
@@ -189,14 +189,14 @@ def aggregate(
     them, it must multiply the loss back by the number of micro-batches times ranks.
 
     When a global count is None the local one is used, which is right for a single micro-batch
-    on one rank: the number of valid tokens (``token-mean``), or the number of rows ``N``
+    on one rank: the number of valid tokens (`token-mean`), or the number of rows `N`
     (sequence modes; fully masked rows count, so callers that pad with empty rows should pass
-    ``global_num_seqs``). Local counts are floored at 1 so that an empty batch gives 0, not NaN.
+    `global_num_seqs`). Local counts are floored at 1 so that an empty batch gives 0, not NaN.
 
-    Sequences are the rows of ``[N, T]`` unless ``seq_ids`` is given (a packed batch: several
-    sequences per row). Then ``seq_ids[i, t]`` numbers the sequence of token ``(i, t)`` from 0 in
-    this micro-batch; values under ``mask == 0`` are ignored, and the local sequence count is
-    ``max(seq_ids) + 1``. ``token-mean`` does not need it.
+    Sequences are the rows of `[N, T]` unless `seq_ids` is given (a packed batch: several
+    sequences per row). Then `seq_ids[i, t]` numbers the sequence of token `(i, t)` from 0 in
+    this micro-batch; values under `mask == 0` are ignored, and the local sequence count is
+    `max(seq_ids) + 1`. `token-mean` does not need it.
     """
     if per_token.ndim != 2 or mask.shape != per_token.shape:
         raise ValueError(
@@ -253,27 +253,27 @@ def policy_loss(
     global_num_seqs: GlobalCount | None = None,
     seq_ids: torch.Tensor | None = None,  # [N, T] sequence of each token in a packed batch
 ) -> tuple[torch.Tensor, Metrics]:
-    """Clipped policy-gradient loss of one micro-batch, aggregated as ``cfg.agg_mode``.
+    """Clipped policy-gradient loss of one micro-batch, aggregated as `cfg.agg_mode`.
 
-    ``kl_coef``, ``eps_low`` and ``eps_high`` override the values of ``cfg`` when not None, so an
+    `kl_coef`, `eps_low` and `eps_high` override the values of `cfg` when not None, so an
     adaptive controller can change them every step; they are validated like the config.
-    ``global_num_tokens`` / ``global_num_seqs`` / ``seq_ids`` are passed to :func:`aggregate`
-    (``seq_ids``: packed rows holding several sequences; pass ``advantages`` per token then).
+    `global_num_tokens` / `global_num_seqs` / `seq_ids` are passed to `aggregate`
+    (`seq_ids`: packed rows holding several sequences; pass `advantages` per token then).
 
-    ``old_logprobs=None`` means on-policy: the weights being trained sampled the batch, so the old
-    log-probs are ``logprobs.detach()`` (ratio exactly 1), which saves the trainer a forward pass.
+    `old_logprobs=None` means on-policy: the weights being trained sampled the batch, so the old
+    log-probs are `logprobs.detach()` (ratio exactly 1), which saves the trainer a forward pass.
     Loss, gradient and metrics are then those of passing the same values explicitly.
 
     Returns the 0-dim loss and detached 0-dim metrics, each a mean over this micro-batch's valid
-    tokens unless noted: ``pg_loss``, ``pg_clipfrac`` (clipped branch active),
-    ``pg_clipfrac_lower`` (dual clip active; 0 when off), ``approx_kl`` (k3 of the current
-    policy against ``old_logprobs``), ``ratio_mean``, ``ratio_max``, ``ratio_min`` (1 when there
-    is no valid token), ``num_tokens`` (count), and when applicable ``kl_ref``, ``entropy``,
-    ``tis_weight_mean``.
+    tokens unless noted: `pg_loss`, `pg_clipfrac` (clipped branch active),
+    `pg_clipfrac_lower` (dual clip active; 0 when off), `approx_kl` (k3 of the current
+    policy against `old_logprobs`), `ratio_mean`, `ratio_max`, `ratio_min` (1 when there
+    is no valid token), `num_tokens` (count), and when applicable `kl_ref`, `entropy`,
+    `tis_weight_mean`.
 
-    Raises ValueError when a term is switched on but its input is missing: ``kl_coef > 0``
-    without ``ref_logprobs``, ``entropy_coef > 0`` without ``entropy``, ``tis_cap`` without
-    ``rollout_logprobs``.
+    Raises ValueError when a term is switched on but its input is missing: `kl_coef > 0`
+    without `ref_logprobs`, `entropy_coef > 0` without `entropy`, `tis_cap` without
+    `rollout_logprobs`.
     """
     given: dict[str, float | None] = {"kl_coef": kl_coef, "eps_low": eps_low, "eps_high": eps_high}
     overrides: dict[str, Any] = {name: value for name, value in given.items() if value is not None}

@@ -19,7 +19,7 @@ training reward is then::
     r_i = r_acc_i + gamma * r_len_i          (the paper uses gamma = 0.1)
 
 Order of operations, as in the paper: the length reward is computed first, combined with the
-accuracy reward, and the advantage (:mod:`agpo_megatron.algo.advantages`) is computed on the
+accuracy reward, and the advantage (`agpo_megatron.algo.advantages`) is computed on the
 combined reward. All-correct groups get no length reward, so their combined rewards stay
 uniform and AGPO's revised advantage (m1) still gives every sample +1. Where the length reward does act, a
 wrong answer (reward 0) still ranks below every correct one (reward >= 1) for any gamma >= 0
@@ -30,7 +30,7 @@ Choices the paper leaves open:
 * L_min and L_max are taken over the group's *correct* answers only; wrong answers neither get
   a length reward nor influence it.
 * When the correct answers all have the same length (which includes the case of exactly one
-  correct answer), ``L_max - L_min = 0``; we treat the fraction as 0, i.e. lambda = 1, so
+  correct answer), `L_max - L_min = 0`; we treat the fraction as 0, i.e. lambda = 1, so
   each correct answer still gets the full length bonus over the wrong ones.
 """
 
@@ -45,10 +45,10 @@ def length_reward(
     correct: torch.Tensor,  # [P, G] bool
     lengths: torch.Tensor,  # [P, G] int or float, response token counts
 ) -> tuple[torch.Tensor, Metrics]:
-    """Per-sample AGPO length reward ``r_len`` of shape ``[P, G]`` (float32), the paper's length reward.
+    """Per-sample AGPO length reward `r_len` of shape `[P, G]` (float32), the paper's length reward.
 
-    Metrics: ``len_reward_mean`` (mean r_len over the correct answers of groups that are
-    neither all-correct nor all-wrong; 0 if there are none) and ``num_len_reward_groups``
+    Metrics: `len_reward_mean` (mean r_len over the correct answers of groups that are
+    neither all-correct nor all-wrong; 0 if there are none) and `num_len_reward_groups`
     (number of such groups, i.e. groups that received a length reward).
     """
     if correct.ndim != 2 or correct.dtype != torch.bool:
@@ -94,7 +94,7 @@ def combine_rewards(
     r_len: torch.Tensor,  # [P, G] float
     gamma: float,
 ) -> torch.Tensor:  # [P, G]
-    """Training reward ``r_acc + gamma * r_len`` (the paper's combined reward; it uses gamma = 0.1)."""
+    """Training reward `r_acc + gamma * r_len` (the paper's combined reward; it uses gamma = 0.1)."""
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if r_acc.shape != r_len.shape:

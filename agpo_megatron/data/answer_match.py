@@ -2,22 +2,22 @@
 
 A response is scored in three steps:
 
-1. **Extract** the final answer (:func:`extract_answer`): the content of the last ``\\boxed{...}``
-   (or ``\\fbox{...}``), else the number after the last ``#### `` (GSM8K style). A response
+1. **Extract** the final answer (`extract_answer`): the content of the last `\\boxed{...}`
+   (or `\\fbox{...}`), else the number after the last `#### ` (GSM8K style). A response
    with neither is *unformatted* and scores 0.
 2. **Fast path**, in this process: if the extracted answer and the gold are the same string
    (up to whitespace), or are both plain decimal numbers, the check is decided here without
    any worker round trip. That decides most GSM8K checks and many MATH ones.
-3. **Symbolic check** with ``math-verify`` (``parse`` + ``verify``, gold and answer both wrapped
-   in ``\\boxed{}`` so plain numbers and LaTeX parse alike) in a
-   :class:`~agpo_megatron.data.deadline_pool.DeadlinePool` worker process, under a hard
+3. **Symbolic check** with `math-verify` (`parse` + `verify`, gold and answer both wrapped
+   in `\\boxed{}` so plain numbers and LaTeX parse alike) in a
+   `agpo_megatron.data.deadline_pool.DeadlinePool` worker process, under a hard
    per-check deadline and an optional budget for the whole batch.
 
 Why worker processes: sympy can take unbounded time on adversarial expressions (a model will
-eventually emit ``10^{10^{10}}``), and math-verify's own timeout relies on ``signal.alarm``,
+eventually emit `10^{10^{10}}`), and math-verify's own timeout relies on `signal.alarm`,
 which only works in the main thread of the main interpreter, while the trainer may score from
 any thread. A check that misses its deadline (or is cut off, or never started, when the batch's
-budget runs out) scores 0 and is counted in ``num_timeouts``.
+budget runs out) scores 0 and is counted in `num_timeouts`.
 
 This module deliberately does not import torch at module level: workers import it (to find
 the check function), and keeping torch out keeps worker start-up around a second and their
@@ -67,11 +67,11 @@ _GSM8K_NUMBER_RE = re.compile(r"\s*\$?\s*([+-]?[\d,]*\.?\d+)")
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, stripped.
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` in `text`, stripped.
 
-    Braces are matched with a depth counter, so nested groups such as ``\\boxed{\\frac{1}{2}}``
-    come back whole (``\\frac{1}{2}``). A backslash escapes the next character, so ``\\{`` and
-    ``\\}`` (literal braces, e.g. in ``\\boxed{\\{1, 2\\}}``) do not change the depth.
+    Braces are matched with a depth counter, so nested groups such as `\\boxed{\\frac{1}{2}}`
+    come back whole (`\\frac{1}{2}`). A backslash escapes the next character, so `\\{` and
+    `\\}` (literal braces, e.g. in `\\boxed{\\{1, 2\\}}`) do not change the depth.
 
     Returns None when there is no box, when the last box is unbalanced (typically a response
     truncated at the length limit: we do not fall back to an earlier box, which would reward an
@@ -99,10 +99,10 @@ def extract_boxed(text: str) -> str | None:
 
 
 def extract_gsm8k(text: str) -> str | None:
-    """The number after the last ``####`` in ``text`` (GSM8K's answer marker), or None.
+    """The number after the last `####` in `text` (GSM8K's answer marker), or None.
 
-    ``$`` signs, thousands commas and a trailing period are dropped: ``#### $1,234.`` gives
-    ``1234``. Only the last marker counts; if no number follows it, the result is None.
+    `$` signs, thousands commas and a trailing period are dropped: `#### $1,234.` gives
+    `1234`. Only the last marker counts; if no number follows it, the result is None.
     """
     pos = text.rfind("####")
     if pos < 0:
@@ -114,9 +114,9 @@ def extract_gsm8k(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a response: :func:`extract_boxed` first, then :func:`extract_gsm8k`.
+    """The final answer of a response: `extract_boxed` first, then `extract_gsm8k`.
 
-    Boxed wins because that is the format the prompt template asks for; ``####`` is kept as a
+    Boxed wins because that is the format the prompt template asks for; `####` is kept as a
     fallback so that GSM8K-style reference solutions (and models fine-tuned on them) are still
     readable. None means the response is unformatted.
     """
@@ -127,7 +127,7 @@ def extract_answer(text: str) -> str | None:
 
 
 def gold_from_gsm8k_answer(answer_field: str) -> str:
-    """The gold answer of a GSM8K row: the number after ``#### `` in its ``answer`` field."""
+    """The gold answer of a GSM8K row: the number after `#### ` in its `answer` field."""
     gold = extract_gsm8k(answer_field)
     if gold is None:
         tail = answer_field[-80:]
@@ -155,7 +155,7 @@ def _as_plain_number(text: str) -> Decimal | None:
 
 
 def _fast_check(extracted: str, gold: str) -> bool | None:
-    """Decide ``extracted == gold`` without sympy when that is safe; None means "ask a worker"."""
+    """Decide `extracted == gold` without sympy when that is safe; None means "ask a worker"."""
     if "".join(extracted.split()) == "".join(gold.split()):
         return True
     a, b = _as_plain_number(extracted), _as_plain_number(gold)
@@ -165,12 +165,12 @@ def _fast_check(extracted: str, gold: str) -> bool | None:
 
 
 def math_verify_equal(extracted: str, gold: str) -> bool:
-    """Whether ``extracted`` is mathematically equivalent to ``gold`` according to math-verify.
+    """Whether `extracted` is mathematically equivalent to `gold` according to math-verify.
 
-    Both strings are wrapped in ``\\boxed{}`` before ``math_verify.parse``: that makes plain
-    numbers (``14/3``), bare LaTeX (``\\frac{14}{3}``) and assignments (``x = 3``, which verify
+    Both strings are wrapped in `\\boxed{}` before `math_verify.parse`: that makes plain
+    numbers (`14/3`), bare LaTeX (`\\frac{14}{3}`) and assignments (`x = 3`, which verify
     reduces to its right-hand side) all parse. math-verify's own signal-based timeouts are
-    disabled: this runs inside a :func:`verifier_pool` worker, whose deadline is enforced by
+    disabled: this runs inside a `verifier_pool` worker, whose deadline is enforced by
     killing the process.
     """
     from math_verify import parse, verify
@@ -187,7 +187,7 @@ def math_verify_equal(extracted: str, gold: str) -> bool:
 
 
 def verifier_pool(num_workers: int, **kw) -> DeadlinePool:
-    """A pool of math-verify workers (``math_verify`` imported before the first check). ``kw``: DeadlinePool's."""
+    """A pool of math-verify workers (`math_verify` imported before the first check). `kw`: DeadlinePool's."""
     kw = {"fn": math_verify_equal, "preload": ("math_verify",), "name": "agpo-verifier", **kw}
     return DeadlinePool(num_workers, **kw)
 
@@ -197,12 +197,12 @@ _default_pool_lock = threading.Lock()
 
 
 def get_default_pool(num_workers: int | None = None) -> DeadlinePool:
-    """The process-wide pool used when ``score``/``score_many``/``score_batch`` get no ``pool``.
+    """The process-wide pool used when `score`/`score_many`/`score_batch` get no `pool`.
 
-    Built lazily (no processes exist until a check needs one) with ``num_workers`` workers,
-    :func:`~agpo_megatron.data.deadline_pool.default_num_workers` if None. An existing pool is
-    reused when ``num_workers`` is None or matches, and rebuilt when a different size is asked
-    for or after a ``fork``.
+    Built lazily (no processes exist until a check needs one) with `num_workers` workers,
+    `agpo_megatron.data.deadline_pool.default_num_workers` if None. An existing pool is
+    reused when `num_workers` is None or matches, and rebuilt when a different size is asked
+    for or after a `fork`.
     """
     global _default_pool
     with _default_pool_lock:
@@ -233,11 +233,11 @@ class RewardResult:
     correct: bool
     """Whether the extracted answer is equivalent to the gold."""
     formatted: bool
-    """Whether a final answer could be extracted (boxed or ``####``)."""
+    """Whether a final answer could be extracted (boxed or `####`)."""
     extracted: str | None
     """The extracted final answer; None when unformatted."""
     timed_out: bool = False
-    """Whether the equivalence check missed its deadline or the batch's budget (then ``correct`` is False)."""
+    """Whether the equivalence check missed its deadline or the batch's budget (then `correct` is False)."""
 
 
 def score_many(
@@ -251,9 +251,9 @@ def score_many(
 ) -> list[RewardResult]:
     """Score each response against its gold; the checks the fast path leaves open run in parallel.
 
-    ``timeout_s`` bounds each symbolic check, ``budget_s`` (None: unbounded) all of them together:
-    checks still running or not yet started when it runs out score 0 as timed out. ``pool``
-    defaults to :func:`get_default_pool` (sized by ``num_workers``); it is only touched when the
+    `timeout_s` bounds each symbolic check, `budget_s` (None: unbounded) all of them together:
+    checks still running or not yet started when it runs out score 0 as timed out. `pool`
+    defaults to `get_default_pool` (sized by `num_workers`); it is only touched when the
     fast path cannot decide.
     """
     if len(responses) != len(golds):
@@ -293,7 +293,7 @@ def score(response_text: str, gold: str, *, timeout_s: float = 5.0, pool: Deadli
 
 
 def reward_metrics(correct: Sequence[bool], formatted: Sequence[bool], timed_out: Sequence[bool]) -> dict[str, float]:
-    """``frac_formatted``, ``frac_correct`` and ``num_timeouts`` (checks that missed a deadline or the budget)."""
+    """`frac_formatted`, `frac_correct` and `num_timeouts` (checks that missed a deadline or the budget)."""
     n = max(len(correct), 1)
     return {"frac_formatted": sum(map(bool, formatted)) / n, "frac_correct": sum(map(bool, correct)) / n,
             "num_timeouts": float(sum(map(bool, timed_out)))}
@@ -308,12 +308,10 @@ def score_batch(
     num_workers: int | None = None,
     pool: DeadlinePool | None = None,
 ) -> tuple["torch.Tensor", "torch.Tensor", dict[str, float]]:
-    """:func:`score_many` as tensors, in this process alone (reward_dist.score_distributed shares the work).
+    """`score_many` as tensors, in this process alone (reward_dist.score_distributed shares the work).
 
-    Returns:
-        r_acc: float32 ``[N]``, 1.0 for a correct answer and 0.0 otherwise.
-        formatted: bool ``[N]``, whether an answer could be extracted.
-        metrics: :func:`reward_metrics` of the batch.
+    Returns `r_acc` (float32 `[N]`: 1.0 for a correct answer, else 0.0), `formatted` (bool `[N]`:
+    whether an answer could be extracted) and the batch's `reward_metrics`.
     """
     import torch
 

@@ -1,19 +1,19 @@
 """Prompt datasets for RL: load rows, build prompts, tokenize, and hand out per-step batches.
 
-Pipeline of :func:`load_examples`:
+Pipeline of `load_examples`:
 
-1. Read rows from a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or from the Hugging Face
-   hub with ``datasets.load_dataset`` when ``path`` is not a local file.
-2. Optionally shuffle (``shuffle_seed``) and truncate (``limit``) the rows.
-3. Build each prompt: the row's question goes through ``prompt_template``; then the tokenizer's
-   chat template is applied if it has one, else the plain format (see :func:`format_prompt`).
-4. Tokenize, and skip (counted) or reject prompts longer than ``max_prompt_tokens``.
+1. Read rows from a local `.jsonl` / `.json` / `.parquet` file, or from the Hugging Face
+   hub with `datasets.load_dataset` when `path` is not a local file.
+2. Optionally shuffle (`shuffle_seed`) and truncate (`limit`) the rows.
+3. Build each prompt: the row's question goes through `prompt_template`; then the tokenizer's
+   chat template is applied if it has one, else the plain format (see `format_prompt`).
+4. Tokenize, and skip (counted) or reject prompts longer than `max_prompt_tokens`.
 
-Every problem with the data raises :class:`DatasetError` naming the file and the line (JSONL)
+Every problem with the data raises `DatasetError` naming the file and the line (JSONL)
 or row (JSON, parquet, hub) and field involved, so a bad row never turns into a silent zero
 reward deep into a run.
 
-:class:`PromptSampler` then yields the prompts of each RL step: one global batch per step,
+`PromptSampler` then yields the prompts of each RL step: one global batch per step,
 drawn from a per-epoch permutation, of which each data-parallel rank takes its own slice.
 """
 
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 DEFAULT_PROMPT_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-"""The Qwen2.5-Math prompt convention; ``{{}}`` is a literal ``{}`` after ``str.format``."""
+"""The Qwen2.5-Math prompt convention; `{{}}` is a literal `{}` after `str.format`."""
 
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 T = TypeVar("T")
@@ -57,39 +57,39 @@ class DatasetConfig:
     """Where the prompts come from and how they are turned into model inputs."""
 
     path: str
-    """A local ``.jsonl`` / ``.json`` (array of objects) / ``.parquet`` file, or a Hugging Face
-    hub dataset name (needs the ``datasets`` package). Through ``load_train_config``,
-    ``synthetic:arith?n=..&seed=..`` names generated arithmetic rows (``agpo_megatron/generated.py``)."""
+    """A local `.jsonl` / `.json` (array of objects) / `.parquet` file, or a Hugging Face
+    hub dataset name (needs the `datasets` package). Through `load_train_config`,
+    `synthetic:arith?n=..&seed=..` names generated arithmetic rows (`agpo_megatron/generated.py`)."""
     split: str = "train"
     """Hub split to load; ignored for local files, which hold a single split."""
     hf_subset: str | None = None
-    """Hub configuration name (e.g. ``"main"`` for ``openai/gsm8k``); ignored for local files."""
+    """Hub configuration name (e.g. `"main"` for `openai/gsm8k`); ignored for local files."""
     prompt_field: str = "question"
     """Row field holding the problem statement."""
     answer_field: str = "answer"
-    """Row field holding the gold answer (or, for ``answer_format="gsm8k"``, the solution that
-    ends in ``#### <answer>``)."""
+    """Row field holding the gold answer (or, for `answer_format="gsm8k"`, the solution that
+    ends in `#### <answer>`)."""
     answer_format: Literal["gsm8k", "boxed", "raw"]
-    """How to read the gold from ``answer_field``: ``"gsm8k"`` takes the number after ``####``,
-    ``"boxed"`` the last ``\\boxed{...}`` of a worked solution (MATH train sets that have no
-    separate answer column), ``"raw"`` uses the field as is (MATH-style ``\\frac{14}{3}``). Required, because the wrong
+    """How to read the gold from `answer_field`: `"gsm8k"` takes the number after `####`,
+    `"boxed"` the last `\\boxed{...}` of a worked solution (MATH train sets that have no
+    separate answer column), `"raw"` uses the field as is (MATH-style `\\frac{14}{3}`). Required, because the wrong
     choice does not fail: it silently makes every answer wrong."""
     system_prompt: str | None = None
     """Optional system message (chat template) or preamble (plain format)."""
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    """``str.format`` template with a ``{prompt}`` placeholder for the problem statement; write
-    literal braces as ``{{`` and ``}}``."""
+    """`str.format` template with a `{prompt}` placeholder for the problem statement; write
+    literal braces as `{{` and `}}`."""
     max_prompt_tokens: int = 1024
     """Longest allowed prompt, in tokens after templating."""
     on_too_long: Literal["skip", "error"] = "skip"
-    """What to do with a prompt over ``max_prompt_tokens``: drop and count it, or raise."""
+    """What to do with a prompt over `max_prompt_tokens`: drop and count it, or raise."""
     shuffle_seed: int | None = None
-    """If set, shuffle rows with this seed before ``limit`` (so ``limit`` takes a random subset);
-    None keeps file order. Per-epoch order during training is :class:`PromptSampler`'s job."""
+    """If set, shuffle rows with this seed before `limit` (so `limit` takes a random subset);
+    None keeps file order. Per-epoch order during training is `PromptSampler`'s job."""
     limit: int | None = None
     """Keep at most this many rows (before the length filter, so fewer examples may come back)."""
     metadata_fields: tuple[str, ...] = ()
-    """Row fields copied into :attr:`Example.metadata` (e.g. ``("level", "subject")`` for MATH);
+    """Row fields copied into `Example.metadata` (e.g. `("level", "subject")` for MATH);
     a row missing one is an error."""
 
     def __post_init__(self) -> None:
@@ -131,11 +131,11 @@ class Example:
     prompt_text: str
     """The templated prompt as text, for logging and for engines that take text."""
     gold: str
-    """Gold final answer, as :func:`agpo_megatron.data.answer_match.score` expects it."""
+    """Gold final answer, as `agpo_megatron.data.answer_match.score` expects it."""
     index: int
     """Position of the row in the source (0-based), stable under shuffling and filtering."""
     metadata: dict[str, Any] = field(default_factory=dict)
-    """The row's ``DatasetConfig.metadata_fields``."""
+    """The row's `DatasetConfig.metadata_fields`."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,10 +258,10 @@ def _gold(row: dict, cfg: DatasetConfig, where: str) -> str:
 def format_prompt(question: str, cfg: DatasetConfig, tokenizer: "PreTrainedTokenizerBase") -> str:
     """The full prompt text for one question.
 
-    The question is first put through ``cfg.prompt_template`` (the user message). With a chat
-    template, the prompt is ``apply_chat_template([system?, user], add_generation_prompt=True)``.
+    The question is first put through `cfg.prompt_template` (the user message). With a chat
+    template, the prompt is `apply_chat_template([system?, user], add_generation_prompt=True)`.
     Without one (base models, the synthetic tokenizer) it is the plain format
-    ``system + "\\n\\n" + user + "\\n"``, or ``user + "\\n"`` without a system prompt; the
+    `system + "\\n\\n" + user + "\\n"`, or `user + "\\n"` without a system prompt; the
     trailing newline separates the prompt from the response the model writes next.
     """
     user = cfg.prompt_template.format(prompt=question)
@@ -279,8 +279,8 @@ def format_prompt(question: str, cfg: DatasetConfig, tokenizer: "PreTrainedToken
 def load_examples(cfg: DatasetConfig, tokenizer: "PreTrainedTokenizerBase") -> tuple[list[Example], dict[str, int]]:
     """Read, template and tokenize the configured dataset.
 
-    Returns the examples and stats: ``num_rows`` (rows considered, after ``limit``),
-    ``num_examples`` and ``num_skipped_too_long``.
+    Returns the examples and stats: `num_rows` (rows considered, after `limit`),
+    `num_examples` and `num_skipped_too_long`.
     """
     rows = list(enumerate(_read_rows(cfg)))
     if cfg.shuffle_seed is not None:
@@ -348,7 +348,7 @@ def _check_rank(dp_rank: int, dp_size: int) -> None:
 
 
 def shard_for_rank(examples: Sequence[T], dp_rank: int, dp_size: int) -> list[T]:
-    """Rank ``dp_rank``'s strided share ``examples[dp_rank::dp_size]`` (e.g. of an eval set).
+    """Rank `dp_rank`'s strided share `examples[dp_rank::dp_size]` (e.g. of an eval set).
 
     Shards are disjoint, together cover every example, and differ in size by at most one.
     """
@@ -359,16 +359,16 @@ def shard_for_rank(examples: Sequence[T], dp_rank: int, dp_size: int) -> list[T]
 class PromptSampler:
     """Infinite iterator over the prompts of each RL step, for one data-parallel rank.
 
-    Every rank builds the same sampler (same examples, seed, ``batch_size``) and differs only in
-    ``dp_rank``. Epoch ``e`` visits the examples in a permutation seeded by ``(seed, e)``, cut
-    into global batches of ``batch_size`` prompts; the last incomplete batch of an epoch is
-    dropped, so every step sees a full batch. Each ``next()`` returns this rank's contiguous
-    ``batch_size // dp_size`` prompts of the current global batch, so the ranks of one step hold
+    Every rank builds the same sampler (same examples, seed, `batch_size`) and differs only in
+    `dp_rank`. Epoch `e` visits the examples in a permutation seeded by `(seed, e)`, cut
+    into global batches of `batch_size` prompts; the last incomplete batch of an epoch is
+    dropped, so every step sees a full batch. Each `next()` returns this rank's contiguous
+    `batch_size // dp_size` prompts of the current global batch, so the ranks of one step hold
     disjoint prompts that together form the global batch.
 
-    ``state_dict()`` / ``load_state_dict()`` record the position (epoch, step within the epoch);
+    `state_dict()` / `load_state_dict()` record the position (epoch, step within the epoch);
     after loading, the sampler continues exactly where the saved one stopped. Resuming with a
-    different ``dp_size`` is allowed, since the global batches do not depend on it.
+    different `dp_size` is allowed, since the global batches do not depend on it.
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):

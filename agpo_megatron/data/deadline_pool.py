@@ -1,24 +1,24 @@
-"""A pool of persistent ``spawn`` worker processes that run one function under hard deadlines.
+"""A pool of persistent `spawn` worker processes that run one function under hard deadlines.
 
-:class:`DeadlinePool` runs ``fn(*task)`` for every task of a call, in parallel across its workers,
+`DeadlinePool` runs `fn(*task)` for every task of a call, in parallel across its workers,
 with two limits:
 
-- a **per-task** deadline (``timeout_s``), which starts when the task is handed to a worker, so
+- a **per-task** deadline (`timeout_s`), which starts when the task is handed to a worker, so
   time spent queued behind other tasks does not count against it;
-- an optional **per-call** budget (``budget_s``), which starts when the first task is handed out
+- an optional **per-call** budget (`budget_s`), which starts when the first task is handed out
   (so pool start-up does not count): when it runs out, running tasks are cut off and tasks not yet
-  started are not started. The call then returns within about ``budget_s`` however many tasks are
-  hostile, instead of ``ceil(n / num_workers) * timeout_s``.
+  started are not started. The call then returns within about `budget_s` however many tasks are
+  hostile, instead of `ceil(n / num_workers) * timeout_s`.
 
 A worker that misses a deadline is killed (SIGKILL: the function need not check for interrupts;
 sympy, the first user, does not) and a fresh one is spawned in its place without stalling the
-others. Each task ends with one :class:`Outcome`.
+others. Each task ends with one `Outcome`.
 
-Why processes rather than threads or ``signal.alarm``: only a process can be stopped from outside
-in the middle of C code, and ``signal.alarm`` only works in the main thread of the main
-interpreter. Workers use the ``spawn`` start method, so the parent's CUDA context and threads are
-never forked; as with any ``spawn`` use, the entry script must guard its top level with
-``if __name__ == "__main__":``.
+Why processes rather than threads or `signal.alarm`: only a process can be stopped from outside
+in the middle of C code, and `signal.alarm` only works in the main thread of the main
+interpreter. Workers use the `spawn` start method, so the parent's CUDA context and threads are
+never forked; as with any `spawn` use, the entry script must guard its top level with
+`if __name__ == "__main__":`.
 
 This module does not import torch: workers import it, and keeping torch out keeps worker start-up
 around a second and their memory small.
@@ -47,12 +47,12 @@ logger = logging.getLogger(__name__)
 
 
 class Status(Enum):
-    """How one task submitted to a :class:`DeadlinePool` ended."""
+    """How one task submitted to a `DeadlinePool` ended."""
 
     DONE = "done"
-    """``fn`` returned; :attr:`Outcome.value` holds what it returned."""
+    """`fn` returned; `Outcome.value` holds what it returned."""
     FAILED = "failed"
-    """``fn`` raised; :attr:`Outcome.value` holds the exception's repr. The worker is kept."""
+    """`fn` raised; `Outcome.value` holds the exception's repr. The worker is kept."""
     TIMEOUT = "timeout"
     """The task missed its deadline (its own, or the call's budget); the worker was killed and replaced."""
     OVER_BUDGET = "over_budget"
@@ -63,7 +63,7 @@ class Status(Enum):
 
 @dataclass(frozen=True)
 class Outcome:
-    """The end of one task: its :class:`Status` and, when ``DONE``, the function's return value."""
+    """The end of one task: its `Status` and, when `DONE`, the function's return value."""
 
     status: Status
     value: Any = None
@@ -126,33 +126,30 @@ class _Worker:
     process: mp.process.BaseProcess
     conn: multiprocessing.connection.Connection
     started_at: float
-    """``time.monotonic()`` at spawn, for the start-up deadline."""
+    """`time.monotonic()` at spawn, for the start-up deadline."""
     ready: bool = False
     """Whether the worker has finished its imports and takes tasks."""
     task: int | None = None
     """Index (into the current call's tasks) of the task it is running, if any."""
     deadline: float = math.inf
-    """``time.monotonic()`` by which the running task must answer."""
+    """`time.monotonic()` by which the running task must answer."""
 
 
 class DeadlinePool:
-    """Persistent ``spawn`` worker processes running ``fn(*task)`` with hard deadlines.
+    """Persistent `spawn` worker processes running `fn(*task)` with hard deadlines.
 
     Each worker owns one pipe; the parent hands out one task at a time per worker and waits on
     all pipes with a timeout equal to the earliest deadline. Workers are started on first use.
 
     Calls are serialised with a lock, so the pool may be shared between threads. It must not be
-    used across ``fork``: a child process gets an error and should build its own pool.
+    used across `fork`: a child process gets an error and should build its own pool.
 
-    Args:
-        num_workers: number of worker processes.
-        fn: the function to run; must be picklable by reference (a module-level function), since
-            workers are spawned and import it. Its arguments and result must be picklable.
-        start_timeout_s: how long a worker may take to start (spawn + imports) before the pool
-            gives up with an error.
-        preload: modules each worker imports before it takes tasks, so that their import time
-            is not charged to the first task's deadline.
-        name: process name of the workers, and the pool's name in log lines.
+    `num_workers` worker processes run `fn`, which must be picklable by reference (a module-level
+    function: workers are spawned and import it), as must its arguments and result.
+    `start_timeout_s`: how long a worker may take to start (spawn + imports) before the pool gives
+    up with an error. `preload`: modules each worker imports before it takes tasks, so that their
+    import time is not charged to the first task's deadline. `name`: the workers' process name,
+    and the pool's name in log lines.
     """
 
     def __init__(
@@ -264,7 +261,7 @@ class DeadlinePool:
     # -- tasks ----------------------------------------------------------------------------------
 
     def run(self, tasks: Sequence[tuple], *, timeout_s: float, budget_s: float | None = None) -> list[Outcome]:
-        """Run ``fn(*task)`` for every task, each under ``timeout_s``, all under ``budget_s`` (None: no budget)."""
+        """Run `fn(*task)` for every task, each under `timeout_s`, all under `budget_s` (None: no budget)."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if budget_s is not None and budget_s <= 0:

@@ -3,11 +3,11 @@
 Every rank holds the whole global batch of responses (the rollout gathers it), and the advantages
 are computed redundantly everywhere. Scoring redundantly too would be wrong, not just slow: a
 check that finishes near its deadline can pass on one rank and time out on another, and then the
-tensor-parallel ranks of one sequence train it with different advantages. So rank ``r`` scores
-samples ``r, r + W, r + 2W, ...`` (strided, so that one prompt's hard group is spread over the
+tensor-parallel ranks of one sequence train it with different advantages. So rank `r` scores
+samples `r, r + W, r + 2W, ...` (strided, so that one prompt's hard group is spread over the
 ranks) and an all-gather gives every rank the same verdicts, bit for bit; the metrics are computed
-from the gathered verdicts, so they agree too. Each rank checks ``N / W`` answers, which divides
-the reward time by the world size ``W``.
+from the gathered verdicts, so they agree too. Each rank checks `N / W` answers, which divides
+the reward time by the world size `W`.
 """
 
 from __future__ import annotations
@@ -34,20 +34,17 @@ def score_distributed(
     group: dist.ProcessGroup | None = None,
     score_fn: ScoreFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Score the same ``responses`` (all ranks of ``group`` pass the same lists) once, share the verdicts.
+    """Score the same `responses` (all ranks of `group` pass the same lists) once, share the verdicts.
 
-    Args:
-        responses, golds: the whole batch, identical on every rank.
-        timeout_s, budget_s: per-check deadline and per-call budget of this rank's share
-            (see :func:`~agpo_megatron.data.answer_match.score_many`); the ranks run concurrently.
-        group: the ranks that share the work (default: the world). Without an initialised
-            process group, or in a world of one, everything is scored here.
-        score_fn: ``(responses, golds) -> list[RewardResult]`` for this rank's share; default
-            ``score_many`` with ``timeout_s`` / ``budget_s``. A hook for tests.
+    `responses` and `golds` are the whole batch, identical on every rank. `timeout_s` and
+    `budget_s` are the per-check deadline and per-call budget of this rank's share
+    (`answer_match.score_many`); the ranks run concurrently. `group`: the ranks that share the
+    work (default: the world); without an initialised process group, or in a world of one,
+    everything is scored here. `score_fn(responses, golds) -> list[RewardResult]` scores this
+    rank's share (default: `score_many` with `timeout_s` / `budget_s`; a hook for tests).
 
-    Returns:
-        r_acc: float32 ``[N]``; formatted: bool ``[N]``; metrics (:func:`reward_metrics`) — the
-        same on every rank.
+    Returns `r_acc` (float32 `[N]`), `formatted` (bool `[N]`) and the metrics (`reward_metrics`),
+    the same on every rank.
     """
     if len(responses) != len(golds):
         raise ValueError(f"got {len(responses)} responses but {len(golds)} golds")

@@ -1,19 +1,19 @@
 """A tiny offline arithmetic task, sized for a CPU demo of supervised warm-start then AGPO.
 
-Problems are sums and differences of 2-4 single-digit numbers (``7+5-3=``) whose partial
-results stay non-negative, so answers stay in ``[0, 36]`` and a transformer with a few layers
-can learn them. Solutions evaluate left to right and end in ``\\boxed{answer}``; their
-*verbosity* adds correct but redundant text (``step``/``check``/``again`` re-derivations), so
+Problems are sums and differences of 2-4 single-digit numbers (`7+5-3=`) whose partial
+results stay non-negative, so answers stay in `[0, 36]` and a transformer with a few layers
+can learn them. Solutions evaluate left to right and end in `\\boxed{answer}`; their
+*verbosity* adds correct but redundant text (`step`/`check`/`again` re-derivations), so
 the warm-started model produces correct answers of varied length and the AGPO length reward
 has something to remove.
 
-The tokenizer (:func:`build_tokenizer`) is a word-level ``tokenizers`` model over a fixed
-vocabulary: every printable ASCII character is a token, plus ``\\boxed{`` and the filler words
+The tokenizer (`build_tokenizer`) is a word-level `tokenizers` model over a fixed
+vocabulary: every printable ASCII character is a token, plus `\\boxed{` and the filler words
 as single tokens. Spaces and newlines are tokens too and the decoder concatenates, so
-``decode(encode(s)) == s`` for any printable-ASCII ``s`` (the reward parses decoded text).
+`decode(encode(s)) == s` for any printable-ASCII `s` (the reward parses decoded text).
 It has no chat template, so prompts use the plain format of
-:func:`agpo_megatron.data.datasets.format_prompt`; :func:`dataset_config` gives the matching
-:class:`~agpo_megatron.data.datasets.DatasetConfig`.
+`agpo_megatron.data.datasets.format_prompt`; `dataset_config` gives the matching
+`agpo_megatron.data.datasets.DatasetConfig`.
 """
 
 import json
@@ -57,24 +57,24 @@ _WORDS = ("step", "check", "again", "so", "answer", "is")
 _BOXED = "\\boxed{"
 
 MAX_DIFFICULTY = 2
-"""Difficulty ``d`` has ``d + 2`` operands."""
+"""Difficulty `d` has `d + 2` operands."""
 MAX_VERBOSITY = 3
-"""Verbosity levels are 0 (shortest) to 3; see :func:`make_solution`."""
+"""Verbosity levels are 0 (shortest) to 3; see `make_solution`."""
 _MAX_OPERAND = 9
 
 
 @dataclass(frozen=True)
 class Problem:
-    """``operands[0] ops[0] operands[1] ops[1] ...``, evaluated left to right."""
+    """`operands[0] ops[0] operands[1] ops[1] ...`, evaluated left to right."""
 
     operands: tuple[int, ...]
-    """The numbers, each in ``[1, 9]``."""
+    """The numbers, each in `[1, 9]`."""
     ops: tuple[str, ...]
-    """``"+"`` or ``"-"`` between consecutive operands (one fewer than ``operands``)."""
+    """`"+"` or `"-"` between consecutive operands (one fewer than `operands`)."""
 
     @property
     def question(self) -> str:
-        """The prompt text, e.g. ``7+5-3=``."""
+        """The prompt text, e.g. `7+5-3=`."""
         parts = [str(self.operands[0])]
         for op, x in zip(self.ops, self.operands[1:], strict=True):
             parts += [op, str(x)]
@@ -88,7 +88,7 @@ class Problem:
         return totals
 
     def steps(self) -> list[str]:
-        """One equation per operation, e.g. ``["7+5=12", "12-3=9"]``."""
+        """One equation per operation, e.g. `["7+5=12", "12-3=9"]`."""
         totals = self._totals()
         return [
             f"{a}{op}{x}={b}" for a, op, x, b in zip(totals[:-1], self.ops, self.operands[1:], totals[1:], strict=True)
@@ -101,7 +101,7 @@ class Problem:
 
 
 def make_problem(rng: random.Random, difficulty: int) -> Problem:
-    """A random problem with ``difficulty + 2`` operands whose partial results are all >= 0."""
+    """A random problem with `difficulty + 2` operands whose partial results are all >= 0."""
     if not 0 <= difficulty <= MAX_DIFFICULTY:
         raise ValueError(f"difficulty must be in [0, {MAX_DIFFICULTY}], got {difficulty}")
     total = rng.randint(1, _MAX_OPERAND)
@@ -118,16 +118,16 @@ def make_problem(rng: random.Random, difficulty: int) -> Problem:
 
 
 def make_solution(problem: Problem, rng: random.Random, verbosity: int) -> str:
-    """A correct solution whose length grows with ``verbosity`` (every level ends in the box).
+    """A correct solution whose length grows with `verbosity` (every level ends in the box).
 
-    * 0: ``7+5=12 12-3=9 \\boxed{9}``
-    * 1: ``7+5=12 12-3=9 so answer is \\boxed{9}``
-    * 2: every step prefixed with ``step``, and a random non-empty subset re-derived
-      (``step 7+5=12 check 7+5=12 step 12-3=9 so answer is \\boxed{9}``)
-    * 3: level 2 plus a full re-derivation (``... check again 7+5=12 12-3=9 so answer is ...``)
+    * 0: `7+5=12 12-3=9 \\boxed{9}`
+    * 1: `7+5=12 12-3=9 so answer is \\boxed{9}`
+    * 2: every step prefixed with `step`, and a random non-empty subset re-derived
+      (`step 7+5=12 check 7+5=12 step 12-3=9 so answer is \\boxed{9}`)
+    * 3: level 2 plus a full re-derivation (`... check again 7+5=12 12-3=9 so answer is ...`)
 
     For the same problem each level is strictly longer (in characters and tokens) than the one
-    below, whatever ``rng`` draws: level 3's full re-derivation outweighs any subset of checks
+    below, whatever `rng` draws: level 3's full re-derivation outweighs any subset of checks
     level 2 can draw. The caller appends the EOS token when training on a solution.
     """
     if not 0 <= verbosity <= MAX_VERBOSITY:
@@ -153,11 +153,11 @@ def make_solution(problem: Problem, rng: random.Random, verbosity: int) -> str:
 def make_dataset(
     n: int, seed: int, *, max_difficulty: int = MAX_DIFFICULTY, verbosities: Sequence[int] = range(MAX_VERBOSITY + 1)
 ) -> list[dict[str, Any]]:
-    """``n`` rows with ``question``, ``answer`` (gold, a plain integer string), ``solution``,
-    ``difficulty`` and ``verbosity``; deterministic given ``seed``.
+    """`n` rows with `question`, `answer` (gold, a plain integer string), `solution`,
+    `difficulty` and `verbosity`; deterministic given `seed`.
 
-    Difficulty is uniform in ``[0, max_difficulty]`` and verbosity uniform over ``verbosities``,
-    so a warm start on ``solution`` sees short and long correct answers alike. Problems repeat
+    Difficulty is uniform in `[0, max_difficulty]` and verbosity uniform over `verbosities`,
+    so a warm start on `solution` sees short and long correct answers alike. Problems repeat
     (there are only 126 two-operand ones), so train and eval sets built from different seeds
     share problems; the demo measures learning of the task, not memorisation-free transfer.
     """
@@ -187,7 +187,7 @@ def make_dataset(
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """Write ``rows`` as JSON lines (creating parent directories); returns the path."""
+    """Write `rows` as JSON lines (creating parent directories); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -197,7 +197,7 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 
 def dataset_config(path: str | Path, **overrides: Any) -> DatasetConfig:
-    """The :class:`DatasetConfig` for a file written by :func:`write_jsonl`.
+    """The `DatasetConfig` for a file written by `write_jsonl`.
 
     The prompt is the bare question (the Qwen-Math instruction would only add tokens the tiny
     model has to read past); prompts are a dozen tokens, hence the small length limit.
@@ -221,19 +221,19 @@ def dataset_config(path: str | Path, **overrides: Any) -> DatasetConfig:
 
 
 def vocabulary() -> list[str]:
-    """All tokens in id order: the special tokens (ids 0-3), ``\\boxed{`` and the words, then
+    """All tokens in id order: the special tokens (ids 0-3), `\\boxed{` and the words, then
     digits, letters, punctuation, space and newline."""
     chars = string.digits + string.ascii_letters + string.punctuation + " \n"
     return [*_SPECIAL_TOKENS, _BOXED, *_WORDS, *chars]
 
 
 def build_tokenizer(out_dir: str | Path) -> "PreTrainedTokenizerFast":
-    """Build the task tokenizer, save it in Hugging Face format to ``out_dir`` and load it back.
+    """Build the task tokenizer, save it in Hugging Face format to `out_dir` and load it back.
 
-    Files written: ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``,
-    so ``AutoTokenizer.from_pretrained(out_dir)`` and vLLM load it with transformers 4.x or 5.x
-    (hence ``tokenizer_class: PreTrainedTokenizerFast``, the name both understand). Encoding
-    prepends ``<bos>``; EOS is ``<|endoftext|>`` and is never added automatically.
+    Files written: `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`,
+    so `AutoTokenizer.from_pretrained(out_dir)` and vLLM load it with transformers 4.x or 5.x
+    (hence `tokenizer_class: PreTrainedTokenizerFast`, the name both understand). Encoding
+    prepends `<bos>`; EOS is `<|endoftext|>` and is never added automatically.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
