@@ -1,0 +1,34 @@
+"""The multi-seed demo's table and verdict, from recorded results (no demo runs here)."""
+
+import pytest
+
+from agpo_megatron.demo_seeds import parse_seeds, summarize, verdict
+
+
+def _result(grpo_tokens, agpo_tokens, grpo_pass, agpo_pass, m2=0.6):
+    warm = {"pass@1": 0.5, "mean_tokens": 40.0}
+    return {"runs": {"GRPO": {"eval_before": warm, "eval_after": {"pass@1": grpo_pass, "mean_tokens": grpo_tokens}},
+                     "AGPO": {"eval_before": warm, "eval_after": {"pass@1": agpo_pass, "mean_tokens": agpo_tokens}}},
+            "frac_m2_groups": m2}
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    for bad in ("a-b", "1,1", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_table_statistics_and_verdict():
+    table, stats = summarize({0: _result(30.0, 21.0, 0.80, 0.79), 1: _result(20.0, 18.0, 0.70, 0.73),
+                              2: _result(25.0, 15.0, 0.60, 0.55)})
+    assert stats["ratio"]["mean"] == pytest.approx((0.7 + 0.9 + 0.6) / 3)
+    assert stats["ratio"]["max"] == pytest.approx(0.9)
+    assert stats["pass1_diff"]["mean"] == pytest.approx((-1 + 3 - 5) / 3)
+    assert stats["pass1_diff"]["std"] == pytest.approx(4.0)  # sample std of -1, 3, -5
+    assert "| 1 | 50.0 | 40.0 | 70.0 | 20.0 | 73.0 | 18.0 | 0.90 | +3.0 | 60% |" in table
+    lines = verdict(stats)
+    assert "0.73 (met)" in lines[0] and "-1.0 (met)" in lines[1] and "max 0.90 (met)" in lines[2]
+    _, bad = summarize({0: _result(20.0, 21.0, 0.8, 0.7), 1: _result(20.0, 10.0, 0.8, 0.7)})
+    assert [line.endswith("(NOT met)") for line in verdict(bad)] == [False, True, True]
