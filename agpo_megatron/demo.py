@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--max-difficulty", type=int, default=1, help="0: a+b, 1: up to 3 operands, 2: up to 4")
     p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-eval", type=int, default=128)
+    p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the GRPO run from the same warm start (it shows what the length reward adds)")
@@ -89,6 +89,7 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     from agpo_megatron.console import console, log_path
     from agpo_megatron.evaluate import format_table
     from agpo_megatron.parallel import exit_cleanly, init_distributed
+    from agpo_megatron.plot import parse_runs, plot_runs
     from agpo_megatron.policy import Actor
     from agpo_megatron.session import Session
     from agpo_megatron.sft import sft
@@ -144,12 +145,15 @@ def _run(args: argparse.Namespace, out: Path) -> None:
         # Where m2 can act: groups with some correct and some wrong answers (mean over steps).
         m2 = _mean_over_steps(out / "agpo" / "metrics.jsonl", "len_reward/frac_len_reward_groups")
         note = f"AGPO's length reward fired in {100 * m2:.0f}% of groups (mean over steps)." if m2 is not None else ""
-        plot_cmd = f"agpo plot {' '.join(f'{k}={out / k.lower()}' for k in results)} -o {out / 'curves.png'}"
+        total = time.time() - t0  # the curves below are not part of the demo's time
+        specs = [f"{k}={out / k.lower()}" for k in results]
+        curves = plot_runs(parse_runs(specs), out / "curves.png")
         print(f"\n{table}\n\n{note}\nwarm-start {t_sft:.0f}s, " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-              + f", total {time.time() - t0:.0f}s.\nCurves: {plot_cmd}"
+              + f", total {total:.0f}s.\nCurves: {curves} (agpo plot {' '.join(specs)})"
               + (f"\nLibrary logs: {log_path().parent}/" if log_path() else ""), file=console(), flush=True)
         (out / "results.json").write_text(json.dumps(
-            {"runs": results, "time_sft_s": t_sft, "time_rl_s": times, "table": table, "frac_m2_groups": m2,
+            {"runs": results, "time_sft_s": t_sft, "time_rl_s": times, "time_total_s": total, "table": table,
+             "frac_m2_groups": m2,
              "args": {k: v for k, v in vars(args).items() if k != "verbose"}}, indent=2))
     exit_cleanly(0)
 
