@@ -49,10 +49,33 @@ def _stats(vals: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}
 
 
-def summarize(results: dict[int, dict[str, Any]]) -> tuple[str, dict[str, dict[str, float]]]:
-    """Markdown table from each seed's demo results.json, and the over-seed statistics."""
+def shortest_format_tokens(run_dir: Path) -> float:
+    """Mean tokens (EOS included, as the eval counts them) of the shortest correct solution format
+    (verbosity 0) over the run's held-out problems: how short an answer can get on this task."""
+    import random
+    import re
+
+    from transformers import AutoTokenizer
+
+    from agpo_megatron.data.synthetic import Problem, make_solution
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    counts = []
+    for line in (run_dir / "eval.jsonl").read_text().splitlines():
+        question = json.loads(line)["question"].removesuffix("=")
+        problem = Problem(tuple(int(x) for x in re.findall(r"\d+", question)), tuple(re.findall(r"[+-]", question)))
+        text = make_solution(problem, random.Random(0), 0)  # level 0 draws nothing from the rng
+        counts.append(len(tok.encode(text, add_special_tokens=False)) + 1)
+    return sum(counts) / len(counts)
+
+
+def summarize(results: dict[int, dict[str, Any]],
+              floors: dict[int, float] | None = None) -> tuple[str, dict[str, dict[str, float]]]:
+    """Markdown table from each seed's demo results.json (and its shortest-format tokens), and
+    the over-seed statistics."""
+    floors = floors or {}
     head = ["seed", "warm pass@1", "warm tokens", "GRPO pass@1", "GRPO tokens", "AGPO pass@1", "AGPO tokens",
-            "AGPO/GRPO tokens", "pass@1 AGPO-GRPO (pts)", "m2 groups"]
+            "shortest format", "AGPO/GRPO tokens", "pass@1 AGPO-GRPO (pts)", "m2 groups"]
     lines = ["| " + " | ".join(head) + " |", "|---:|" + "---:|" * (len(head) - 1)]
     ratios, diffs, m2s = [], [], []
     for seed, r in sorted(results.items()):
@@ -69,13 +92,13 @@ def summarize(results: dict[int, dict[str, Any]]) -> tuple[str, dict[str, dict[s
             str(seed), f"{100 * warm['pass@1']:.1f}", f"{warm['mean_tokens']:.1f}",
             f"{100 * grpo['pass@1']:.1f}", f"{grpo['mean_tokens']:.1f}",
             f"{100 * agpo['pass@1']:.1f}", f"{agpo['mean_tokens']:.1f}",
-            f"{ratio:.2f}", f"{diff:+.1f}", "-" if m2 is None else f"{100 * m2:.0f}%"]) + " |")
+            f"{floors[seed]:.1f}" if seed in floors else "-", f"{ratio:.2f}", f"{diff:+.1f}", "-" if m2 is None else f"{100 * m2:.0f}%"]) + " |")
     stats = {"ratio": _stats(ratios), "pass1_diff": _stats(diffs)}
     if m2s:
         stats["m2_groups"] = _stats(m2s)
     for name in ("mean", "std", "min", "max"):
         m2 = f"{100 * stats['m2_groups'][name]:.0f}%" if m2s else "-"
-        lines.append(f"| **{name}** | | | | | | | {stats['ratio'][name]:.2f} | {stats['pass1_diff'][name]:+.1f} | {m2} |")
+        lines.append(f"| **{name}** | | | | | | | | {stats['ratio'][name]:.2f} | {stats['pass1_diff'][name]:+.1f} | {m2} |")
     return "\n".join(lines), stats
 
 
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== seed {seed}: reusing {res}", flush=True)
         results[seed] = json.loads(res.read_text())
 
-    table, stats = summarize(results)
+    table, stats = summarize(results, {s: shortest_format_tokens(out / f"seed{s}") for s in seeds})
     command = "agpo demo --seeds " + args.seeds + (f" --out {args.out}" if args.out != "runs/demo_seeds" else "") \
         + (f" {shlex.join(demo_args)}" if demo_args else "")
     from agpo_megatron.plot import parse_runs, plot_runs
