@@ -27,12 +27,15 @@ def test_table_statistics_and_verdict():
     assert stats["ratio"]["max"] == pytest.approx(0.9)
     assert stats["pass1_diff"]["mean"] == pytest.approx((-1 + 3 - 5) / 3)
     assert stats["pass1_diff"]["std"] == pytest.approx(4.0)  # sample std of -1, 3, -5
-    assert "| 1 | 50.0 | 40.0 | 70.0 | 20.0 | 73.0 | 18.0 | 14.5 | 0.90 | +3.0 | 60% |" in table
-    assert "| 0 | 50.0 | 40.0 | 80.0 | 30.0 | 79.0 | 21.0 | - | 0.70 | -1.0 | 60% |" in table
+    assert "| 1 | 50.0 | 40.0 | 70.0 | 20.0 | 73.0 | 18.0 | 14.5 | 0.900 | +3.0 | 60% |" in table
+    assert "| 0 | 50.0 | 40.0 | 80.0 | 30.0 | 79.0 | 21.0 | - | 0.700 | -1.0 | 60% |" in table
     lines = verdict(stats)
-    assert "0.73 (met)" in lines[0] and "-1.0 (met)" in lines[1] and "max 0.90 (met)" in lines[2]
+    assert "0.733 (met)" in lines[0] and "-1.0 (met)" in lines[1] and "max 0.9000 (met)" in lines[2]
+    assert "| **std** | | | | | | | | 0.153 | 4.0 |" in table
     _, bad = summarize({0: _result(20.0, 21.0, 0.8, 0.7), 1: _result(20.0, 10.0, 0.8, 0.7)})
     assert [line.endswith("(NOT met)") for line in verdict(bad)] == [False, True, True]
+    _, tie = summarize({0: _result(20.0, 19.99, 0.8, 0.8)})
+    assert verdict(tie)[2].endswith("(NOT met: a tie within 0.5%)")
 
 
 def test_shortest_format_tokens(tmp_path):
