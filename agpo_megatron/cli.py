@@ -4,7 +4,9 @@
     agpo check --config examples/agpo_qwen7b.yaml [overrides] [--world-size N]  # validate (+ memory plan)
     agpo plan --config examples/agpo_qwen7b.yaml --world-size 8 [--gpu-mem-gb 80] [overrides]  # memory per rank
     agpo demo [--nproc 2] [demo args]                                      # the CPU demo (spawns torchrun)
+    agpo demo --seeds 0-4 [--out runs/demo_seeds] [demo args]              # the demo at several seeds + table
     agpo plot runs/x/metrics.jsonl [-o out.png]
+    agpo plot GRPO=runs/demo/grpo AGPO=runs/demo/agpo [-o overlay.png]   # several runs in one figure
     agpo compare runs/a runs/b ... [-o compare]                            # compare.md table + compare.png
 """
 
@@ -90,6 +92,11 @@ def _plan(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from agpo_megatron.parallel import free_port
 
+    if any(a == "--seeds" or a.startswith("--seeds=") for a in rest):
+        from agpo_megatron.demo_seeds import main as sweep
+
+        return sweep([*rest, f"--nproc={args.nproc}"])
+
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
            f"--master-port={free_port()}", "-m", "agpo_megatron.demo", *rest]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -97,9 +104,14 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from agpo_megatron.metrics import plot
+    from agpo_megatron.plot import DEFAULT_KEYS, default_out, parse_runs, plot_runs
 
-    print(plot(args.metrics, args.out))
+    try:
+        runs = parse_runs(args.runs)
+        print(plot_runs(runs, args.out or default_out(runs), tuple(args.keys) if args.keys else DEFAULT_KEYS))
+    except ValueError as e:  # a missing run or no plottable metric: one line naming it
+        print(f"agpo plot: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -130,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="reserve for CUDA context, NCCL and fragmentation (default 4 GiB + 5%%)")
     p = sub.add_parser("demo", help="the CPU demo; extra args go to agpo_megatron.demo")
     p.add_argument("--nproc", type=int, default=2)
-    p = sub.add_parser("plot")
-    p.add_argument("metrics")
-    p.add_argument("-o", "--out", default=None)
+    p = sub.add_parser("plot", help="curves of one run, or of several overlaid ([LABEL=]PATH; a label shared "
+                                    "by several runs draws their mean)")
+    p.add_argument("runs", nargs="+", help="[LABEL=]PATH: a metrics.jsonl or run directory, or a quoted glob")
+    p.add_argument("-o", "--out", default=None, help="PNG path (one run: next to its metrics.jsonl)")
+    p.add_argument("--keys", nargs="+", default=None, help="metrics to plot, one panel each")
     p = sub.add_parser("compare", help="one Markdown table + one PNG across run directories")
     p.add_argument("runs", nargs="+", help="run directories (logging.out_dir)")
     p.add_argument("-o", "--out", default="compare", help="output prefix: writes OUT.md and OUT.png")

@@ -7,22 +7,26 @@
    actor) on correct solutions of deliberately varied verbosity: some answer in two steps, some
    re-check every step. So the warm policy writes correct answers of very different lengths.
 3. RL with AGPO (m1 + m2) through vLLM rollouts and Megatron updates. The length reward only
-   fires in groups that are not all correct, so the warm-start is kept short enough that the
-   policy still makes mistakes. A GRPO run from the same warm start, on the same prompts, is the
-   baseline: shorter answers also err less, so some shortening comes from accuracy alone.
-4. Print the table: greedy pass@1 and mean response tokens on held-out problems, before RL and
-   after each run.
+   fires in groups that mix right and wrong answers; at the warm start's 80-90% accuracy a group
+   of 16 is mixed far more often than a group of 8, hence G=16 x 8 prompts (a weaker warm start
+   would mix groups too, but then most groups are all wrong and m1's -1 derails AGPO;
+   docs/demo.md). A GRPO run from the same warm start, on the same prompts, is the baseline:
+   shorter answers also err less, so some shortening comes from accuracy alone.
+4. Print the table: greedy pass@1 and mean response tokens on 512 held-out problems, before RL
+   and after each run, and the fraction of AGPO's groups where the length reward fired.
+
+Library logs go to OUT/logs/rank*.log (`--verbose`: on the console); `agpo demo --seeds 0-4`
+runs several seeds (`demo_seeds.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
-
-import torch.distributed as dist
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo_cpu.yaml"
 
@@ -37,15 +41,34 @@ def prepare(out: Path, *, seed: int, n_train: int, n_eval: int, max_difficulty: 
         synthetic.write_jsonl(synthetic.make_dataset(n, seed=s, max_difficulty=max_difficulty), out / f"{name}.jsonl")
 
 
-def main(argv: list[str] | None = None) -> None:
-    from agpo_megatron.config import load_train_config
-    from agpo_megatron.evaluate import format_table
-    from agpo_megatron.parallel import exit_cleanly, init_distributed
-    from agpo_megatron.policy import Actor
-    from agpo_megatron.session import Session
-    from agpo_megatron.sft import sft
-    from agpo_megatron.trainer import train
+def _mean_over_steps(metrics_path: Path, key: str) -> float | None:
+    from agpo_megatron.metrics import read_jsonl
 
+    vals = [r[key] for r in read_jsonl(metrics_path) if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _parser()
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    rank = int(os.environ.get("RANK", "0"))
+    if not args.verbose:
+        # Before any library import: vLLM/Megatron/torch logging, warnings and native prints go to
+        # the file; the console keeps the progress bars and the table.
+        from agpo_megatron.console import route_to_file
+
+        route_to_file(out / "logs" / f"rank{rank}.log")
+    try:
+        _run(args, out)
+    except BaseException:
+        from agpo_megatron.console import report_failure
+
+        report_failure(rank)
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=str(EXAMPLE))
@@ -54,15 +77,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--max-difficulty", type=int, default=1, help="0: a+b, 1: up to 3 operands, 2: up to 4")
     p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-eval", type=int, default=128)
+    p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the GRPO run from the same warm start (it shows what the length reward adds)")
+    p.add_argument("--verbose", action="store_true",
+                   help="library logs (vLLM, Megatron, torch, warnings) on the console instead of OUT/logs/rank*.log")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    return p
+
+
+def _run(args: argparse.Namespace, out: Path) -> None:
+    import torch.distributed as dist
+
+    from agpo_megatron.config import load_train_config
+    from agpo_megatron.console import console, log_path
+    from agpo_megatron.evaluate import format_table
+    from agpo_megatron.parallel import exit_cleanly, init_distributed
+    from agpo_megatron.plot import parse_runs, plot_runs
+    from agpo_megatron.policy import Actor
+    from agpo_megatron.session import Session
+    from agpo_megatron.sft import sft
+    from agpo_megatron.trainer import train
 
     t0 = time.time()
-    out = Path(args.out).resolve()
     init_distributed()
     if dist.get_rank() == 0:
         prepare(out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval, max_difficulty=args.max_difficulty)
@@ -83,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     warm = Actor(session.arch, replace(cfg, optim=replace(cfg.optim, lr=args.sft_lr)), session.layout,
                  total_steps=args.sft_steps)
     sft(warm, pairs, steps=args.sft_steps, batch_size=args.sft_batch, micro_batch_size=args.sft_batch // session.layout.dp,
-        layout=session.layout, pad_id=session.pad_id, seed=args.seed)
+        layout=session.layout, pad_id=session.pad_id, seed=args.seed,
+        progress_bar=cfg.logging.progress_bar)
     start = warm.local_weights()
     del warm
     t_sft = time.time() - t_sft
@@ -107,11 +146,19 @@ def main(argv: list[str] | None = None) -> None:
         first = next(iter(results.values()))
         table = format_table({"warm start (before RL)": first["eval_before"],
                               **{f"{label}, {cfg.steps} steps": r["eval_after"] for label, r in results.items()}})
-        print("\n" + table)
-        print(f"\nwarm-start {t_sft:.0f}s, " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-              + f", total {time.time() - t0:.0f}s. Curves: agpo plot {out / 'agpo' / 'metrics.jsonl'}")
+        # Where m2 can act: groups with some correct and some wrong answers (mean over steps).
+        m2 = _mean_over_steps(out / "agpo" / "metrics.jsonl", "len_reward/frac_len_reward_groups")
+        note = f"AGPO's length reward fired in {100 * m2:.0f}% of groups (mean over steps)." if m2 is not None else ""
+        total = time.time() - t0  # the curves below are not part of the demo's time
+        specs = [f"{k}={out / k.lower()}" for k in results]
+        curves = plot_runs(parse_runs(specs), out / "curves.png")
+        print(f"\n{table}\n\n{note}\nwarm-start {t_sft:.0f}s, " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+              + f", total {total:.0f}s.\nCurves: {curves} (agpo plot {' '.join(specs)})"
+              + (f"\nLibrary logs: {log_path().parent}/" if log_path() else ""), file=console(), flush=True)
         (out / "results.json").write_text(json.dumps(
-            {"runs": results, "time_sft_s": t_sft, "time_rl_s": times, "table": table}, indent=2))
+            {"runs": results, "time_sft_s": t_sft, "time_rl_s": times, "time_total_s": total, "table": table,
+             "frac_m2_groups": m2,
+             "args": {k: v for k, v in vars(args).items() if k != "verbose"}}, indent=2))
     exit_cleanly(0)
 
 

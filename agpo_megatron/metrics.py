@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +100,9 @@ class MetricsLogger:
         if progress_bar and total_steps > 0:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, desc=self.path.parent.name, dynamic_ncols=True)
+            from agpo_megatron.console import console  # the terminal, also when library output goes to a file
+
+            self._bar = tqdm(total=total_steps, desc=self.path.parent.name, dynamic_ncols=True, file=console())
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -146,23 +147,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def plot(metrics_path: str | Path, out_png: str | Path | None = None,
          keys: tuple[str, ...] = ("reward/mean", "acc/mean", "len/mean", "len/correct_mean")) -> Path:
-    """PNG curves of reward and response length from a metrics.jsonl."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot as plt
+    """PNG curves of reward and response length from one metrics.jsonl (several runs: `agpo_megatron.plot`)."""
+    from agpo_megatron.plot import plot_runs
 
-    rows = read_jsonl(metrics_path)
-    keys = tuple(k for k in keys if any(k in r for r in rows))
-    if not keys:
-        raise ValueError(f"{metrics_path}: none of the plotted metrics {keys} is present")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
     out = Path(out_png) if out_png else Path(metrics_path).with_suffix(".png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return plot_runs([(Path(metrics_path).parent.name, Path(metrics_path))], out, keys)

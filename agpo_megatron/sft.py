@@ -17,13 +17,22 @@ from agpo_megatron.policy import Actor
 
 
 def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, batch_size: int,
-        micro_batch_size: int, layout: Layout, pad_id: int, seed: int = 0, log_every: int = 25) -> list[float]:
+        micro_batch_size: int, layout: Layout, pad_id: int, seed: int = 0, log_every: int = 25,
+        progress_bar: bool = False) -> list[float]:
     """Train on (prompt_ids, solution_ids + eos) pairs; returns the NLL per step (every rank).
 
     The actor's own optimizer config sets the LR: build a separate warm-start actor.
+    `progress_bar`: a tqdm bar on rank 0, on the console stream (`agpo_megatron.console`).
     """
     rng = random.Random(seed)  # the same on every rank: each DP rank then takes its own slice
     losses = []
+    bar = None
+    if progress_bar and layout.rank == 0:
+        from tqdm import tqdm
+
+        from agpo_megatron.console import console
+
+        bar = tqdm(total=steps, desc="warm start", dynamic_ncols=True, file=console())
     for step in range(steps):
         rows = rng.sample(pairs, batch_size)
         seqs = batching.Sequences(tokens=[p + r for p, r in rows], prompt_lens=[len(p) for p, _ in rows],
@@ -43,4 +52,9 @@ def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, b
         losses.append(m["nll"])
         if layout.rank == 0 and (step % log_every == 0 or step == steps - 1):
             print(f"[sft] step {step:4d}  nll {m['nll']:.4f}  grad_norm {m['grad_norm']:.3f}", flush=True)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(nll=f"{m['nll']:.3g}")
+    if bar is not None:
+        bar.close()
     return losses

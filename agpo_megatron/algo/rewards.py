@@ -48,8 +48,9 @@ def length_reward(
     """Per-sample AGPO length reward `r_len` of shape `[P, G]` (float32), the paper's length reward.
 
     Metrics: `len_reward_mean` (mean r_len over the correct answers of groups that are
-    neither all-correct nor all-wrong; 0 if there are none) and `num_len_reward_groups`
-    (number of such groups, i.e. groups that received a length reward).
+    neither all-correct nor all-wrong; 0 if there are none), `num_len_reward_groups`
+    (number of such groups, i.e. groups that received a length reward) and
+    `frac_len_reward_groups` (that number over P: the fraction of groups where m2 fires).
     """
     if correct.ndim != 2 or correct.dtype != torch.bool:
         raise ValueError(
@@ -85,6 +86,7 @@ def length_reward(
     metrics = {
         "len_reward_mean": r_len.sum() / num_rewarded.clamp(min=1),
         "num_len_reward_groups": mixed.sum().float(),
+        "frac_len_reward_groups": mixed.float().mean(),
     }
     return r_len, metrics
 

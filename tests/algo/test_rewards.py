@@ -55,6 +55,7 @@ def test_batched_groups_and_metrics():
     # Mean over the 4 correct answers of mixed groups: (1 + .5 + 0 + 1) / 4
     assert_close(metrics["len_reward_mean"], torch.tensor(0.625))
     assert_close(metrics["num_len_reward_groups"], torch.tensor(2.0))
+    assert_close(metrics["frac_len_reward_groups"], torch.tensor(0.5))  # 2 of 4 groups: where m2 fires
 
 
 def test_metrics_without_mixed_groups_are_zero():
@@ -62,6 +63,7 @@ def test_metrics_without_mixed_groups_are_zero():
     _, metrics = length_reward(correct, torch.tensor([[3, 4], [5, 6]]))
     assert_close(metrics["len_reward_mean"], torch.tensor(0.0))
     assert_close(metrics["num_len_reward_groups"], torch.tensor(0.0))
+    assert_close(metrics["frac_len_reward_groups"], torch.tensor(0.0))
 
 
 def test_combine_rewards_gamma_point_one():
