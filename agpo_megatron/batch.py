@@ -75,8 +75,13 @@ def to_micro_batch(seqs: Sequences, seq_len: int, pad_id: int) -> dict[str, torc
             rollout_lp[i, plen - 1 : plen - 1 + len(lp)] = torch.tensor(lp)
     targets = torch.roll(tokens, -1, dims=1)
     targets[:, -1] = pad_id
-    mb = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-          "advantages": seqs.advantages.float(), "seq_index": seq_index}
+    mb = {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "advantages": seqs.advantages.float(),
+        "seq_index": seq_index,
+    }
     if seqs.rollout_logprobs is not None:
         mb["rollout_logprobs"] = rollout_lp
     return mb
@@ -119,8 +124,15 @@ class MicroBatchPlan:
         return self.shape[0] * self.shape[1]
 
 
-def plan_micro_batches(lengths: list[int], *, micro_batch_size: int, max_tokens: int | None,
-                       uniform_length: bool, pad_to_multiple: int = 8, packing: bool = False) -> list[MicroBatchPlan]:
+def plan_micro_batches(
+    lengths: list[int],
+    *,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    uniform_length: bool,
+    pad_to_multiple: int = 8,
+    packing: bool = False,
+) -> list[MicroBatchPlan]:
     """The micro-batches of one rank's sequences (token counts `lengths`), padded or packed.
 
     Padded: by count, or by a padded-token budget (dynamic batch size). With `uniform_length`
@@ -132,8 +144,13 @@ def plan_micro_batches(lengths: list[int], *, micro_batch_size: int, max_tokens:
     if packing:
         from agpo_megatron.packing import plan_packed
 
-        return plan_packed(lengths, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
-                           fixed_shape=uniform_length, pad_to_multiple=pad_to_multiple)
+        return plan_packed(
+            lengths,
+            micro_batch_size=micro_batch_size,
+            max_tokens=max_tokens,
+            fixed_shape=uniform_length,
+            pad_to_multiple=pad_to_multiple,
+        )
 
     def padded(n: int) -> int:
         return -(-n // pad_to_multiple) * pad_to_multiple
@@ -149,24 +166,41 @@ def plan_micro_batches(lengths: list[int], *, micro_batch_size: int, max_tokens:
         for i in order:
             width = longest_all if uniform_length else padded(lengths[i])  # sorted: i is the longest
             if width > max_tokens:
-                raise ValueError(f"batch.max_tokens_per_micro_batch={max_tokens} is below one padded sequence ({width})")
+                raise ValueError(
+                    f"batch.max_tokens_per_micro_batch={max_tokens} is below one padded sequence ({width})"
+                )
             if cur and (len(cur) + 1) * width > max_tokens:
                 groups.append(cur)
                 cur = []
             cur.append(i)
         groups.append(cur)
-    return [MicroBatchPlan(rows=[[i] for i in g],
-                           shape=(len(g), longest_all if uniform_length else padded(max(lengths[i] for i in g))))
-            for g in groups]
+    return [
+        MicroBatchPlan(
+            rows=[[i] for i in g], shape=(len(g), longest_all if uniform_length else padded(max(lengths[i] for i in g)))
+        )
+        for g in groups
+    ]
 
 
-def split_micro_batches(seqs: Sequences, *, micro_batch_size: int, max_tokens: int | None,
-                        pad_id: int, uniform_length: bool, pad_to_multiple: int = 8,
-                        packing: bool = False) -> list[dict[str, torch.Tensor]]:
+def split_micro_batches(
+    seqs: Sequences,
+    *,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    pad_id: int,
+    uniform_length: bool,
+    pad_to_multiple: int = 8,
+    packing: bool = False,
+) -> list[dict[str, torch.Tensor]]:
     """The micro-batch tensors of `plan_micro_batches` (packed ones: `packing.to_packed_micro_batch`)."""
-    plans = plan_micro_batches([len(t) for t in seqs.tokens], micro_batch_size=micro_batch_size,
-                               max_tokens=max_tokens, uniform_length=uniform_length,
-                               pad_to_multiple=pad_to_multiple, packing=packing)
+    plans = plan_micro_batches(
+        [len(t) for t in seqs.tokens],
+        micro_batch_size=micro_batch_size,
+        max_tokens=max_tokens,
+        uniform_length=uniform_length,
+        pad_to_multiple=pad_to_multiple,
+        packing=packing,
+    )
     if packing:
         from agpo_megatron.packing import to_packed_micro_batch
 
@@ -182,10 +216,12 @@ def padding_stats(lengths: list[int], ranks: list[list[int]], **plan_kw) -> dict
     so one number describes both. `plan_kw`: `plan_micro_batches`'s keywords.
     """
     real = sum(lengths[i] for r in ranks for i in r)
-    computed = sum(p.computed_tokens for r in ranks
-                   for p in plan_micro_batches([lengths[i] for i in r], **plan_kw))
-    return {"batch/real_tokens": float(real), "batch/computed_tokens": float(computed),
-            "batch/padding_efficiency": real / max(computed, 1)}
+    computed = sum(p.computed_tokens for r in ranks for p in plan_micro_batches([lengths[i] for i in r], **plan_kw))
+    return {
+        "batch/real_tokens": float(real),
+        "batch/computed_tokens": float(computed),
+        "batch/padding_efficiency": real / max(computed, 1),
+    }
 
 
 @dataclasses.dataclass
@@ -202,8 +238,9 @@ class MiniBatch:
     """`padding_stats` of the mini-batch over all DP ranks (real and computed tokens)."""
 
 
-def split_mini_batches(seqs: Sequences, *, seqs_per_update: int, dp: int, dp_rank: int, pad_id: int,
-                       **plan_kw) -> list[MiniBatch]:
+def split_mini_batches(
+    seqs: Sequences, *, seqs_per_update: int, dp: int, dp_rank: int, pad_id: int, **plan_kw
+) -> list[MiniBatch]:
     """Split a rollout (prompt-major, whole groups of G) into PPO mini-batches, this rank's part of each.
 
     Mini-batch k is rows `[k * seqs_per_update, (k + 1) * seqs_per_update)`: whole prompt groups when
@@ -213,14 +250,22 @@ def split_mini_batches(seqs: Sequences, *, seqs_per_update: int, dp: int, dp_ran
     the whole rollout), so the loss is the same whatever the DP / micro-batch layout.
     """
     if len(seqs) % seqs_per_update or seqs_per_update % dp:
-        raise ValueError(f"{len(seqs)} sequences do not split into mini-batches of {seqs_per_update} over {dp} DP ranks")
+        raise ValueError(
+            f"{len(seqs)} sequences do not split into mini-batches of {seqs_per_update} over {dp} DP ranks"
+        )
     out = []
     for lo in range(0, len(seqs), seqs_per_update):
         mini = seqs.select(range(lo, lo + seqs_per_update))
         lengths = [len(t) for t in mini.tokens]
         ranks = balance_dp(lengths, dp)  # equal counts, balanced tokens
-        out.append(MiniBatch(split_micro_batches(mini.select(ranks[dp_rank]), pad_id=pad_id, **plan_kw),
-                             mini.num_response_tokens(), len(mini), padding_stats(lengths, ranks, **plan_kw)))
+        out.append(
+            MiniBatch(
+                split_micro_batches(mini.select(ranks[dp_rank]), pad_id=pad_id, **plan_kw),
+                mini.num_response_tokens(),
+                len(mini),
+                padding_stats(lengths, ranks, **plan_kw),
+            )
+        )
     return out
 
 
@@ -228,5 +273,8 @@ def padding_summary(minis: list[MiniBatch]) -> dict[str, float]:
     """The rollout's padding statistics: real and computed tokens summed over its mini-batches."""
     real = sum(m.padding["batch/real_tokens"] for m in minis)
     computed = sum(m.padding["batch/computed_tokens"] for m in minis)
-    return {"batch/real_tokens": real, "batch/computed_tokens": computed,
-            "batch/padding_efficiency": real / max(computed, 1.0)}
+    return {
+        "batch/real_tokens": real,
+        "batch/computed_tokens": computed,
+        "batch/padding_efficiency": real / max(computed, 1.0),
+    }

@@ -104,6 +104,8 @@ def check(root: Path, rel: str, entry: dict[str, Any], sidecar: str) -> str | No
     except ValueError as e:
         return f"{path}: cannot verify its {algo} checksum: {e}; or skip verification (--no-verify / verify=False)"
     if got != entry[algo]:
-        return (f"{path}: checksum mismatch ({algo}): the file is corrupt or changed since it was saved; "
-                "--no-verify / verify=False loads it anyway")
+        return (
+            f"{path}: checksum mismatch ({algo}): the file is corrupt or changed since it was saved; "
+            "--no-verify / verify=False loads it anyway"
+        )
     return None

@@ -1,13 +1,13 @@
 """`agpo` command line.
 
-    agpo train --config examples/agpo_qwen7b.yaml [dotted.key=value ...]   # run under torchrun/srun
-    agpo check --config examples/agpo_qwen7b.yaml [overrides] [--world-size N]  # validate (+ memory plan)
-    agpo plan --config examples/agpo_qwen7b.yaml --world-size 8 [--gpu-mem-gb 80] [overrides]  # memory per rank
-    agpo demo [--nproc 2] [demo args]                                      # the CPU demo (spawns torchrun)
-    agpo demo --seeds 0-4 [--out runs/demo_seeds] [demo args]              # the demo at several seeds + table
-    agpo plot runs/x/metrics.jsonl [-o out.png]
-    agpo plot GRPO=runs/demo/grpo AGPO=runs/demo/agpo [-o overlay.png]   # several runs in one figure
-    agpo compare runs/a runs/b ... [-o compare]                            # compare.md table + compare.png
+agpo train --config examples/agpo_qwen7b.yaml [dotted.key=value ...]   # run under torchrun/srun
+agpo check --config examples/agpo_qwen7b.yaml [overrides] [--world-size N]  # validate (+ memory plan)
+agpo plan --config examples/agpo_qwen7b.yaml --world-size 8 [--gpu-mem-gb 80] [overrides]  # memory per rank
+agpo demo [--nproc 2] [demo args]                                      # the CPU demo (spawns torchrun)
+agpo demo --seeds 0-4 [--out runs/demo_seeds] [demo args]              # the demo at several seeds + table
+agpo plot runs/x/metrics.jsonl [-o out.png]
+agpo plot GRPO=runs/demo/grpo AGPO=runs/demo/agpo [-o overlay.png]   # several runs in one figure
+agpo compare runs/a runs/b ... [-o compare]                            # compare.md table + compare.png
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def _train(args: argparse.Namespace) -> int:
         print(results)
         # `agpo compare` reads the final eval and the wall time from here.
         Path(cfg.logging.out_dir, "results.json").write_text(
-            json.dumps({**results, "wall_time_s": time.time() - t0}, indent=2, default=str))
+            json.dumps({**results, "wall_time_s": time.time() - t0}, indent=2, default=str)
+        )
     exit_cleanly(0)
     return 0
 
@@ -97,8 +98,16 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> int:
 
         return sweep([*rest, f"--nproc={args.nproc}"])
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           f"--master-port={free_port()}", "-m", "agpo_megatron.demo", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={args.nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "agpo_megatron.demo",
+        *rest,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(cmd, env=env)
 
@@ -128,7 +137,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="agpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("train", "check", "plan"):
         p = sub.add_parser(name)
@@ -138,12 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--world-size", type=int, required=name == "plan", default=0)
             p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory in GiB (H100: 80, H200: 141)")
         if name == "plan":
-            p.add_argument("--margin-gb", type=float, default=None,
-                           help="reserve for CUDA context, NCCL and fragmentation (default 4 GiB + 5%%)")
+            p.add_argument(
+                "--margin-gb",
+                type=float,
+                default=None,
+                help="reserve for CUDA context, NCCL and fragmentation (default 4 GiB + 5%%)",
+            )
     p = sub.add_parser("demo", help="the CPU demo; extra args go to agpo_megatron.demo")
     p.add_argument("--nproc", type=int, default=2)
-    p = sub.add_parser("plot", help="curves of one run, or of several overlaid ([LABEL=]PATH; a label shared "
-                                    "by several runs draws their mean)")
+    p = sub.add_parser(
+        "plot",
+        help="curves of one run, or of several overlaid ([LABEL=]PATH; a label shared "
+        "by several runs draws their mean)",
+    )
     p.add_argument("runs", nargs="+", help="[LABEL=]PATH: a metrics.jsonl or run directory, or a quoted glob")
     p.add_argument("-o", "--out", default=None, help="PNG path (one run: next to its metrics.jsonl)")
     p.add_argument("--keys", nargs="+", default=None, help="metrics to plot, one panel each")

@@ -54,8 +54,13 @@ class Colocation:
     `sync` pushes the actor's current weights into the engine (bridge.export.sync_weights).
     """
 
-    def __init__(self, engine: RolloutEngine, actor_state: ActorState, sync: Callable[[], object],
-                 empty_cache: Callable[[], None] = _empty_cache):
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        actor_state: ActorState,
+        sync: Callable[[], object],
+        empty_cache: Callable[[], None] = _empty_cache,
+    ):
         self.engine, self.actor_state, self.sync, self.empty_cache = engine, actor_state, sync, empty_cache
 
     def to_train(self) -> None:

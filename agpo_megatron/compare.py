@@ -53,19 +53,36 @@ def _labels(dirs: list[Path]) -> list[str]:
 
 def table(runs: list[dict[str, Any]]) -> str:
     """The Markdown table, one row per run (levels: the union over runs, sorted)."""
-    levels = sorted({m.group(1) for r in runs for k in r["final"] if (m := re.fullmatch(r"level(.+)/mean_tokens", k))},
-                    key=lambda s: (len(s), s))
-    head = ["run", "steps", "pass@1 (%)", "mean tokens", *[f"tokens L{lv}" for lv in levels],
-            "KL(ref)", "KL(old)", "entropy", "wall (s)"]
+    levels = sorted(
+        {m.group(1) for r in runs for k in r["final"] if (m := re.fullmatch(r"level(.+)/mean_tokens", k))},
+        key=lambda s: (len(s), s),
+    )
+    head = [
+        "run",
+        "steps",
+        "pass@1 (%)",
+        "mean tokens",
+        *[f"tokens L{lv}" for lv in levels],
+        "KL(ref)",
+        "KL(old)",
+        "entropy",
+        "wall (s)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for label, r in zip(_labels([r["dir"] for r in runs]), runs):
         f, rows = r["final"], r["rows"]
         pass1 = f.get("pass@1")
-        cells = [label, str(max((row["step"] for row in rows), default=0)),
-                 _fmt(None if pass1 is None else 100 * pass1, ".1f"), _fmt(f.get("mean_tokens"), ".1f"),
-                 *[_fmt(f.get(f"level{lv}/mean_tokens"), ".1f") for lv in levels],
-                 _fmt(_mean(rows, "train/kl_ref")), _fmt(_mean(rows, "train/approx_kl")),
-                 _fmt(_mean(rows, "train/entropy")), _fmt(r["wall_time_s"], ".0f")]
+        cells = [
+            label,
+            str(max((row["step"] for row in rows), default=0)),
+            _fmt(None if pass1 is None else 100 * pass1, ".1f"),
+            _fmt(f.get("mean_tokens"), ".1f"),
+            *[_fmt(f.get(f"level{lv}/mean_tokens"), ".1f") for lv in levels],
+            _fmt(_mean(rows, "train/kl_ref")),
+            _fmt(_mean(rows, "train/approx_kl")),
+            _fmt(_mean(rows, "train/entropy")),
+            _fmt(r["wall_time_s"], ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -59,8 +59,9 @@ class ModelConfig:
     """Full activation recomputation per layer (saves memory at ~30% more compute)."""
 
     def __post_init__(self) -> None:
-        _require(self.fp8_amax_history_len >= 1,
-                 f"model.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
+        _require(
+            self.fp8_amax_history_len >= 1, f"model.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}"
+        )
         _require(self.fp8_margin >= 0, f"model.fp8_margin must be >= 0, got {self.fp8_margin}")
 
 
@@ -183,20 +184,32 @@ class AlgoConfig:
         if self.advantage == "drgrpo" and self.loss.agg_mode != "seq-mean-token-sum":
             # A warning, not an error: no-std advantages under another aggregation is a legitimate
             # ablation (Dr.GRPO's two fixes one at a time), but it is not Dr.GRPO.
-            warnings.warn(f"algo.advantage=drgrpo with algo.loss.agg_mode={self.loss.agg_mode} is not Dr.GRPO, which "
-                          "also drops the per-sequence length normalisation: set algo.loss.agg_mode=seq-mean-token-sum",
-                          stacklevel=2)
+            warnings.warn(
+                f"algo.advantage=drgrpo with algo.loss.agg_mode={self.loss.agg_mode} is not Dr.GRPO, which "
+                "also drops the per-sequence length normalisation: set algo.loss.agg_mode=seq-mean-token-sum",
+                stacklevel=2,
+            )
 
     def kl_settings(self) -> AdaptiveKLConfig | None:
         """The adaptive-beta controller's settings, or None when beta is fixed."""
         if self.adaptive_kl_target is None:
             return None
         k, where = self.kl_controller, "algo.kl_controller"
-        _controller(AdaptiveKLConfig, where, init_beta=k.beta_min, target_kl=self.adaptive_kl_target, **dataclasses.asdict(k))
-        _require(self.loss.kl_coef <= k.beta_max, f"algo.loss.kl_coef={self.loss.kl_coef:g} is the adaptive beta's "
-                 f"start and must be <= algo.kl_controller.beta_max={k.beta_max:g}")
-        return _controller(AdaptiveKLConfig, where, init_beta=max(self.loss.kl_coef, k.beta_min),
-                           target_kl=self.adaptive_kl_target, **dataclasses.asdict(k))
+        _controller(
+            AdaptiveKLConfig, where, init_beta=k.beta_min, target_kl=self.adaptive_kl_target, **dataclasses.asdict(k)
+        )
+        _require(
+            self.loss.kl_coef <= k.beta_max,
+            f"algo.loss.kl_coef={self.loss.kl_coef:g} is the adaptive beta's "
+            f"start and must be <= algo.kl_controller.beta_max={k.beta_max:g}",
+        )
+        return _controller(
+            AdaptiveKLConfig,
+            where,
+            init_beta=max(self.loss.kl_coef, k.beta_min),
+            target_kl=self.adaptive_kl_target,
+            **dataclasses.asdict(k),
+        )
 
     def clip_settings(self) -> AdaptiveClipConfig | None:
         """The adaptive-clip controller's settings, or None when eps is fixed."""
@@ -206,10 +219,18 @@ class AlgoConfig:
         _controller(AdaptiveClipConfig, where, init_eps_low=c.eps_min, init_eps_high=c.eps_min, **dataclasses.asdict(c))
         for name in ("eps_low", "eps_high"):
             value = getattr(self.loss, name)
-            _require(c.eps_min <= value <= c.eps_max, f"algo.loss.{name}={value:g} is the adaptive clip's start and must "
-                     f"be in [algo.clip_controller.eps_min, eps_max] = [{c.eps_min:g}, {c.eps_max:g}]")
-        return _controller(AdaptiveClipConfig, where, init_eps_low=self.loss.eps_low,
-                           init_eps_high=self.loss.eps_high, **dataclasses.asdict(c))
+            _require(
+                c.eps_min <= value <= c.eps_max,
+                f"algo.loss.{name}={value:g} is the adaptive clip's start and must "
+                f"be in [algo.clip_controller.eps_min, eps_max] = [{c.eps_min:g}, {c.eps_max:g}]",
+            )
+        return _controller(
+            AdaptiveClipConfig,
+            where,
+            init_eps_low=self.loss.eps_low,
+            init_eps_high=self.loss.eps_high,
+            **dataclasses.asdict(c),
+        )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -325,15 +346,21 @@ class BatchConfig:
     gradients equal the padded path's. false: one right-padded sequence per row."""
 
     def __post_init__(self) -> None:
-        _require(self.prompts_per_rollout >= 1, f"batch.prompts_per_rollout must be >= 1, got {self.prompts_per_rollout}")
+        _require(
+            self.prompts_per_rollout >= 1, f"batch.prompts_per_rollout must be >= 1, got {self.prompts_per_rollout}"
+        )
         _require(self.micro_batch_size >= 1, f"batch.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        _require(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
-                 f"batch.max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        _require(
+            self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+            f"batch.max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}",
+        )
         _require(isinstance(self.packing, bool), f"batch.packing must be true or false, got {self.packing!r}")
         n = self.update_prompts
-        _require(1 <= n <= self.prompts_per_rollout and self.prompts_per_rollout % n == 0,
-                 f"batch.prompts_per_update ({n}) must be >= 1 and divide batch.prompts_per_rollout "
-                 f"({self.prompts_per_rollout})")
+        _require(
+            1 <= n <= self.prompts_per_rollout and self.prompts_per_rollout % n == 0,
+            f"batch.prompts_per_update ({n}) must be >= 1 and divide batch.prompts_per_rollout "
+            f"({self.prompts_per_rollout})",
+        )
 
     @property
     def update_prompts(self) -> int:
@@ -372,8 +399,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.reward_timeout_s > 0, f"data.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
-        _require(self.reward_step_budget_s > 0,
-                 f"data.reward_step_budget_s must be > 0, got {self.reward_step_budget_s}")
+        _require(
+            self.reward_step_budget_s > 0, f"data.reward_step_budget_s must be > 0, got {self.reward_step_budget_s}"
+        )
         _require(0 <= self.max_drop_frac <= 1, f"data.max_drop_frac must be in [0, 1], got {self.max_drop_frac}")
 
 
@@ -404,8 +432,10 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
         _require(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
-        _require(self.resume in ("auto", "never") or Path(self.resume).exists(),
-                 f"checkpoint.resume must be 'auto', 'never' or an existing checkpoint path, got {self.resume!r}")
+        _require(
+            self.resume in ("auto", "never") or Path(self.resume).exists(),
+            f"checkpoint.resume must be 'auto', 'never' or an existing checkpoint path, got {self.resume!r}",
+        )
 
     def due(self, step: int, last_step: int) -> Path | None:
         """The directory to save `step` into, or None when this step is not a save step."""
@@ -443,8 +473,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        _require(self.model.init_from != "megatron" or bool(self.checkpoint.load_dir),
-                 "model.init_from=megatron needs checkpoint.load_dir (a dist checkpoint, e.g. from hf_to_megatron)")
+        _require(
+            self.model.init_from != "megatron" or bool(self.checkpoint.load_dir),
+            "model.init_from=megatron needs checkpoint.load_dir (a dist checkpoint, e.g. from hf_to_megatron)",
+        )
         seqs = self.batch.update_prompts * self.algo.group_size
         _require(
             seqs % self.batch.micro_batch_size == 0,
@@ -458,19 +490,25 @@ class TrainConfig:
         )
         # With logprob_mode=rollout the old log-probs ARE the engine's, so the TIS weight
         # min(exp(old - rollout), C) is exactly 1: TIS would be on in name only.
-        _require(self.algo.loss.tis_cap is None or self.rollout.logprob_mode == "recompute",
-                 f"algo.loss.tis_cap={self.algo.loss.tis_cap} needs rollout.logprob_mode=recompute: with "
-                 f"rollout.logprob_mode={self.rollout.logprob_mode} the old log-probs are the engine's own, so "
-                 f"the truncated importance weight is always 1")
+        _require(
+            self.algo.loss.tis_cap is None or self.rollout.logprob_mode == "recompute",
+            f"algo.loss.tis_cap={self.algo.loss.tis_cap} needs rollout.logprob_mode=recompute: with "
+            f"rollout.logprob_mode={self.rollout.logprob_mode} the old log-probs are the engine's own, so "
+            f"the truncated importance weight is always 1",
+        )
         lo, hi = REWARD_RANGES[self.data.reward]
-        _require(self.algo.advantage != "agpo" or (self.algo.r_min, self.algo.r_max) == (lo, hi),
-                 f"algo.r_min={self.algo.r_min:g} / algo.r_max={self.algo.r_max:g} must be the {self.data.reward} reward's "
-                 f"range [{lo:g}, {hi:g}] (AGPO gives -1 / +1 to groups uniformly at r_min / r_max; any other "
-                 f"value silently gives all-wrong or all-correct groups 0)")
+        _require(
+            self.algo.advantage != "agpo" or (self.algo.r_min, self.algo.r_max) == (lo, hi),
+            f"algo.r_min={self.algo.r_min:g} / algo.r_max={self.algo.r_max:g} must be the {self.data.reward} reward's "
+            f"range [{lo:g}, {hi:g}] (AGPO gives -1 / +1 to groups uniformly at r_min / r_max; any other "
+            f"value silently gives all-wrong or all-correct groups 0)",
+        )
         longest = self.data.train.max_prompt_tokens + self.rollout.max_new_tokens
-        _require(longest <= self.model.max_seq_len,
-                 f"data.train.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds model.max_seq_len "
-                 f"({self.model.max_seq_len})")
+        _require(
+            longest <= self.model.max_seq_len,
+            f"data.train.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds model.max_seq_len "
+            f"({self.model.max_seq_len})",
+        )
         if self.model.hf_path:
             self.check_model_shape()
 
@@ -486,15 +524,23 @@ class TrainConfig:
         """With one update per rollout every update runs at the weights that sampled it: the ratio is 1."""
         if self.batch.updates_per_rollout * self.algo.ppo_epochs > 1:
             return
-        why = (f"batch.prompts_per_update = batch.prompts_per_rollout ({self.batch.prompts_per_rollout}) and "
-               f"algo.ppo_epochs=1 make one update per rollout, at the weights that sampled it, where the clip never acts")
-        _require(not self.algo.adaptive_clip,
-                 f"algo.adaptive_clip needs off-policy updates (its KL would always be 0): {why}; set "
-                 f"batch.prompts_per_update below batch.prompts_per_rollout or algo.ppo_epochs > 1")
+        why = (
+            f"batch.prompts_per_update = batch.prompts_per_rollout ({self.batch.prompts_per_rollout}) and "
+            f"algo.ppo_epochs=1 make one update per rollout, at the weights that sampled it, where the clip never acts"
+        )
+        _require(
+            not self.algo.adaptive_clip,
+            f"algo.adaptive_clip needs off-policy updates (its KL would always be 0): {why}; set "
+            f"batch.prompts_per_update below batch.prompts_per_rollout or algo.ppo_epochs > 1",
+        )
         loss, default = self.algo.loss, PolicyLossConfig()
-        if self.rollout.logprob_mode == "recompute" and (loss.eps_low, loss.eps_high) != (default.eps_low, default.eps_high):
-            warnings.warn(f"algo.loss.eps_low/eps_high ({loss.eps_low:g}/{loss.eps_high:g}) have no effect: {why}",
-                          stacklevel=2)
+        if self.rollout.logprob_mode == "recompute" and (loss.eps_low, loss.eps_high) != (
+            default.eps_low,
+            default.eps_high,
+        ):
+            warnings.warn(
+                f"algo.loss.eps_low/eps_high ({loss.eps_low:g}/{loss.eps_high:g}) have no effect: {why}", stacklevel=2
+            )
 
     def check_model_shape(self) -> None:
         """TP/PP against the model's shape, from config.json alone."""
@@ -504,14 +550,20 @@ class TrainConfig:
             raise ConfigError(f"model.hf_path: no config.json in {self.model.hf_path!r}")
         arch = read_arch(self.model.hf_path)
         tp, pp = self.parallel.tp, self.parallel.pp
-        _require(arch.num_attention_heads % tp == 0,
-                 f"parallel.tp={tp} must divide the {arch.num_attention_heads} attention heads")
-        _require(arch.num_query_groups % tp == 0,
-                 f"parallel.tp={tp} must divide the {arch.num_query_groups} query groups (KV heads)")
+        _require(
+            arch.num_attention_heads % tp == 0,
+            f"parallel.tp={tp} must divide the {arch.num_attention_heads} attention heads",
+        )
+        _require(
+            arch.num_query_groups % tp == 0,
+            f"parallel.tp={tp} must divide the {arch.num_query_groups} query groups (KV heads)",
+        )
         _require(arch.num_layers % pp == 0, f"parallel.pp={pp} must divide the {arch.num_layers} layers")
-        _require(arch.num_attention_heads % self.rollout.tp == 0 and arch.num_query_groups % self.rollout.tp == 0,
-                 f"rollout.tp={self.rollout.tp} must divide heads ({arch.num_attention_heads}) and KV heads "
-                 f"({arch.num_query_groups})")
+        _require(
+            arch.num_attention_heads % self.rollout.tp == 0 and arch.num_query_groups % self.rollout.tp == 0,
+            f"rollout.tp={self.rollout.tp} must divide heads ({arch.num_attention_heads}) and KV heads "
+            f"({arch.num_query_groups})",
+        )
 
     def check_world(self, world_size: int) -> int:
         """Checks that need the world size; returns the data-parallel size."""
@@ -521,10 +573,14 @@ class TrainConfig:
         dp = world_size // mp
         prompts = self.batch.update_prompts  # each mini-batch is split over the DP ranks, whole groups each
         seqs = prompts * self.algo.group_size
-        _require(prompts % dp == 0, f"{self.batch.update_field} ({prompts}) must be divisible by data-parallel size {dp}")
-        _require((seqs // dp) % self.batch.micro_batch_size == 0,
-                 f"batch.micro_batch_size ({self.batch.micro_batch_size}) must divide the {seqs // dp} "
-                 f"sequences of a mini-batch per data-parallel rank")
+        _require(
+            prompts % dp == 0, f"{self.batch.update_field} ({prompts}) must be divisible by data-parallel size {dp}"
+        )
+        _require(
+            (seqs // dp) % self.batch.micro_batch_size == 0,
+            f"batch.micro_batch_size ({self.batch.micro_batch_size}) must divide the {seqs // dp} "
+            f"sequences of a mini-batch per data-parallel rank",
+        )
         return dp
 
 

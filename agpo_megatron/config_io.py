@@ -104,8 +104,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         for old in (k for k in unknown if k in renamed):
             raise ConfigError(f"{prefix}{old} was renamed {prefix}{renamed[old]}")
         raise ConfigError(
-            f"unknown config field(s) {[prefix + k for k in unknown]}; "
-            f"{where or cls.__name__} accepts {sorted(fields)}"
+            f"unknown config field(s) {[prefix + k for k in unknown]}; {where or cls.__name__} accepts {sorted(fields)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
@@ -134,8 +133,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                prepare: Callable[[dict[str, Any]], None] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    prepare: Callable[[dict[str, Any]], None] | None = None,
+) -> T:
     """YAML file (optional) + dotted overrides -> validated dataclass `cls`.
 
     `prepare(data)` may rewrite the raw dict after the overrides and before validation (e.g. turn

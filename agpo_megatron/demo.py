@@ -79,10 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-baseline", dest="baseline", action="store_false",
-                   help="skip the GRPO run from the same warm start (it shows what the length reward adds)")
-    p.add_argument("--verbose", action="store_true",
-                   help="library logs (vLLM, Megatron, torch, warnings) on the console instead of OUT/logs/rank*.log")
+    p.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the GRPO run from the same warm start (it shows what the length reward adds)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="library logs (vLLM, Megatron, torch, warnings) on the console instead of OUT/logs/rank*.log",
+    )
     p.add_argument("overrides", nargs="*")
     return p
 
@@ -105,8 +112,11 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     if dist.get_rank() == 0:
         prepare(out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval, max_difficulty=args.max_difficulty)
     dist.barrier()
-    paths = [f"model.hf_path={out / 'model'}", f"data.train.path={out / 'train.jsonl'}",
-             f"data.eval.path={out / 'eval.jsonl'}"]
+    paths = [
+        f"model.hf_path={out / 'model'}",
+        f"data.train.path={out / 'train.jsonl'}",
+        f"data.eval.path={out / 'eval.jsonl'}",
+    ]
     cfg = load_train_config(args.config, [*paths, f"logging.out_dir={out / 'agpo'}", *args.overrides])
     session = Session.create(cfg)
     rank0 = session.layout.rank == 0
@@ -115,14 +125,25 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     eos = session.tokenizer.eos_token_id
     # load_examples keeps file order (no shuffle_seed), so rows and examples line up.
-    pairs = [(ex.prompt_ids, session.tokenizer.encode(row["solution"], add_special_tokens=False) + [eos])
-             for ex, row in zip(session.train_examples, rows)]
+    pairs = [
+        (ex.prompt_ids, session.tokenizer.encode(row["solution"], add_special_tokens=False) + [eos])
+        for ex, row in zip(session.train_examples, rows)
+    ]
     t_sft = time.time()
-    warm = Actor(session.arch, replace(cfg, optim=replace(cfg.optim, lr=args.sft_lr)), session.layout,
-                 total_steps=args.sft_steps)
-    sft(warm, pairs, steps=args.sft_steps, batch_size=args.sft_batch, micro_batch_size=args.sft_batch // session.layout.dp,
-        layout=session.layout, pad_id=session.pad_id, seed=args.seed,
-        progress_bar=cfg.logging.progress_bar)
+    warm = Actor(
+        session.arch, replace(cfg, optim=replace(cfg.optim, lr=args.sft_lr)), session.layout, total_steps=args.sft_steps
+    )
+    sft(
+        warm,
+        pairs,
+        steps=args.sft_steps,
+        batch_size=args.sft_batch,
+        micro_batch_size=args.sft_batch // session.layout.dp,
+        layout=session.layout,
+        pad_id=session.pad_id,
+        seed=args.seed,
+        progress_bar=cfg.logging.progress_bar,
+    )
     start = warm.local_weights()
     del warm
     t_sft = time.time() - t_sft
@@ -132,8 +153,20 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     if args.baseline:
         # Its own save_dir: with resume=auto the AGPO run would otherwise continue from GRPO's checkpoints.
         own = [f"checkpoint.save_dir={Path(cfg.checkpoint.save_dir) / 'grpo'}"] if cfg.checkpoint.save_dir else []
-        runs = {"GRPO": load_train_config(args.config, [*paths, f"logging.out_dir={out / 'grpo'}", *args.overrides,
-                                                         "algo.advantage=grpo", "algo.length_reward=false", *own]), **runs}
+        runs = {
+            "GRPO": load_train_config(
+                args.config,
+                [
+                    *paths,
+                    f"logging.out_dir={out / 'grpo'}",
+                    *args.overrides,
+                    "algo.advantage=grpo",
+                    "algo.length_reward=false",
+                    *own,
+                ],
+            ),
+            **runs,
+        }
     results, times = {}, {}
     for label, run_cfg in runs.items():
         t = time.time()
@@ -144,21 +177,40 @@ def _run(args: argparse.Namespace, out: Path) -> None:
 
     if rank0:
         first = next(iter(results.values()))
-        table = format_table({"warm start (before RL)": first["eval_before"],
-                              **{f"{label}, {cfg.steps} steps": r["eval_after"] for label, r in results.items()}})
+        table = format_table(
+            {
+                "warm start (before RL)": first["eval_before"],
+                **{f"{label}, {cfg.steps} steps": r["eval_after"] for label, r in results.items()},
+            }
+        )
         # Where m2 can act: groups with some correct and some wrong answers (mean over steps).
         m2 = _mean_over_steps(out / "agpo" / "metrics.jsonl", "len_reward/frac_len_reward_groups")
         note = f"AGPO's length reward fired in {100 * m2:.0f}% of groups (mean over steps)." if m2 is not None else ""
         total = time.time() - t0  # the curves below are not part of the demo's time
         specs = [f"{k}={out / k.lower()}" for k in results]
         curves = plot_runs(parse_runs(specs), out / "curves.png")
-        print(f"\n{table}\n\n{note}\nwarm-start {t_sft:.0f}s, " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-              + f", total {total:.0f}s.\nCurves: {curves} (agpo plot {' '.join(specs)})"
-              + (f"\nLibrary logs: {log_path().parent}/" if log_path() else ""), file=console(), flush=True)
-        (out / "results.json").write_text(json.dumps(
-            {"runs": results, "time_sft_s": t_sft, "time_rl_s": times, "time_total_s": total, "table": table,
-             "frac_m2_groups": m2,
-             "args": {k: v for k, v in vars(args).items() if k != "verbose"}}, indent=2))
+        print(
+            f"\n{table}\n\n{note}\nwarm-start {t_sft:.0f}s, "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+            + f", total {total:.0f}s.\nCurves: {curves} (agpo plot {' '.join(specs)})"
+            + (f"\nLibrary logs: {log_path().parent}/" if log_path() else ""),
+            file=console(),
+            flush=True,
+        )
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "runs": results,
+                    "time_sft_s": t_sft,
+                    "time_rl_s": times,
+                    "time_total_s": total,
+                    "table": table,
+                    "frac_m2_groups": m2,
+                    "args": {k: v for k, v in vars(args).items() if k != "verbose"},
+                },
+                indent=2,
+            )
+        )
     exit_cleanly(0)
 
 

@@ -69,13 +69,25 @@ def shortest_format_tokens(run_dir: Path) -> float:
     return sum(counts) / len(counts)
 
 
-def summarize(results: dict[int, dict[str, Any]],
-              floors: dict[int, float] | None = None) -> tuple[str, dict[str, dict[str, float]]]:
+def summarize(
+    results: dict[int, dict[str, Any]], floors: dict[int, float] | None = None
+) -> tuple[str, dict[str, dict[str, float]]]:
     """Markdown table from each seed's demo results.json (and its shortest-format tokens), and
     the over-seed statistics."""
     floors = floors or {}
-    head = ["seed", "warm pass@1", "warm tokens", "GRPO pass@1", "GRPO tokens", "AGPO pass@1", "AGPO tokens",
-            "shortest format", "AGPO/GRPO tokens", "pass@1 AGPO-GRPO (pts)", "m2 groups"]
+    head = [
+        "seed",
+        "warm pass@1",
+        "warm tokens",
+        "GRPO pass@1",
+        "GRPO tokens",
+        "AGPO pass@1",
+        "AGPO tokens",
+        "shortest format",
+        "AGPO/GRPO tokens",
+        "pass@1 AGPO-GRPO (pts)",
+        "m2 groups",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---:|" + "---:|" * (len(head) - 1)]
     ratios, diffs, m2s = [], [], []
     for seed, r in sorted(results.items()):
@@ -88,11 +100,25 @@ def summarize(results: dict[int, dict[str, Any]],
         diffs.append(diff)
         if m2 is not None:
             m2s.append(m2)
-        lines.append("| " + " | ".join([
-            str(seed), f"{100 * warm['pass@1']:.1f}", f"{warm['mean_tokens']:.1f}",
-            f"{100 * grpo['pass@1']:.1f}", f"{grpo['mean_tokens']:.1f}",
-            f"{100 * agpo['pass@1']:.1f}", f"{agpo['mean_tokens']:.1f}",
-            f"{floors[seed]:.1f}" if seed in floors else "-", f"{ratio:.3f}", f"{diff:+.1f}", "-" if m2 is None else f"{100 * m2:.0f}%"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(seed),
+                    f"{100 * warm['pass@1']:.1f}",
+                    f"{warm['mean_tokens']:.1f}",
+                    f"{100 * grpo['pass@1']:.1f}",
+                    f"{grpo['mean_tokens']:.1f}",
+                    f"{100 * agpo['pass@1']:.1f}",
+                    f"{agpo['mean_tokens']:.1f}",
+                    f"{floors[seed]:.1f}" if seed in floors else "-",
+                    f"{ratio:.3f}",
+                    f"{diff:+.1f}",
+                    "-" if m2 is None else f"{100 * m2:.0f}%",
+                ]
+            )
+            + " |"
+        )
     stats = {"ratio": _stats(ratios), "pass1_diff": _stats(diffs)}
     if m2s:
         stats["m2_groups"] = _stats(m2s)
@@ -143,14 +169,27 @@ def main(argv: list[str] | None = None) -> int:
         res = run_dir / "results.json"
         if not _same_args(res, seed, demo_args):
             print(f"== seed {seed}: agpo demo --seed {seed} --out {run_dir} {shlex.join(demo_args)}", flush=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-                   f"--master-port={free_port()}", "-m", "agpo_megatron.demo", "--out", str(run_dir),
-                   "--seed", str(seed), *demo_args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc-per-node={args.nproc}",
+                f"--master-port={free_port()}",
+                "-m",
+                "agpo_megatron.demo",
+                "--out",
+                str(run_dir),
+                "--seed",
+                str(seed),
+                *demo_args,
+            ]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             res.unlink(missing_ok=True)
             rc = subprocess.call(cmd, env=env)
             if rc != 0 or not res.is_file():
-                print(f"agpo demo --seeds: seed {seed} failed (exit {rc}); its logs: {run_dir / 'logs'}", file=sys.stderr)
+                print(
+                    f"agpo demo --seeds: seed {seed} failed (exit {rc}); its logs: {run_dir / 'logs'}", file=sys.stderr
+                )
                 return rc or 1
             data = json.loads(res.read_text())
             res.write_text(json.dumps({**data, "sweep_argv": [*demo_args, f"--seed={seed}"]}, indent=2))
@@ -159,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         results[seed] = json.loads(res.read_text())
 
     table, stats = summarize(results, {s: shortest_format_tokens(out / f"seed{s}") for s in seeds})
-    command = "agpo demo --seeds " + args.seeds + (f" --out {args.out}" if args.out != "runs/demo_seeds" else "") \
+    command = (
+        "agpo demo --seeds "
+        + args.seeds
+        + (f" --out {args.out}" if args.out != "runs/demo_seeds" else "")
         + (f" {shlex.join(demo_args)}" if demo_args else "")
+    )
     from agpo_megatron.plot import parse_runs, plot_runs
 
     runs = parse_runs([f"{label}={out / f'seed{s}' / label.lower()}" for label in ("GRPO", "AGPO") for s in seeds])

@@ -10,8 +10,15 @@ from agpo_megatron.data.reward_dist import score_distributed
 from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig
 
 
-def evaluate(engine: RolloutEngine, examples: list[Example], sampling: SamplingConfig, *, n: int = 1,
-             timeout_s: float = 5.0, budget_s: float | None = None) -> dict[str, Any]:
+def evaluate(
+    engine: RolloutEngine,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    *,
+    n: int = 1,
+    timeout_s: float = 5.0,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
     """pass@1 (mean over `n` samples per prompt) and mean response tokens (all, and correct only).
 
     Collective when a process group exists (every rank calls it with the same examples): the ranks
@@ -21,8 +28,9 @@ def evaluate(engine: RolloutEngine, examples: list[Example], sampling: SamplingC
         return {}
     groups = engine.generate([ex.prompt_ids for ex in examples], n=n, sampling=sampling)
     flat = [(ex, c) for ex, group in zip(examples, groups) for c in group]
-    r_acc, formatted, _ = score_distributed([c.text for _, c in flat], [ex.gold for ex, _ in flat],
-                                            timeout_s=timeout_s, budget_s=budget_s)
+    r_acc, formatted, _ = score_distributed(
+        [c.text for _, c in flat], [ex.gold for ex, _ in flat], timeout_s=timeout_s, budget_s=budget_s
+    )
     lengths = [len(c.token_ids) for _, c in flat]
     correct_lens = [n_tok for n_tok, r in zip(lengths, r_acc.tolist()) if r > 0.5]
     out: dict[str, Any] = {

@@ -54,10 +54,22 @@ def write_tiny_model(out: Path, model_type: str = "qwen2", *, seed: int = 0) -> 
     from agpo_megatron.models.tiny import save_tiny_hf_model
 
     tok = synthetic.build_tokenizer(out)
-    return save_tiny_hf_model(out, model_type, seed=seed, tokenizer=tok, vocab_size=128, hidden_size=128,
-                              intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
-                              max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return save_tiny_hf_model(
+        out,
+        model_type,
+        seed=seed,
+        tokenizer=tok,
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 def write_arith(path: Path, *, n: int, seed: int, max_difficulty: int) -> Path:

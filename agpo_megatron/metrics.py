@@ -56,31 +56,58 @@ class PhaseTimer:
         return out
 
 
-def step_row(*, r_acc: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor, finish_reasons: list[str],
-             times: dict[str, float], trained_tokens: int, kl_coef: float, eps: tuple[float, float],
-             **groups: dict[str, Any]) -> dict[str, Any]:
+def step_row(
+    *,
+    r_acc: torch.Tensor,
+    rewards: torch.Tensor,
+    lengths: torch.Tensor,
+    finish_reasons: list[str],
+    times: dict[str, float],
+    trained_tokens: int,
+    kl_coef: float,
+    eps: tuple[float, float],
+    **groups: dict[str, Any],
+) -> dict[str, Any]:
     """One step's metrics row. `r_acc`, `rewards`, `lengths`: [P, G]; `finish_reasons`: [P*G];
     `trained_tokens`: response tokens the update passes processed (all epochs); `groups`: named
     metric dicts, prefixed with their name (adv=..., train=... -> "adv/<key>", "train/<key>")."""
     correct = r_acc.flatten() > 0.5
     row: dict[str, Any] = {
-        "reward/mean": rewards.mean().item(), "acc/mean": r_acc.mean().item(),
-        "len/mean": lengths.mean().item(), "len/max": lengths.max().item(),
+        "reward/mean": rewards.mean().item(),
+        "acc/mean": r_acc.mean().item(),
+        "len/mean": lengths.mean().item(),
+        "len/max": lengths.max().item(),
         # NaN, not 0, when nothing is correct: a mean over no answers is undefined.
         "len/correct_mean": lengths.flatten()[correct].mean().item() if correct.any() else float("nan"),
         "truncated_frac": sum(r == "length" for r in finish_reasons) / len(finish_reasons),
     }
     for prefix, metrics in groups.items():
         row.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
-    row.update({"train/kl_coef": kl_coef, "train/eps_low": eps[0], "train/eps_high": eps[1], **times,
-                "throughput/rollout_tokens_per_s": lengths.sum().item() / max(times["time/rollout"], 1e-9),
-                "throughput/train_tokens_per_s": trained_tokens / max(times["time/update"], 1e-9)})
+    row.update(
+        {
+            "train/kl_coef": kl_coef,
+            "train/eps_low": eps[0],
+            "train/eps_high": eps[1],
+            **times,
+            "throughput/rollout_tokens_per_s": lengths.sum().item() / max(times["time/rollout"], 1e-9),
+            "throughput/train_tokens_per_s": trained_tokens / max(times["time/update"], 1e-9),
+        }
+    )
     return row
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, *, enabled: bool, total_steps: int, config: dict[str, Any] | None = None,
-                 wandb_project: str | None = None, progress_bar: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        config: dict[str, Any] | None = None,
+        wandb_project: str | None = None,
+        progress_bar: bool = True,
+        filename: str = "metrics.jsonl",
+    ):
         self.enabled = enabled
         self.path = Path(out_dir) / filename
         self._wandb = None
@@ -145,8 +172,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(metrics_path: str | Path, out_png: str | Path | None = None,
-         keys: tuple[str, ...] = ("reward/mean", "acc/mean", "len/mean", "len/correct_mean")) -> Path:
+def plot(
+    metrics_path: str | Path,
+    out_png: str | Path | None = None,
+    keys: tuple[str, ...] = ("reward/mean", "acc/mean", "len/mean", "len/correct_mean"),
+) -> Path:
     """PNG curves of reward and response length from one metrics.jsonl (several runs: `agpo_megatron.plot`)."""
     from agpo_megatron.plot import plot_runs
 

@@ -86,4 +86,5 @@ class BadStepCounter:
         if self.consecutive > self.max_bad_steps:
             raise NonFiniteError(
                 f"{self.consecutive} consecutive steps with a non-finite loss or gradient{step_desc} "
-                f"(algo.max_bad_steps={self.max_bad_steps}): the run has diverged; lower optim.lr or check the data")
+                f"(algo.max_bad_steps={self.max_bad_steps}): the run has diverged; lower optim.lr or check the data"
+            )

@@ -71,8 +71,10 @@ class HostStash:
             if s.nbytes() == 0 or s._cdata in seen:  # noqa: SLF001 (the StorageImpl's identity)
                 continue
             if not s.resizable():
-                raise RuntimeError(f"offload: cannot free a {what} storage of {s.nbytes()} bytes on {s.device}: "
-                                   "PyTorch did not allocate it (e.g. NCCL user buffers); turn this offload off")
+                raise RuntimeError(
+                    f"offload: cannot free a {what} storage of {s.nbytes()} bytes on {s.device}: "
+                    "PyTorch did not allocate it (e.g. NCCL user buffers); turn this offload off"
+                )
             seen.add(s._cdata)  # noqa: SLF001
             self._storages.append(s)
             self._nbytes.append(s.nbytes())
@@ -179,9 +181,11 @@ class ActorMemory:
         if self._enabled["grads"]:
             shared = HostStash(groups["grads"]).storage_ids() & HostStash(groups["params"]).storage_ids()
             if shared:
-                raise RuntimeError("offload.grads: the grad buffer shares storage with the params (e.g. MXFP8's "
-                                   "param all-gather reuses it), so discarding grads would discard weights; "
-                                   "turn offload.grads off")
+                raise RuntimeError(
+                    "offload.grads: the grad buffer shares storage with the params (e.g. MXFP8's "
+                    "param all-gather reuses it), so discarding grads would discard weights; "
+                    "turn offload.grads off"
+                )
         for name in names:
             if not self._enabled[name] or self.stashes[name].on_host:
                 continue

@@ -31,8 +31,9 @@ import torch
 from agpo_megatron.batch import MicroBatchPlan, Sequences
 
 
-def plan_packed(lengths: list[int], *, micro_batch_size: int, max_tokens: int | None, fixed_shape: bool,
-                pad_to_multiple: int = 8) -> list[MicroBatchPlan]:
+def plan_packed(
+    lengths: list[int], *, micro_batch_size: int, max_tokens: int | None, fixed_shape: bool, pad_to_multiple: int = 8
+) -> list[MicroBatchPlan]:
     """Pack sequences of `lengths` tokens into rows, and rows into micro-batches.
 
     Rows are `row_len` = the longest sequence rounded up to `pad_to_multiple` tokens, so a row is
@@ -44,6 +45,7 @@ def plan_packed(lengths: list[int], *, micro_batch_size: int, max_tokens: int | 
     `fixed_shape` (pipeline parallelism): every micro-batch is `[budget // row_len, row_len]`,
     the last one filled with empty rows.
     """
+
     def padded(n: int) -> int:
         return -(-n // pad_to_multiple) * pad_to_multiple
 
@@ -65,8 +67,10 @@ def plan_packed(lengths: list[int], *, micro_batch_size: int, max_tokens: int | 
     by_fill = sorted(range(len(rows)), key=lambda r: (room[r], r))  # fullest first
     if fixed_shape:
         per_mb = budget // row_len
-        return [MicroBatchPlan(rows=[rows[r] for r in by_fill[j : j + per_mb]], shape=(per_mb, row_len))
-                for j in range(0, len(by_fill), per_mb)]
+        return [
+            MicroBatchPlan(rows=[rows[r] for r in by_fill[j : j + per_mb]], shape=(per_mb, row_len))
+            for j in range(0, len(by_fill), per_mb)
+        ]
     plans: list[MicroBatchPlan] = []
     cur: list[int] = []
     for r in by_fill:
@@ -115,9 +119,17 @@ def to_packed_micro_batch(seqs: Sequences, plan: MicroBatchPlan, pad_id: int) ->
             position_ids[r, o:] = torch.arange(seq_len - o)
             cu.append((r + 1) * seq_len)
     cu_t = torch.tensor(cu, dtype=torch.int32)
-    mb = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "advantages": advantages,
-          "position_ids": position_ids, "seq_ids": seq_ids, "seq_index": torch.tensor(seq_index, dtype=torch.long),
-          "cu_seqlens": cu_t, "max_seqlen": int((cu_t[1:] - cu_t[:-1]).max())}
+    mb = {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "advantages": advantages,
+        "position_ids": position_ids,
+        "seq_ids": seq_ids,
+        "seq_index": torch.tensor(seq_index, dtype=torch.long),
+        "cu_seqlens": cu_t,
+        "max_seqlen": int((cu_t[1:] - cu_t[:-1]).max()),
+    }
     if seqs.rollout_logprobs is not None:
         mb["rollout_logprobs"] = rollout_lp
     return mb

@@ -124,8 +124,8 @@ def torchrun_env_from_slurm(env: Mapping[str, str], first_host: Callable[[str], 
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "GROUP_RANK": str(node),
         "NODE_RANK": str(node),
-        "MASTER_PORT": env.get("MASTER_PORT") or str(
-            20000 + (int(env.get("SLURM_JOB_ID", "9500")) + 997 * int(env.get("SLURM_RESTART_COUNT", "0"))) % 12000),
+        "MASTER_PORT": env.get("MASTER_PORT")
+        or str(20000 + (int(env.get("SLURM_JOB_ID", "9500")) + 997 * int(env.get("SLURM_RESTART_COUNT", "0"))) % 12000),
         "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
     }
     if per_node:
@@ -169,8 +169,9 @@ def init_distributed(*, timeout_s: float = 3600.0) -> None:
         return
     _env_from_slurm()
     if "RANK" not in os.environ:  # a plain `python script.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     if cpu_platform.cuda_present():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
@@ -189,8 +190,11 @@ def init_model_parallel(tp: int, pp: int, seed: int, *, timeout_s: float = 3600.
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     # Megatron gives its own groups a 30-minute timeout unless told otherwise.
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  distributed_timeout_minutes=max(1, round(timeout_s / 60)))
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=max(1, round(timeout_s / 60)),
+    )
     with cpu_platform.megatron_scope():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
@@ -210,8 +214,14 @@ def set_collective_timeout(timeout_s: float) -> int:
     if timeout_s <= 0:
         return 0
     td = datetime.timedelta(seconds=timeout_s)
-    getters = [lambda: None, mpu.get_tensor_model_parallel_group, mpu.get_pipeline_model_parallel_group,
-               mpu.get_data_parallel_group, mpu.get_model_parallel_group, mpu.get_embedding_group]
+    getters = [
+        lambda: None,
+        mpu.get_tensor_model_parallel_group,
+        mpu.get_pipeline_model_parallel_group,
+        mpu.get_data_parallel_group,
+        mpu.get_model_parallel_group,
+        mpu.get_embedding_group,
+    ]
     done, seen = 0, set()
     for get in getters:
         try:

@@ -19,7 +19,15 @@ import dataclasses
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.models.hf_config import ModelArch
 from agpo_megatron.plan_formulas import (
-    GiB, Activations, LossSet, TrainState, loss_working_set, plan_spec, stage_activations, stage_params, train_state,
+    GiB,
+    Activations,
+    LossSet,
+    TrainState,
+    loss_working_set,
+    plan_spec,
+    stage_activations,
+    stage_params,
+    train_state,
     vllm_weight_bytes,
 )
 
@@ -80,10 +88,16 @@ class MemoryPlan:
 
     def misfits(self) -> list[tuple[int, str, int]]:
         """(pp_rank, phase, bytes over the usable memory) for every phase that does not fit."""
-        return [(s.pp_rank, ph, s.total(ph) - self.usable) for s in self.stages for ph in PHASES
-                if s.total(ph) > self.usable] + \
-               [(s.pp_rank, "rollout", self.vllm_weights - self.vllm_total) for s in self.stages[:1]
-                if self.vllm_weights >= self.vllm_total]
+        return [
+            (s.pp_rank, ph, s.total(ph) - self.usable)
+            for s in self.stages
+            for ph in PHASES
+            if s.total(ph) > self.usable
+        ] + [
+            (s.pp_rank, "rollout", self.vllm_weights - self.vllm_total)
+            for s in self.stages[:1]
+            if self.vllm_weights >= self.vllm_total
+        ]
 
 
 def default_margin(gpu_bytes: int) -> int:
@@ -92,7 +106,9 @@ def default_margin(gpu_bytes: int) -> int:
     return 4 * GiB + gpu_bytes // 20
 
 
-def plan_memory(cfg: TrainConfig, world_size: int, *, gpu_gb: float = 80.0, margin_gb: float | None = None) -> MemoryPlan:
+def plan_memory(
+    cfg: TrainConfig, world_size: int, *, gpu_gb: float = 80.0, margin_gb: float | None = None
+) -> MemoryPlan:
     """The plan for `cfg` on `world_size` GPUs of `gpu_gb` GiB each (needs `model.hf_path/config.json`)."""
     from agpo_megatron.bridge.export import DEFAULT_BUCKET_BYTES
     from agpo_megatron.models.hf_config import read_arch
@@ -113,10 +129,15 @@ def plan_memory(cfg: TrainConfig, world_size: int, *, gpu_gb: float = 80.0, marg
     sync_buf = DEFAULT_BUCKET_BYTES + 3 * largest
     stages = []
     for pp_rank in sorted({0, pp - 1}):
-        params = stage_params(arch, tp=tp, pp=pp, pp_rank=pp_rank, params_dtype=cfg.model.params_dtype,
-                              spec=plan_spec(cfg))
-        st = train_state(params, dp=dp, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                         tied_pp=arch.tie_word_embeddings and pp > 1)
+        params = stage_params(
+            arch, tp=tp, pp=pp, pp_rank=pp_rank, params_dtype=cfg.model.params_dtype, spec=plan_spec(cfg)
+        )
+        st = train_state(
+            params,
+            dp=dp,
+            distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            tied_pp=arch.tie_word_embeddings and pp > 1,
+        )
         ref = sum(p.nbytes for p in params) if kl_on else 0
         linear = ("linear_qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")
         fp8_cache = 2 * sum(p.numel for p in params if p.name.endswith(linear)) if cfg.model.fp8 else 0
@@ -131,23 +152,48 @@ def plan_memory(cfg: TrainConfig, world_size: int, *, gpu_gb: float = 80.0, marg
         loss_fwd = (loss.fused_forward if cfg.algo.fused_loss else loss.naive_forward) if last and scores else 0
 
         def megatron(offloaded: bool) -> dict[str, int]:
-            return {"actor params": 0 if offloaded and off.params else st.params,
-                    "actor grad buffer": 0 if offloaded and off.grads else st.grads,
-                    "optimizer main params": 0 if offloaded and off.params else st.main_params,
-                    "optimizer Adam m, v": 0 if offloaded and off.optimizer else st.adam}
+            return {
+                "actor params": 0 if offloaded and off.params else st.params,
+                "actor grad buffer": 0 if offloaded and off.grads else st.grads,
+                "optimizer main params": 0 if offloaded and off.params else st.main_params,
+                "optimizer Adam m, v": 0 if offloaded and off.optimizer else st.adam,
+            }
 
         ref_resident = 0 if off.reference else ref
         phases = {
-            "rollout": {**megatron(True), "reference params": ref_resident,
-                        "vLLM weights": vllm_w, "vLLM KV cache + workspace": max(0, vllm_total - vllm_w)},
-            "logprobs": {**megatron(False), "reference params": ref, "activations": fwd_act,
-                         "loss working set": loss_fwd, "fp8 weight copies": fp8_cache, **idle},
-            "update": {**megatron(False), "reference params": ref_resident, "activations": train_act,
-                       "loss working set": loss_train, "fp8 weight copies": fp8_cache, **idle},
-            "sync": {**megatron(False), "reference params": ref_resident, "weight-sync buffers": sync_buf,
-                     **({"vLLM weights": vllm_w} if r.enable_sleep_mode else idle)},
+            "rollout": {
+                **megatron(True),
+                "reference params": ref_resident,
+                "vLLM weights": vllm_w,
+                "vLLM KV cache + workspace": max(0, vllm_total - vllm_w),
+            },
+            "logprobs": {
+                **megatron(False),
+                "reference params": ref,
+                "activations": fwd_act,
+                "loss working set": loss_fwd,
+                "fp8 weight copies": fp8_cache,
+                **idle,
+            },
+            "update": {
+                **megatron(False),
+                "reference params": ref_resident,
+                "activations": train_act,
+                "loss working set": loss_train,
+                "fp8 weight copies": fp8_cache,
+                **idle,
+            },
+            "sync": {
+                **megatron(False),
+                "reference params": ref_resident,
+                "weight-sync buffers": sync_buf,
+                **({"vLLM weights": vllm_w} if r.enable_sleep_mode else idle),
+            },
         }
-        host = sum(v for k, v in megatron(False).items() if not megatron(True)[k]) + (ref if off.reference else 0) \
+        host = (
+            sum(v for k, v in megatron(False).items() if not megatron(True)[k])
+            + (ref if off.reference else 0)
             + (vllm_w if r.enable_sleep_mode and r.sleep_level == 1 else 0)
+        )
         stages.append(StagePlan(pp_rank, st, ref, act, loss, phases, host))
     return MemoryPlan(arch, cfg, world_size, dp, gpu, margin, vllm_w, vllm_total, sync_buf, stages)

@@ -50,8 +50,9 @@ class Param:
         return self.numel * DTYPE_BYTES[self.dtype]
 
 
-def stage_params(arch: ModelArch, *, tp: int, pp: int, pp_rank: int, params_dtype: str = "bfloat16",
-                 spec: str = "te") -> list[Param]:
+def stage_params(
+    arch: ModelArch, *, tp: int, pp: int, pp_rank: int, params_dtype: str = "bfloat16", spec: str = "te"
+) -> list[Param]:
     """This rank's parameters in `GPTModel.named_parameters()` order (local spec names).
 
     Column-parallel weights split their output rows over TP, row-parallel ones their input
@@ -114,8 +115,9 @@ def _ceil_to(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def ddp_buckets(params: list[Param], *, dp: int, distributed_optimizer: bool, tied_pp: bool,
-                bucket_size: int | None = None) -> list[tuple[int, int, list[tuple[int, int]]]]:
+def ddp_buckets(
+    params: list[Param], *, dp: int, distributed_optimizer: bool, tied_pp: bool, bucket_size: int | None = None
+) -> list[tuple[int, int, list[tuple[int, int]]]]:
     """Megatron DDP's layout of one (param dtype, fp32 grad) buffer: [(start, end, param ranges)].
 
     Mirrors `_ParamAndGradBuffer.__init__` (megatron/core/distributed/param_and_grad_buffer.py,
@@ -150,8 +152,14 @@ def ddp_buckets(params: list[Param], *, dp: int, distributed_optimizer: bool, ti
     return buckets
 
 
-def train_state(params: list[Param], *, dp: int, dp_rank: int | None = None,
-                distributed_optimizer: bool = True, tied_pp: bool = False) -> TrainState:
+def train_state(
+    params: list[Param],
+    *,
+    dp: int,
+    dp_rank: int | None = None,
+    distributed_optimizer: bool = True,
+    tied_pp: bool = False,
+) -> TrainState:
     """Params, grad buffer and optimizer state of one rank (`dp_rank` None: the largest DP shard).
 
     Megatron groups params into one buffer per dtype; the distributed optimizer gives each DP rank
@@ -188,8 +196,9 @@ def train_state(params: list[Param], *, dp: int, dp_rank: int | None = None,
     return best
 
 
-def layer_activation_bytes(arch: ModelArch, *, tokens: int, tp: int, sequence_parallel: bool,
-                           spec: str, seq_len: int, fp8: bool = False) -> tuple[int, int]:
+def layer_activation_bytes(
+    arch: ModelArch, *, tokens: int, tp: int, sequence_parallel: bool, spec: str, seq_len: int, fp8: bool = False
+) -> tuple[int, int]:
     """(saved for backward, layer input) bytes of one transformer layer for one micro-batch.
 
     Korthikanti et al. Sec. 4.1 count 34*s*b*h + 5*a*s^2*b bytes per layer for a GPT layer with
@@ -209,8 +218,13 @@ def layer_activation_bytes(arch: ModelArch, *, tokens: int, tp: int, sequence_pa
     a, g = arch.num_attention_heads, arch.num_query_groups
     lin = 1 if fp8 else 2  # bytes per saved linear input
     replicated = 2 * 2 * tokens * h + 2 * lin * tokens * h  # norm inputs; QKV / fc1 inputs
-    sharded = (2 * tokens * (a * d + 2 * g * d) + lin * tokens * a * d  # Q, K, V; proj input
-               + 4 * tokens * a + 2 * tokens * 2 * f + lin * tokens * f)  # lse; fc1 out; fc2 input
+    sharded = (
+        2 * tokens * (a * d + 2 * g * d)
+        + lin * tokens * a * d  # Q, K, V; proj input
+        + 4 * tokens * a
+        + 2 * tokens * 2 * f
+        + lin * tokens * f
+    )  # lse; fc1 out; fc2 input
     if spec == "local":
         sharded += 2 * a * seq_len * tokens
     sp = tp if sequence_parallel else 1
@@ -240,8 +254,14 @@ def stage_activations(arch: ModelArch, cfg: TrainConfig, *, pp_rank: int, dp: in
     tp, pp, sp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel
     tokens = tokens_per_micro_batch(cfg)
     per_layer, layer_in = layer_activation_bytes(
-        arch, tokens=tokens, tp=tp, sequence_parallel=sp, spec=plan_spec(cfg),
-        seq_len=cfg.model.max_seq_len, fp8=cfg.model.fp8 is not None)
+        arch,
+        tokens=tokens,
+        tp=tp,
+        sequence_parallel=sp,
+        spec=plan_spec(cfg),
+        seq_len=cfg.model.max_seq_len,
+        fp8=cfg.model.fp8 is not None,
+    )
     seqs = cfg.batch.update_prompts * cfg.algo.group_size // dp  # one optimizer step: a mini-batch
     if cfg.batch.max_tokens_per_micro_batch:  # worst case: every row padded to max_seq_len
         n_mb = math.ceil(seqs / max(1, tokens // cfg.model.max_seq_len))
@@ -253,7 +273,8 @@ def stage_activations(arch: ModelArch, cfg: TrainConfig, *, pp_rank: int, dp: in
     if pp_rank == pp - 1:  # final norm input (SP-sharded) + its output, the LM head's input
         extra = 2 * tokens * arch.hidden_size // (tp if sp else 1) + 2 * tokens * arch.hidden_size
     return Activations(
-        per_layer=per_layer, in_flight=in_flight,
+        per_layer=per_layer,
+        in_flight=in_flight,
         no_recompute=in_flight * layers * per_layer + extra,
         # Sec. 4.3: inputs of every layer kept, one layer's activations rebuilt at a time.
         full_recompute=in_flight * layers * layer_in + per_layer + extra,
@@ -296,8 +317,12 @@ def loss_working_set(arch: ModelArch, cfg: TrainConfig) -> LossSet:
     fused_fwd = 3 * 4 * chunk * v_local
     naive_fwd = (2 + 4 + 4) * tokens * v_local
     entropy = 4 * tokens * v_local if cfg.algo.loss.entropy_coef > 0 else 0
-    return LossSet(fused=fused_fwd + pbytes * (tokens * h + v_local * h), naive=naive_fwd + entropy,
-                   fused_forward=fused_fwd, naive_forward=naive_fwd)
+    return LossSet(
+        fused=fused_fwd + pbytes * (tokens * h + v_local * h),
+        naive=naive_fwd + entropy,
+        fused_forward=fused_fwd,
+        naive_forward=naive_fwd,
+    )
 
 
 def hf_param_count(arch: ModelArch) -> int:

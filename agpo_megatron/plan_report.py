@@ -6,7 +6,12 @@ import dataclasses
 
 from agpo_megatron.plan import PHASES, MemoryPlan, StagePlan
 from agpo_megatron.plan_formulas import (
-    GiB, hf_param_count, kv_bytes_per_token, loss_working_set, stage_activations, tokens_per_micro_batch,
+    GiB,
+    hf_param_count,
+    kv_bytes_per_token,
+    loss_working_set,
+    stage_activations,
+    tokens_per_micro_batch,
 )
 
 
@@ -23,9 +28,11 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
     arch, p = plan.arch, cfg.parallel
     tps = [t for t in (2, 4, 8) if t > p.tp and arch.num_query_groups % t == 0]
     pps = [k for k in range(p.pp + 1, arch.num_layers + 1) if arch.num_layers % k == 0]
-    more_mp = "more model parallelism (" + " or ".join(
-        ([f"parallel.tp={tps[0]}"] if tps else []) + ([f"parallel.pp={pps[0]}"] if pps else [])) + \
-        "): shrinks every Megatron term, at a smaller data-parallel size"
+    more_mp = (
+        "more model parallelism ("
+        + " or ".join(([f"parallel.tp={tps[0]}"] if tps else []) + ([f"parallel.pp={pps[0]}"] if pps else []))
+        + "): shrinks every Megatron term, at a smaller data-parallel size"
+    )
     if phase == "rollout":
         if not off.optimizer:
             tips.append((st.adam, "offload.optimizer=true"))
@@ -35,8 +42,13 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
             tips.append((st.params + st.main_params, "offload.params=true"))
         if stage.reference and not off.reference:
             tips.append((stage.reference, "offload.reference=true"))
-        tips.append((0, f"a lower rollout.gpu_memory_utilization (now {r.gpu_memory_utilization}; the weights alone "
-                        f"need {plan.vllm_weights / plan.gpu_bytes:.2f})"))
+        tips.append(
+            (
+                0,
+                f"a lower rollout.gpu_memory_utilization (now {r.gpu_memory_utilization}; the weights alone "
+                f"need {plan.vllm_weights / plan.gpu_bytes:.2f})",
+            )
+        )
     if phase in ("logprobs", "update", "sync") and not r.enable_sleep_mode:
         tips.append((plan.vllm_total, "rollout.enable_sleep_mode=true"))
     if phase == "update":
@@ -44,14 +56,20 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
             tips.append((act.no_recompute - act.full_recompute, "model.recompute_activations=true"))
         if cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
             sp = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sequence_parallel=True))
-            tips.append((_update_bytes(plan, stage) - _update_bytes(plan, stage, sp), "parallel.sequence_parallel=true"))
+            tips.append(
+                (_update_bytes(plan, stage) - _update_bytes(plan, stage, sp), "parallel.sequence_parallel=true")
+            )
         if not cfg.algo.fused_loss and stage.loss.naive > stage.loss.fused:
             tips.append((stage.loss.naive - stage.loss.fused, "algo.fused_loss=true"))
     half = tokens_per_micro_batch(cfg) // 2
     if phase == "update" and half >= m.max_seq_len:
         smaller = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, max_tokens_per_micro_batch=half))
-        tips.append((_update_bytes(plan, stage) - _update_bytes(plan, stage, smaller),
-                     f"batch.max_tokens_per_micro_batch={half}"))
+        tips.append(
+            (
+                _update_bytes(plan, stage) - _update_bytes(plan, stage, smaller),
+                f"batch.max_tokens_per_micro_batch={half}",
+            )
+        )
     if phase == "sync":
         rtps = [t for t in (2, 4, 8) if t > r.tp and plan.arch.num_query_groups % t == 0]
         if rtps:
@@ -69,8 +87,9 @@ def _update_bytes(plan: MemoryPlan, stage: StagePlan, cfg=None) -> int:
     act = stage_activations(plan.arch, cfg, pp_rank=stage.pp_rank, dp=plan.dp)
     loss = loss_working_set(plan.arch, cfg)
     last = stage.pp_rank == cfg.parallel.pp - 1
-    return (act.full_recompute if cfg.model.recompute_activations else act.no_recompute) + \
-        ((loss.fused if cfg.algo.fused_loss else loss.naive) if last else 0)
+    return (act.full_recompute if cfg.model.recompute_activations else act.no_recompute) + (
+        (loss.fused if cfg.algo.fused_loss else loss.naive) if last else 0
+    )
 
 
 def render(plan: MemoryPlan) -> str:
@@ -101,8 +120,10 @@ def render(plan: MemoryPlan) -> str:
     ]
     host = max(s.host for s in plan.stages)
     if host:
-        lines.append("host memory per rank for what is offloaded (offload.*, vLLM weights at sleep level 1): "
-                     f"{host / GiB:.2f} GiB")
+        lines.append(
+            "host memory per rank for what is offloaded (offload.*, vLLM weights at sleep level 1): "
+            f"{host / GiB:.2f} GiB"
+        )
     for stage in plan.stages:
         lines += ["", _stage_table(plan, stage)]
     misfits = plan.misfits()
@@ -135,7 +156,8 @@ def _stage_table(plan: MemoryPlan, stage: StagePlan) -> str:
             rows.append(f"{name:<28}" + "".join(f"  {_gib(v)}" if v else f"{'-':>10}" for v in vals))
     total = f"{'total':<28}" + "".join(f"  {_gib(stage.total(ph))}" for ph in PHASES)
     fits = f"{'fits ' + format(plan.usable / GiB, '.1f') + ' GiB':<28}" + "".join(
-        f"{'yes' if stage.total(ph) <= plan.usable else 'NO':>10}" for ph in PHASES)
+        f"{'yes' if stage.total(ph) <= plan.usable else 'NO':>10}" for ph in PHASES
+    )
     return "\n".join(head + rows + [total, fits])
 
 
@@ -145,6 +167,8 @@ def warnings(plan: MemoryPlan) -> list[str]:
     for pp_rank, phase, over in plan.misfits():
         stage = next(s for s in plan.stages if s.pp_rank == pp_rank)
         tips = "; ".join(advice(plan, stage, phase)[:3])
-        out.append(f"warning: memory: {phase} on pp stage {pp_rank} needs {over / GiB:.1f} GiB more than the "
-                   f"{plan.usable / GiB:.1f} GiB usable of {plan.gpu_bytes / GiB:.0f} GiB; try {tips}")
+        out.append(
+            f"warning: memory: {phase} on pp stage {pp_rank} needs {over / GiB:.1f} GiB more than the "
+            f"{plan.usable / GiB:.1f} GiB usable of {plan.gpu_bytes / GiB:.0f} GiB; try {tips}"
+        )
     return out

@@ -65,8 +65,11 @@ def plot_runs(runs: list[tuple[str, Path]], out_png: str | Path, keys: tuple[str
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, label in enumerate(labels):
-            curves = [{r["step"]: r[key] for r in rows[p] if isinstance(r.get(key), (int, float))
-                       and math.isfinite(r[key])} for lb, p in runs if lb == label]
+            curves = [
+                {r["step"]: r[key] for r in rows[p] if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])}
+                for lb, p in runs
+                if lb == label
+            ]
             curves = [c for c in curves if c]
             if not curves:
                 continue

@@ -31,8 +31,15 @@ def _build(arch: ModelArch, cfg, layout: Layout):
     """A GPTModel shard with its initial weights (before any optimizer copies them)."""
     model = build.build_gpt(arch, cfg.model, cfg.parallel)
     if cfg.model.init_from == "hf":
-        load_hf_weights(model, arch, HFCheckpointReader(cfg.model.hf_path), tp_rank=layout.tp_rank, tp=layout.tp,
-                        pp_rank=layout.pp_rank, pp=layout.pp)
+        load_hf_weights(
+            model,
+            arch,
+            HFCheckpointReader(cfg.model.hf_path),
+            tp_rank=layout.tp_rank,
+            tp=layout.tp,
+            pp_rank=layout.pp_rank,
+            pp=layout.pp,
+        )
     elif cfg.model.init_from == "megatron":  # e.g. written by hf_to_megatron, at any TP/PP
         from agpo_megatron.checkpoint.train_state import load_checkpoint
 
@@ -79,22 +86,35 @@ class Reference:
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
         with self.memory.resident():  # the outputs are new tensors: they stay when the weights leave
-            return forward.compute_logprobs([self.model], micro_batches, temperature=temperature,
-                                            with_entropy=with_entropy, chunk_tokens=self.chunk_tokens)
+            return forward.compute_logprobs(
+                [self.model],
+                micro_batches,
+                temperature=temperature,
+                with_entropy=with_entropy,
+                chunk_tokens=self.chunk_tokens,
+            )
 
 
 class Actor:
     """The trained policy: Megatron DDP + (distributed) optimizer + LR schedule."""
 
-    def __init__(self, arch: ModelArch, cfg, layout: Layout, total_steps: int,
-                 init_weights: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        arch: ModelArch,
+        cfg,
+        layout: Layout,
+        total_steps: int,
+        init_weights: dict[str, torch.Tensor] | None = None,
+    ):
         """`init_weights` (this rank's `named_parameters()` of another actor) replaces `cfg.model.init_from`.
         It is copied in before the optimizer exists, so its fp32 main params start from it too."""
         self.arch, self.layout = arch, layout
         self.model = _build(arch, cfg, layout) if init_weights is None else _build_from(arch, cfg, init_weights)
         # The fused loss (ops/fused_loss.py) by default; the plain reference path on request.
         self.chunk_tokens = cfg.algo.loss_chunk_tokens if cfg.algo.fused_loss else None
-        self.ddp, self.optimizer, self.scheduler = build.wrap_for_training(self.model, cfg.optim, cfg.parallel, total_steps)
+        self.ddp, self.optimizer, self.scheduler = build.wrap_for_training(
+            self.model, cfg.optim, cfg.parallel, total_steps
+        )
         self.bad_steps = BadStepCounter(cfg.algo.max_bad_steps)
 
     @property
@@ -108,12 +128,26 @@ class Actor:
         return pad_multiple(tp=c.tensor_model_parallel_size, sequence_parallel=c.sequence_parallel, fp8=bool(c.fp8))
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
-        return forward.compute_logprobs(self.chunks, micro_batches, temperature=temperature,
-                                        with_entropy=with_entropy, chunk_tokens=self.chunk_tokens)
+        return forward.compute_logprobs(
+            self.chunks,
+            micro_batches,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            chunk_tokens=self.chunk_tokens,
+        )
 
-    def policy_step(self, micro_batches, loss_cfg: PolicyLossConfig, *, temperature: float,
-                    global_num_tokens: int, global_num_seqs: int, kl_coef: float, eps: tuple[float, float],
-                    on_policy: bool = False):
+    def policy_step(
+        self,
+        micro_batches,
+        loss_cfg: PolicyLossConfig,
+        *,
+        temperature: float,
+        global_num_tokens: int,
+        global_num_seqs: int,
+        kl_coef: float,
+        eps: tuple[float, float],
+        on_policy: bool = False,
+    ):
         """One PPO/GRPO optimizer step with the token-level loss of algo/loss.py.
 
         Micro-batches carry "old_logprobs" (and "ref_logprobs", "rollout_logprobs" when used).
@@ -122,29 +156,52 @@ class Actor:
         The counts are those of the whole mini-batch over all DP ranks, which makes the gradient
         independent of the DP/micro-batch layout. `kl_coef` and `eps` are this step's (adaptive) values.
         """
-        common = dict(kl_coef=kl_coef, eps_low=eps[0], eps_high=eps[1],
-                      global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+        common = dict(
+            kl_coef=kl_coef,
+            eps_low=eps[0],
+            eps_high=eps[1],
+            global_num_tokens=global_num_tokens,
+            global_num_seqs=global_num_seqs,
+        )
 
         def extras(mb):
-            return dict(ref_logprobs=mb.get("ref_logprobs"), seq_ids=mb.get("seq_ids"),  # seq_ids: packed rows
-                        rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None)
+            return dict(
+                ref_logprobs=mb.get("ref_logprobs"),
+                seq_ids=mb.get("seq_ids"),  # seq_ids: packed rows
+                rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None,
+            )
 
         def old(mb):
             return None if on_policy else mb["old_logprobs"]
 
         if self.chunk_tokens is None:
+
             def loss_fn(logits, mb):  # [B, S, V/TP]: the plain path materialises fp32 log-softmax
                 lp, ent = forward.vocab_parallel_logprobs(logits, mb["targets"], temperature=temperature)
-                return policy_loss(lp, old(mb), mb["advantages"], mb["loss_mask"], loss_cfg,
-                                   entropy=ent, **extras(mb), **common)
+                return policy_loss(
+                    lp, old(mb), mb["advantages"], mb["loss_mask"], loss_cfg, entropy=ent, **extras(mb), **common
+                )
+
             return self.train_step(micro_batches, loss_fn)
 
         with capture_lm_head_input(self.model) as weight:
+
             def fused_loss_fn(hidden, mb):  # [B, S, H]: the logits never exist
                 loss, metrics, _, _ = fused_policy_loss_from_hidden(
-                    hidden, weight, mb["targets"], old(mb), mb["advantages"], mb["loss_mask"], loss_cfg,
-                    temperature=temperature, chunk_tokens=self.chunk_tokens, **extras(mb), **common)
+                    hidden,
+                    weight,
+                    mb["targets"],
+                    old(mb),
+                    mb["advantages"],
+                    mb["loss_mask"],
+                    loss_cfg,
+                    temperature=temperature,
+                    chunk_tokens=self.chunk_tokens,
+                    **extras(mb),
+                    **common,
+                )
                 return loss, metrics
+
             return self.train_step(micro_batches, fused_loss_fn)
 
     def train_step(self, micro_batches, loss_fn: LossFn) -> dict[str, float]:
@@ -163,9 +220,13 @@ class Actor:
         else:
             ok, grad_norm = False, float("nan")
         self.bad_steps.record(finite)  # raises NonFiniteError after algo.max_bad_steps in a row
-        metrics.update(grad_norm=float(grad_norm if grad_norm is not None else 0.0), update_skipped=float(not ok),
-                       nonfinite_step=float(not finite), nonfinite_steps_total=float(self.bad_steps.total),
-                       lr=self.optimizer.param_groups[0]["lr"])
+        metrics.update(
+            grad_norm=float(grad_norm if grad_norm is not None else 0.0),
+            update_skipped=float(not ok),
+            nonfinite_step=float(not finite),
+            nonfinite_steps_total=float(self.bad_steps.total),
+            lr=self.optimizer.param_groups[0]["lr"],
+        )
         return metrics
 
     def check_finite(self, where: str) -> None:

@@ -49,8 +49,9 @@ def attach_logprobs(actor, reference, minis: list[MiniBatch], *, mode: str, epoc
                 mb["ref_logprobs"] = out["logprobs"]
 
 
-def update(actor, minis: list[MiniBatch], loss_cfg: PolicyLossConfig, *, mode: str, epochs: int,
-           **step: Any) -> dict[str, float]:
+def update(
+    actor, minis: list[MiniBatch], loss_cfg: PolicyLossConfig, *, mode: str, epochs: int, **step: Any
+) -> dict[str, float]:
     """All optimizer steps of one rollout; returns `summarize` of their metrics.
 
     `step`: `Actor.policy_step`'s temperature, kl_coef and eps (fixed over the rollout: the
@@ -58,9 +59,16 @@ def update(actor, minis: list[MiniBatch], loss_cfg: PolicyLossConfig, *, mode: s
     per_update = []
     for epoch in range(epochs):
         for i, mini in enumerate(minis):
-            per_update.append(actor.policy_step(
-                mini.micro_batches, loss_cfg, global_num_tokens=mini.num_tokens, global_num_seqs=mini.num_seqs,
-                on_policy=epoch == 0 and _shortcut(i, mode, epochs), **step))
+            per_update.append(
+                actor.policy_step(
+                    mini.micro_batches,
+                    loss_cfg,
+                    global_num_tokens=mini.num_tokens,
+                    global_num_seqs=mini.num_seqs,
+                    on_policy=epoch == 0 and _shortcut(i, mode, epochs),
+                    **step,
+                )
+            )
     return summarize(per_update)
 
 
@@ -73,8 +81,10 @@ def summarize(per_update: list[dict[str, float]]) -> dict[str, float]:
     ones not at the sampling weights (update 1's is 0, or the engine mismatch with logprob_mode rollout).
     """
     keys = sorted({k for m in per_update for k in m})
-    row = {k: (per_update[-1].get(k, 0.0) if k in _LAST else sum(m.get(k, 0.0) for m in per_update) / len(per_update))
-           for k in keys}
+    row = {
+        k: (per_update[-1].get(k, 0.0) if k in _LAST else sum(m.get(k, 0.0) for m in per_update) / len(per_update))
+        for k in keys
+    }
     row["num_updates"] = float(len(per_update))
     for k in ("pg_clipfrac", "approx_kl"):
         if k in per_update[-1]:

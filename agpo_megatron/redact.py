@@ -21,8 +21,7 @@ _MIN_LEN = 6
 
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
-    vals = {v for k, v in env.items()
-            if (k == "WANDB_API_KEY" or k.upper().endswith(_SUFFIXES)) and len(v) >= _MIN_LEN}
+    vals = {v for k, v in env.items() if (k == "WANDB_API_KEY" or k.upper().endswith(_SUFFIXES)) and len(v) >= _MIN_LEN}
     return sorted(vals, key=len, reverse=True)  # longest first: a secret containing another stays masked
 
 

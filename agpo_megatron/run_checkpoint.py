@@ -84,8 +84,12 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch_cpu": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "megatron_tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
     }
     if cpu_platform.cuda_present():
@@ -123,8 +127,10 @@ def find_resume(cfg: TrainConfig) -> Path | None:
     if not step_dirs.is_complete(path):  # a save_dir: its newest complete step
         newest = step_dirs.newest_complete(path)
         if newest is None:
-            raise ConfigError(f"checkpoint.resume={ck.resume}: neither a run checkpoint (no "
-                              f"{step_dirs.COMPLETE_MARKER}) nor a save_dir holding one")
+            raise ConfigError(
+                f"checkpoint.resume={ck.resume}: neither a run checkpoint (no "
+                f"{step_dirs.COMPLETE_MARKER}) nor a save_dir holding one"
+            )
         path = newest
     return path
 
@@ -133,9 +139,16 @@ class RunCheckpointer:
     """Saves and restores everything the loop needs to continue bit-exactly. Collective: every
     method runs on every rank, in the same order."""
 
-    def __init__(self, cfg: TrainConfig, layout: Layout, actor, sampler, kl_ctl: KLController,
-                 clip_ctl: ClipController,
-                 resident: Callable[[], ContextManager[Any]] = contextlib.nullcontext):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        layout: Layout,
+        actor,
+        sampler,
+        kl_ctl: KLController,
+        clip_ctl: ClipController,
+        resident: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+    ):
         """`resident()`: a context in which the actor's state is in memory (it may be offloaded between
         steps, see colocate.py); saves run inside it."""
         self.cfg, self.layout, self.actor, self.sampler = cfg, layout, actor, sampler
@@ -153,8 +166,9 @@ class RunCheckpointer:
         if error:
             raise ConfigError(error)
         self.resume_from = Path(resume) if resume else None
-        self.state: dict[str, Any] = json.loads((self.resume_from / step_dirs.COMPLETE_MARKER).read_text()) \
-            if self.resume_from else {}
+        self.state: dict[str, Any] = (
+            json.loads((self.resume_from / step_dirs.COMPLETE_MARKER).read_text()) if self.resume_from else {}
+        )
 
     def _plan(self) -> tuple[str | None, str | None]:
         """(error, folder to resume from), decided on rank 0 and shared."""
@@ -169,8 +183,10 @@ class RunCheckpointer:
         existing = step_dirs.newest_complete(self.save_dir) if self.save_dir else None
         if found is None:
             if existing is not None:  # resume=never over a run's checkpoints
-                return (f"checkpoint.resume=never but checkpoint.save_dir={self.save_dir} already holds "
-                        f"{existing.name}; a step folder is never overwritten: use another save_dir or resume=auto"), None
+                return (
+                    f"checkpoint.resume=never but checkpoint.save_dir={self.save_dir} already holds "
+                    f"{existing.name}; a step folder is never overwritten: use another save_dir or resume=auto"
+                ), None
             if self.cfg.checkpoint.resume == "auto" and self.save_dir is not None:
                 say(f"resume=auto: no complete checkpoint under {self.save_dir}, starting fresh")
             return None, None
@@ -198,8 +214,10 @@ class RunCheckpointer:
         if self.resuming:
             source = self.state.get("reference")
             if not source:
-                raise ConfigError(f"checkpoint.resume: {self.resume_from} records no Reference source (the run "
-                                  "started without a KL term); it cannot resume with one")
+                raise ConfigError(
+                    f"checkpoint.resume: {self.resume_from} records no Reference source (the run "
+                    "started without a KL term); it cannot resume with one"
+                )
             self.reference_source = source
             say(f"Reference rebuilt from its recorded source: {source['kind']} {source['path']}")
             return Reference(arch, _config_for_source(self.cfg, source), self.layout)
@@ -252,8 +270,10 @@ class RunCheckpointer:
         if st["layout"]["world_size"] == self.layout.world_size:
             set_rng_state(torch.load(_rng_file(path, self.layout.rank), weights_only=True))
         else:
-            say(f"saved at world size {st['layout']['world_size']}, resuming at {self.layout.world_size}: "
-                "RNG states start fresh")
+            say(
+                f"saved at world size {st['layout']['world_size']}, resuming at {self.layout.world_size}: "
+                "RNG states start fresh"
+            )
         if self.layout.rank == 0:
             _trim_metrics(Path(self.cfg.logging.out_dir) / "metrics.jsonl", st["step"])
         return st["step"] + 1, float(st["kl_coef"]), (float(st["eps"][0]), float(st["eps"][1]))
@@ -264,7 +284,8 @@ class RunCheckpointer:
             raise ConfigError(
                 f"checkpoint.resume: {self.resume_from} was saved at tp={saved['tp']} pp={saved['pp']}; this run has "
                 f"tp={now.tp} pp={now.pp}. The optimizer state reshards over data-parallel ranks only: resume at "
-                f"the saved tp/pp, or start a new run from its weights (model.init_from=megatron, checkpoint.load_dir)")
+                f"the saved tp/pp, or start a new run from its weights (model.init_from=megatron, checkpoint.load_dir)"
+            )
         old, new = st["config"], to_dict(self.cfg)
         changed = [f"optim.{k}" for k in new["optim"] if old["optim"].get(k) != new["optim"][k]]
         changed += [k for k in ("steps",) if old[k] != new[k]]
@@ -272,8 +293,10 @@ class RunCheckpointer:
         if _updates_per_rollout(old["batch"]) != _updates_per_rollout(new["batch"]):
             changed += ["batch.prompts_per_rollout / batch.prompts_per_update"]
         if changed:
-            raise ConfigError(f"checkpoint.resume: {self.resume_from} was saved with a different LR schedule "
-                              f"({', '.join(changed)}); resume with the saved values")
+            raise ConfigError(
+                f"checkpoint.resume: {self.resume_from} was saved with a different LR schedule "
+                f"({', '.join(changed)}); resume with the saved values"
+            )
 
     # ---- save --------------------------------------------------------------------------------
 
@@ -299,9 +322,15 @@ class RunCheckpointer:
             return final
         tmp = self.save_dir / name
         with self.resident():
-            save_checkpoint(tmp, self.actor.chunks, self.actor.optimizer, self.actor.scheduler, step=step,
-                            extra_state={"sampler": self.sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
-                            hf_dir=self.cfg.model.hf_path)
+            save_checkpoint(
+                tmp,
+                self.actor.chunks,
+                self.actor.optimizer,
+                self.actor.scheduler,
+                step=step,
+                extra_state={"sampler": self.sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
+                hf_dir=self.cfg.model.hf_path,
+            )
         rng_file = _rng_file(tmp, self.layout.rank)
         torch.save(rng_state(), rng_file)
         step_dirs.fsync_file(rng_file)
@@ -318,9 +347,13 @@ class RunCheckpointer:
     def _run_state(self, step: int, kl_coef: float, eps: tuple[float, float]) -> dict[str, Any]:
         lay = self.layout
         return {
-            "format": FORMAT, "step": step, "sampler": self.sampler.state_dict(),
-            "kl_coef": kl_coef, "eps": list(eps),
-            "kl_ctl": self.kl_ctl.state_dict(), "clip_ctl": self.clip_ctl.state_dict(),
+            "format": FORMAT,
+            "step": step,
+            "sampler": self.sampler.state_dict(),
+            "kl_coef": kl_coef,
+            "eps": list(eps),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "clip_ctl": self.clip_ctl.state_dict(),
             "reference": self.reference_source,
             "layout": {"world_size": lay.world_size, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
             "config": redact(to_dict(self.cfg)),  # no token from the environment lands in a checkpoint
@@ -332,8 +365,11 @@ def _config_for_source(cfg: TrainConfig, source: dict[str, str]) -> TrainConfig:
     if source["kind"] == "hf":
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from="hf", hf_path=source["path"]))
     if source["kind"] == "megatron":
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from="megatron"),
-                                   checkpoint=dataclasses.replace(cfg.checkpoint, load_dir=source["path"]))
+        return dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, init_from="megatron"),
+            checkpoint=dataclasses.replace(cfg.checkpoint, load_dir=source["path"]),
+        )
     raise ConfigError(f"checkpoint.resume: the Reference's source {source} cannot be rebuilt")
 
 

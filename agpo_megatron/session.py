@@ -43,7 +43,9 @@ class Session:
         init_distributed(timeout_s=cfg.parallel.timeout_s)
         cfg.check_world(dist.get_world_size())  # before any model or engine exists
         arch = read_arch(cfg.model.hf_path)
-        layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s)
+        layout = init_model_parallel(
+            cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s
+        )
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train, stats = load_examples(cfg.data.train, tokenizer)
@@ -71,15 +73,32 @@ class Session:
 
     def train_sampling(self, step: int) -> SamplingConfig:
         r = self.cfg.rollout
-        return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                              seed=self.cfg.parallel.seed * 100_003 + step,
-                              logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.tis_cap is not None,
-                              stop_token_ids=self.stop_token_ids)
+        return SamplingConfig(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            seed=self.cfg.parallel.seed * 100_003 + step,
+            logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.tis_cap is not None,
+            stop_token_ids=self.stop_token_ids,
+        )
 
     def evaluate(self, step: int) -> dict[str, Any]:
         r = self.cfg.rollout
-        sampling = SamplingConfig(temperature=r.eval_temperature, top_p=1.0, top_k=-1,
-                                  max_new_tokens=r.max_new_tokens, seed=self.cfg.parallel.seed, logprobs=False,
-                                  stop_token_ids=self.stop_token_ids)
-        return evaluate(self.rollout, self.eval_examples, sampling, n=r.eval_n, timeout_s=self.cfg.data.reward_timeout_s,
-                        budget_s=self.cfg.data.reward_step_budget_s)
+        sampling = SamplingConfig(
+            temperature=r.eval_temperature,
+            top_p=1.0,
+            top_k=-1,
+            max_new_tokens=r.max_new_tokens,
+            seed=self.cfg.parallel.seed,
+            logprobs=False,
+            stop_token_ids=self.stop_token_ids,
+        )
+        return evaluate(
+            self.rollout,
+            self.eval_examples,
+            sampling,
+            n=r.eval_n,
+            timeout_s=self.cfg.data.reward_timeout_s,
+            budget_s=self.cfg.data.reward_step_budget_s,
+        )

@@ -16,9 +16,19 @@ from agpo_megatron.parallel import Layout, dp_slice
 from agpo_megatron.policy import Actor
 
 
-def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, batch_size: int,
-        micro_batch_size: int, layout: Layout, pad_id: int, seed: int = 0, log_every: int = 25,
-        progress_bar: bool = False) -> list[float]:
+def sft(
+    actor: Actor,
+    pairs: list[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    batch_size: int,
+    micro_batch_size: int,
+    layout: Layout,
+    pad_id: int,
+    seed: int = 0,
+    log_every: int = 25,
+    progress_bar: bool = False,
+) -> list[float]:
     """Train on (prompt_ids, solution_ids + eos) pairs; returns the NLL per step (every rank).
 
     The actor's own optimizer config sets the LR: build a separate warm-start actor.
@@ -35,12 +45,19 @@ def sft(actor: Actor, pairs: list[tuple[list[int], list[int]]], *, steps: int, b
         bar = tqdm(total=steps, desc="warm start", dynamic_ncols=True, file=console())
     for step in range(steps):
         rows = rng.sample(pairs, batch_size)
-        seqs = batching.Sequences(tokens=[p + r for p, r in rows], prompt_lens=[len(p) for p, _ in rows],
-                                  advantages=torch.zeros(len(rows)))
+        seqs = batching.Sequences(
+            tokens=[p + r for p, r in rows], prompt_lens=[len(p) for p, _ in rows], advantages=torch.zeros(len(rows))
+        )
         global_tokens = seqs.num_response_tokens()
         mine = seqs.select(dp_slice(len(seqs), layout.dp, layout.dp_rank))
-        mbs = batching.split_micro_batches(mine, micro_batch_size=micro_batch_size, max_tokens=None, pad_id=pad_id,
-                                           uniform_length=layout.pp > 1, pad_to_multiple=actor.pad_multiple)
+        mbs = batching.split_micro_batches(
+            mine,
+            micro_batch_size=micro_batch_size,
+            max_tokens=None,
+            pad_id=pad_id,
+            uniform_length=layout.pp > 1,
+            pad_to_multiple=actor.pad_multiple,
+        )
 
         def nll(logits, mb):
             lp, _ = vocab_parallel_logprobs(logits, mb["targets"], with_entropy=False)

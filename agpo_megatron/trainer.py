@@ -60,16 +60,25 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     kl_ctl = kl_controller(cfg.algo.kl_settings(), loss_cfg.kl_coef)
     clip_ctl = clip_controller(cfg.algo.clip_settings(), (loss_cfg.eps_low, loss_cfg.eps_high))
     sampler = PromptSampler(s.train_examples, batch_size=cfg.batch.prompts_per_rollout, seed=cfg.parallel.seed)
-    colo = Colocation(s.rollout, ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
-                      sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout))
+    colo = Colocation(
+        s.rollout,
+        ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
+        sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout),
+    )
     ckpt = RunCheckpointer(cfg, s.layout, actor, sampler, kl_ctl, clip_ctl, resident=colo.actor_resident)
     # The reference is the policy RL starts from, rebuilt from its recorded source on resume.
     reference = ckpt.reference(s.arch, warm_start=warm_start) if needs_ref else None
     # Step 1 runs at the controllers' starting values; on resume, at the values the saved step chose.
     first, kl_coef, eps = ckpt.resume()
     colo.start()  # vLLM serves exactly the actor's weights from the start
-    log = MetricsLogger(cfg.logging.out_dir, enabled=s.layout.rank == 0, total_steps=cfg.steps, config=to_dict(cfg),
-                        wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar)
+    log = MetricsLogger(
+        cfg.logging.out_dir,
+        enabled=s.layout.rank == 0,
+        total_steps=cfg.steps,
+        config=to_dict(cfg),
+        wandb_project=cfg.logging.wandb_project,
+        progress_bar=cfg.logging.progress_bar,
+    )
     timer, G, T = PhaseTimer(), cfg.algo.group_size, cfg.rollout.temperature
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
     watchdog = StepWatchdog(cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank).start()
@@ -85,8 +94,12 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         with timer("reward"):
             golds = [ex.gold for ex in prompts for _ in range(G)]
             # Each rank checks its share; all get the same verdicts (one reward, one advantage per sample).
-            r_acc, _, reward_m = score_distributed([c.text for c in completions], golds, timeout_s=cfg.data.reward_timeout_s,
-                                                   budget_s=cfg.data.reward_step_budget_s)
+            r_acc, _, reward_m = score_distributed(
+                [c.text for c in completions],
+                golds,
+                timeout_s=cfg.data.reward_timeout_s,
+                budget_s=cfg.data.reward_step_budget_s,
+            )
             r_acc = r_acc.view(-1, G)  # [P, G]
             lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float).view(-1, G)
             rewards, len_m = r_acc, {}
@@ -103,10 +116,21 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             rollout_logprobs=[c.logprobs for c in completions] if completions[0].logprobs is not None else None,
         )
         global_tokens = seqs.num_response_tokens()
-        plan_kw = dict(micro_batch_size=cfg.batch.micro_batch_size, max_tokens=cfg.batch.max_tokens_per_micro_batch,
-                       uniform_length=s.layout.pp > 1, pad_to_multiple=actor.pad_multiple, packing=cfg.batch.packing)
-        minis = batching.split_mini_batches(seqs, seqs_per_update=cfg.batch.update_prompts * G, dp=s.layout.dp,
-                                            dp_rank=s.layout.dp_rank, pad_id=s.pad_id, **plan_kw)
+        plan_kw = dict(
+            micro_batch_size=cfg.batch.micro_batch_size,
+            max_tokens=cfg.batch.max_tokens_per_micro_batch,
+            uniform_length=s.layout.pp > 1,
+            pad_to_multiple=actor.pad_multiple,
+            packing=cfg.batch.packing,
+        )
+        minis = batching.split_mini_batches(
+            seqs,
+            seqs_per_update=cfg.batch.update_prompts * G,
+            dp=s.layout.dp,
+            dp_rank=s.layout.dp_rank,
+            pad_id=s.pad_id,
+            **plan_kw,
+        )
         ppo_kw = {"mode": cfg.rollout.logprob_mode, "epochs": cfg.algo.ppo_epochs}
 
         with timer("logprobs"):  # once per rollout, before the first update
@@ -118,9 +142,20 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         with timer("weight_sync"):
             colo.to_rollout()
 
-        row = step_row(r_acc=r_acc, rewards=rewards, lengths=lengths, finish_reasons=[c.finish_reason for c in completions],
-                       times=timer.pop(), trained_tokens=cfg.algo.ppo_epochs * global_tokens, kl_coef=kl_coef, eps=eps,
-                       adv=adv_m, len_reward=len_m, reward=reward_m, train=train_m) | batching.padding_summary(minis)
+        row = step_row(
+            r_acc=r_acc,
+            rewards=rewards,
+            lengths=lengths,
+            finish_reasons=[c.finish_reason for c in completions],
+            times=timer.pop(),
+            trained_tokens=cfg.algo.ppo_epochs * global_tokens,
+            kl_coef=kl_coef,
+            eps=eps,
+            adv=adv_m,
+            len_reward=len_m,
+            reward=reward_m,
+            train=train_m,
+        ) | batching.padding_summary(minis)
         if cfg.eval_due(step):
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
         log.log(step, row)  # the beta and eps this step used; the controllers now choose the next step's
@@ -139,4 +174,3 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     colo.finish()
     log.close()
     return results
-

@@ -24,8 +24,9 @@ EXIT_HUNG = 124
 
 
 class StepWatchdog:
-    def __init__(self, timeout_s: float, *, phase: Callable[[], str] = lambda: "?", rank: int = 0,
-                 poll_s: float | None = None):
+    def __init__(
+        self, timeout_s: float, *, phase: Callable[[], str] = lambda: "?", rank: int = 0, poll_s: float | None = None
+    ):
         """`phase()` names what the rank is doing (e.g. `PhaseTimer.current`), read when it fires."""
         self.timeout_s = timeout_s
         self.phase = phase
@@ -53,9 +54,11 @@ class StepWatchdog:
         while not self._stop.wait(self.poll_s):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
-                sys.stderr.write(f"rank {self.rank}: no training step finished in {idle:.0f} s "
-                                 f"(parallel.step_timeout_s={self.timeout_s:g}) while in phase '{self.phase()}'; "
-                                 f"a peer rank is likely hung or stopped. Exiting with code {EXIT_HUNG}.\n")
+                sys.stderr.write(
+                    f"rank {self.rank}: no training step finished in {idle:.0f} s "
+                    f"(parallel.step_timeout_s={self.timeout_s:g}) while in phase '{self.phase()}'; "
+                    f"a peer rank is likely hung or stopped. Exiting with code {EXIT_HUNG}.\n"
+                )
                 sys.stderr.flush()
                 sys.stdout.flush()
                 os._exit(EXIT_HUNG)

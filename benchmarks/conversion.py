@@ -45,12 +45,23 @@ QWEN25_7B = dict(hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064)
 
 def qwen25_7b_config(layers: int) -> dict:
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "hidden_size": QWEN25_7B["hidden"], "intermediate_size": QWEN25_7B["ffn"],
-        "num_attention_heads": QWEN25_7B["heads"], "num_key_value_heads": QWEN25_7B["kv_heads"],
-        "num_hidden_layers": layers, "vocab_size": QWEN25_7B["vocab"], "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "hidden_size": QWEN25_7B["hidden"],
+        "intermediate_size": QWEN25_7B["ffn"],
+        "num_attention_heads": QWEN25_7B["heads"],
+        "num_key_value_heads": QWEN25_7B["kv_heads"],
+        "num_hidden_layers": layers,
+        "vocab_size": QWEN25_7B["vocab"],
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_sliding_window": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
     }
 
 
@@ -61,14 +72,22 @@ def hf_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, h)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
-            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.q_proj.bias": (h,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
     return shapes
@@ -98,14 +117,16 @@ def make_source(out: Path, layers: int, shard_bytes: int = 2 * 10**9) -> int:
             numel = _numel(shapes[name])
             idx = (torch.arange(numel) + offset) % pool.numel() if numel < pool.numel() else None
             tensors[name] = (pool[idx] if idx is not None else pool.repeat(numel // pool.numel() + 1)[:numel]).reshape(
-                shapes[name])
+                shapes[name]
+            )
             offset += 7919
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map.update({name: file for name in group})
         del tensors
     total = sum(2 * _numel(s) for s in shapes.values())
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     (out / "config.json").write_text(json.dumps(qwen25_7b_config(layers), indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151643}))
     return max(2 * _numel(s) for s in shapes.values())
@@ -143,7 +164,7 @@ def child(mode: str, work: Path, layers: int) -> None:
                     if mode == "raw":
                         if staging.numel() < t.numel():
                             staging = torch.zeros(t.numel(), dtype=torch.uint8)
-                        staging[:t.numel()].copy_(t)
+                        staging[: t.numel()].copy_(t)
                     else:
                         dst.write(memoryview(t.numpy()))
                     nbytes += t.numel()
@@ -169,8 +190,10 @@ def child(mode: str, work: Path, layers: int) -> None:
 
         start = time.perf_counter()
         verify_checkpoint(work / "mcore")
-        result = {"seconds": time.perf_counter() - start,
-                  "bytes": sum(p.stat().st_size for p in (work / "mcore").rglob("*") if p.is_file())}
+        result = {
+            "seconds": time.perf_counter() - start,
+            "bytes": sum(p.stat().st_size for p in (work / "mcore").rglob("*") if p.is_file()),
+        }
     elif mode in ("m2h", "m2h_noverify"):
         from agpo_megatron.parallel import init_model_parallel
         from checkpoints_conversion.megatron_to_hf import convert_megatron_to_hf
@@ -202,8 +225,12 @@ class _NoHash:
 def measure(mode: str, work: Path, layers: int = 0) -> dict:
     """Run one measurement in a fresh process; it reports its own time and peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, "--work", str(work), "--layers", str(layers)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--work", str(work), "--layers", str(layers)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-4000:]}")
     return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
@@ -215,7 +242,7 @@ def warm(paths: list[Path]) -> int:
     buf = bytearray(64 * 2**20)
     for p in paths:
         with open(p, "rb", buffering=0) as f:
-            while (k := f.readinto(buf)):
+            while k := f.readinto(buf):
                 n += k
     return n
 
@@ -225,10 +252,16 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/conversion_bench"))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--checksums", action="store_true",
-                   help="also run both conversions without their checksum work (h2m_nohash, m2h_noverify)")
-    p.add_argument("--child", choices=["source", "raw", "copy", "h2m", "m2h", "h2m_nohash", "m2h_noverify", "verify"],
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--checksums",
+        action="store_true",
+        help="also run both conversions without their checksum work (h2m_nohash, m2h_noverify)",
+    )
+    p.add_argument(
+        "--child",
+        choices=["source", "raw", "copy", "h2m", "m2h", "h2m_nohash", "m2h_noverify", "verify"],
+        help=argparse.SUPPRESS,
+    )
     args = p.parse_args()
     if args.child:
         child(args.child, args.work, args.layers)
@@ -238,15 +271,23 @@ def main() -> None:
         shutil.rmtree(args.work / d, ignore_errors=True)
     t = time.perf_counter()
     largest = measure("source", args.work, args.layers)["largest"]  # in a child: this process stays small
-    print(f"source: {args.layers} layers at Qwen2.5-7B shapes in {time.perf_counter() - t:.1f} s; "
-          f"largest tensor {largest / 1e9:.2f} GB", flush=True)
+    print(
+        f"source: {args.layers} layers at Qwen2.5-7B shapes in {time.perf_counter() - t:.1f} s; "
+        f"largest tensor {largest / 1e9:.2f} GB",
+        flush=True,
+    )
     warm(sorted((args.work / "hf").glob("*.safetensors")))
     # Rounds of every measurement, each in a fresh process; the median of each is reported.
     # NOTE: the machine is shared; interleaving the rounds spreads other jobs' load over all steps.
     steps = {"raw read": "raw", "raw copy (read+write)": "copy", "hf_to_megatron": "h2m", "megatron_to_hf": "m2h"}
     if args.checksums:
-        steps.update({"verify_checkpoint": "verify", "hf_to_megatron, no hashing": "h2m_nohash",
-                      "megatron_to_hf --no-verify": "m2h_noverify"})
+        steps.update(
+            {
+                "verify_checkpoint": "verify",
+                "hf_to_megatron, no hashing": "h2m_nohash",
+                "megatron_to_hf --no-verify": "m2h_noverify",
+            }
+        )
     runs: dict[str, list[dict]] = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, mode in steps.items():
@@ -258,16 +299,27 @@ def main() -> None:
     rows = []
     for name, rs in runs.items():
         gbps = sorted(r["bytes"] / r["seconds"] / 1e9 for r in rs)
-        rows.append({"step": name, "GB": rs[0]["bytes"] / 1e9, "GB/s": statistics.median(gbps),
-                     "GB/s_range": [gbps[0], gbps[-1]], "vs_raw": statistics.median(gbps) / raw_gbps,
-                     "peak_rss_GB": max(r["peak_rss"] for r in rs) / 1e9, "rss_bound_GB": bound / 1e9})
+        rows.append(
+            {
+                "step": name,
+                "GB": rs[0]["bytes"] / 1e9,
+                "GB/s": statistics.median(gbps),
+                "GB/s_range": [gbps[0], gbps[-1]],
+                "vs_raw": statistics.median(gbps) / raw_gbps,
+                "peak_rss_GB": max(r["peak_rss"] for r in rs) / 1e9,
+                "rss_bound_GB": bound / 1e9,
+            }
+        )
     print(f"{'step':<28}{'GB':>6}{'GB/s (median, range)':>24}{'vs raw':>8}{'peak RSS GB':>13}{'bound GB':>10}")
     for r in rows:
         rng = f"{r['GB/s']:.2f} ({r['GB/s_range'][0]:.2f}-{r['GB/s_range'][1]:.2f})"
-        print(f"{r['step']:<28}{r['GB']:>6.2f}{rng:>24}{r['vs_raw']:>8.0%}{r['peak_rss_GB']:>13.2f}"
-              f"{r['rss_bound_GB']:>10.2f}")
-    (args.work / "results.json").write_text(json.dumps({"layers": args.layers, "largest_tensor": largest,
-                                                        "repeats": args.repeats, "rows": rows}, indent=2))
+        print(
+            f"{r['step']:<28}{r['GB']:>6.2f}{rng:>24}{r['vs_raw']:>8.0%}{r['peak_rss_GB']:>13.2f}"
+            f"{r['rss_bound_GB']:>10.2f}"
+        )
+    (args.work / "results.json").write_text(
+        json.dumps({"layers": args.layers, "largest_tensor": largest, "repeats": args.repeats, "rows": rows}, indent=2)
+    )
 
 
 if __name__ == "__main__":

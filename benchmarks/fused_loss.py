@@ -56,8 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=3584, help="Qwen2.5-7B")
     p.add_argument("--vocab", type=int, default=152064, help="Qwen2.5")
-    p.add_argument("--chunk-tokens", type=int, nargs="+", default=[256, 1024],
-                   help="one fused variant per value")
+    p.add_argument("--chunk-tokens", type=int, nargs="+", default=[256, 1024], help="one fused variant per value")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--child", help=argparse.SUPPRESS)  # a variant's name: the peak-RSS subprocess
     return p.parse_args()
@@ -71,9 +70,13 @@ def make_inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     targets = torch.randint(0, v, (1, n), generator=g)
     lp_guess = torch.full((1, n), -float(torch.log(torch.tensor(v))))  # ~ uniform policy
     return dict(
-        hidden=hidden.requires_grad_(), weight=weight.requires_grad_(), targets=targets,
-        mask=torch.ones(1, n, dtype=torch.bool), adv=torch.randn(1, generator=g),
-        old=lp_guess + 0.1 * torch.randn(1, n, generator=g), ref=lp_guess + 0.1 * torch.randn(1, n, generator=g),
+        hidden=hidden.requires_grad_(),
+        weight=weight.requires_grad_(),
+        targets=targets,
+        mask=torch.ones(1, n, dtype=torch.bool),
+        adv=torch.randn(1, generator=g),
+        old=lp_guess + 0.1 * torch.randn(1, n, generator=g),
+        ref=lp_guess + 0.1 * torch.randn(1, n, generator=g),
     )
 
 
@@ -102,15 +105,28 @@ def loss_megatron(x: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def loss_fused(x: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
     return fused_policy_loss_from_hidden(
-        x["hidden"], x["weight"], x["targets"], x["old"], x["adv"], x["mask"], CFG,
-        ref_logprobs=x["ref"], chunk_tokens=chunk_tokens,
+        x["hidden"],
+        x["weight"],
+        x["targets"],
+        x["old"],
+        x["adv"],
+        x["mask"],
+        CFG,
+        ref_logprobs=x["ref"],
+        chunk_tokens=chunk_tokens,
     )[0]
 
 
 def loss_fused_logits(x: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
     return fused_policy_loss_from_logits(
-        x["hidden"] @ x["weight"].T, x["targets"], x["old"], x["adv"], x["mask"], CFG,
-        ref_logprobs=x["ref"], chunk_tokens=chunk_tokens,
+        x["hidden"] @ x["weight"].T,
+        x["targets"],
+        x["old"],
+        x["adv"],
+        x["mask"],
+        CFG,
+        ref_logprobs=x["ref"],
+        chunk_tokens=chunk_tokens,
     )[0]
 
 
@@ -186,8 +202,11 @@ def main() -> None:
         return
     torch.manual_seed(0)
     init_world_of_one()
-    print(f"tokens={args.tokens} hidden={args.hidden} vocab={args.vocab} chunk_tokens={args.chunk_tokens} "
-          f"fp32 threads={torch.get_num_threads()} repeats={args.repeats}", flush=True)
+    print(
+        f"tokens={args.tokens} hidden={args.hidden} vocab={args.vocab} chunk_tokens={args.chunk_tokens} "
+        f"fp32 threads={torch.get_num_threads()} repeats={args.repeats}",
+        flush=True,
+    )
 
     x = make_inputs(args)
     results: dict[str, dict] = {name: dict(wall=[], cpu=[]) for name in variants(args)}
@@ -218,8 +237,18 @@ def main() -> None:
     x["hidden"].grad = x["weight"].grad = None
 
     for name in results:
-        cmd = [sys.executable, __file__, "--child", name, "--tokens", str(args.tokens),
-               "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--tokens",
+            str(args.tokens),
+            "--hidden",
+            str(args.hidden),
+            "--vocab",
+            str(args.vocab),
+        ]
         # Without the rendezvous variables this process set for itself (a child's world of one).
         env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -227,17 +256,21 @@ def main() -> None:
         print(f"{name}: peak RSS {gib(results[name]['peak'])}", flush=True)
 
     naive = results["naive"]
-    print("\n| variant | saved for backward | excl. weight-sized | naive / this (excl. weight-sized) | peak RSS | RSS increase "
-          "| this / naive | wall time | this / naive | CPU time | this / naive |")
+    print(
+        "\n| variant | saved for backward | excl. weight-sized | naive / this (excl. weight-sized) | peak RSS | RSS increase "
+        "| this / naive | wall time | this / naive | CPU time | this / naive |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         rss_inc, naive_inc = r["peak"] - r["base"], naive["peak"] - naive["base"]
         wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
         fewer = naive["saved_excl"] / r["saved_excl"]
-        print(f"| {name} | {gib(r['saved'])} | {gib(r['saved_excl'])} | {fewer:.1f}x "
-              f"| {gib(r['peak'])} | {gib(rss_inc)} | {rss_inc / naive_inc:.2f}x "
-              f"| {wall:.1f} s | {wall / statistics.median(naive['wall']):.2f}x "
-              f"| {cpu:.1f} s | {cpu / statistics.median(naive['cpu']):.2f}x |")
+        print(
+            f"| {name} | {gib(r['saved'])} | {gib(r['saved_excl'])} | {fewer:.1f}x "
+            f"| {gib(r['peak'])} | {gib(rss_inc)} | {rss_inc / naive_inc:.2f}x "
+            f"| {wall:.1f} s | {wall / statistics.median(naive['wall']):.2f}x "
+            f"| {cpu:.1f} s | {cpu / statistics.median(naive['cpu']):.2f}x |"
+        )
     exit_cleanly(0)
 
 

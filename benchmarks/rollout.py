@@ -58,10 +58,22 @@ def write_model(out: Path, hidden: int, layers: int):
 
     tok = synthetic.build_tokenizer(out)
     heads = hidden // 32
-    save_tiny_hf_model(out, "qwen2", seed=0, tokenizer=tok, vocab_size=128, hidden_size=hidden,
-                       intermediate_size=3 * hidden, num_layers=layers, num_heads=heads,
-                       num_kv_heads=max(1, heads // 2), max_position_embeddings=512,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    save_tiny_hf_model(
+        out,
+        "qwen2",
+        seed=0,
+        tokenizer=tok,
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return tok
 
 
@@ -80,8 +92,17 @@ class HFGenerator:
         self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
         self.pad_id, self.batch_rows = pad_id, batch_rows
         # eos_token_id=None: no stopping on EOS, and no min-length logits processor either.
-        self.gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                        min_new_tokens=0, eos_token_id=None, pad_token_id=pad_id, use_cache=True)
+        self.gen_cfg = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=0,
+            eos_token_id=None,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], n: int, seed: int) -> list[int]:
@@ -91,7 +112,7 @@ class HFGenerator:
         step = self.batch_rows or len(rows)
         lengths = []
         for i in range(0, len(rows), step):
-            chunk = rows[i:i + step]
+            chunk = rows[i : i + step]
             width = max(len(r) for r in chunk)
             ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in chunk])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
@@ -133,8 +154,10 @@ def main() -> None:
         sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, seed=seed)
         return [len(c.token_ids) for g in engine.generate(prompts, n=args.group, sampling=sampling) for c in g]
 
-    runs = {"vLLM (VLLMEngine.generate)": run_vllm,
-            "HF transformers generate": lambda seed: hf.generate(prompts, args.group, seed)}
+    runs = {
+        "vLLM (VLLMEngine.generate)": run_vllm,
+        "HF transformers generate": lambda seed: hf.generate(prompts, args.group, seed),
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     for rnd in range(args.repeats + 1):  # round 0 is the warm-up
@@ -149,20 +172,24 @@ def main() -> None:
                 cpu[name].append(sec_cpu)
 
     cfg = hf.model.config
-    print(f"\nmodel: qwen2 hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads "
-          f"(dim 32, {cfg.num_key_value_heads} KV), vocab {cfg.vocab_size}, fp32; {args.prompts} prompts "
-          f"(prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}) x G={args.group} x {args.new_tokens} new "
-          f"tokens = {expected} completion tokens; torch threads {torch.get_num_threads()}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; median of {args.repeats}; "
-          f"vLLM engine start-up {startup:.1f} s; HF rows per generate call {args.hf_batch or args.prompts * args.group}\n")
+    print(
+        f"\nmodel: qwen2 hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads "
+        f"(dim 32, {cfg.num_key_value_heads} KV), vocab {cfg.vocab_size}, fp32; {args.prompts} prompts "
+        f"(prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}) x G={args.group} x {args.new_tokens} new "
+        f"tokens = {expected} completion tokens; torch threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; median of {args.repeats}; "
+        f"vLLM engine start-up {startup:.1f} s; HF rows per generate call {args.hf_batch or args.prompts * args.group}\n"
+    )
     hf_name = "HF transformers generate"
     base, base_cpu = statistics.median(times[hf_name]), statistics.median(cpu[hf_name])
     print("| generator | wall (s) | completion tokens/s | vs HF | CPU time (s) | tokens per CPU-s | vs HF (CPU) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, ts in times.items():
         sec, sec_cpu = statistics.median(ts), statistics.median(cpu[name])
-        print(f"| {name} | {sec:.2f} ({min(ts):.2f}-{max(ts):.2f}) | {expected / sec:.0f} | {base / sec:.2f}x "
-              f"| {sec_cpu:.2f} | {expected / sec_cpu:.0f} | {base_cpu / sec_cpu:.2f}x |")
+        print(
+            f"| {name} | {sec:.2f} ({min(ts):.2f}-{max(ts):.2f}) | {expected / sec:.0f} | {base / sec:.2f}x "
+            f"| {sec_cpu:.2f} | {expected / sec_cpu:.0f} | {base_cpu / sec_cpu:.2f}x |"
+        )
     exit_cleanly(0)
 
 

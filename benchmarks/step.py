@@ -77,8 +77,15 @@ class LengthEngine:
                 rng = random.Random(f"{sampling.seed}/{p}/{j}")
                 length = min(response_length(self.dist_name, rng, self.scale), sampling.max_new_tokens)
                 ids = [rng.randrange(3, self.vocab) for _ in range(length)]
-                group.append(self.Completion(prompt_index=p, token_ids=ids, logprobs=None, finish_reason="stop",
-                                             text=f"\\boxed{{{rng.randrange(2)}}}"))
+                group.append(
+                    self.Completion(
+                        prompt_index=p,
+                        token_ids=ids,
+                        logprobs=None,
+                        finish_reason="stop",
+                        text=f"\\boxed{{{rng.randrange(2)}}}",
+                    )
+                )
             out.append(group)
         return out
 
@@ -135,31 +142,65 @@ def main() -> None:
     longest = max(1, round(3000 * args.scale))
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-        save_tiny_hf_model(out / "model", "qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                           intermediate_size=3 * args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
-                           num_kv_heads=max(1, args.hidden // 128), max_position_embeddings=4096)
+        save_tiny_hf_model(
+            out / "model",
+            "qwen2",
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=3 * args.hidden,
+            num_layers=args.layers,
+            num_heads=args.hidden // 64,
+            num_kv_heads=max(1, args.hidden // 128),
+            max_position_embeddings=4096,
+        )
         (out / "train.jsonl").write_text(json.dumps({"question": "unused", "answer": "0"}) + "\n")
     dist.barrier()
     arch = read_arch(out / "model")
     rng = random.Random(0)
-    examples = [Example(prompt_ids=[rng.randrange(3, args.vocab) for _ in range(rng.randint(16, prompt_max))],
-                        prompt_text="", gold="0", index=i) for i in range(args.prompts * 64)]
+    examples = [
+        Example(
+            prompt_ids=[rng.randrange(3, args.vocab) for _ in range(rng.randint(16, prompt_max))],
+            prompt_text="",
+            gold="0",
+            index=i,
+        )
+        for i in range(args.prompts * 64)
+    ]
     results: dict[str, list[dict]] = {}
     # ABBA: padded, packed, packed, padded, ...: a load drifting over the run hits both alike.
-    runs = [(d, packing, r) for d in args.dist for r in range(args.repeats)
-            for packing in ((False, True) if r % 2 == 0 else (True, False))]
+    runs = [
+        (d, packing, r)
+        for d in args.dist
+        for r in range(args.repeats)
+        for packing in ((False, True) if r % 2 == 0 else (True, False))
+    ]
     for dist_name, packing, rep in runs:
         label = f"{dist_name}/{'packed' if packing else 'padded'}"
         run_dir = out / dist_name / f"{'packed' if packing else 'padded'}_{rep}"
-        cfg = load_train_config(EXAMPLE, [
-            f"model.hf_path={out / 'model'}", f"data.train.path={out / 'train.jsonl'}",
-            f"data.eval.path={out / 'train.jsonl'}", f"logging.out_dir={run_dir}", "logging.progress_bar=false",
-            f"steps={args.steps}", f"batch.packing={str(packing).lower()}", f"batch.prompts_per_rollout={args.prompts}",
-            f"algo.group_size={args.group}", f"batch.micro_batch_size={args.micro_batch}",
-            f"data.train.max_prompt_tokens={prompt_max}", f"data.eval.max_prompt_tokens={prompt_max}",
-            f"rollout.max_new_tokens={longest}", f"model.max_seq_len={prompt_max + longest}",
-            f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "algo.loss.kl_coef=0.001",
-            *([f"batch.max_tokens_per_micro_batch={args.max_tokens}"] if args.max_tokens else []), *args.overrides])
+        cfg = load_train_config(
+            EXAMPLE,
+            [
+                f"model.hf_path={out / 'model'}",
+                f"data.train.path={out / 'train.jsonl'}",
+                f"data.eval.path={out / 'train.jsonl'}",
+                f"logging.out_dir={run_dir}",
+                "logging.progress_bar=false",
+                f"steps={args.steps}",
+                f"batch.packing={str(packing).lower()}",
+                f"batch.prompts_per_rollout={args.prompts}",
+                f"algo.group_size={args.group}",
+                f"batch.micro_batch_size={args.micro_batch}",
+                f"data.train.max_prompt_tokens={prompt_max}",
+                f"data.eval.max_prompt_tokens={prompt_max}",
+                f"rollout.max_new_tokens={longest}",
+                f"model.max_seq_len={prompt_max + longest}",
+                f"parallel.tp={args.tp}",
+                f"parallel.pp={args.pp}",
+                "algo.loss.kl_coef=0.001",
+                *([f"batch.max_tokens_per_micro_batch={args.max_tokens}"] if args.max_tokens else []),
+                *args.overrides,
+            ],
+        )
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=None))
         cfg.check_world(dist.get_world_size())
         layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed)
@@ -179,29 +220,41 @@ def summarize(rows: list[dict]) -> dict[str, float]:
 
 
 def report(results: dict[str, list[dict]], args) -> None:
-    print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.prompts} prompts x "
-          f"{args.group} responses per step, micro_batch_size {args.micro_batch}, max_tokens {args.max_tokens}, "
-          f"tp {args.tp}, pp {args.pp}; median over {args.repeats} runs x steps 2..{args.steps} (ABBA order); "
-          f"wall s and rank-0 CPU s")
+    print(
+        f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.prompts} prompts x "
+        f"{args.group} responses per step, micro_batch_size {args.micro_batch}, max_tokens {args.max_tokens}, "
+        f"tp {args.tp}, pp {args.pp}; median over {args.repeats} runs x steps 2..{args.steps} (ABBA order); "
+        f"wall s and rank-0 CPU s"
+    )
     for dist_name in args.dist:
         pad, pack = (summarize(results[f"{dist_name}/{k}"]) for k in ("padded", "packed"))
         n_resp = args.prompts * args.group
-        print(f"\n[{dist_name}] real tokens/step {pad['batch/real_tokens']:.0f} "
-              f"(responses: mean {pad['len/mean']:.0f}, max {pad['len/max']:.0f} tokens)")
-        print("| phase | padded wall s | packed wall s | packed/padded wall | padded CPU s | packed CPU s "
-              "| packed/padded CPU | padded tok/s | packed tok/s |")
+        print(
+            f"\n[{dist_name}] real tokens/step {pad['batch/real_tokens']:.0f} "
+            f"(responses: mean {pad['len/mean']:.0f}, max {pad['len/max']:.0f} tokens)"
+        )
+        print(
+            "| phase | padded wall s | packed wall s | packed/padded wall | padded CPU s | packed CPU s "
+            "| packed/padded CPU | padded tok/s | packed tok/s |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for phase in (*PHASES, "logprobs+update"):
             keys = ("logprobs", "update") if phase == "logprobs+update" else (phase,)
             a, b = (sum(m[f"time/{k}"] for k in keys) for m in (pad, pack))
             ca, cb = (sum(m[f"cpu_time/{k}"] for k in keys) for m in (pad, pack))
-            tokens = {"rollout": pad["len/mean"] * n_resp, "reward": pad["len/mean"] * n_resp,
-                      "logprobs": pad["batch/real_tokens"], "update": pad["batch/real_tokens"]}.get(phase)
+            tokens = {
+                "rollout": pad["len/mean"] * n_resp,
+                "reward": pad["len/mean"] * n_resp,
+                "logprobs": pad["batch/real_tokens"],
+                "update": pad["batch/real_tokens"],
+            }.get(phase)
             tps = f"{tokens / a:.0f} | {tokens / b:.0f}" if tokens else "- | -"
             print(f"| {phase} | {a:.3f} | {b:.3f} | {b / a:.2f} | {ca:.3f} | {cb:.3f} | {cb / ca:.2f} | {tps} |")
-        print(f"padding efficiency (real / computed tokens): padded {pad['batch/padding_efficiency']:.3f}, "
-              f"packed {pack['batch/padding_efficiency']:.3f}; computed tokens/step {pad['batch/computed_tokens']:.0f} "
-              f"-> {pack['batch/computed_tokens']:.0f}")
+        print(
+            f"padding efficiency (real / computed tokens): padded {pad['batch/padding_efficiency']:.3f}, "
+            f"packed {pack['batch/padding_efficiency']:.3f}; computed tokens/step {pad['batch/computed_tokens']:.0f} "
+            f"-> {pack['batch/computed_tokens']:.0f}"
+        )
 
 
 if __name__ == "__main__":

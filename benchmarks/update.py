@@ -71,12 +71,24 @@ class HFUpdate:
 
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
-                                           eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=optim_cfg.lr,
+            betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+            eps=optim_cfg.adam_eps,
+            weight_decay=optim_cfg.weight_decay,
+        )
         self.clip_grad, self.loss_cfg, self.temperature = optim_cfg.clip_grad, loss_cfg, temperature
 
-    def step(self, micro_batches, *, global_num_tokens: int, global_num_seqs: int, kl_coef: float = 0.0,
-             eps: tuple[float, float] | None = None) -> float:
+    def step(
+        self,
+        micro_batches,
+        *,
+        global_num_tokens: int,
+        global_num_seqs: int,
+        kl_coef: float = 0.0,
+        eps: tuple[float, float] | None = None,
+    ) -> float:
         """One optimizer step over this rank's micro-batches; returns the local loss sum."""
         from agpo_megatron.algo.loss import policy_loss
         from agpo_megatron.parallel import comm_device
@@ -90,10 +102,19 @@ class HFUpdate:
                 logits = self.model(input_ids=mb["tokens"], use_cache=False).logits  # [B, S, V]
                 logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
                 lp = logp.gather(-1, mb["targets"].unsqueeze(-1)).squeeze(-1)  # [B, S]
-                loss, _ = policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], self.loss_cfg,
-                                      ref_logprobs=mb.get("ref_logprobs"), kl_coef=kl_coef, eps_low=eps[0],
-                                      eps_high=eps[1], global_num_tokens=global_num_tokens,
-                                      global_num_seqs=global_num_seqs)
+                loss, _ = policy_loss(
+                    lp,
+                    mb["old_logprobs"],
+                    mb["advantages"],
+                    mb["loss_mask"],
+                    self.loss_cfg,
+                    ref_logprobs=mb.get("ref_logprobs"),
+                    kl_coef=kl_coef,
+                    eps_low=eps[0],
+                    eps_high=eps[1],
+                    global_num_tokens=global_num_tokens,
+                    global_num_seqs=global_num_seqs,
+                )
                 loss.backward()
                 total += float(loss.detach())
         with _timed("grad reduction"):
@@ -110,8 +131,17 @@ class HFUpdate:
         return total
 
 
-def hf_update_baseline(hf_dir: str | Path, micro_batches, *, optim_cfg, loss_cfg, global_num_tokens: int,
-                       global_num_seqs: int, repeats: int = 3, temperature: float = 1.0) -> list[float]:
+def hf_update_baseline(
+    hf_dir: str | Path,
+    micro_batches,
+    *,
+    optim_cfg,
+    loss_cfg,
+    global_num_tokens: int,
+    global_num_seqs: int,
+    repeats: int = 3,
+    temperature: float = 1.0,
+) -> list[float]:
     """Wall seconds of `repeats` HF update steps on these micro-batches (after one warm-up step).
 
     Collective: call on every rank of the default group with this rank's micro-batches.
@@ -127,8 +157,19 @@ def hf_update_baseline(hf_dir: str | Path, micro_batches, *, optim_cfg, loss_cfg
     return times
 
 
-def demo_micro_batches(tokenizer, *, prompts: int, group: int, new_tokens: int, micro_batch_size: int, pad_id: int,
-                       dp_rank: int, dp: int, pad_to_multiple: int = 8, seed: int = 0):
+def demo_micro_batches(
+    tokenizer,
+    *,
+    prompts: int,
+    group: int,
+    new_tokens: int,
+    micro_batch_size: int,
+    pad_id: int,
+    dp_rank: int,
+    dp: int,
+    pad_to_multiple: int = 8,
+    seed: int = 0,
+):
     """The demo's step shape with fixed-length random responses: (this rank's micro-batches,
     global response tokens, global sequences). Identical on every rank (seeded)."""
     from agpo_megatron import batch as batching
@@ -137,13 +178,24 @@ def demo_micro_batches(tokenizer, *, prompts: int, group: int, new_tokens: int, 
     gen = torch.Generator().manual_seed(seed)
     questions = [tokenizer.encode(r["question"]) for r in synthetic.make_dataset(prompts, seed=seed, max_difficulty=1)]
     vocab = len(tokenizer)
-    tokens = [q + torch.randint(4, vocab, (new_tokens,), generator=gen).tolist() for q in questions for _ in range(group)]
-    seqs = batching.Sequences(tokens=tokens, prompt_lens=[len(q) for q in questions for _ in range(group)],
-                              advantages=torch.randn(prompts * group, generator=gen))
+    tokens = [
+        q + torch.randint(4, vocab, (new_tokens,), generator=gen).tolist() for q in questions for _ in range(group)
+    ]
+    seqs = batching.Sequences(
+        tokens=tokens,
+        prompt_lens=[len(q) for q in questions for _ in range(group)],
+        advantages=torch.randn(prompts * group, generator=gen),
+    )
     per_rank = len(seqs) // dp
     mine = seqs.select(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-    mbs = batching.split_micro_batches(mine, micro_batch_size=micro_batch_size, max_tokens=None, pad_id=pad_id,
-                                       uniform_length=False, pad_to_multiple=pad_to_multiple)
+    mbs = batching.split_micro_batches(
+        mine,
+        micro_batch_size=micro_batch_size,
+        max_tokens=None,
+        pad_id=pad_id,
+        uniform_length=False,
+        pad_to_multiple=pad_to_multiple,
+    )
     return mbs, seqs.num_response_tokens(), len(seqs)
 
 
@@ -249,9 +301,16 @@ def main() -> None:
     arch = read_arch(work / "model")
     actor = Actor(arch, cfg, layout, total_steps=1000)
     mbs, global_tokens, global_seqs = demo_micro_batches(
-        tok, prompts=args.prompts, group=args.group, new_tokens=args.new_tokens,
-        micro_batch_size=cfg.batch.micro_batch_size, pad_id=tok.pad_token_id, dp_rank=layout.dp_rank, dp=layout.dp,
-        pad_to_multiple=actor.pad_multiple)
+        tok,
+        prompts=args.prompts,
+        group=args.group,
+        new_tokens=args.new_tokens,
+        micro_batch_size=cfg.batch.micro_batch_size,
+        pad_id=tok.pad_token_id,
+        dp_rank=layout.dp_rank,
+        dp=layout.dp,
+        pad_to_multiple=actor.pad_multiple,
+    )
     for mb, out in zip(mbs, actor.logprobs(mbs, temperature=cfg.rollout.temperature)):
         mb["old_logprobs"] = out["logprobs"]
     hf = HFUpdate(work / "model", cfg.optim, cfg.algo.loss, temperature=cfg.rollout.temperature)
@@ -264,10 +323,17 @@ def main() -> None:
     eps = (loss_cfg.eps_low, loss_cfg.eps_high)
     runs = {
         "megatron (Actor.policy_step)": lambda: actor.policy_step(
-            mbs, loss_cfg, temperature=cfg.rollout.temperature, global_num_tokens=global_tokens,
-            global_num_seqs=global_seqs, kl_coef=kl, eps=eps),
+            mbs,
+            loss_cfg,
+            temperature=cfg.rollout.temperature,
+            global_num_tokens=global_tokens,
+            global_num_seqs=global_seqs,
+            kl_coef=kl,
+            eps=eps,
+        ),
         "hf (transformers + AdamW + all-reduce)": lambda: hf.step(
-            mbs, global_num_tokens=global_tokens, global_num_seqs=global_seqs, kl_coef=kl, eps=eps),
+            mbs, global_num_tokens=global_tokens, global_num_seqs=global_seqs, kl_coef=kl, eps=eps
+        ),
     }
     wall = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
@@ -289,21 +355,25 @@ def main() -> None:
         calls, per_call = mode_share(runs["megatron (Actor.policy_step)"])
     if rank == 0:
         shapes = sorted({tuple(mb["tokens"].shape) for mb in mbs})
-        print(f"\nmodel: {arch.model_type} hidden {arch.hidden_size}, {arch.num_layers} layers, vocab "
-              f"{arch.vocab_size}, {cfg.model.params_dtype}; world {dist.get_world_size()} (DP={layout.dp}, "
-              f"TP={layout.tp}, PP={layout.pp}), {dist.get_backend()}; {args.prompts} prompts x G={args.group} x "
-              f"{args.new_tokens} tokens = {global_seqs} sequences, {global_tokens} response tokens; per rank "
-              f"{len(mbs)} micro-batches {shapes}; distributed optimizer "
-              f"{cfg.parallel.use_distributed_optimizer}, fused loss {cfg.algo.fused_loss}; torch threads "
-              f"{torch.get_num_threads()}; rank 0, median of {args.repeats}\n")
+        print(
+            f"\nmodel: {arch.model_type} hidden {arch.hidden_size}, {arch.num_layers} layers, vocab "
+            f"{arch.vocab_size}, {cfg.model.params_dtype}; world {dist.get_world_size()} (DP={layout.dp}, "
+            f"TP={layout.tp}, PP={layout.pp}), {dist.get_backend()}; {args.prompts} prompts x G={args.group} x "
+            f"{args.new_tokens} tokens = {global_seqs} sequences, {global_tokens} response tokens; per rank "
+            f"{len(mbs)} micro-batches {shapes}; distributed optimizer "
+            f"{cfg.parallel.use_distributed_optimizer}, fused loss {cfg.algo.fused_loss}; torch threads "
+            f"{torch.get_num_threads()}; rank 0, median of {args.repeats}\n"
+        )
         hf_name = list(runs)[-1]
         base, base_cpu = statistics.median(wall[hf_name]), statistics.median(cpu[hf_name])
         print("| update | wall (s) | vs hf | CPU (s) | vs hf (CPU) |")
         print("|---|---:|---:|---:|---:|")
         for name in runs:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-            print(f"| {name} | {w:.3f} ({min(wall[name]):.3f}-{max(wall[name]):.3f}) | {w / base:.2f}x "
-                  f"| {c:.3f} | {c / base_cpu:.2f}x |")
+            print(
+                f"| {name} | {w:.3f} ({min(wall[name]):.3f}-{max(wall[name]):.3f}) | {w / base:.2f}x "
+                f"| {c:.3f} | {c / base_cpu:.2f}x |"
+            )
         if args.breakdown:
             print("\n| phase (CPU s, median) | " + " | ".join(runs) + " |")
             print("|---|" + "---:|" * len(runs))
@@ -311,9 +381,11 @@ def main() -> None:
                 cells = [f"{statistics.median(phases[n][phase]):.3f}" if phases[n][phase] else "-" for n in runs]
                 print(f"| {phase} | " + " | ".join(cells) + " |")
             meg = statistics.median(cpu["megatron (Actor.policy_step)"])
-            print(f"\nTorchFunctionMode: {calls} torch calls intercepted per Megatron step, "
-                  f"{per_call * 1e6:.2f} us CPU each (tiny op, with minus without the mode) = "
-                  f"{calls * per_call * 1e3:.1f} ms, {100 * calls * per_call / meg:.1f}% of the step's CPU time")
+            print(
+                f"\nTorchFunctionMode: {calls} torch calls intercepted per Megatron step, "
+                f"{per_call * 1e6:.2f} us CPU each (tiny op, with minus without the mode) = "
+                f"{calls * per_call * 1e3:.1f} ms, {100 * calls * per_call / meg:.1f}% of the step's CPU time"
+            )
         sys.stdout.flush()
     exit_cleanly(0)
 

@@ -72,15 +72,27 @@ def main() -> None:
         from agpo_megatron.data.synthetic import build_tokenizer
         from agpo_megatron.models.tiny import save_tiny_hf_model
 
-        save_tiny_hf_model(hf_dir, "qwen2", hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                           num_layers=args.layers, num_heads=8, num_kv_heads=4, vocab_size=args.vocab,
-                           tokenizer=build_tokenizer(Path(args.work_dir) / "tok"))
+        save_tiny_hf_model(
+            hf_dir,
+            "qwen2",
+            hidden_size=args.hidden,
+            intermediate_size=3 * args.hidden,
+            num_layers=args.layers,
+            num_heads=8,
+            num_kv_heads=4,
+            vocab_size=args.vocab,
+            tokenizer=build_tokenizer(Path(args.work_dir) / "tok"),
+        )
     dist.barrier()
     arch = read_arch(hf_dir)
-    model = build.build_gpt(arch, ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local",
-                                              max_seq_len=128), ParallelConfig(tp=args.tp, pp=args.pp))
-    load_hf_weights(model, arch, HFCheckpointReader(hf_dir), tp_rank=lay.tp_rank, tp=args.tp,
-                    pp_rank=lay.pp_rank, pp=args.pp)
+    model = build.build_gpt(
+        arch,
+        ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=128),
+        ParallelConfig(tp=args.tp, pp=args.pp),
+    )
+    load_hf_weights(
+        model, arch, HFCheckpointReader(hf_dir), tp_rank=lay.tp_rank, tp=args.tp, pp_rank=lay.pp_rank, pp=args.pp
+    )
 
     # The model's HF tensors, materialised once: shapes for the memcpy baseline, input for the
     # vLLM-only timing.
@@ -104,15 +116,22 @@ def main() -> None:
 
         flat = torch.empty(total // args.tp // 4, dtype=torch.float32)
         gathered = [torch.empty_like(flat) for _ in range(args.tp)]
-        rows.append((f"one all_gather of the same bytes ({dist.get_backend()}, TP group)",
-                     timed(lambda: dist.all_gather(gathered, flat, group=mpu.get_tensor_model_parallel_group()),
-                           args.repeats)))
+        rows.append(
+            (
+                f"one all_gather of the same bytes ({dist.get_backend()}, TP group)",
+                timed(
+                    lambda: dist.all_gather(gathered, flat, group=mpu.get_tensor_model_parallel_group()), args.repeats
+                ),
+            )
+        )
         del flat, gathered
 
     for mib in args.bucket_mib:
+
         def export(mib=mib) -> None:
             for _ in iter_hf_buckets(model, arch, bucket_bytes=int(mib * 2**20)):
                 pass
+
         rows.append((f"export, {mib:g} MiB buckets", timed(export, args.repeats)))
 
     from agpo_megatron.rollout.vllm_engine import VLLMEngine
@@ -120,18 +139,27 @@ def main() -> None:
     start = time.perf_counter()
     engine = VLLMEngine(str(hf_dir), rollout_tp=args.rollout_tp, dtype="float32", max_model_len=128)
     startup = time.perf_counter() - start
-    rows.append(("vLLM load (update_weights, tensors in memory)",
-                 timed(lambda: engine.update_weights(iter(tensors)), args.repeats)))
+    rows.append(
+        (
+            "vLLM load (update_weights, tensors in memory)",
+            timed(lambda: engine.update_weights(iter(tensors)), args.repeats),
+        )
+    )
     for mib in (args.bucket_mib[0], args.bucket_mib[-1]):
-        rows.append((f"full sync (sync_weights, {mib:g} MiB buckets)",
-                     timed(lambda mib=mib: sync_weights(model, arch, engine, bucket_bytes=int(mib * 2**20)),
-                           args.repeats)))
+        rows.append(
+            (
+                f"full sync (sync_weights, {mib:g} MiB buckets)",
+                timed(lambda mib=mib: sync_weights(model, arch, engine, bucket_bytes=int(mib * 2**20)), args.repeats),
+            )
+        )
 
     if rank == 0:
         base = rows[0][1]
-        print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {len(tensors)} tensors, "
-              f"{total / 1e6:.1f} MB fp32; Megatron TP={args.tp} PP={args.pp}, vLLM TP={args.rollout_tp}, "
-              f"world {dist.get_world_size()}; median of {args.repeats}; vLLM engine start-up {startup:.1f} s\n")
+        print(
+            f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {len(tensors)} tensors, "
+            f"{total / 1e6:.1f} MB fp32; Megatron TP={args.tp} PP={args.pp}, vLLM TP={args.rollout_tp}, "
+            f"world {dist.get_world_size()}; median of {args.repeats}; vLLM engine start-up {startup:.1f} s\n"
+        )
         print("| path | time (ms) | GB/s | vs memcpy |")
         print("|---|---:|---:|---:|")
         for name, sec in rows:

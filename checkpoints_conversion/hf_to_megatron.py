@@ -43,14 +43,22 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hf_to_megatron", description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-dir", required=True, type=Path, help="HF model directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, type=Path,
-                   help="output checkpoint directory: new or empty, unless --overwrite")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out as a whole (atomically, once the new checkpoint is complete)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="output checkpoint directory: new or empty, unless --overwrite"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out as a whole (atomically, once the new checkpoint is complete)",
+    )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate / shard for")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate / shard for")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="stored dtype; auto = that of the HF tensors (config.json's torch_dtype if mixed)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="stored dtype; auto = that of the HF tensors (config.json's torch_dtype if mixed)",
+    )
     return p.parse_args(argv)
 
 
@@ -74,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf_to_megatron: error: {e}", file=sys.stderr, flush=True)
         return 2
     if layout.rank == 0:
-        print(f"hf_to_megatron: {stats['tensors']} HF tensors, {stats['bytes'] / 1e9:.2f} GB -> {args.out} "
-              f"({stats['dtype']}, chunks laid out for TP={layout.tp}/PP={layout.pp}; loads at any TP/PP) "
-              f"in {time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"hf_to_megatron: {stats['tensors']} HF tensors, {stats['bytes'] / 1e9:.2f} GB -> {args.out} "
+            f"({stats['dtype']}, chunks laid out for TP={layout.tp}/PP={layout.pp}; loads at any TP/PP) "
+            f"in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
     if world > 1:
         exit_cleanly(0)
     return 0
@@ -85,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 # ---- the conversion (inside an initialized world of 1 or tp*pp ranks) --------------------------
 
 
-def convert_hf_to_megatron(src: Source, out: str | Path, *, dtype: str = "auto",
-                           overwrite: bool = False) -> dict[str, Any]:
+def convert_hf_to_megatron(
+    src: Source, out: str | Path, *, dtype: str = "auto", overwrite: bool = False
+) -> dict[str, Any]:
     """Convert a checked source (`inspect_source`); collective over the current world, which
     Megatron's parallel state lays out. Returns {'tensors', 'bytes', 'dtype'} (global).
 
@@ -141,8 +153,10 @@ def check_out(out: Path, hf_dir: Path, *, overwrite: bool) -> None:
         except ValueError:
             meta = None
         what = f", step {meta.step}, source {meta.source}" if meta is not None else ""
-        held = (f" (it holds a Megatron checkpoint{what}; hf_to_megatron never writes into an existing "
-                "checkpoint, whose optimizer state would no longer match its weights)")
+        held = (
+            f" (it holds a Megatron checkpoint{what}; hf_to_megatron never writes into an existing "
+            "checkpoint, whose optimizer state would no longer match its weights)"
+        )
     output_dir.check_target(out, overwrite=overwrite, inputs=(Path(hf_dir),), held=held)
 
 
@@ -184,8 +198,9 @@ def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
         consumed.update(rule.hf)
         return local
 
-    meta = CheckpointMeta(step=0, source=f"hf:{hf_dir.resolve()}", params_dtype=store_dtype,
-                          tp=lay.tp, pp=lay.pp, hf_config=src.config)
+    meta = CheckpointMeta(
+        step=0, source=f"hf:{hf_dir.resolve()}", params_dtype=store_dtype, tp=lay.tp, pp=lay.pp, hf_config=src.config
+    )
     convert_io.save_from_source(out, model, materialize, meta, hf_assets_from=hf_dir)
 
     # Every source tensor consumed (each rank saw only its own shard of the model).
@@ -262,8 +277,9 @@ def check_files(hf_dir: Path) -> dict[str, _SourceTensor]:
     for file, listed in sorted(by_file.items()):
         path = hf_dir / file
         if not path.is_file():
-            raise CheckpointError(f"{path}: shard missing; the index places {len(listed)} tensor(s) in it, "
-                                  f"e.g. {sorted(listed)[:3]}")
+            raise CheckpointError(
+                f"{path}: shard missing; the index places {len(listed)} tensor(s) in it, e.g. {sorted(listed)[:3]}"
+            )
         header = read_safetensors_header(path, listed)
         for name in listed:
             if name not in header:
@@ -296,13 +312,17 @@ def check_layout(arch, tp: int, pp: int, source: Path) -> None:
     """The divisibility Megatron needs at TP=tp / PP=pp, as one clear error."""
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {tp} and {pp}")
-    bad = [f"{what}={n} is not divisible by {by_name}={by}" for what, n, by_name, by in [
-        ("num_attention_heads", arch.num_attention_heads, "tp", tp),
-        ("num_key_value_heads", arch.num_query_groups, "tp", tp),
-        ("intermediate_size", arch.ffn_hidden_size, "tp", tp),
-        ("vocab_size", arch.vocab_size, "tp", tp),
-        ("num_hidden_layers", arch.num_layers, "pp", pp),
-    ] if n % by]
+    bad = [
+        f"{what}={n} is not divisible by {by_name}={by}"
+        for what, n, by_name, by in [
+            ("num_attention_heads", arch.num_attention_heads, "tp", tp),
+            ("num_key_value_heads", arch.num_query_groups, "tp", tp),
+            ("intermediate_size", arch.ffn_hidden_size, "tp", tp),
+            ("vocab_size", arch.vocab_size, "tp", tp),
+            ("num_hidden_layers", arch.num_layers, "pp", pp),
+        ]
+        if n % by
+    ]
     if bad:
         raise ValueError(f"{source}: cannot lay this model out at TP={tp}/PP={pp}: {'; '.join(bad)}")
 
@@ -321,8 +341,20 @@ class _SourceTensor:
         return n
 
 
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 _ST_TO_TORCH = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -370,10 +402,12 @@ def check_source(source: dict[str, _SourceTensor], reader, arch) -> None:
         full = torch.empty(names.full_shape(rule, arch), device="meta")
         for hf_name, t in zip(rule.hf, names.megatron_to_hf(rule, full, arch)):
             expected[hf_name] = tuple(t.shape)
-    cfg = (f"config.json: hidden_size={arch.hidden_size}, intermediate_size={arch.ffn_hidden_size}, "
-           f"num_attention_heads={arch.num_attention_heads}, num_key_value_heads={arch.num_query_groups}, "
-           f"head_dim={arch.head_dim}, vocab_size={arch.vocab_size}, num_hidden_layers={arch.num_layers}, "
-           f"tie_word_embeddings={arch.tie_word_embeddings}")
+    cfg = (
+        f"config.json: hidden_size={arch.hidden_size}, intermediate_size={arch.ffn_hidden_size}, "
+        f"num_attention_heads={arch.num_attention_heads}, num_key_value_heads={arch.num_query_groups}, "
+        f"head_dim={arch.head_dim}, vocab_size={arch.vocab_size}, num_hidden_layers={arch.num_layers}, "
+        f"tie_word_embeddings={arch.tie_word_embeddings}"
+    )
     extra = sorted(set(source) - set(expected) - _ignorable(source, arch))
     if extra:
         first = extra[0]
@@ -383,20 +417,26 @@ def check_source(source: dict[str, _SourceTensor], reader, arch) -> None:
         )
     missing = sorted(set(expected) - set(source))
     if missing:
-        raise CheckpointError(f"{reader.dir}: tensor {missing[0]!r} is missing; {cfg} implies it "
-                              f"({len(missing)} missing: {missing[:5]})")
+        raise CheckpointError(
+            f"{reader.dir}: tensor {missing[0]!r} is missing; {cfg} implies it ({len(missing)} missing: {missing[:5]})"
+        )
     for name, shape in expected.items():
         if source[name].shape != shape:
-            raise CheckpointError(f"{source[name].file}: tensor {name!r} has shape {source[name].shape}, "
-                                  f"but {cfg} implies {shape}")
+            raise CheckpointError(
+                f"{source[name].file}: tensor {name!r} has shape {source[name].shape}, but {cfg} implies {shape}"
+            )
         if source[name].dtype not in _ST_TO_TORCH:
-            raise CheckpointError(f"{source[name].file}: tensor {name!r} has dtype {source[name].dtype}; "
-                                  f"supported: {sorted(_ST_TO_TORCH)}")
+            raise CheckpointError(
+                f"{source[name].file}: tensor {name!r} has dtype {source[name].dtype}; "
+                f"supported: {sorted(_ST_TO_TORCH)}"
+            )
     if arch.tie_word_embeddings and "lm_head.weight" in source:
         # A tied model that still stores lm_head: harmless only if it *is* the embedding.
         if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
-            raise CheckpointError(f"{source['lm_head.weight'].file}: tensor 'lm_head.weight' differs from "
-                                  "'model.embed_tokens.weight' but config.json says tie_word_embeddings=true")
+            raise CheckpointError(
+                f"{source['lm_head.weight'].file}: tensor 'lm_head.weight' differs from "
+                "'model.embed_tokens.weight' but config.json says tie_word_embeddings=true"
+            )
 
 
 def _ignorable(source: dict, arch) -> set[str]:
@@ -419,12 +459,14 @@ def check_stored(ckpt: Path, expected: dict[str, tuple[tuple[int, ...], Any]], w
         if key not in stored:
             raise CheckpointError(f"{ckpt}: tensor {key!r} of {what} is not in the checkpoint")
         if stored[key][0] != tuple(shape):
-            raise CheckpointError(f"{ckpt}: tensor {key!r} has global shape {stored[key][0]}, "
-                                  f"{what} expects {tuple(shape)}")
+            raise CheckpointError(
+                f"{ckpt}: tensor {key!r} has global shape {stored[key][0]}, {what} expects {tuple(shape)}"
+            )
     leftover = sorted(k for k in stored if k not in expected and not k.startswith("optimizer."))
     if leftover:
-        raise CheckpointError(f"{ckpt}: tensor {leftover[0]!r} is not part of {what} "
-                              f"({len(leftover)} such: {leftover[:5]})")
+        raise CheckpointError(
+            f"{ckpt}: tensor {leftover[0]!r} is not part of {what} ({len(leftover)} such: {leftover[:5]})"
+        )
 
 
 def _resolve_dtype(dtype: str, source: dict[str, _SourceTensor], arch) -> str:

@@ -40,15 +40,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megatron_to_hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, type=Path, help="Megatron torch_dist checkpoint directory")
     p.add_argument("--out", required=True, type=Path, help="output HF directory: new or empty, unless --overwrite")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out as a whole (atomically, once the new export is complete)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking the checkpoint's files against the checksums in its agpo_meta.json")
-    p.add_argument("--hf-config-from", type=Path, default=None,
-                   help="HF directory whose config.json / tokenizer to use (default: those stored in the checkpoint)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out as a whole (atomically, once the new export is complete)",
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking the checkpoint's files against the checksums in its agpo_meta.json",
+    )
+    p.add_argument(
+        "--hf-config-from",
+        type=Path,
+        default=None,
+        help="HF directory whose config.json / tokenizer to use (default: those stored in the checkpoint)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="export dtype; auto = config.json's torch_dtype")
-    p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
-                   help="safetensors shard size cap in bytes (default 5e9, as transformers)")
+    p.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        help="safetensors shard size cap in bytes (default 5e9, as transformers)",
+    )
     return p.parse_args(argv)
 
 
@@ -62,20 +77,36 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("runs as one process (it reads any layout); do not launch it with torchrun")
         start = time.perf_counter()
         init_model_parallel(1, 1, seed=0)
-        stats = convert_megatron_to_hf(args.ckpt, args.out, hf_config_from=args.hf_config_from, dtype=args.dtype,
-                                       max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,
-                                       verify=args.verify)
+        stats = convert_megatron_to_hf(
+            args.ckpt,
+            args.out,
+            hf_config_from=args.hf_config_from,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_bytes,
+            overwrite=args.overwrite,
+            verify=args.verify,
+        )
     except (ValueError, OSError) as e:  # our checks' errors and unusable paths: the message is the report
         print(f"megatron_to_hf: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(f"megatron_to_hf: {stats['tensors']} HF tensors, {stats['bytes'] / 1e9:.2f} GB ({stats['dtype']}) "
-          f"in {len(stats['files'])} file(s) -> {args.out} in {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"megatron_to_hf: {stats['tensors']} HF tensors, {stats['bytes'] / 1e9:.2f} GB ({stats['dtype']}) "
+        f"in {len(stats['files'])} file(s) -> {args.out} in {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
     return 0
 
 
-def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, hf_config_from: str | Path | None = None,
-                           dtype: str = "auto", max_shard_bytes: int | None = None, overwrite: bool = False,
-                           verify: bool = True) -> dict[str, Any]:
+def convert_megatron_to_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    hf_config_from: str | Path | None = None,
+    dtype: str = "auto",
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> dict[str, Any]:
     """Export; needs an initialized world of one process at TP=1/PP=1. Returns
     {'tensors', 'bytes', 'dtype', 'files'}. `out` must be new or empty unless `overwrite`;
     `verify` checks the checkpoint's checksums first."""
@@ -101,8 +132,10 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, hf_config_from:
         config = meta.hf_config
         assets = ckpt / metadata.ASSETS_DIR
     else:
-        raise CheckpointError(f"{ckpt}: no HF config stored with this checkpoint (no {metadata.SIDECAR} "
-                              "with hf_config); pass --hf-config-from <HF model dir>")
+        raise CheckpointError(
+            f"{ckpt}: no HF config stored with this checkpoint (no {metadata.SIDECAR} "
+            "with hf_config); pass --hf-config-from <HF model dir>"
+        )
     arch = arch_from_hf_dict(config, str(config_path))
     check_supported(config, config_path)
 
@@ -123,8 +156,10 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, hf_config_from:
     specs = []  # the export plan, from config.json alone: shapes via the same reshape rules, on meta
     for r in rules:
         full = torch.empty(names.full_shape(r, arch), device="meta")
-        specs += [hf_writer.TensorSpec(n, tuple(t.shape), out_dtype)
-                  for n, t in zip(r.hf, names.megatron_to_hf(r, full, arch))]
+        specs += [
+            hf_writer.TensorSpec(n, tuple(t.shape), out_dtype)
+            for n, t in zip(r.hf, names.megatron_to_hf(r, full, arch))
+        ]
 
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     with output_dir.staged(out, overwrite=overwrite, inputs=inputs) as staging:
@@ -137,8 +172,12 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, hf_config_from:
         hf_writer.write_hf_config(staging, config, out_dtype)
         if assets.is_dir():
             hf_writer.copy_hf_assets(assets, staging)
-    return {"tensors": len(specs), "bytes": writer.bytes_written, "dtype": str(out_dtype).removeprefix("torch."),
-            "files": [s.file for s in writer.shards]}
+    return {
+        "tensors": len(specs),
+        "bytes": writer.bytes_written,
+        "dtype": str(out_dtype).removeprefix("torch."),
+        "files": [s.file for s in writer.shards],
+    }
 
 
 if __name__ == "__main__":

@@ -20,10 +20,34 @@ from torch.overrides import TorchFunctionMode
 
 from agpo_megatron.parallel import comm_device
 
-_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.as_tensor, torch.arange,
-              torch.randn, torch.rand, torch.randint, torch.eye, torch.linspace}
-_TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-                       "reduce_scatter_tensor", "reduce", "send", "recv", "isend", "irecv", "all_to_all_single")
+_FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.tensor,
+    torch.as_tensor,
+    torch.arange,
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.eye,
+    torch.linspace,
+}
+_TENSOR_COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "all_to_all_single",
+)
 
 
 class _TagImplicitDevice(TorchFunctionMode):
@@ -66,9 +90,11 @@ def strict_collectives():
                     if getattr(t, "_agpo_implicit_device", False) or t.device != want:
                         raise CollectiveDeviceError(
                             f"dist.{name} from {caller}: tensor on {t.device} made without an explicit device; "
-                            f"collectives need tensors on parallel.comm_device() = {want}")
+                            f"collectives need tensors on parallel.comm_device() = {want}"
+                        )
                 checked.append((name, caller))
             return fn(*args, **kwargs)
+
         return guarded
 
     for name, fn in originals.items():

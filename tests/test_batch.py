@@ -8,9 +8,12 @@ from agpo_megatron.batch import Sequences, split_micro_batches, to_micro_batch
 
 def _seqs():
     # prompts of 3, 2, 4 tokens; responses of 2, 4, 1 tokens
-    return Sequences(tokens=[[1, 2, 3, 10, 11], [4, 5, 12, 13, 14, 15], [6, 7, 8, 9, 16]],
-                     prompt_lens=[3, 2, 4], advantages=torch.tensor([1.0, -1.0, 0.5]),
-                     rollout_logprobs=[[-0.1, -0.2], [-1.0, -1.1, -1.2, -1.3], [-0.5]])
+    return Sequences(
+        tokens=[[1, 2, 3, 10, 11], [4, 5, 12, 13, 14, 15], [6, 7, 8, 9, 16]],
+        prompt_lens=[3, 2, 4],
+        advantages=torch.tensor([1.0, -1.0, 0.5]),
+        rollout_logprobs=[[-0.1, -0.2], [-1.0, -1.1, -1.2, -1.3], [-0.5]],
+    )
 
 
 def test_mask_targets_and_rollout_logprobs_align():
@@ -29,12 +32,14 @@ def test_mask_targets_and_rollout_logprobs_align():
 
 def test_split_by_count_and_by_token_budget():
     seqs = _seqs()
-    by_count = split_micro_batches(seqs, micro_batch_size=2, max_tokens=None, pad_id=0, uniform_length=True,
-                                   pad_to_multiple=1)
+    by_count = split_micro_batches(
+        seqs, micro_batch_size=2, max_tokens=None, pad_id=0, uniform_length=True, pad_to_multiple=1
+    )
     assert [m["tokens"].shape for m in by_count] == [(2, 6), (1, 6)]
     # Dynamic: sorted by length, each micro-batch's padded tokens <= 11.
-    dyn = split_micro_batches(seqs, micro_batch_size=99, max_tokens=11, pad_id=0, uniform_length=False,
-                              pad_to_multiple=1)
+    dyn = split_micro_batches(
+        seqs, micro_batch_size=99, max_tokens=11, pad_id=0, uniform_length=False, pad_to_multiple=1
+    )
     assert all(m["tokens"].numel() <= 11 for m in dyn)
     assert sum(m["loss_mask"].sum().item() for m in dyn) == 7
     assert sorted(a for m in dyn for a in m["advantages"].tolist()) == [-1.0, 0.5, 1.0]

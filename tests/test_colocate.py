@@ -21,8 +21,15 @@ from agpo_megatron.parallel import Layout
 from agpo_megatron.rollout.base import Completion
 
 ROLLOUT_TO_TRAIN = ["engine.sleep", "actor.reload"]
-TRAIN_TO_ROLLOUT = ["actor.offload_train_state", "empty_cache", "engine.wake_weights", "sync", "actor.offload_params",
-                    "empty_cache", "engine.wake_kv_cache"]
+TRAIN_TO_ROLLOUT = [
+    "actor.offload_train_state",
+    "empty_cache",
+    "engine.wake_weights",
+    "sync",
+    "actor.offload_params",
+    "empty_cache",
+    "engine.wake_kv_cache",
+]
 
 
 def check_order(calls: list[str]) -> None:
@@ -67,8 +74,19 @@ class FakeEngine:
 
     def generate(self, prompts, n, sampling):
         self.rec.calls.append("generate")
-        return [[Completion(prompt_index=i, token_ids=[5, 6, 7][: 1 + (i + j) % 3], logprobs=None, text="x",
-                            finish_reason="stop") for j in range(n)] for i in range(len(prompts))]
+        return [
+            [
+                Completion(
+                    prompt_index=i,
+                    token_ids=[5, 6, 7][: 1 + (i + j) % 3],
+                    logprobs=None,
+                    text="x",
+                    finish_reason="stop",
+                )
+                for j in range(n)
+            ]
+            for i in range(len(prompts))
+        ]
 
 
 class FakeActorState:
@@ -94,14 +112,34 @@ def test_colocation_transitions_in_order():
 def test_check_order_rejects_the_old_order():
     # trainer.py before colocate.py: the engine stayed awake after construction, the actor was
     # built and synced into it, and wake() woke the KV cache before the sync.
-    old = ["build.actor", "sync", "evaluate", "generate", "engine.sleep", "actor.logprobs", "actor.policy_step",
-           "engine.wake_weights", "engine.wake_kv_cache", "sync", "generate"]
+    old = [
+        "build.actor",
+        "sync",
+        "evaluate",
+        "generate",
+        "engine.sleep",
+        "actor.logprobs",
+        "actor.policy_step",
+        "engine.wake_weights",
+        "engine.wake_kv_cache",
+        "sync",
+        "generate",
+    ]
     with pytest.raises(AssertionError, match="built while vLLM is awake"):
         check_order(["engine.build", *old])
     with pytest.raises(AssertionError, match="KV cache woken before"):
         check_order(["engine.build", *old[3:]])  # even with the build order fixed, wake() is wrong
-    check_order(["engine.build", "engine.sleep", "build.actor", *TRAIN_TO_ROLLOUT, "generate", *ROLLOUT_TO_TRAIN,
-                 "actor.policy_step"])
+    check_order(
+        [
+            "engine.build",
+            "engine.sleep",
+            "build.actor",
+            *TRAIN_TO_ROLLOUT,
+            "generate",
+            *ROLLOUT_TO_TRAIN,
+            "actor.policy_step",
+        ]
+    )
 
 
 # ---- the real train() loop, on fakes -----------------------------------------------------------
@@ -142,10 +180,16 @@ def patch_trainer(monkeypatch, rec: Recorder) -> None:
     """Replace what train() builds around the actor (weight sync, memory, reward, checkpoints) with fakes."""
     monkeypatch.setattr(trainer, "sync_weights", lambda chunks, arch, engine: rec.calls.append("sync"))
     monkeypatch.setattr(trainer, "ActorMemory", lambda chunks, opt, cfg: FakeActorState(rec))
-    monkeypatch.setattr(trainer, "score_distributed", lambda texts, golds, **kw: (
-        torch.tensor([float(i % 2) for i in range(len(texts))]), None, {}))
-    monkeypatch.setattr(trainer, "Colocation", lambda engine, state, sync: Colocation(
-        engine, state, sync, empty_cache=rec("empty_cache")))
+    monkeypatch.setattr(
+        trainer,
+        "score_distributed",
+        lambda texts, golds, **kw: (torch.tensor([float(i % 2) for i in range(len(texts))]), None, {}),
+    )
+    monkeypatch.setattr(
+        trainer,
+        "Colocation",
+        lambda engine, state, sync: Colocation(engine, state, sync, empty_cache=rec("empty_cache")),
+    )
 
     class FakeReference:
         def logprobs(self, mbs, *, temperature):
@@ -173,11 +217,24 @@ def patch_trainer(monkeypatch, rec: Recorder) -> None:
 def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     rec = Recorder()
     patch_trainer(monkeypatch, rec)
-    cfg = load_config(TrainConfig, None, [
-        "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=2", "eval_interval=1",
-        "batch.prompts_per_rollout=2", "batch.micro_batch_size=4", "algo.group_size=2", "algo.loss.kl_coef=0.01",
-        f"logging.out_dir={tmp_path}", "logging.progress_bar=false", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-        "checkpoint.save_interval=1"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "data.train.path=unused.jsonl",
+            "data.train.answer_format=boxed",
+            "steps=2",
+            "eval_interval=1",
+            "batch.prompts_per_rollout=2",
+            "batch.micro_batch_size=4",
+            "algo.group_size=2",
+            "algo.loss.kl_coef=0.01",
+            f"logging.out_dir={tmp_path}",
+            "logging.progress_bar=false",
+            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+            "checkpoint.save_interval=1",
+        ],
+    )
     session = FakeSession(cfg, rec)
     actor = FakeActor(rec)
     trainer.train(session, actor=actor)
@@ -185,9 +242,19 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     # One update per rollout: it is on-policy, so the actor needs no log-prob pass of its own (ppo.py).
     step = ["generate", *ROLLOUT_TO_TRAIN, "ref.logprobs", "actor.policy_step", *TRAIN_TO_ROLLOUT]
     save = ["actor.reload", "save_checkpoint", "actor.offload_train_state", "actor.offload_params", "empty_cache"]
-    assert rec.calls == ["build.actor", "build.reference", *TRAIN_TO_ROLLOUT, "evaluate",
-                         *step, "evaluate", *save,  # eval_interval=1 (not at the last step), then the save
-                         *step, *save, "evaluate", *ROLLOUT_TO_TRAIN]  # eval_after, then asleep as it was found
+    assert rec.calls == [
+        "build.actor",
+        "build.reference",
+        *TRAIN_TO_ROLLOUT,
+        "evaluate",
+        *step,
+        "evaluate",
+        *save,  # eval_interval=1 (not at the last step), then the save
+        *step,
+        *save,
+        "evaluate",
+        *ROLLOUT_TO_TRAIN,
+    ]  # eval_after, then asleep as it was found
     check_order(rec.calls)
 
 
@@ -197,8 +264,12 @@ def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkey
     rollout runs at that rollout's values."""
     import json
 
-    from agpo_megatron.algo.controllers import AdaptiveClipConfig, AdaptiveClipController, AdaptiveKLConfig, \
-        AdaptiveKLController
+    from agpo_megatron.algo.controllers import (
+        AdaptiveClipConfig,
+        AdaptiveClipController,
+        AdaptiveKLConfig,
+        AdaptiveKLController,
+    )
 
     rec, used = Recorder(), []
 
@@ -209,11 +280,26 @@ def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkey
             return {"pg_loss": 0.0, "kl_ref": 0.05, "approx_kl": 0.0 if kw["on_policy"] else 0.05}
 
     patch_trainer(monkeypatch, rec)
-    cfg = load_config(TrainConfig, None, [
-        "data.train.path=unused.jsonl", "data.train.answer_format=boxed", "steps=3",
-        "batch.prompts_per_rollout=2", "batch.prompts_per_update=1", "batch.micro_batch_size=2", "algo.group_size=2",
-        "algo.loss.kl_coef=0", "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true", f"logging.out_dir={tmp_path}",
-        "logging.progress_bar=false", "algo.kl_controller.beta_min=1e-4", "algo.clip_controller.horizon=5"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "data.train.path=unused.jsonl",
+            "data.train.answer_format=boxed",
+            "steps=3",
+            "batch.prompts_per_rollout=2",
+            "batch.prompts_per_update=1",
+            "batch.micro_batch_size=2",
+            "algo.group_size=2",
+            "algo.loss.kl_coef=0",
+            "algo.adaptive_kl_target=0.01",
+            "algo.adaptive_clip=true",
+            f"logging.out_dir={tmp_path}",
+            "logging.progress_bar=false",
+            "algo.kl_controller.beta_min=1e-4",
+            "algo.clip_controller.horizon=5",
+        ],
+    )
     trainer.train(FakeSession(cfg, rec), actor=MovingActor(rec))
 
     kl_ctl = AdaptiveKLController(AdaptiveKLConfig(init_beta=1e-4, target_kl=0.01))

@@ -32,8 +32,10 @@ def yaml_file(tmp_path, hf_dir):
 
 
 def test_yaml_and_dotted_overrides(yaml_file):
-    cfg = load_train_config(yaml_file, ["algo.gamma=0.05", "parallel.tp=2", "algo.loss.eps_high=0.28",
-                                        "algo.loss.tis_cap=2", "model.fp8=null"])
+    cfg = load_train_config(
+        yaml_file,
+        ["algo.gamma=0.05", "parallel.tp=2", "algo.loss.eps_high=0.28", "algo.loss.tis_cap=2", "model.fp8=null"],
+    )
     assert isinstance(cfg, TrainConfig)
     assert cfg.algo.gamma == 0.05 and cfg.parallel.tp == 2
     assert cfg.algo.loss.eps_high == 0.28 and cfg.algo.loss.tis_cap == 2.0
@@ -96,8 +98,9 @@ def test_every_field_has_a_docstring():
         for i, node in enumerate(body):
             if isinstance(node, ast.AnnAssign):
                 nxt = body[i + 1] if i + 1 < len(body) else None
-                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), \
+                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), (
                     f"{cls.name}.{node.target.id} has no docstring"
+                )
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -148,24 +151,41 @@ def test_tis_needs_recomputed_old_logprobs(yaml_file):
 def test_controller_settings_come_from_the_config(yaml_file):
     """Issue 10: A-GRPO's eps = 0.5 ablation with adaptive clip needs the clip bounds in the config."""
     eps = ["algo.loss.eps_low=0.5", "algo.loss.eps_high=0.5", "algo.adaptive_clip=true", "batch.prompts_per_update=4"]
-    with pytest.raises(ConfigError, match=r"algo.loss.eps_low=0.5 is the adaptive clip's start and must be in "
-                                          r"\[algo.clip_controller.eps_min, eps_max\] = \[0.05, 0.4\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algo.loss.eps_low=0.5 is the adaptive clip's start and must be in "
+        r"\[algo.clip_controller.eps_min, eps_max\] = \[0.05, 0.4\]",
+    ):
         load_train_config(yaml_file, eps)
-    cfg = load_train_config(yaml_file, [*eps, "algo.clip_controller.eps_max=0.6", "algo.clip_controller.target_kl=0.02",
-                                        "algo.adaptive_kl_target=0.05", "algo.kl_controller.horizon=20"])
+    cfg = load_train_config(
+        yaml_file,
+        [
+            *eps,
+            "algo.clip_controller.eps_max=0.6",
+            "algo.clip_controller.target_kl=0.02",
+            "algo.adaptive_kl_target=0.05",
+            "algo.kl_controller.horizon=20",
+        ],
+    )
     clip, kl = cfg.algo.clip_settings(), cfg.algo.kl_settings()
     assert (clip.init_eps_low, clip.init_eps_high, clip.eps_max, clip.target_kl) == (0.5, 0.5, 0.6, 0.02)
     assert (kl.init_beta, kl.target_kl, kl.horizon) == (1e-6, 0.05, 20)  # kl_coef=0 starts at beta_min
-    for bad, needle in [("algo.clip_controller.eps_max=1.0", "algo.clip_controller.eps_max must be in [eps_min, 1)"),
-                        ("algo.clip_controller.eps_min=0", "algo.clip_controller.eps_min must be > 0"),
-                        ("algo.clip_controller.horizon=0.5", "algo.clip_controller.horizon must be >= 1"),
-                        ("algo.kl_controller.beta_min=0", "algo.kl_controller.beta_min must be > 0"),
-                        ("algo.kl_controller.ema_decay=1", "algo.kl_controller.ema_decay must be in [0, 1)"),
-                        ("algo.loss.kl_coef=2", "algo.loss.kl_coef=2 is the adaptive beta's start and must be <= "
-                                                "algo.kl_controller.beta_max=1")]:
+    for bad, needle in [
+        ("algo.clip_controller.eps_max=1.0", "algo.clip_controller.eps_max must be in [eps_min, 1)"),
+        ("algo.clip_controller.eps_min=0", "algo.clip_controller.eps_min must be > 0"),
+        ("algo.clip_controller.horizon=0.5", "algo.clip_controller.horizon must be >= 1"),
+        ("algo.kl_controller.beta_min=0", "algo.kl_controller.beta_min must be > 0"),
+        ("algo.kl_controller.ema_decay=1", "algo.kl_controller.ema_decay must be in [0, 1)"),
+        (
+            "algo.loss.kl_coef=2",
+            "algo.loss.kl_coef=2 is the adaptive beta's start and must be <= algo.kl_controller.beta_max=1",
+        ),
+    ]:
         with pytest.raises(ConfigError) as e:
-            load_train_config(yaml_file, ["algo.adaptive_clip=true", "algo.adaptive_kl_target=0.01",
-                                          "batch.prompts_per_update=4", bad])
+            load_train_config(
+                yaml_file,
+                ["algo.adaptive_clip=true", "algo.adaptive_kl_target=0.01", "batch.prompts_per_update=4", bad],
+            )
         assert needle in str(e.value) and str(yaml_file) in str(e.value)
     # off: the settings are not used, so an eps outside the (default) bounds is fine
     assert load_train_config(yaml_file, ["algo.loss.eps_low=0.5"]).algo.clip_settings() is None
@@ -198,17 +218,29 @@ def test_mini_batches_divide_the_rollout_and_the_layout(yaml_file):
     cfg = load_train_config(yaml_file, ["batch.prompts_per_update=2", "algo.ppo_epochs=3", "steps=5"])
     assert (cfg.batch.updates_per_rollout, cfg.optimizer_steps()) == (4, 5 * 4 * 3)
     assert load_train_config(yaml_file).batch.updates_per_rollout == 1  # None: the whole rollout
-    for bad, needle in [("batch.prompts_per_update=3", ("batch.prompts_per_update (3) must be >= 1 and divide "
-                                                        "batch.prompts_per_rollout (8)")),
-                        ("batch.prompts_per_update=16", "batch.prompts_per_update (16) must be"),
-                        ("batch.prompts_per_update=0", "batch.prompts_per_update (0) must be"),
-                        ("batch.micro_batch_size=3", ("batch.micro_batch_size (3) must divide the mini-batch of "
-                                                      "batch.prompts_per_rollout x algo.group_size = 32 sequences"))]:
+    for bad, needle in [
+        (
+            "batch.prompts_per_update=3",
+            ("batch.prompts_per_update (3) must be >= 1 and divide batch.prompts_per_rollout (8)"),
+        ),
+        ("batch.prompts_per_update=16", "batch.prompts_per_update (16) must be"),
+        ("batch.prompts_per_update=0", "batch.prompts_per_update (0) must be"),
+        (
+            "batch.micro_batch_size=3",
+            (
+                "batch.micro_batch_size (3) must divide the mini-batch of "
+                "batch.prompts_per_rollout x algo.group_size = 32 sequences"
+            ),
+        ),
+    ]:
         with pytest.raises(ConfigError) as e:
             load_train_config(yaml_file, [bad])
         assert needle in str(e.value)
-    with pytest.raises(ConfigError, match=r"micro_batch_size \(8\) must divide the mini-batch of "
-                                          r"batch.prompts_per_update x algo.group_size = 4 sequences"):
+    with pytest.raises(
+        ConfigError,
+        match=r"micro_batch_size \(8\) must divide the mini-batch of "
+        r"batch.prompts_per_update x algo.group_size = 4 sequences",
+    ):
         load_train_config(yaml_file, ["batch.prompts_per_update=1", "batch.micro_batch_size=8"])
     cfg = load_train_config(yaml_file, ["batch.prompts_per_update=2"])
     assert cfg.check_world(2) == 2
@@ -220,8 +252,11 @@ def test_mini_batches_divide_the_rollout_and_the_layout(yaml_file):
 
 def test_adaptive_clip_needs_an_off_policy_update(yaml_file, recwarn):
     """Issue 10: with one update per rollout the ratio is exactly 1, so approx_kl is 0 and eps_t drifts to its cap."""
-    with pytest.raises(ConfigError, match=r"algo.adaptive_clip needs off-policy updates .*batch.prompts_per_update = "
-                                          r"batch.prompts_per_rollout \(8\) and algo.ppo_epochs=1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algo.adaptive_clip needs off-policy updates .*batch.prompts_per_update = "
+        r"batch.prompts_per_rollout \(8\) and algo.ppo_epochs=1",
+    ):
         load_train_config(yaml_file, ["algo.adaptive_clip=true"])
     for ok in (["batch.prompts_per_update=4"], ["algo.ppo_epochs=2"]):
         assert load_train_config(yaml_file, ["algo.adaptive_clip=true", *ok]).algo.clip_settings() is not None

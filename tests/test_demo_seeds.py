@@ -7,9 +7,13 @@ from agpo_megatron.demo_seeds import parse_seeds, shortest_format_tokens, summar
 
 def _result(grpo_tokens, agpo_tokens, grpo_pass, agpo_pass, m2=0.6):
     warm = {"pass@1": 0.5, "mean_tokens": 40.0}
-    return {"runs": {"GRPO": {"eval_before": warm, "eval_after": {"pass@1": grpo_pass, "mean_tokens": grpo_tokens}},
-                     "AGPO": {"eval_before": warm, "eval_after": {"pass@1": agpo_pass, "mean_tokens": agpo_tokens}}},
-            "frac_m2_groups": m2}
+    return {
+        "runs": {
+            "GRPO": {"eval_before": warm, "eval_after": {"pass@1": grpo_pass, "mean_tokens": grpo_tokens}},
+            "AGPO": {"eval_before": warm, "eval_after": {"pass@1": agpo_pass, "mean_tokens": agpo_tokens}},
+        },
+        "frac_m2_groups": m2,
+    }
 
 
 def test_parse_seeds():
@@ -21,8 +25,10 @@ def test_parse_seeds():
 
 
 def test_table_statistics_and_verdict():
-    table, stats = summarize({0: _result(30.0, 21.0, 0.80, 0.79), 1: _result(20.0, 18.0, 0.70, 0.73),
-                              2: _result(25.0, 15.0, 0.60, 0.55)}, floors={1: 14.5})
+    table, stats = summarize(
+        {0: _result(30.0, 21.0, 0.80, 0.79), 1: _result(20.0, 18.0, 0.70, 0.73), 2: _result(25.0, 15.0, 0.60, 0.55)},
+        floors={1: 14.5},
+    )
     assert stats["ratio"]["mean"] == pytest.approx((0.7 + 0.9 + 0.6) / 3)
     assert stats["ratio"]["max"] == pytest.approx(0.9)
     assert stats["pass1_diff"]["mean"] == pytest.approx((-1 + 3 - 5) / 3)

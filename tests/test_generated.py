@@ -34,22 +34,32 @@ def test_synthetic_rows_are_deterministic_cached_and_carry_levels(cache):
 def test_concurrent_ranks_build_one_complete_entry(cache):
     # Four processes resolve the same spec at once, as the ranks of a job do before any process group.
     code = "from agpo_megatron.generated import resolve_dataset; print(resolve_dataset('synthetic:arith?n=300&seed=7'))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={"AGPO_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={"AGPO_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        )
+        for _ in range(4)
+    ]
     outs = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs) and len(outs) == 1
     assert len(Path(outs.pop()).read_text().splitlines()) == 300
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]  # no half-written copies left
 
 
-@pytest.mark.parametrize("field, spec, needle", [
-    ("model.hf_path", "tiny:gpt9", "unknown tiny model type"),
-    ("data.train.path", "synthetic:calculus", "unknown synthetic task"),
-    ("data.train.path", "synthetic:arith?n=ten", "n must be an integer"),
-    ("data.eval.path", "synthetic:arith?size=3", "unknown parameter 'size'"),
-    ("data.train.path", "synthetic:arith?max_difficulty=5", "max_difficulty in [0, 2]"),
-])
+@pytest.mark.parametrize(
+    "field, spec, needle",
+    [
+        ("model.hf_path", "tiny:gpt9", "unknown tiny model type"),
+        ("data.train.path", "synthetic:calculus", "unknown synthetic task"),
+        ("data.train.path", "synthetic:arith?n=ten", "n must be an integer"),
+        ("data.eval.path", "synthetic:arith?size=3", "unknown parameter 'size'"),
+        ("data.train.path", "synthetic:arith?max_difficulty=5", "max_difficulty in [0, 2]"),
+    ],
+)
 def test_bad_specs_name_the_field(cache, field, spec, needle):
     with pytest.raises(ConfigError) as e:
         (resolve_model if field.startswith("model") else resolve_dataset)(spec, field)

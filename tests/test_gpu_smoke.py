@@ -21,8 +21,14 @@ def _smoke(*args: str, out: Path, extra_pythonpath: Path | None = None, timeout:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     if extra_pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_pythonpath), str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_smoke.sh"), *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_smoke.sh"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
     lines = proc.stdout.splitlines()
     status = {}
     for ln in lines:
@@ -56,8 +62,9 @@ def test_dry_run_lists_every_check_and_passes(tmp_path):
 def test_dry_run_fails_when_a_project_function_is_renamed(tmp_path):
     """A `sitecustomize` removes parallel.comm_device in every process, as a rename would."""
     shim = _shim(tmp_path, "import agpo_megatron.parallel as p\ndel p.comm_device\n")
-    proc, status, lines = _smoke("--dry-run", "--only", "nccl_world,policy_step,fused_loss", out=tmp_path / "out",
-                                 extra_pythonpath=shim)
+    proc, status, lines = _smoke(
+        "--dry-run", "--only", "nccl_world,policy_step,fused_loss", out=tmp_path / "out", extra_pythonpath=shim
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     assert status["nccl_world"] == status["policy_step"] == "FAIL"
     assert all(status[c] == "READY" for c in ("fused_loss_parity", "fused_loss_time", "fused_loss_memory"))

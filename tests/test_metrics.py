@@ -36,8 +36,14 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    log = MetricsLogger(tmp_path, enabled=True, total_steps=2, config={"algo": {"gamma": 0.1}},
-                        wandb_project="agpo-test", progress_bar=False)
+    log = MetricsLogger(
+        tmp_path,
+        enabled=True,
+        total_steps=2,
+        config={"algo": {"gamma": 0.1}},
+        wandb_project="agpo-test",
+        progress_bar=False,
+    )
     log.log(1, {"reward/mean": 0.5})
     log.log(2, {"reward/mean": 0.75})
     log.close()

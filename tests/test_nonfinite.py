@@ -30,14 +30,16 @@ def test_bad_step_counter_stops_after_max_consecutive():
 def test_non_finite_weights_are_refused_by_name():
     check_finite_weights([("a", torch.ones(2))], "x")
     with pytest.raises(NonFiniteError, match=r"before saving ckpt/step_000002 \(first on this rank: b\)"):
-        check_finite_weights([("a", torch.ones(2)), ("b", torch.tensor([0.0, float("nan")]))],
-                             "saving ckpt/step_000002")
+        check_finite_weights(
+            [("a", torch.ones(2)), ("b", torch.tensor([0.0, float("nan")]))], "saving ckpt/step_000002"
+        )
 
 
 @pytest.mark.slow
 def test_nan_in_one_ranks_micro_batch_skips_the_step_everywhere(tmp_path):
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1,
-                                num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=128
+    )
     out = torchrun("nonfinite_step.py", hf_dir, timeout=240)
     res: dict[int, dict[str, str]] = {0: {}, 1: {}}
     for line in out.splitlines():

@@ -66,8 +66,9 @@ def test_refuses_memory_torch_did_not_allocate():
 
 def test_actor_offload_is_invisible_to_training_and_reference_matches_actor(tmp_path):
     """Megatron DDP at DP=2: fp32 and bf16, with and without the distributed optimizer."""
-    hf = save_tiny_hf_model(tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2,
-                            vocab_size=128)
+    hf = save_tiny_hf_model(
+        tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=128
+    )
     torchrun("offload_actor.py", hf, tmp_path, timeout=400)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt")

@@ -19,9 +19,12 @@ from agpo_megatron.packing import plan_packed, to_packed_micro_batch, unpack
 
 def _seqs():
     # prompts of 3, 2, 4 tokens; responses of 2, 4, 1 tokens (lengths 5, 6, 5)
-    return Sequences(tokens=[[1, 2, 3, 10, 11], [4, 5, 12, 13, 14, 15], [6, 7, 8, 9, 16]],
-                     prompt_lens=[3, 2, 4], advantages=torch.tensor([1.0, -1.0, 0.5]),
-                     rollout_logprobs=[[-0.1, -0.2], [-1.0, -1.1, -1.2, -1.3], [-0.5]])
+    return Sequences(
+        tokens=[[1, 2, 3, 10, 11], [4, 5, 12, 13, 14, 15], [6, 7, 8, 9, 16]],
+        prompt_lens=[3, 2, 4],
+        advantages=torch.tensor([1.0, -1.0, 0.5]),
+        rollout_logprobs=[[-0.1, -0.2], [-1.0, -1.1, -1.2, -1.3], [-0.5]],
+    )
 
 
 def test_packed_micro_batch_by_hand():
@@ -47,8 +50,14 @@ def test_packed_micro_batch_by_hand():
 def test_block_diagonal_causal_mask():
     mask = packed_causal_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]))  # True = masked
     allowed = (~mask[0, 0]).int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0],
-                       [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
 
 
 def _ragged(n, seed=0, lo=10, hi=300):
@@ -56,8 +65,15 @@ def _ragged(n, seed=0, lo=10, hi=300):
     return [min(hi, max(lo, int(rng.lognormvariate(4.3, 0.8)))) for _ in range(n)]
 
 
-@pytest.mark.parametrize("kw", [dict(max_tokens=None, fixed_shape=False), dict(max_tokens=1000, fixed_shape=False),
-                                dict(max_tokens=None, fixed_shape=True), dict(max_tokens=1000, fixed_shape=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_tokens=None, fixed_shape=False),
+        dict(max_tokens=1000, fixed_shape=False),
+        dict(max_tokens=None, fixed_shape=True),
+        dict(max_tokens=1000, fixed_shape=True),
+    ],
+)
 def test_every_sequence_once_rows_fit_and_budget_holds(kw):
     lengths = _ragged(200)
     plans = plan_packed(lengths, micro_batch_size=4, pad_to_multiple=8, **kw)
@@ -72,8 +88,10 @@ def test_every_sequence_once_rows_fit_and_budget_holds(kw):
         assert {p.shape for p in plans} == {(budget // row_len, row_len)}
     real = sum(lengths)
     computed = sum(p.computed_tokens for p in plans)
-    padded = sum(p.computed_tokens for p in plan_micro_batches(lengths, micro_batch_size=4, uniform_length=False,
-                                                                 max_tokens=kw["max_tokens"]))
+    padded = sum(
+        p.computed_tokens
+        for p in plan_micro_batches(lengths, micro_batch_size=4, uniform_length=False, max_tokens=kw["max_tokens"])
+    )
     assert computed < padded
     if not kw["fixed_shape"]:
         assert real / computed >= 0.9  # a long-tailed batch packs tightly
@@ -101,7 +119,10 @@ def test_padding_stats_over_all_ranks():
     lengths = _ragged(64, seed=1)
     ranks = balance_dp(lengths, 2)
     kw = dict(micro_batch_size=4, max_tokens=None, uniform_length=False, pad_to_multiple=8)
-    packed, padded = padding_stats(lengths, ranks, packing=True, **kw), padding_stats(lengths, ranks, packing=False, **kw)
+    packed, padded = (
+        padding_stats(lengths, ranks, packing=True, **kw),
+        padding_stats(lengths, ranks, packing=False, **kw),
+    )
     assert packed["batch/real_tokens"] == padded["batch/real_tokens"] == sum(lengths)
     assert packed["batch/padding_efficiency"] > padded["batch/padding_efficiency"]
     seqs = Sequences(tokens=[[1] * n for n in lengths], prompt_lens=[1] * 64, advantages=torch.zeros(64))
@@ -113,12 +134,15 @@ def test_padding_stats_over_all_ranks():
 def test_loss_over_packed_rows_equals_padded_rows(mode):
     """`seq_ids` finds the sequences of packed rows: same loss, same gradient as one sequence per row."""
     g = torch.Generator().manual_seed(0)
-    seqs = Sequences(tokens=[[1] * n for n in (7, 3, 12, 5, 9)], prompt_lens=[2, 1, 4, 2, 3],
-                     advantages=torch.randn(5, generator=g))
-    pad = split_micro_batches(seqs, micro_batch_size=5, max_tokens=None, pad_id=0, uniform_length=False,
-                              pad_to_multiple=1)[0]
-    packs = split_micro_batches(seqs, micro_batch_size=3, max_tokens=None, pad_id=0, uniform_length=False,
-                                pad_to_multiple=1, packing=True)
+    seqs = Sequences(
+        tokens=[[1] * n for n in (7, 3, 12, 5, 9)], prompt_lens=[2, 1, 4, 2, 3], advantages=torch.randn(5, generator=g)
+    )
+    pad = split_micro_batches(
+        seqs, micro_batch_size=5, max_tokens=None, pad_id=0, uniform_length=False, pad_to_multiple=1
+    )[0]
+    packs = split_micro_batches(
+        seqs, micro_batch_size=3, max_tokens=None, pad_id=0, uniform_length=False, pad_to_multiple=1, packing=True
+    )
     assert len(packs) == 1 and packs[0]["tokens"].shape == (3, 12)  # rows [12], [9, 3], [7, 5]
     pack = packs[0]
     per_seq_lp = [torch.randn(len(t), generator=g) for t in seqs.tokens]
@@ -130,8 +154,18 @@ def test_loss_over_packed_rows_equals_padded_rows(mode):
         for (r, o), v in zip(rows, leaf):
             lp = lp.index_put((torch.full((len(v),), r), torch.arange(o, o + len(v))), v)
         old, ref, ent = lp.detach() - 0.1, lp.detach() * 1.2, lp.detach().abs()
-        loss, _ = policy_loss(lp, old, mb["advantages"], mb["loss_mask"], cfg, ref_logprobs=ref, entropy=ent,
-                              global_num_tokens=40, global_num_seqs=7, seq_ids=mb.get("seq_ids"))
+        loss, _ = policy_loss(
+            lp,
+            old,
+            mb["advantages"],
+            mb["loss_mask"],
+            cfg,
+            ref_logprobs=ref,
+            entropy=ent,
+            global_num_tokens=40,
+            global_num_seqs=7,
+            seq_ids=mb.get("seq_ids"),
+        )
         loss.backward()
         return loss, [v.grad for v in leaf]
 

@@ -47,20 +47,33 @@ def test_planned_bytes_equal_built_megatron_ddp_and_optimizer(tmp_path):
     embedding bucket of tied PP=2, TP=2 with qk-norm, fp32 params and the non-distributed optimizer.
     """
     kw = dict(hidden_size=48, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=130, intermediate_size=100)
-    models = {"untied": _write_config(tmp_path / "untied", "qwen2", **kw),
-              "tied": _write_config(tmp_path / "tied", "qwen2", tie=True, **kw),
-              "qwen3": _write_config(tmp_path / "qwen3", "qwen3", head_dim=40, **{**kw, "num_kv_heads": 2})}
+    models = {
+        "untied": _write_config(tmp_path / "untied", "qwen2", **kw),
+        "tied": _write_config(tmp_path / "tied", "qwen2", tie=True, **kw),
+        "qwen3": _write_config(tmp_path / "qwen3", "qwen3", head_dim=40, **{**kw, "num_kv_heads": 2}),
+    }
     torchrun("plan_measure.py", tmp_path, *(f"{k}={v}" for k, v in models.items()))
     checked = 0
     for rank in (0, 1):
         for case, m in json.loads((tmp_path / f"measured_rank{rank}.json").read_text()).items():
             arch = read_arch(models[case.split("_")[0]])
             lay = m["layout"]
-            params = stage_params(arch, tp=lay["tp"], pp=lay["pp"], pp_rank=lay["pp_rank"],
-                                  params_dtype="bfloat16" if "bf16" in case else "float32", spec="local")
+            params = stage_params(
+                arch,
+                tp=lay["tp"],
+                pp=lay["pp"],
+                pp_rank=lay["pp_rank"],
+                params_dtype="bfloat16" if "bf16" in case else "float32",
+                spec="local",
+            )
             assert _planned(params) == m["params"], case
-            st = train_state(params, dp=lay["dp"], dp_rank=lay["dp_rank"], distributed_optimizer="distopt" in case,
-                             tied_pp=arch.tie_word_embeddings and lay["pp"] > 1)
+            st = train_state(
+                params,
+                dp=lay["dp"],
+                dp_rank=lay["dp_rank"],
+                distributed_optimizer="distopt" in case,
+                tied_pp=arch.tie_word_embeddings and lay["pp"] > 1,
+            )
             measured = (m["param_bytes"], m["grad_bytes"], m["main_param_bytes"], m["adam_bytes"])
             assert (st.params, st.grads, st.main_params, st.adam) == measured, (rank, case)
             assert m["adam_bytes"] > 0
@@ -114,8 +127,9 @@ def test_public_parameter_counts():
 
 def test_activation_formula_by_hand():
     # hidden 64, 4 heads x 16, 2 KV heads, ffn 128; T = 2 x 32 tokens; TP 2.
-    arch = arch_from_hf_dict(tiny_hf_config("qwen2", hidden_size=64, num_heads=4, num_kv_heads=2,
-                                            intermediate_size=128).to_dict())
+    arch = arch_from_hf_dict(
+        tiny_hf_config("qwen2", hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128).to_dict()
+    )
     T, h, f = 64, 64, 128
     replicated = 4 * 2 * T * h  # norm inputs + QKV / fc1 inputs
     sharded = 2 * T * (64 + 2 * 32) + 2 * T * 64 + 4 * T * 4 + 2 * T * 2 * f + 2 * T * f
@@ -176,7 +190,9 @@ def test_phases_follow_sleep_and_offload():
     assert awake.stages[0].total("update") - base.total("update") == int(0.4 * 80 * GiB)
     # KL on: a reference; on host except while it scores when offloaded.
     kl = plan_memory(load_train_config(config, shape + ["algo.loss.kl_coef=0.01"]), 8).stages[0]
-    kl_off = plan_memory(load_train_config(config, shape + ["algo.loss.kl_coef=0.01", "offload.reference=true"]), 8).stages[0]
+    kl_off = plan_memory(
+        load_train_config(config, shape + ["algo.loss.kl_coef=0.01", "offload.reference=true"]), 8
+    ).stages[0]
     assert kl.reference == sum(p.nbytes for p in stage_params(read_arch(SHAPES / "qwen2.5-7b"), tp=2, pp=1, pp_rank=0))
     assert kl.total("update") - base.total("update") == kl.reference
     assert kl_off.total("update") == base.total("update") and kl_off.total("logprobs") == kl.total("logprobs")

@@ -33,12 +33,12 @@ def test_guard_rejects_a_tensor_made_without_a_device():
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,loss", [(2, "fused"), (1, "plain")])
 def test_policy_step_hands_collectives_only_comm_device_tensors(tmp_path, tp, loss):
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2,
-                                num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2, num_layers=2, vocab_size=128
+    )
     out = torchrun("strict_policy_step.py", hf_dir, tp, loss, timeout=240)
     line = next(l for l in out.splitlines() if l.startswith("CHECKED"))
     assert "all_reduce" in line and int(line.split()[1]) > 0, line
-
 
 
 @pytest.mark.slow
@@ -46,7 +46,8 @@ def test_policy_step_hands_collectives_only_comm_device_tensors(tmp_path, tp, lo
 def test_ppo_minibatches_shortcut_is_bit_exact_and_later_updates_are_off_policy(tmp_path, loss):
     """Issue 10: one update per rollout skips the actor's log-prob pass with the same gradient bit for
     bit; with several updates per rollout the clip acts and approx_kl > 0 from the second one on."""
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2,
-                                num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2, num_layers=2, vocab_size=128
+    )
     out = torchrun("ppo_updates.py", hf_dir, loss, timeout=300)
     assert sorted(l.split()[1] for l in out.splitlines() if l.startswith("RESULT") and " ok " in l) == ["0", "1"], out

@@ -25,14 +25,17 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture()
 def cfg(tmp_path, hf_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": f"#### {i + 1}"}) + "\n"
-                            for i in range(8)))
+    data.write_text(
+        "".join(json.dumps({"question": f"What is {i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(8))
+    )
     p = tmp_path / "cfg.yaml"
-    p.write_text(f"model: {{hf_path: {hf_dir}}}\n"
-                 f"data: {{train: {{path: {data}, answer_format: gsm8k, max_prompt_tokens: 512}}}}\n"
-                 f"logging: {{out_dir: {tmp_path / 'run'}}}\n"
-                 "rollout: {max_new_tokens: 64}\n"
-                 "algo: {group_size: 4}\nbatch: {prompts_per_rollout: 4, micro_batch_size: 4}\n")
+    p.write_text(
+        f"model: {{hf_path: {hf_dir}}}\n"
+        f"data: {{train: {{path: {data}, answer_format: gsm8k, max_prompt_tokens: 512}}}}\n"
+        f"logging: {{out_dir: {tmp_path / 'run'}}}\n"
+        "rollout: {max_new_tokens: 64}\n"
+        "algo: {group_size: 4}\nbatch: {prompts_per_rollout: 4, micro_batch_size: 4}\n"
+    )
     return p
 
 
@@ -48,14 +51,17 @@ def test_a_good_config_reports_its_data(capsys, cfg):
     assert "data.train" in out and "8 of 8 prompts kept" in out and "ok: world 2" in out
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("data.train.path=/nowhere/train.jsonl", "data.train.path='/nowhere/train.jsonl': no such file"),
-    ("model.hf_path=", "model.hf_path is empty"),
-    ("data.reward_timeout_s=-1", "data.reward_timeout_s must be > 0"),
-    ("data.reward_step_budget_s=0", "data.reward_step_budget_s must be > 0"),
-    ("data.train.max_prompt_tokens=5", "data.train (.*): 0 of 8 prompts kept; dropped 8 longer"),
-    ("model.init_from=megatron", "checkpoint.load_dir"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.train.path=/nowhere/train.jsonl", "data.train.path='/nowhere/train.jsonl': no such file"),
+        ("model.hf_path=", "model.hf_path is empty"),
+        ("data.reward_timeout_s=-1", "data.reward_timeout_s must be > 0"),
+        ("data.reward_step_budget_s=0", "data.reward_step_budget_s must be > 0"),
+        ("data.train.max_prompt_tokens=5", "data.train (.*): 0 of 8 prompts kept; dropped 8 longer"),
+        ("model.init_from=megatron", "checkpoint.load_dir"),
+    ],
+)
 def test_bad_settings_fail_in_one_line(capsys, cfg, override, needle):
     import re
 
@@ -74,6 +80,20 @@ def test_unwritable_save_dir_is_found_before_training(capsys, cfg, tmp_path):
 
 
 def test_debug_shows_the_traceback(cfg):
-    proc = subprocess.run([sys.executable, "-m", "agpo_megatron.cli", "--debug", "check", "--config", str(cfg),
-                           "data.reward_timeout_s=-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agpo_megatron.cli",
+            "--debug",
+            "check",
+            "--config",
+            str(cfg),
+            "data.reward_timeout_s=-1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "reward_timeout_s" in proc.stderr

@@ -10,8 +10,14 @@ SECRET = "hf_Sup3rS3cretValue"
 
 
 def test_secret_values_by_env_name(monkeypatch):
-    env = {"HF_TOKEN": SECRET, "WANDB_API_KEY": "w" * 40, "MY_SECRET": "abcdefgh", "PATH": "/usr/bin:/bin",
-           "SHORT_KEY": "abc", "MONKEY": "not-a-secret?"}
+    env = {
+        "HF_TOKEN": SECRET,
+        "WANDB_API_KEY": "w" * 40,
+        "MY_SECRET": "abcdefgh",
+        "PATH": "/usr/bin:/bin",
+        "SHORT_KEY": "abc",
+        "MONKEY": "not-a-secret?",
+    }
     vals = secret_values(env)
     assert set(vals) == {SECRET, "w" * 40, "abcdefgh", "not-a-secret?"}  # MONKEY ends in KEY: masked too
     assert redact({"a": [f"x{SECRET}y", ("abcdefgh",)], SECRET: 1}, vals) == {"a": [f"x{MASK}y", (MASK,)], MASK: 1}
@@ -19,8 +25,13 @@ def test_secret_values_by_env_name(monkeypatch):
 
 def test_config_metrics_and_log_records_are_redacted(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("HF_TOKEN", SECRET)
-    log = MetricsLogger(tmp_path, enabled=True, total_steps=1, progress_bar=False,
-                        config={"model": {"hf_path": f"https://user:{SECRET}@host/model"}})
+    log = MetricsLogger(
+        tmp_path,
+        enabled=True,
+        total_steps=1,
+        progress_bar=False,
+        config={"model": {"hf_path": f"https://user:{SECRET}@host/model"}},
+    )
     log.log(1, {"note": f"token={SECRET}", "x": 1.0})
     log.close()
     written = (tmp_path / "config.json").read_text() + (tmp_path / "metrics.jsonl").read_text()
@@ -41,10 +52,16 @@ def test_checkpoint_run_state_config_is_redacted(monkeypatch, tmp_path):
     from agpo_megatron.run_checkpoint import RunCheckpointer
 
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    cfg = load_train_config(None, ["data.train.path=x.jsonl", "data.train.answer_format=raw",
-                                   f"logging.wandb_project=team-{SECRET}"])
-    fake = types.SimpleNamespace(cfg=cfg, sampler=types.SimpleNamespace(state_dict=lambda: {}), kl_ctl=FixedKLController(0.0),
-                                 clip_ctl=FixedClipController(0.2, 0.2), reference_source=None,
-                                 layout=Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0))
+    cfg = load_train_config(
+        None, ["data.train.path=x.jsonl", "data.train.answer_format=raw", f"logging.wandb_project=team-{SECRET}"]
+    )
+    fake = types.SimpleNamespace(
+        cfg=cfg,
+        sampler=types.SimpleNamespace(state_dict=lambda: {}),
+        kl_ctl=FixedKLController(0.0),
+        clip_ctl=FixedClipController(0.2, 0.2),
+        reference_source=None,
+        layout=Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0),
+    )
     state = RunCheckpointer._run_state(fake, 3, 0.0, (0.2, 0.2))
     assert SECRET not in json.dumps(state) and state["config"]["logging"]["wandb_project"] == f"team-{MASK}"

@@ -28,14 +28,40 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # Adaptive KL and clip: their controllers' state must survive the restart too (the adaptive clip
 # needs off-policy updates: 2 PPO mini-batches per rollout).
-TRAIN = ["model.params_dtype=float32", "model.spec=local", "model.max_seq_len=96", "parallel.seed=1",
-         "algo.group_size=4", "algo.loss.kl_coef=0.01", "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true",
-         "optim.lr=0.001", "rollout.max_new_tokens=16", "rollout.kv_cache_memory_bytes=33554432",
-         "rollout.enforce_eager=true", "rollout.enable_sleep_mode=false", "batch.prompts_per_rollout=4",
-         "batch.prompts_per_update=2", "batch.micro_batch_size=4",  # 2 updates per rollout: the clip acts
-         "data.train.max_prompt_tokens=32", "logging.progress_bar=false", f"steps={STEPS}"]
-COMPARED = ("reward/mean", "acc/mean", "len/mean", "train/pg_loss", "train/grad_norm", "train/kl_ref",
-            "train/approx_kl", "train/entropy", "train/kl_coef", "train/eps_low", "train/lr")
+TRAIN = [
+    "model.params_dtype=float32",
+    "model.spec=local",
+    "model.max_seq_len=96",
+    "parallel.seed=1",
+    "algo.group_size=4",
+    "algo.loss.kl_coef=0.01",
+    "algo.adaptive_kl_target=0.01",
+    "algo.adaptive_clip=true",
+    "optim.lr=0.001",
+    "rollout.max_new_tokens=16",
+    "rollout.kv_cache_memory_bytes=33554432",
+    "rollout.enforce_eager=true",
+    "rollout.enable_sleep_mode=false",
+    "batch.prompts_per_rollout=4",
+    "batch.prompts_per_update=2",
+    "batch.micro_batch_size=4",  # 2 updates per rollout: the clip acts
+    "data.train.max_prompt_tokens=32",
+    "logging.progress_bar=false",
+    f"steps={STEPS}",
+]
+COMPARED = (
+    "reward/mean",
+    "acc/mean",
+    "len/mean",
+    "train/pg_loss",
+    "train/grad_norm",
+    "train/kl_ref",
+    "train/approx_kl",
+    "train/entropy",
+    "train/kl_coef",
+    "train/eps_low",
+    "train/lr",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +74,26 @@ def tiny(tmp_path_factory) -> Path:
     # NOTE: every parameter (and TP shard) is a multiple of 64 values, so Megatron's distributed
     # optimizer inserts no alignment padding into its buckets. That padding is saved uninitialised
     # (torch.empty in `sharded_param_state_dp_reshardable`), and would differ between any two runs.
-    save_tiny_hf_model(d / "model", "qwen2", seed=0, tokenizer=tok, vocab_size=128, hidden_size=128,
-                       intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=256,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    save_tiny_hf_model(
+        d / "model",
+        "qwen2",
+        seed=0,
+        tokenizer=tok,
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     synthetic.write_jsonl(synthetic.make_dataset(32, seed=0, max_difficulty=1), d / "train.jsonl")
-    (d / "train.yaml").write_text(f"data: {{train: {{path: {d / 'train.jsonl'}, answer_format: raw, "
-                                  "prompt_template: '{prompt}'}}\n")
+    (d / "train.yaml").write_text(
+        f"data: {{train: {{path: {d / 'train.jsonl'}, answer_format: raw, prompt_template: '{{prompt}}'}}}}\n"
+    )
     return d
 
 
@@ -63,19 +103,39 @@ class Ranks:
     def __init__(self, tiny: Path, run: Path, *overrides: str, env: dict[str, str] | None = None):
         self.run = run
         run.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "agpo_megatron.cli", "train", "--config", str(tiny / "train.yaml"), *TRAIN,
-                f"model.hf_path={tiny / 'model'}", f"logging.out_dir={run / 'out'}",
-                f"checkpoint.save_dir={run / 'ckpt'}", *overrides]
+        args = [
+            sys.executable,
+            "-m",
+            "agpo_megatron.cli",
+            "train",
+            "--config",
+            str(tiny / "train.yaml"),
+            *TRAIN,
+            f"model.hf_path={tiny / 'model'}",
+            f"logging.out_dir={run / 'out'}",
+            f"checkpoint.save_dir={run / 'ckpt'}",
+            *overrides,
+        ]
         port = free_port()
         self.procs: list[subprocess.Popen] = []
         for rank in range(2):
-            rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                        "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+            rank_env = {
+                **os.environ,
+                **(env or {}),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": str(ROOT),
+            }
             group = {"process_group": 0 if rank == 0 else self.procs[0].pid}
             with open(run / f"rank{rank}.log", "ab") as log:
-                self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=rank_env,
-                                                   cwd=ROOT, **group))
+                self.procs.append(
+                    subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=rank_env, cwd=ROOT, **group)
+                )
 
     def log(self, rank: int = 0) -> str:
         return (self.run / f"rank{rank}.log").read_text(errors="replace")
@@ -152,6 +212,7 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
                 walk(v, f"{prefix}{k}.")
         elif isinstance(node, torch.Tensor):
             flat[prefix.rstrip(".")] = node
+
     walk(torch.load(out, weights_only=False), "")
     out.unlink()
     return flat
@@ -187,8 +248,9 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(tiny, straight, tmp_pa
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("point", ["shards", "before_rename", "before_latest"])
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tiny, straight, tmp_path, point):
-    ranks = Ranks(tiny, tmp_path, "checkpoint.save_interval=1", "checkpoint.keep_last=1",
-                  env={step_dirs.KILL_ENV: f"{point}:2"})
+    ranks = Ranks(
+        tiny, tmp_path, "checkpoint.save_interval=1", "checkpoint.keep_last=1", env={step_dirs.KILL_ENV: f"{point}:2"}
+    )
     ranks.wait_for(lambda: ranks.procs[0].poll() is not None)
     assert ranks.procs[0].returncode == -signal.SIGKILL, ranks.log()[-6000:]
     ranks.kill_group()  # rank 1 waits in a collective for a peer that is gone

@@ -73,8 +73,14 @@ print("ok")
 
 
 def test_rng_states_round_trip_through_a_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _RNG.format(path=tmp_path / "rng.pt")], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _RNG.format(path=tmp_path / "rng.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
@@ -86,8 +92,17 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
     from agpo_megatron.run_checkpoint import RunCheckpointer
 
     def cfg(*o):
-        return load_config(TrainConfig, None, ["data.train.path=x.jsonl", "data.train.answer_format=boxed",
-                                               "batch.prompts_per_rollout=8", "batch.micro_batch_size=1", *o])
+        return load_config(
+            TrainConfig,
+            None,
+            [
+                "data.train.path=x.jsonl",
+                "data.train.answer_format=boxed",
+                "batch.prompts_per_rollout=8",
+                "batch.micro_batch_size=1",
+                *o,
+            ],
+        )
 
     def check(saved, now):
         me = SimpleNamespace(layout=SimpleNamespace(tp=1, pp=1), cfg=now, resume_from="ckpt/step_000001")
@@ -97,5 +112,7 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
     old["batch"] = {"prompts_per_step": 8, "micro_batch_size": 1, "max_tokens_per_micro_batch": None}
     check(old, cfg())
     check(to_dict(cfg("batch.prompts_per_update=2")), cfg("batch.prompts_per_update=2", "batch.micro_batch_size=2"))
-    with pytest.raises(ConfigError, match=r"different LR schedule \(batch.prompts_per_rollout / batch.prompts_per_update\)"):
+    with pytest.raises(
+        ConfigError, match=r"different LR schedule \(batch.prompts_per_rollout / batch.prompts_per_update\)"
+    ):
         check(old, cfg("batch.prompts_per_update=4"))

@@ -60,8 +60,8 @@ def test_keep_last_deletes_only_older_complete_steps(tmp_path):
 
 def test_clean_stale_and_newest_complete_ignore_unfinished_saves(tmp_path):
     step_dirs.commit(_write_step(tmp_path, 1), 1)
-    _write_step(tmp_path, 2)                        # killed before the rename
-    (tmp_path / "step_000003").mkdir()               # not made by a commit: no marker
+    _write_step(tmp_path, 2)  # killed before the rename
+    (tmp_path / "step_000003").mkdir()  # not made by a commit: no marker
     assert step_dirs.newest_complete(tmp_path).name == "step_000001"
     removed = step_dirs.clean_stale(tmp_path)
     assert len(removed) == 1 and removed[0].startswith(".tmp-step_000002-")
@@ -93,8 +93,12 @@ for step in (1, 2):
 
 @pytest.mark.parametrize("point", ["before_rename", "before_latest", "after_latest"])
 def test_sigkill_during_a_commit_leaves_a_loadable_previous_step(tmp_path, point):
-    proc = subprocess.run([sys.executable, "-c", _COMMITTER.format(root=str(ROOT)), str(tmp_path)],
-                          env={**os.environ, step_dirs.KILL_ENV: f"{point}:2"}, timeout=60, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMMITTER.format(root=str(ROOT)), str(tmp_path)],
+        env={**os.environ, step_dirs.KILL_ENV: f"{point}:2"},
+        timeout=60,
+        capture_output=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     if point == "after_latest":  # killed before keep_last pruned step 1
         assert step_dirs.read_latest(tmp_path).name == "step_000002"

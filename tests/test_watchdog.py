@@ -19,11 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_a_stopped_rank_makes_the_other_exit_within_the_step_timeout():
     step_timeout = 5.0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           str(ROOT / "tests" / "workers" / "hung_peer.py"), str(step_timeout)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={free_port()}",
+        str(ROOT / "tests" / "workers" / "hung_peer.py"),
+        str(step_timeout),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     pids = {}
@@ -67,7 +80,6 @@ def test_watchdog_is_off_at_zero_and_quiet_while_beating():
     wd.stop()
     wd._thread.join(1)
     assert not wd._thread.is_alive()  # ended by stop(); had it fired, os._exit would have killed pytest
-
 
 
 @pytest.mark.slow

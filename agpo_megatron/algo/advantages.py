@@ -137,9 +137,7 @@ def agpo_advantages(
         raise ValueError(f"tol must be >= 0, got {tol}")
     # Otherwise a uniform group could be within tol of both bounds and the sign is ambiguous.
     if not r_max - r_min > 2 * tol:
-        raise ValueError(
-            f"r_max must exceed r_min by more than 2 * tol, got r_min={r_min}, r_max={r_max}, tol={tol}"
-        )
+        raise ValueError(f"r_max must exceed r_min by more than 2 * tol, got r_min={r_min}, r_max={r_max}, tol={tol}")
 
     uniform = rewards.amax(dim=1) - rewards.amin(dim=1) <= tol  # [P]
     group_mean = rewards.mean(dim=1)  # [P]

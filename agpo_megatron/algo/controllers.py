@@ -114,8 +114,7 @@ class AdaptiveKLConfig:
             raise ValueError(f"beta_max must be >= beta_min={self.beta_min}, got {self.beta_max}")
         if not self.beta_min <= self.init_beta <= self.beta_max:
             raise ValueError(
-                f"init_beta must be in [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}], "
-                f"got {self.init_beta}"
+                f"init_beta must be in [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}], got {self.init_beta}"
             )
 
 

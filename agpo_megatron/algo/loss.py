@@ -110,9 +110,7 @@ class PolicyLossConfig:
         if not self.kl_coef >= 0.0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_estimator not in get_args(KLEstimator):
-            raise ValueError(
-                f"kl_estimator must be one of {get_args(KLEstimator)}, got {self.kl_estimator!r}"
-            )
+            raise ValueError(f"kl_estimator must be one of {get_args(KLEstimator)}, got {self.kl_estimator!r}")
         if not self.entropy_coef >= 0.0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
         if self.agg_mode not in get_args(AggMode):
@@ -219,7 +217,9 @@ def aggregate(
         local_seqs = max(per_token.shape[0], 1)
     else:
         if seq_ids.shape != mask.shape:
-            raise ValueError(f"seq_ids must have the shape of per_token {tuple(mask.shape)}, got {tuple(seq_ids.shape)}")
+            raise ValueError(
+                f"seq_ids must have the shape of per_token {tuple(mask.shape)}, got {tuple(seq_ids.shape)}"
+            )
         # A sequence has at least one token, so every id is below numel(): no host sync for the count.
         ids = torch.where(mask, seq_ids, 0).flatten().long()
         per_seq = masked.new_zeros(masked.numel()).index_add(0, ids, masked.flatten())
@@ -293,8 +293,7 @@ def policy_loss(
             _check_like(name, x, shape)
     if advantages.shape not in (shape, shape[:1]):
         raise ValueError(
-            f"advantages must have shape [N] {tuple(shape[:1])} or [N, T] {tuple(shape)}, "
-            f"got {tuple(advantages.shape)}"
+            f"advantages must have shape [N] {tuple(shape[:1])} or [N, T] {tuple(shape)}, got {tuple(advantages.shape)}"
         )
     if cfg.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} > 0 needs ref_logprobs")

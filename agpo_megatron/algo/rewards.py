@@ -54,13 +54,10 @@ def length_reward(
     """
     if correct.ndim != 2 or correct.dtype != torch.bool:
         raise ValueError(
-            f"correct must be a 2-D bool tensor [P, G], "
-            f"got shape {tuple(correct.shape)} and dtype {correct.dtype}"
+            f"correct must be a 2-D bool tensor [P, G], got shape {tuple(correct.shape)} and dtype {correct.dtype}"
         )
     if lengths.shape != correct.shape:
-        raise ValueError(
-            f"lengths must have the shape of correct {tuple(correct.shape)}, got {tuple(lengths.shape)}"
-        )
+        raise ValueError(f"lengths must have the shape of correct {tuple(correct.shape)}, got {tuple(lengths.shape)}")
 
     lengths = lengths.to(torch.float32)
     group_size = correct.shape[1]
@@ -100,9 +97,7 @@ def combine_rewards(
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if r_acc.shape != r_len.shape:
-        raise ValueError(
-            f"r_acc and r_len must have the same shape, got {tuple(r_acc.shape)} and {tuple(r_len.shape)}"
-        )
+        raise ValueError(f"r_acc and r_len must have the same shape, got {tuple(r_acc.shape)} and {tuple(r_len.shape)}")
     if not r_acc.is_floating_point():
         raise ValueError(f"r_acc must be a floating-point tensor, got dtype {r_acc.dtype}")
     return r_acc + gamma * r_len

@@ -54,14 +54,17 @@ def _single_chunk(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> torc
 
     chunks = unwrap_model(model_chunks if isinstance(model_chunks, list) else [model_chunks])
     if len(chunks) != 1:
-        raise NotImplementedError(f"weight export supports one model chunk per rank, got {len(chunks)} "
-                                  "(virtual pipeline stages are not supported)")
+        raise NotImplementedError(
+            f"weight export supports one model chunk per rank, got {len(chunks)} "
+            "(virtual pipeline stages are not supported)"
+        )
     return chunks[0]
 
 
 @torch.no_grad()
-def iter_hf_tensors(model_chunks: torch.nn.Module | list[torch.nn.Module], arch: ModelArch, *,
-                    dtype: torch.dtype | None = None) -> Iterator[HFTensor]:
+def iter_hf_tensors(
+    model_chunks: torch.nn.Module | list[torch.nn.Module], arch: ModelArch, *, dtype: torch.dtype | None = None
+) -> Iterator[HFTensor]:
     """Every full HF tensor of the model, in `param_rules` order, on every rank (collective).
 
     `dtype` casts before any communication (fewer bytes when the consumer wants bf16 from an
@@ -105,9 +108,13 @@ def iter_hf_tensors(model_chunks: torch.nn.Module | list[torch.nn.Module], arch:
             yield hf_name, t.contiguous()
 
 
-def iter_hf_buckets(model_chunks: torch.nn.Module | list[torch.nn.Module], arch: ModelArch, *,
-                    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                    dtype: torch.dtype | None = None) -> Iterator[list[HFTensor]]:
+def iter_hf_buckets(
+    model_chunks: torch.nn.Module | list[torch.nn.Module],
+    arch: ModelArch,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    dtype: torch.dtype | None = None,
+) -> Iterator[list[HFTensor]]:
     """`iter_hf_tensors` grouped into lists of at most `bucket_bytes` bytes (collective).
 
     A tensor larger than `bucket_bytes` travels alone in its own bucket. The next bucket is
@@ -143,8 +150,14 @@ class SyncStats:
     """Wall time of gather + engine load, on this rank."""
 
 
-def sync_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], arch: ModelArch, engine: RolloutEngine, *,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None) -> SyncStats:
+def sync_weights(
+    model_chunks: torch.nn.Module | list[torch.nn.Module],
+    arch: ModelArch,
+    engine: RolloutEngine,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    dtype: torch.dtype | None = None,
+) -> SyncStats:
     """Push the actor's current weights into `engine` (collective: call on every rank).
 
     The buckets are flattened into one lazy iterator and given to a single
@@ -175,6 +188,7 @@ def sync_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], arch: Mo
     # the stream here and fail loudly instead: the engine did not get all weights.
     leftover = sum(1 for _ in it)
     if leftover:
-        raise RuntimeError(f"the rollout engine consumed only {counts['tensors'] - leftover} of "
-                           f"{counts['tensors']} weight tensors")
+        raise RuntimeError(
+            f"the rollout engine consumed only {counts['tensors'] - leftover} of {counts['tensors']} weight tensors"
+        )
     return SyncStats(seconds=time.perf_counter() - start, **counts)

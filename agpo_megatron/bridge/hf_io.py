@@ -91,8 +91,9 @@ def spec_of(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, arch: ModelArch, reader: HFCheckpointReader,
-                    *, tp_rank: int, tp: int, pp_rank: int, pp: int) -> None:
+def load_hf_weights(
+    model: torch.nn.Module, arch: ModelArch, reader: HFCheckpointReader, *, tp_rank: int, tp: int, pp_rank: int, pp: int
+) -> None:
     """Fill this rank's shard of `model` from HF tensors; every local parameter must be covered."""
     rules = {r.megatron: r for r in names.param_rules(arch, spec_of(model))}
     offset = names.layer_range(arch, pp_rank, pp).start

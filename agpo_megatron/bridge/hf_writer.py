@@ -35,8 +35,15 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what transformers' save_pretrained uses ("5GB")
 
 _ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -73,8 +80,11 @@ class _Shard:
         entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for s in self.specs:
-            entries[s.name] = {"dtype": _ST_DTYPES[s.dtype], "shape": list(s.shape),
-                               "data_offsets": [offset, offset + s.nbytes]}
+            entries[s.name] = {
+                "dtype": _ST_DTYPES[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
             offset += s.nbytes
         raw = json.dumps(entries, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes with spaces
@@ -108,8 +118,7 @@ class HFCheckpointWriter:
     the index. Used as a context manager, it closes on success only.
     """
 
-    def __init__(self, out_dir: str | Path, specs: list[TensorSpec], *,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(self, out_dir: str | Path, specs: list[TensorSpec], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         names = [s.name for s in specs]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -144,8 +153,9 @@ class HFCheckpointWriter:
         if name != spec.name:
             raise HFWriteError(f"tensor {name!r} written out of order: the plan expects {spec.name!r} next")
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise HFWriteError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, "
-                               f"the plan says {spec.dtype} {spec.shape}")
+            raise HFWriteError(
+                f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, the plan says {spec.dtype} {spec.shape}"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # issue 11: never export NaN/Inf
             raise HFWriteError(f"tensor {name!r} has non-finite values (NaN or Inf); nothing was exported")
         if spec is shard.specs[0]:
@@ -167,9 +177,10 @@ class HFCheckpointWriter:
     def close(self) -> list[Path]:
         """Check completeness, write the index (if sharded); returns the shard paths."""
         if self._next != len(self._queue):
-            missing = [s.name for _, s in self._queue[self._next:]]
-            raise HFWriteError(f"{self.dir}: export incomplete, {len(missing)} tensor(s) never written, "
-                               f"first {missing[:5]}")
+            missing = [s.name for _, s in self._queue[self._next :]]
+            raise HFWriteError(
+                f"{self.dir}: export incomplete, {len(missing)} tensor(s) never written, first {missing[:5]}"
+            )
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for _, s in self._queue)},
@@ -199,8 +210,13 @@ def copy_hf_assets(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for f in sorted(src.iterdir()):
-        if (not f.is_file() or f.name.startswith(".") or f.name == "config.json"
-                or f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json")):
+        if (
+            not f.is_file()
+            or f.name.startswith(".")
+            or f.name == "config.json"
+            or f.name.endswith(_WEIGHT_SUFFIXES)
+            or f.name.endswith(".index.json")
+        ):
             continue
         shutil.copyfile(f, dst / f.name)
         copied.append(f.name)

@@ -50,16 +50,21 @@ def _layer_rules(arch: ModelArch, i: int, spec: str) -> list[ParamRule]:
     mlp_norm = m + ("mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight")
     rules = [
         ParamRule(in_norm, (h + "input_layernorm.weight",), "copy", None),
-        ParamRule(m + "self_attention.linear_qkv.weight",
-                  tuple(h + f"self_attn.{p}_proj.weight" for p in "qkv"), "qkv", 0),
+        ParamRule(
+            m + "self_attention.linear_qkv.weight", tuple(h + f"self_attn.{p}_proj.weight" for p in "qkv"), "qkv", 0
+        ),
         ParamRule(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "copy", 1),
         ParamRule(mlp_norm, (h + "post_attention_layernorm.weight",), "copy", None),
         ParamRule(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up", 0),
         ParamRule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy", 1),
     ]
     if arch.qkv_bias:
-        rules.insert(2, ParamRule(m + "self_attention.linear_qkv.bias",
-                                  tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv"), "qkv", 0))
+        rules.insert(
+            2,
+            ParamRule(
+                m + "self_attention.linear_qkv.bias", tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv"), "qkv", 0
+            ),
+        )
     if arch.qk_layernorm:
         rules += [
             ParamRule(m + "self_attention.q_layernorm.weight", (h + "self_attn.q_norm.weight",), "copy", None),

@@ -55,8 +55,9 @@ def check_target(out: str | Path, *, overwrite: bool, inputs: tuple[Path, ...] =
     if blocker is not None and not blocker.is_dir():
         raise CheckpointError(f"{out}: cannot be created: {blocker} exists and is not a folder")
     if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise CheckpointError(f"{out}: not empty{held}; choose a new output folder, or pass --overwrite to "
-                              "replace the whole folder")
+        raise CheckpointError(
+            f"{out}: not empty{held}; choose a new output folder, or pass --overwrite to replace the whole folder"
+        )
 
 
 def make_staging(out: str | Path) -> Path:
@@ -69,8 +70,12 @@ def make_staging(out: str | Path) -> Path:
     except OSError as e:
         raise CheckpointError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
     if leftovers:
-        print(f"note: {out.parent}: {', '.join(leftovers)}: left by an interrupted (or a running) conversion "
-              "into the same folder; safe to delete once none runs", file=sys.stderr, flush=True)
+        print(
+            f"note: {out.parent}: {', '.join(leftovers)}: left by an interrupted (or a running) conversion "
+            "into the same folder; safe to delete once none runs",
+            file=sys.stderr,
+            flush=True,
+        )
     return staging
 
 
@@ -92,8 +97,9 @@ def commit(staging: Path, out: str | Path) -> None:
             shutil.rmtree(old)
         _fsync_dir(out.parent)
     except OSError as e:
-        raise CheckpointError(f"{out}: cannot move the finished output into place from {staging}: "
-                              f"{e.strerror or e}") from None
+        raise CheckpointError(
+            f"{out}: cannot move the finished output into place from {staging}: {e.strerror or e}"
+        ) from None
 
 
 def discard(staging: Path) -> None:

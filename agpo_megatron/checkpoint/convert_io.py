@@ -61,8 +61,14 @@ def abstract_model(arch, params_dtype: str):
         return build.build_gpt(arch, model_cfg, par)
 
 
-def save_from_source(path: str | Path, model: torch.nn.Module, materialize: Callable[[str], torch.Tensor],
-                     meta: CheckpointMeta, *, hf_assets_from: str | Path | None = None) -> None:
+def save_from_source(
+    path: str | Path,
+    model: torch.nn.Module,
+    materialize: Callable[[str], torch.Tensor],
+    meta: CheckpointMeta,
+    *,
+    hf_assets_from: str | Path | None = None,
+) -> None:
     """Save `model`'s checkpoint with each parameter produced at write time by `materialize`.
 
     Collective. `model` is usually `abstract_model(...)`. `materialize(name)` returns this
@@ -75,8 +81,10 @@ def save_from_source(path: str | Path, model: torch.nn.Module, materialize: Call
     if dist.get_rank() == 0:
         mkdir(path)
     dist.barrier()
-    state = {"model": model.sharded_state_dict(metadata=sharded_sd_metadata()),
-             "agpo": {"step": meta.step, "extra_state": {}}}
+    state = {
+        "model": model.sharded_state_dict(metadata=sharded_sd_metadata()),
+        "agpo": {"step": meta.step, "extra_state": {}},
+    }
     sums = save_state(state, path, StreamingSaveStrategy(materialize))
     if dist.get_rank() == 0:
         finish(path, meta, sums, hf_assets_from=hf_assets_from)
@@ -97,8 +105,9 @@ class ParamReader:
         sd = model.sharded_state_dict(metadata=sharded_sd_metadata())
         self._params = {name: sd[name] for name, _ in model.named_parameters() if name in sd}
         apply_factories(self._params)  # SwiGLU fc1 -> its stored pieces, as views of the meta param
-        self._chunks = {name: [sh for sh in leaves(node) if isinstance(sh, ShardedTensor)]
-                        for name, node in self._params.items()}
+        self._chunks = {
+            name: [sh for sh in leaves(node) if isinstance(sh, ShardedTensor)] for name, node in self._params.items()
+        }
         self._meta = dict(model.named_parameters())
         self._buffer = torch.empty(0, dtype=torch.uint8)
         self._reader = DirectReader(self.path)
@@ -133,17 +142,24 @@ class ParamReader:
             shape = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
             # Read each piece straight into its place in `out` (SwiGLU: gate, then up).
             request[str(i)] = ShardedTensor(
-                key=sh.key, data=out.as_strided(v.size, v.stride, v.storage_offset).view(shape), dtype=sh.dtype,
-                local_shape=shape, global_shape=tuple(sh.global_shape), global_offset=tuple(sh.global_offset),
+                key=sh.key,
+                data=out.as_strided(v.size, v.stride, v.storage_offset).view(shape),
+                dtype=sh.dtype,
+                local_shape=shape,
+                global_shape=tuple(sh.global_shape),
+                global_offset=tuple(sh.global_offset),
                 axis_fragmentations=None,
             )
         # Straight to torch DCP, without Megatron's `load` around it: that re-reads common.pt
         # and checks that the requests cover every tensor, which one parameter never does.
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(request)
         try:
-            dcp.load(mcore_to_pyt_state_dict(by_key, is_loading=True), storage_reader=self._reader,
-                     planner=MCoreLoadPlanner(), no_dist=True)
+            dcp.load(
+                mcore_to_pyt_state_dict(by_key, is_loading=True),
+                storage_reader=self._reader,
+                planner=MCoreLoadPlanner(),
+                no_dist=True,
+            )
         except (Exception, CheckpointException) as e:
             raise checkpoint_error(e, self.path, "read") from None
         return out
-

@@ -49,24 +49,29 @@ class DirectReader(FileSystemReader):
                 try:
                     start = _record_data_offset(f, info.offset, info.length, target.nbytes)
                 except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
-                    raise CheckpointError(f"{self.path / info.relative_path}: chunk of {req.storage_index.fqn!r} "
-                                          f"at byte {info.offset} is corrupt ({e})") from None
+                    raise CheckpointError(
+                        f"{self.path / info.relative_path}: chunk of {req.storage_index.fqn!r} "
+                        f"at byte {info.offset} is corrupt ({e})"
+                    ) from None
                 if start is None:
                     stock.append(req)
                     continue
                 f.seek(start)
                 view = memoryview(target.view(-1).view(torch.uint8).numpy())
                 if f.readinto(view) != target.nbytes:
-                    raise CheckpointError(f"{self.path / info.relative_path}: chunk of {req.storage_index.fqn!r} "
-                                          "is truncated")
+                    raise CheckpointError(
+                        f"{self.path / info.relative_path}: chunk of {req.storage_index.fqn!r} is truncated"
+                    )
             planner.commit_tensor(req, target)
         if stock:
             try:
                 return super().read_data(LoadPlan(stock), planner)
             except Exception as e:
                 info = self.storage_data[stock[0].storage_index]
-                raise CheckpointError(f"{self.path / info.relative_path}: cannot read chunk(s) of "
-                                      f"{stock[0].storage_index.fqn!r} ({type(e).__name__}: {e})") from None
+                raise CheckpointError(
+                    f"{self.path / info.relative_path}: cannot read chunk(s) of "
+                    f"{stock[0].storage_index.fqn!r} ({type(e).__name__}: {e})"
+                ) from None
         fut: Future = Future()
         fut.set_result(None)
         return fut

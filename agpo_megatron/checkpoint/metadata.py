@@ -153,9 +153,7 @@ def check_sizes(path: Path, reader: FileSystemReader | None = None) -> None:
         if not f.is_file():
             raise CheckpointError(f"{f}: missing; the checkpoint's .metadata places tensors in it")
         if f.stat().st_size < n:
-            raise CheckpointError(f"{f}: truncated: {f.stat().st_size} bytes, the checkpoint's .metadata "
-                                  f"needs {n}")
+            raise CheckpointError(f"{f}: truncated: {f.stat().st_size} bytes, the checkpoint's .metadata needs {n}")
     common = path / "common.pt"
     if common.is_file() and not zipfile.is_zipfile(common):
         raise CheckpointError(f"{common}: truncated or corrupt (not a torch.save archive)")
-

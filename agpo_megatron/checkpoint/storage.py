@@ -56,8 +56,11 @@ def sharded_sd_metadata() -> dict[str, Any]:
     ranks in `replica_id` after the parallel state is rebuilt, and loading then fails its
     access-pattern check.
     """
-    return {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
-            "chained_optim_avoid_prefix": True}
+    return {
+        "distrib_optim_sharding_type": "dp_reshardable",
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+    }
 
 
 def mkdir(path: Path) -> None:
@@ -83,8 +86,9 @@ def save_state(state: dict, path: Path, strategy: StreamingSaveStrategy) -> dict
     return {k: v for g in gathered for k, v in g.items()}
 
 
-def finish(path: Path, meta: CheckpointMeta, sums: dict[str, dict[str, Any]], *,
-           hf_assets_from: str | Path | None) -> None:
+def finish(
+    path: Path, meta: CheckpointMeta, sums: dict[str, dict[str, Any]], *, hf_assets_from: str | Path | None
+) -> None:
     """Rank 0, after the tensors: the HF assets, then the sidecar with a checksum of every file.
 
     The small files (common.pt, .metadata, metadata.json, assets) are hashed here, after writing.
@@ -182,8 +186,12 @@ def _param_views(sharded_state_dict) -> dict[tuple[str, tuple[int, ...]], tuple[
 class _MaterializingPlanner(MCoreSavePlanner):
     """Resolves tensor write items from `materialize(param)` instead of the (meta) state dict."""
 
-    def __init__(self, views: dict[tuple[str, tuple[int, ...]], tuple[str, _View]],
-                 materialize: Callable[[str], torch.Tensor], **kw):
+    def __init__(
+        self,
+        views: dict[tuple[str, tuple[int, ...]], tuple[str, _View]],
+        materialize: Callable[[str], torch.Tensor],
+        **kw,
+    ):
         super().__init__(**kw)
         self.views, self.materialize = views, materialize
         self._name: str | None = None
@@ -240,8 +248,11 @@ class _StreamingWriter(FileSystemWriter):
                         del tensor
                     del data
                     length = stream.tell() - offset
-                    results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                               storage_data=_StorageInfo(file_name, offset, length)))
+                    results.append(
+                        WriteResult(
+                            index=item.index, size_in_bytes=length, storage_data=_StorageInfo(file_name, offset, length)
+                        )
+                    )
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:
@@ -268,5 +279,4 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         return t.contiguous()
     start = t.storage_offset() * t.element_size()
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[start:start + t.nbytes], 0, t.shape, t.stride())
-
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()[start : start + t.nbytes], 0, t.shape, t.stride())

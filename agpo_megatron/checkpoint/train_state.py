@@ -53,9 +53,16 @@ class Restored(NamedTuple):
     step: int
 
 
-def save_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=None,
-                    extra_state: dict | None = None, step: int = 0, *,
-                    hf_dir: str | Path | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    model_chunks,
+    optimizer=None,
+    scheduler=None,
+    extra_state: dict | None = None,
+    step: int = 0,
+    *,
+    hf_dir: str | Path | None = None,
+) -> None:
     """Save model (+ optimizer, scheduler, extra_state, step) to `path`. Collective: every rank calls it.
 
     `model_chunks`: this rank's model, a module or a one-element list; DDP / Float16Module
@@ -81,17 +88,24 @@ def save_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     sums = save_state(state, path, StreamingSaveStrategy())
     if dist.get_rank() == 0:
         hf_config = None if hf_dir is None else json.loads((Path(hf_dir) / "config.json").read_text())
-        finish(path, CheckpointMeta(
-            step=int(step), source="trainer", params_dtype=_dtype_name(next(chunks[0].parameters()).dtype),
-            tp=mpu.get_tensor_model_parallel_world_size(), pp=mpu.get_pipeline_model_parallel_world_size(),
-            hf_config=hf_config,
-        ), sums, hf_assets_from=hf_dir)
+        finish(
+            path,
+            CheckpointMeta(
+                step=int(step),
+                source="trainer",
+                params_dtype=_dtype_name(next(chunks[0].parameters()).dtype),
+                tp=mpu.get_tensor_model_parallel_world_size(),
+                pp=mpu.get_pipeline_model_parallel_world_size(),
+                hf_config=hf_config,
+            ),
+            sums,
+            hf_assets_from=hf_dir,
+        )
     dist.barrier()
 
 
 @torch.no_grad()  # the optimizer copies into fp32 main params, which for fp32 models are the params
-def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=None, *,
-                    verify: bool = True) -> Restored:
+def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=None, *, verify: bool = True) -> Restored:
     """Load `path` into this rank's model (+ optimizer, scheduler), at whatever TP/PP it runs.
 
     Collective. With `optimizer=None`, only the weights are loaded: use this for checkpoints
@@ -106,8 +120,10 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
         verify_collective(path)
     check_sizes(path)
     if not (path / "common.pt").is_file() and _MCORE_VERSION < (0, 17):
-        raise CheckpointError(f"{path}: no common.pt, so written by a newer megatron-core (0.19 keeps it "
-                              f"in the .distcp files); megatron-core {_mcore_version} cannot read it")
+        raise CheckpointError(
+            f"{path}: no common.pt, so written by a newer megatron-core (0.19 keeps it "
+            f"in the .distcp files); megatron-core {_mcore_version} cannot read it"
+        )
     chunks = _as_chunks(model_chunks)
     sd_meta = sharded_sd_metadata()
     state = _model_state(chunks, sd_meta)
@@ -216,8 +232,7 @@ def _model_keys(chunks: list[torch.nn.Module]) -> list[str]:
 
 
 def _model_state(chunks: list[torch.nn.Module], sd_meta: dict[str, Any]) -> dict[str, Any]:
-    return {key: _unwrap(c).sharded_state_dict(metadata=sd_meta)
-            for key, c in zip(_model_keys(chunks), chunks)}
+    return {key: _unwrap(c).sharded_state_dict(metadata=sd_meta) for key, c in zip(_model_keys(chunks), chunks)}
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -229,4 +244,3 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-

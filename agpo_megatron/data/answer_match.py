@@ -185,7 +185,6 @@ def math_verify_equal(extracted: str, gold: str) -> bool:
     return bool(verify(gold_parsed, answer_parsed, timeout_seconds=None))
 
 
-
 def verifier_pool(num_workers: int, **kw) -> DeadlinePool:
     """A pool of math-verify workers (`math_verify` imported before the first check). `kw`: DeadlinePool's."""
     kw = {"fn": math_verify_equal, "preload": ("math_verify",), "name": "agpo-verifier", **kw}
@@ -282,8 +281,12 @@ def score_many(
         outcomes = pool.run([(extracted, golds[i]) for i, extracted in slow], timeout_s=timeout_s, budget_s=budget_s)
         for (i, extracted), outcome in zip(slow, outcomes, strict=True):
             # A check that raised (math-verify on an unparsable answer) is an answer we could not verify.
-            results[i] = RewardResult(correct=outcome.status is Status.DONE and outcome.value is True,
-                                      formatted=True, extracted=extracted, timed_out=outcome.missed_deadline)
+            results[i] = RewardResult(
+                correct=outcome.status is Status.DONE and outcome.value is True,
+                formatted=True,
+                extracted=extracted,
+                timed_out=outcome.missed_deadline,
+            )
     return results  # type: ignore[return-value]  # every slot filled above
 
 
@@ -295,8 +298,11 @@ def score(response_text: str, gold: str, *, timeout_s: float = 5.0, pool: Deadli
 def reward_metrics(correct: Sequence[bool], formatted: Sequence[bool], timed_out: Sequence[bool]) -> dict[str, float]:
     """`frac_formatted`, `frac_correct` and `num_timeouts` (checks that missed a deadline or the budget)."""
     n = max(len(correct), 1)
-    return {"frac_formatted": sum(map(bool, formatted)) / n, "frac_correct": sum(map(bool, correct)) / n,
-            "num_timeouts": float(sum(map(bool, timed_out)))}
+    return {
+        "frac_formatted": sum(map(bool, formatted)) / n,
+        "frac_correct": sum(map(bool, correct)) / n,
+        "num_timeouts": float(sum(map(bool, timed_out))),
+    }
 
 
 def score_batch(
@@ -318,6 +324,7 @@ def score_batch(
     results = score_many(responses, golds, timeout_s=timeout_s, budget_s=budget_s, pool=pool, num_workers=num_workers)
     r_acc = torch.tensor([float(r.correct) for r in results], dtype=torch.float32)
     formatted = torch.tensor([r.formatted for r in results], dtype=torch.bool)
-    metrics = reward_metrics([r.correct for r in results], [r.formatted for r in results],
-                             [r.timed_out for r in results])
+    metrics = reward_metrics(
+        [r.correct for r in results], [r.formatted for r in results], [r.timed_out for r in results]
+    )
     return r_acc, formatted, metrics

@@ -330,8 +330,10 @@ def report_drops(stats: dict[str, int], name: str, cfg: DatasetConfig, max_drop_
     if kept == 0:
         raise DatasetError(f"{line}: no prompts left")
     if rows and too_long / rows > max_drop_frac:
-        raise DatasetError(f"{line}: {too_long / rows:.0%} dropped, over data.max_drop_frac={max_drop_frac:g} "
-                           f"(raise {name}.max_prompt_tokens, or data.max_drop_frac to accept it)")
+        raise DatasetError(
+            f"{line}: {too_long / rows:.0%} dropped, over data.max_drop_frac={max_drop_frac:g} "
+            f"(raise {name}.max_prompt_tokens, or data.max_drop_frac to accept it)"
+        )
     return line
 
 
@@ -406,7 +408,7 @@ class PromptSampler:
             self.epoch += 1
             self.step_in_epoch = 0
             self._order = self._permutation(self.epoch)
-        batch = self._order[self.step_in_epoch * self.batch_size:(self.step_in_epoch + 1) * self.batch_size]
+        batch = self._order[self.step_in_epoch * self.batch_size : (self.step_in_epoch + 1) * self.batch_size]
         self.step_in_epoch += 1
         return [self.examples[batch[i]] for i in dp_slice(len(batch), self.dp_size, self.dp_rank)]
 

@@ -86,6 +86,7 @@ def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
     nothing at all. Re-parenting is the one signal that always comes. Polling, rather than
     PR_SET_PDEATHSIG, because that fires when the spawning *thread* exits, not the process.
     """
+
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(poll_s)
@@ -95,7 +96,10 @@ def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
 
 
 def _worker_main(
-    conn: multiprocessing.connection.Connection, fn: Callable[..., Any], preload: tuple[str, ...], parent_pid: int,
+    conn: multiprocessing.connection.Connection,
+    fn: Callable[..., Any],
+    preload: tuple[str, ...],
+    parent_pid: int,
 ) -> None:
     _exit_when_orphaned(parent_pid)
     # Ctrl-C reaches the whole process group; the parent handles it and tears the pool down, so
@@ -344,8 +348,13 @@ class DeadlinePool:
                         self._fail(f"{self.name} worker did not start within {self.start_timeout_s}s")
                     late = worker.task
                     assert late is not None  # a ready worker is watched only while it runs a task
-                    logger.warning("%s task exceeded its deadline (%.1fs each, %.1fs per call): %r", self.name,
-                                   timeout_s, budget_s, tasks[late])
+                    logger.warning(
+                        "%s task exceeded its deadline (%.1fs each, %.1fs per call): %r",
+                        self.name,
+                        timeout_s,
+                        budget_s,
+                        tasks[late],
+                    )
                     finish(late, Outcome(Status.TIMEOUT))
                     self._replace(worker)
         return outcomes  # type: ignore[return-value]  # every slot is set once num_done == len(tasks)

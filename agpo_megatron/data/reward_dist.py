@@ -49,6 +49,7 @@ def score_distributed(
     if len(responses) != len(golds):
         raise ValueError(f"got {len(responses)} responses but {len(golds)} golds")
     if score_fn is None:
+
         def score_fn(r: Sequence[str], g: Sequence[str]) -> list[RewardResult]:
             return score_many(r, g, timeout_s=timeout_s, budget_s=budget_s)
 

@@ -41,7 +41,9 @@ def resolve_spec(model_cfg: ModelConfig) -> str:
     if spec == "te" and not te_available():
         raise RuntimeError("model.spec=te but transformer_engine is not importable; pip install 'agpo-megatron[gpu]'")
     if model_cfg.fp8 is not None and spec != "te":
-        raise RuntimeError(f"model.fp8={model_cfg.fp8!r} needs the Transformer Engine spec on a GPU (got spec {spec!r})")
+        raise RuntimeError(
+            f"model.fp8={model_cfg.fp8!r} needs the Transformer Engine spec on a GPU (got spec {spec!r})"
+        )
     return spec
 
 
@@ -73,9 +75,13 @@ def fp8_kwargs(model_cfg: ModelConfig) -> dict:
     """TransformerConfig's FP8 fields from the model config ({} without FP8)."""
     if not model_cfg.fp8:
         return {}
-    return dict(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe, fp8_margin=model_cfg.fp8_margin,
-                fp8_amax_history_len=model_cfg.fp8_amax_history_len,
-                fp8_amax_compute_algo=model_cfg.fp8_amax_compute_algo)
+    return dict(
+        fp8=model_cfg.fp8,
+        fp8_recipe=model_cfg.fp8_recipe,
+        fp8_margin=model_cfg.fp8_margin,
+        fp8_amax_history_len=model_cfg.fp8_amax_history_len,
+        fp8_amax_compute_algo=model_cfg.fp8_amax_compute_algo,
+    )
 
 
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelConfig):
@@ -85,8 +91,11 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
         raise ValueError(f"vocab_size {arch.vocab_size} must be divisible by parallel.tp={parallel_cfg.tp}")
     dtype = DTYPES[model_cfg.params_dtype]
     on_cpu = not cpu_platform.cuda_present()
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
-        if model_cfg.recompute_activations else {}
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if model_cfg.recompute_activations
+        else {}
+    )
     fp8 = fp8_kwargs(model_cfg)
     return TransformerConfig(
         num_layers=arch.num_layers,

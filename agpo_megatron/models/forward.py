@@ -78,8 +78,13 @@ def _rope_at(module: torch.nn.Module, position_ids: torch.Tensor):  # [R, S]
 def _thd_params(mb: MicroBatch):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=mb["cu_seqlens"], cu_seqlens_kv=mb["cu_seqlens"],
-                           max_seqlen_q=mb["max_seqlen"], max_seqlen_kv=mb["max_seqlen"])
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=mb["cu_seqlens"],
+        cu_seqlens_kv=mb["cu_seqlens"],
+        max_seqlen_q=mb["max_seqlen"],
+        max_seqlen_kv=mb["max_seqlen"],
+    )
 
 
 def run_model(module: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
@@ -98,8 +103,7 @@ def run_model(module: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
         mask = None if te else causal_mask(s, tokens.device)
         return module(tokens, torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1), mask)
     if te:
-        return module(tokens.reshape(1, -1), mb["position_ids"].reshape(1, -1), None,
-                      packed_seq_params=_thd_params(mb))
+        return module(tokens.reshape(1, -1), mb["position_ids"].reshape(1, -1), None, packed_seq_params=_thd_params(mb))
     with _rope_at(module, mb["position_ids"]):
         return module(tokens, mb["position_ids"], packed_causal_mask(mb["seq_ids"]))
 
@@ -239,11 +243,18 @@ def compute_logprobs(
 
         def collect(out: torch.Tensor, mb: MicroBatch):  # out: hidden [B, S, H] (fused) or logits
             if chunk_tokens:
-                lp, ent = fused_logprobs_entropy(out, mb["targets"], weight=weight, temperature=temperature,
-                                                 chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+                lp, ent = fused_logprobs_entropy(
+                    out,
+                    mb["targets"],
+                    weight=weight,
+                    temperature=temperature,
+                    chunk_tokens=chunk_tokens,
+                    with_entropy=with_entropy,
+                )
             else:
-                lp, ent = vocab_parallel_logprobs(out, mb["targets"], temperature=temperature,
-                                                  with_entropy=with_entropy)
+                lp, ent = vocab_parallel_logprobs(
+                    out, mb["targets"], temperature=temperature, with_entropy=with_entropy
+                )
             res = {"logprobs": lp.detach()}
             if ent is not None:
                 res["entropy"] = ent.detach()

@@ -81,9 +81,7 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> Model
     if rope_scaling is not None:
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
         if kind not in ("llama3", "default"):
-            raise UnsupportedModelError(
-                f"{source}: rope_scaling type {kind!r} is not supported; supported: ['llama3']"
-            )
+            raise UnsupportedModelError(f"{source}: rope_scaling type {kind!r} is not supported; supported: ['llama3']")
         if kind == "default":
             rope_scaling = None
     # transformers 5 moved rope_theta into rope_parameters; accept both spellings.

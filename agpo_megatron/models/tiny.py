@@ -10,19 +10,40 @@ from pathlib import Path
 import torch
 
 
-def tiny_hf_config(model_type: str = "qwen2", *, vocab_size: int = 128, hidden_size: int = 64,
-                   intermediate_size: int = 128, num_layers: int = 2, num_heads: int = 2,
-                   num_kv_heads: int = 1, head_dim: int | None = None, tie: bool = False,
-                   max_position_embeddings: int = 512, rope_theta: float = 10000.0,
-                   torch_dtype: str = "float32", bos_token_id: int | None = None,
-                   eos_token_id: int | None = None, pad_token_id: int | None = None):
+def tiny_hf_config(
+    model_type: str = "qwen2",
+    *,
+    vocab_size: int = 128,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    head_dim: int | None = None,
+    tie: bool = False,
+    max_position_embeddings: int = 512,
+    rope_theta: float = 10000.0,
+    torch_dtype: str = "float32",
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-        rope_theta=rope_theta, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        rope_theta=rope_theta,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
     if model_type == "qwen2":
         cfg = Qwen2Config(**common)
@@ -30,8 +51,13 @@ def tiny_hf_config(model_type: str = "qwen2", *, vocab_size: int = 128, hidden_s
         cfg = Qwen3Config(head_dim=head_dim or hidden_size // num_heads, **common)
     elif model_type == "llama":
         cfg = LlamaConfig(
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
             **common,
         )
     else:
@@ -40,8 +66,9 @@ def tiny_hf_config(model_type: str = "qwen2", *, vocab_size: int = 128, hidden_s
     return cfg
 
 
-def save_tiny_hf_model(out_dir: str | Path, model_type: str = "qwen2", *, seed: int = 0,
-                       tokenizer=None, init_std: float = 0.02, **kw) -> Path:
+def save_tiny_hf_model(
+    out_dir: str | Path, model_type: str = "qwen2", *, seed: int = 0, tokenizer=None, init_std: float = 0.02, **kw
+) -> Path:
     """Write a random HF CausalLM (safetensors + config.json [+ tokenizer]) to `out_dir`."""
     from transformers import AutoModelForCausalLM
 

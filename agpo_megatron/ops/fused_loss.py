@@ -115,8 +115,9 @@ _triton_failure: str | None = None
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
-    return (_triton_failure is None and logits.is_cuda and triton_fused_loss.HAVE_TRITON
-            and logits.dtype != torch.float64)
+    return (
+        _triton_failure is None and logits.is_cuda and triton_fused_loss.HAVE_TRITON and logits.dtype != torch.float64
+    )
 
 
 def _with_triton_fallback(triton_fn, torch_fn):
@@ -260,9 +261,14 @@ class _LogprobsEntropy(torch.autograd.Function):
             hi = min(lo + ctx.chunk_tokens, n)
             logits = _chunk_logits(x, weight, lo, hi)
             d_logits = _chunk_dlogits(
-                logits, local_targets[lo:hi], lse[lo:hi], entropy[lo:hi],
-                None if g_lp is None else g_lp[lo:hi], None if g_ent is None else g_ent[lo:hi],
-                ctx.temperature, weight is not None,
+                logits,
+                local_targets[lo:hi],
+                lse[lo:hi],
+                entropy[lo:hi],
+                None if g_lp is None else g_lp[lo:hi],
+                None if g_ent is None else g_ent[lo:hi],
+                ctx.temperature,
+                weight is not None,
             )  # [c, V/TP]
             del logits
             if weight is None:
@@ -313,8 +319,21 @@ class _EagerHiddenLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, local_targets, shape, loss_fn, metrics_out, temperature, chunk_tokens,
-                group, tp_size, need_x, need_w):
+    def forward(
+        ctx,
+        x,
+        weight,
+        local_targets,
+        shape,
+        loss_fn,
+        metrics_out,
+        temperature,
+        chunk_tokens,
+        group,
+        tp_size,
+        need_x,
+        need_w,
+    ):
         n = x.shape[0]
         out_dtype = torch.promote_types(x.dtype, torch.float32)
         # Zeros, not empty: tokens of later chunks enter `policy_loss` in _token_grads.
@@ -407,9 +426,7 @@ def _check_op_inputs(x, weight, targets, temperature, chunk_tokens) -> None:
     if targets.is_floating_point():
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
     if weight is not None and (weight.ndim != 2 or weight.shape[1] != x.shape[-1]):
-        raise ValueError(
-            f"weight must be [V/TP, H] with H = hidden size {x.shape[-1]}, got {tuple(weight.shape)}"
-        )
+        raise ValueError(f"weight must be [V/TP, H] with H = hidden size {x.shape[-1]}, got {tuple(weight.shape)}")
     if not chunk_tokens >= 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if not temperature > 0:
@@ -457,14 +474,25 @@ def fused_policy_loss_from_hidden(
     `chunk_tokens` bounds the vocab-sized temporaries to about 3 x `[chunk_tokens, V/TP]` fp32.
     `tp_group`: None = Megatron's TP group (a single rank when Megatron is not initialized).
     """
+
     def loss_fn(lp: torch.Tensor, ent: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         # On-policy (None): policy_loss takes lp.detach(), the values of this very call, which per
         # chunk in _token_grads are the chunk's own (a token's gradient sees only its own old value).
         return policy_loss(
-            lp, old_logprobs, advantages, mask, cfg,
-            ref_logprobs=ref_logprobs, entropy=ent, rollout_logprobs=rollout_logprobs,
-            kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
-            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
+            lp,
+            old_logprobs,
+            advantages,
+            mask,
+            cfg,
+            ref_logprobs=ref_logprobs,
+            entropy=ent,
+            rollout_logprobs=rollout_logprobs,
+            kl_coef=kl_coef,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            global_num_tokens=global_num_tokens,
+            global_num_seqs=global_num_seqs,
+            seq_ids=seq_ids,
         )
 
     x2d, local_targets, group, tp_size = _prepare(hidden, weight, targets, temperature, chunk_tokens, tp_group)
@@ -477,8 +505,18 @@ def fused_policy_loss_from_hidden(
         return loss, metrics, lp.view(targets.shape), ent.view(targets.shape)
     metrics: Metrics = {}
     loss, lp, ent = _EagerHiddenLoss.apply(
-        x2d, weight, local_targets, targets.shape, loss_fn, metrics, temperature, chunk_tokens,
-        group, tp_size, need_x, need_w,
+        x2d,
+        weight,
+        local_targets,
+        targets.shape,
+        loss_fn,
+        metrics,
+        temperature,
+        chunk_tokens,
+        group,
+        tp_size,
+        need_x,
+        need_w,
     )
     return loss, metrics, lp.view(targets.shape), ent.view(targets.shape)
 
@@ -508,10 +546,20 @@ def fused_policy_loss_from_logits(
     vectors for backward, instead of fp32 copies of them."""
     logprobs, entropy = _logprobs_entropy(logits, None, targets, temperature, chunk_tokens, tp_group)
     loss, metrics = policy_loss(
-        logprobs, old_logprobs, advantages, mask, cfg,
-        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
-        kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high,
-        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, seq_ids=seq_ids,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        cfg,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy,
+        rollout_logprobs=rollout_logprobs,
+        kl_coef=kl_coef,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        global_num_tokens=global_num_tokens,
+        global_num_seqs=global_num_seqs,
+        seq_ids=seq_ids,
     )
     return loss, metrics, logprobs, entropy
 
@@ -529,7 +577,5 @@ def fused_logprobs_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [...], [...] or None; fp32
     """Forward-only log p(target) and entropy (old / reference log-probs): chunked, no grad."""
     x2d, local_targets, group, tp_size = _prepare(x, weight, targets, temperature, chunk_tokens, tp_group)
-    lp, ent, _ = _forward_chunks(
-        x2d, weight, local_targets, temperature, chunk_tokens, group, tp_size, with_entropy
-    )
+    lp, ent, _ = _forward_chunks(x2d, weight, local_targets, temperature, chunk_tokens, group, tp_size, with_entropy)
     return lp.view(targets.shape), (ent.view(targets.shape) if ent is not None else None)

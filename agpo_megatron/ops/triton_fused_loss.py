@@ -47,8 +47,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _stats_kernel(
-        logits_ptr, targets_ptr, m_ptr, s_ptr, w_ptr, zt_ptr,
-        row_stride, n_cols, temperature,
+        logits_ptr,
+        targets_ptr,
+        m_ptr,
+        s_ptr,
+        w_ptr,
+        zt_ptr,
+        row_stride,
+        n_cols,
+        temperature,
         BLOCK: tl.constexpr,
     ):
         # int64: chunk_tokens * V/TP can exceed 2^31 elements.
@@ -80,8 +87,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dlogits_kernel(
-        logits_ptr, targets_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, out_ptr,
-        row_stride, out_row_stride, n_cols, temperature,
+        logits_ptr,
+        targets_ptr,
+        lse_ptr,
+        ent_ptr,
+        glp_ptr,
+        gent_ptr,
+        out_ptr,
+        row_stride,
+        out_row_stride,
+        n_cols,
+        temperature,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -134,9 +150,17 @@ def chunk_stats(
         return m, s, w, z_t
     block, warps = _launch_config(v)
     _stats_kernel[(c,)](
-        logits, local_targets.long().contiguous(), m, s, w, z_t,
-        logits.stride(0), v, float(temperature),
-        BLOCK=block, num_warps=warps,
+        logits,
+        local_targets.long().contiguous(),
+        m,
+        s,
+        w,
+        z_t,
+        logits.stride(0),
+        v,
+        float(temperature),
+        BLOCK=block,
+        num_warps=warps,
     )
     return m, s, w, z_t
 
@@ -158,9 +182,18 @@ def chunk_dlogits(
         return out
     block, warps = _launch_config(v)
     _dlogits_kernel[(c,)](
-        logits, local_targets.long().contiguous(), _vec(lse, logits), _vec(entropy, logits),
-        _vec(g_lp, logits), _vec(g_ent, logits), out,
-        logits.stride(0), out.stride(0), v, float(temperature),
-        BLOCK=block, num_warps=warps,
+        logits,
+        local_targets.long().contiguous(),
+        _vec(lse, logits),
+        _vec(entropy, logits),
+        _vec(g_lp, logits),
+        _vec(g_ent, logits),
+        out,
+        logits.stride(0),
+        out.stride(0),
+        v,
+        float(temperature),
+        BLOCK=block,
+        num_warps=warps,
     )
     return out

@@ -54,9 +54,22 @@ _ACTIVE = False
 
 # Factory functions whose `device=` kwarg Megatron sets to "cuda".
 _FACTORIES = {
-    torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.randn,
-    torch.rand, torch.randint, torch.zeros_like, torch.ones_like, torch.empty_like,
-    torch.full_like, torch.as_tensor, torch.eye, torch.linspace,
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.tensor,
+    torch.arange,
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+    torch.as_tensor,
+    torch.eye,
+    torch.linspace,
 }
 
 

@@ -71,7 +71,7 @@ def _mapped_shm_names() -> set[str]:
         for line in text.splitlines():
             i = line.find("/dev/shm/")
             if i >= 0:
-                names.add(line[i + len("/dev/shm/"):].removesuffix(" (deleted)"))
+                names.add(line[i + len("/dev/shm/") :].removesuffix(" (deleted)"))
     return names
 
 

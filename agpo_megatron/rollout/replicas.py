@@ -54,8 +54,9 @@ class ReplicaLayout:
     def of_rank(cls, rank: int, world_size: int, rollout_tp: int) -> ReplicaLayout:
         if rollout_tp < 1 or world_size % rollout_tp:
             raise ValueError(f"rollout_tp={rollout_tp} must be >= 1 and divide the world size {world_size}")
-        return cls(replica=rank // rollout_tp, num_replicas=world_size // rollout_tp,
-                   tp_rank=rank % rollout_tp, tp=rollout_tp)
+        return cls(
+            replica=rank // rollout_tp, num_replicas=world_size // rollout_tp, tp_rank=rank % rollout_tp, tp=rollout_tp
+        )
 
 
 def split_prompts(num_prompts: int, num_replicas: int) -> list[range]:

@@ -110,8 +110,10 @@ class VLLMEngine:
         `enforce_eager`: no CUDA graphs (always eager on CPU).
         """
         if not dist.is_initialized():
-            raise RuntimeError("VLLMEngine needs torch.distributed: call parallel.init_model_parallel() first, "
-                               "on every rank, then build the engine on every rank in the same order")
+            raise RuntimeError(
+                "VLLMEngine needs torch.distributed: call parallel.init_model_parallel() first, "
+                "on every rank, then build the engine on every rank in the same order"
+            )
         if logprob_mode not in ("recompute", "rollout"):
             raise ValueError(f"logprob_mode must be 'recompute' or 'rollout', got {logprob_mode!r}")
         if dtype not in DTYPES:
@@ -150,8 +152,11 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
         )
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
-                          enforce_eager=enforce_eager)
+            kwargs.update(
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=enable_sleep_mode,
+                enforce_eager=enforce_eager,
+            )
             if kv_cache_memory_bytes is not None:
                 kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         else:
@@ -206,8 +211,10 @@ class VLLMEngine:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if self._asleep or self._weights_lost:
-            raise RuntimeError(f"VLLMEngine.generate while {sorted(self._asleep) or 'weights discarded'}: call "
-                               "wake_weights(), update_weights(...), wake_kv_cache() first")
+            raise RuntimeError(
+                f"VLLMEngine.generate while {sorted(self._asleep) or 'weights discarded'}: call "
+                "wake_weights(), update_weights(...), wake_kv_cache() first"
+            )
         mine = split_prompts(len(prompts), self.layout.num_replicas)[self.layout.replica]
         # NOTE: each call starts from an empty prefix cache, so that its samples never depend on
         # what earlier calls (an evaluation, the previous step) left cached: a resumed run then
@@ -278,8 +285,10 @@ class VLLMEngine:
         if "kv_cache" not in self._asleep:
             return
         if "weights" in self._asleep or self._weights_lost:
-            raise RuntimeError("VLLMEngine.wake_kv_cache before the weights: call wake_weights() and "
-                               "update_weights(...) first, so the KV cache is allocated last")
+            raise RuntimeError(
+                "VLLMEngine.wake_kv_cache before the weights: call wake_weights() and "
+                "update_weights(...) first, so the KV cache is allocated last"
+            )
         if self.sleep_enabled:
             self.llm.wake_up(tags=["kv_cache"])
         self._asleep.discard("kv_cache")
@@ -318,5 +327,10 @@ def _completion(prompt_index: int, out: Any) -> Completion:
     if out.logprobs is not None:
         # One {token_id: Logprob} per position; the sampled token is always among the keys.
         logprobs = [step[tok].logprob for step, tok in zip(out.logprobs, token_ids, strict=True)]
-    return Completion(prompt_index=prompt_index, token_ids=token_ids, logprobs=logprobs, text=out.text,
-                      finish_reason=str(out.finish_reason))
+    return Completion(
+        prompt_index=prompt_index,
+        token_ids=token_ids,
+        logprobs=logprobs,
+        text=out.text,
+        finish_reason=str(out.finish_reason),
+    )

@@ -44,8 +44,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # A-GRPO over AGPO: symmetric KL with adaptive beta_t, adaptive clip eps_t, entropy bonus (examples/agrpo_qwen7b.yaml).
-AGRPO = ["algo.loss.kl_coef=0.001", "algo.loss.kl_estimator=symmetric", "algo.loss.entropy_coef=0.001",
-         "algo.adaptive_kl_target=0.01", "algo.adaptive_clip=true"]
+AGRPO = [
+    "algo.loss.kl_coef=0.001",
+    "algo.loss.kl_estimator=symmetric",
+    "algo.loss.entropy_coef=0.001",
+    "algo.adaptive_kl_target=0.01",
+    "algo.adaptive_clip=true",
+]
 TASKS: dict[str, list[str]] = {
     # The paper's three methods.
     "grpo": ["algo.advantage=grpo", "algo.length_reward=false"],
@@ -123,8 +128,16 @@ def task_list(args: argparse.Namespace) -> dict[str, list[str]]:
     if unknown:
         sys.exit(f"unknown task(s) {unknown}; --list shows {list(TASKS)}")
     common = [f"steps={args.steps}"] if args.steps is not None else []
-    return {n: [*TASKS[n], *common, *args.overrides, f"logging.out_dir={args.out}/{n}",
-                f"checkpoint.save_dir={args.out}/{n}/checkpoints"] for n in names}
+    return {
+        n: [
+            *TASKS[n],
+            *common,
+            *args.overrides,
+            f"logging.out_dir={args.out}/{n}",
+            f"checkpoint.save_dir={args.out}/{n}/checkpoints",
+        ]
+        for n in names
+    }
 
 
 def executor(args: argparse.Namespace, run):
@@ -141,11 +154,21 @@ def executor(args: argparse.Namespace, run):
     else:  # already on a login node (or the node that runs slurmctld)
         tunnel = run.LocalTunnel(job_dir=os.path.join(run.config.get_nemorun_home(), "experiments"))
     return run.SlurmExecutor(
-        account=args.account, partition=args.partition, time=args.time, nodes=args.nodes,
-        ntasks_per_node=args.nproc, gpus_per_node=args.gpus_per_node or None, cpus_per_task=args.cpus_per_task,
-        container_image=args.container_image, container_mounts=args.container_mounts, env_vars=env,
-        signal="USR1@120", additional_parameters={"requeue": True}, retries=args.retries,
-        tunnel=tunnel, packager=run.Packager(),  # the code is already on the cluster (args.repo)
+        account=args.account,
+        partition=args.partition,
+        time=args.time,
+        nodes=args.nodes,
+        ntasks_per_node=args.nproc,
+        gpus_per_node=args.gpus_per_node or None,
+        cpus_per_task=args.cpus_per_task,
+        container_image=args.container_image,
+        container_mounts=args.container_mounts,
+        env_vars=env,
+        signal="USR1@120",
+        additional_parameters={"requeue": True},
+        retries=args.retries,
+        tunnel=tunnel,
+        packager=run.Packager(),  # the code is already on the cluster (args.repo)
     )
 
 
@@ -163,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in tasks.items():
             # Under torchrun the launcher supplies `python -m`; under srun the interpreter is explicit.
             entry = "python" if args.executor == "local" else args.python
-            script = run.Script(path="agpo_megatron.cli", args=["train", "--config", base, *overrides], m=True,
-                                entrypoint=entry)
+            script = run.Script(
+                path="agpo_megatron.cli", args=["train", "--config", base, *overrides], m=True, entrypoint=entry
+            )
             exp.add(script, executor=executor(args, run), name=name)
         # Local: one task at a time (they share the machine). Slurm: all queued at once, no afterok
         # chain, so one failed task does not cancel the rest.
@@ -182,9 +206,19 @@ def main(argv: list[str] | None = None) -> int:
 
     done = [n for n in tasks if os.path.isfile(os.path.join(args.out, n, "metrics.jsonl"))]
     if done:
-        subprocess.run([args.python, "-m", "agpo_megatron.cli", "compare", *[os.path.join(args.out, n) for n in done],
-                        "-o", os.path.join(args.out, "compare")], env={**os.environ, "PYTHONPATH": args.repo},
-                       check=False)
+        subprocess.run(
+            [
+                args.python,
+                "-m",
+                "agpo_megatron.cli",
+                "compare",
+                *[os.path.join(args.out, n) for n in done],
+                "-o",
+                os.path.join(args.out, "compare"),
+            ],
+            env={**os.environ, "PYTHONPATH": args.repo},
+            check=False,
+        )
     failed = {n: s for n, s in states.items() if s != "SUCCEEDED"}
     print("tasks: " + ", ".join(f"{n} {s}" for n, s in states.items()))
     if failed:

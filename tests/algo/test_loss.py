@@ -241,8 +241,11 @@ def test_kl_estimator_value_and_gradient_against_exact_categorical(estimator):
     k = kl_penalty(logp[None], logq[None], estimator)[0]  # every outcome, once
     expected_value = (p.detach() * k).sum()
     (expected_grad,) = torch.autograd.grad(expected_value, theta, retain_graph=True)
-    want_grad = torch.autograd.grad(grad_target, theta, allow_unused=True)[0] if grad_target.requires_grad \
+    want_grad = (
+        torch.autograd.grad(grad_target, theta, allow_unused=True)[0]
+        if grad_target.requires_grad
         else torch.zeros_like(theta)
+    )
     torch.testing.assert_close(expected_grad, want_grad, rtol=1e-9, atol=1e-12)
     if value_target is not None:
         torch.testing.assert_close(expected_value, value_target.detach(), rtol=1e-9, atol=1e-12)

@@ -35,8 +35,10 @@ def exported(tmp_path_factory):
     }
     cases = [f"{name}:{dirs[model]}:{layout}" + (f":{cast}" if cast else "") for name, model, layout, cast in CASES]
     torchrun("export_buckets.py", root, BUCKET_BYTES, *cases, timeout=240)
-    return {name: ([torch.load(root / f"{name}.rank{r}.pt") for r in range(2)], dirs[model], cast)
-            for name, model, _, cast in CASES}
+    return {
+        name: ([torch.load(root / f"{name}.rank{r}.pt") for r in range(2)], dirs[model], cast)
+        for name, model, _, cast in CASES
+    }
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

@@ -10,9 +10,17 @@ from agpo_megatron.models.tiny import save_tiny_hf_model
 
 
 def _arch(model_type="qwen2", *, heads=8, groups=4, head_dim=4, hidden=16, ffn=24, layers=4, tie=False):
-    cfg = dict(model_type=model_type, vocab_size=32, hidden_size=hidden, intermediate_size=ffn,
-               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
-               head_dim=head_dim, tie_word_embeddings=tie)
+    cfg = dict(
+        model_type=model_type,
+        vocab_size=32,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=groups,
+        head_dim=head_dim,
+        tie_word_embeddings=tie,
+    )
     return arch_from_hf_dict(cfg)
 
 
@@ -67,8 +75,11 @@ def test_qkv_hf_megatron_inverse_with_gqa(suffix):
     rule = next(r for r in names.param_rules(arch) if r.megatron.endswith(suffix))
     g = torch.Generator().manual_seed(0)
     rest = (arch.hidden_size,) if suffix.endswith("weight") else ()
-    hf = [torch.randn(4 * 8, *rest, generator=g), torch.randn(2 * 8, *rest, generator=g),
-          torch.randn(2 * 8, *rest, generator=g)]
+    hf = [
+        torch.randn(4 * 8, *rest, generator=g),
+        torch.randn(2 * 8, *rest, generator=g),
+        torch.randn(2 * 8, *rest, generator=g),
+    ]
     fused = names.hf_to_megatron(rule, hf, arch)
     assert tuple(fused.shape) == names.full_shape(rule, arch)
     back = names.megatron_to_hf(rule, fused, arch)
@@ -90,8 +101,17 @@ def test_gate_up_hf_megatron_inverse():
 
 @pytest.mark.parametrize("model_type,tie", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("llama", False)])
 def test_param_rules_cover_exactly_the_hf_checkpoint(tmp_path, model_type, tie):
-    hf_dir = save_tiny_hf_model(tmp_path, model_type, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                                num_layers=3, vocab_size=96, tie=tie)
+    hf_dir = save_tiny_hf_model(
+        tmp_path,
+        model_type,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        num_layers=3,
+        vocab_size=96,
+        tie=tie,
+    )
     arch = read_arch(hf_dir)
     with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

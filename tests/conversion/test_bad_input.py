@@ -17,8 +17,9 @@ from agpo_megatron.models.hf_config import UnsupportedModelError
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from checkpoints_conversion.hf_to_megatron import inspect_source
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
-            head_dim=32)
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,11 @@ def test_truncated_header_names_the_tensors_the_index_expects_there(tmp_path, pr
 def test_missing_shard_names_file_and_tensor(tmp_path, pristine_sharded):
     hf = Path(shutil.copytree(pristine_sharded, tmp_path / "hf"))
     shard = sorted(hf.glob("model-*.safetensors"))[1]
-    held = [n for n, f in json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"].items()
-            if f == shard.name]
+    held = [
+        n
+        for n, f in json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"].items()
+        if f == shard.name
+    ]
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"{shard.name}: shard missing.*{held[0]}"):
         inspect_source(hf)
@@ -80,8 +84,11 @@ def test_missing_shard_names_file_and_tensor(tmp_path, pristine_sharded):
 
 def test_config_disagreeing_with_shapes_names_file_tensor_and_config(hf):
     edit_config(hf, intermediate_size=96)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.\w+_proj\.weight' "
-                                              r"has shape .* but config\.json: .*intermediate_size=96"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.\w+_proj\.weight' "
+        r"has shape .* but config\.json: .*intermediate_size=96",
+    ):
         inspect_source(hf)
 
 
@@ -89,8 +96,11 @@ def test_extra_layer_is_a_leftover(hf):
     tensors = load_file(hf / "model.safetensors")
     tensors["model.layers.99.mlp.down_proj.weight"] = torch.zeros(64, 128)
     save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.99\.mlp\.down_proj\.weight' "
-                                              r"has no place in the model .*num_hidden_layers=2"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.99\.mlp\.down_proj\.weight' "
+        r"has no place in the model .*num_hidden_layers=2",
+    ):
         inspect_source(hf)
 
 
@@ -111,12 +121,15 @@ def test_tied_config_with_a_different_lm_head(hf):
         inspect_source(hf)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model_type": "mistral"}, r"model_type 'mistral' is not supported; supported: \['qwen2', 'llama', 'qwen3'\]"),
-    ({"mlp_bias": True}, r"not supported: mlp_bias=true .* Supported: qwen2"),
-    ({"use_sliding_window": True}, r"use_sliding_window=true"),
-    ({"quantization_config": {"quant_method": "gptq"}}, r"quantized weights"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "mistral"}, r"model_type 'mistral' is not supported; supported: \['qwen2', 'llama', 'qwen3'\]"),
+        ({"mlp_bias": True}, r"not supported: mlp_bias=true .* Supported: qwen2"),
+        ({"use_sliding_window": True}, r"use_sliding_window=true"),
+        ({"quantization_config": {"quant_method": "gptq"}}, r"quantized weights"),
+    ],
+)
 def test_unsupported_configs_list_what_is_supported(hf, changes, message):
     edit_config(hf, **changes)
     with pytest.raises(UnsupportedModelError, match=message):
@@ -124,7 +137,10 @@ def test_unsupported_configs_list_what_is_supported(hf, changes, message):
 
 
 def test_layout_that_does_not_divide(pristine):
-    with pytest.raises(ValueError, match=r"TP=4/PP=3: num_attention_heads=2 is not divisible by tp=4; "
-                                         r"num_key_value_heads=1 is not divisible by tp=4; "
-                                         r"num_hidden_layers=2 is not divisible by pp=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"TP=4/PP=3: num_attention_heads=2 is not divisible by tp=4; "
+        r"num_key_value_heads=1 is not divisible by tp=4; "
+        r"num_hidden_layers=2 is not divisible by pp=3",
+    ):
         inspect_source(pristine, tp=4, pp=3)

@@ -21,8 +21,9 @@ from tests.dist import torchrun
 
 # head_dim 32 for vLLM's CPU kernel; 4 heads in 2 KV groups so that TP=2 splits the groups;
 # Qwen3 uses an explicit head_dim with hidden_size != heads * head_dim.
-COMMON = dict(vocab_size=128, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-              init_std=0.1)
+COMMON = dict(
+    vocab_size=128, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, init_std=0.1
+)
 VARIANTS = {
     "qwen2": dict(model_type="qwen2", hidden_size=128, tie=False),
     "qwen2_tied": dict(model_type="qwen2", hidden_size=128, tie=True),
@@ -50,8 +51,10 @@ def hf_models(work) -> dict[str, Path]:
     from agpo_megatron.data.synthetic import build_tokenizer
 
     tok = build_tokenizer(work / "tokenizer")
-    return {name: save_tiny_hf_model(work / "src" / name, tokenizer=tok, seed=i, **COMMON, **spec)
-            for i, (name, spec) in enumerate(VARIANTS.items())}
+    return {
+        name: save_tiny_hf_model(work / "src" / name, tokenizer=tok, seed=i, **COMMON, **spec)
+        for i, (name, spec) in enumerate(VARIANTS.items())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +194,9 @@ def test_console_scripts_convert_and_report_errors(tmp_path, hf_models, converte
     src = hf_models["qwen2_tied"]
 
     def run(*cmd):
-        return subprocess.run([str(bindir / cmd[0]), *map(str, cmd[1:])], capture_output=True, text=True,
-                              timeout=120, env=env)
+        return subprocess.run(
+            [str(bindir / cmd[0]), *map(str, cmd[1:])], capture_output=True, text=True, timeout=120, env=env
+        )
 
     bad = run("hf_to_megatron", "--hf-dir", src, "--out", tmp_path / "bad", "--tp", "3")
     assert bad.returncode != 0 and "num_attention_heads=4 is not divisible by tp=3" in bad.stderr
@@ -215,9 +219,15 @@ def test_export_serves_in_vllm_like_transformers(tmp_path, converted):
     prompt = [1, 5, 9, 17, 33, 60]
     hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, pad_token_id=0)
-    expected = out.sequences[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    expected = out.sequences[0, len(prompt) :].tolist()
     # Greedy decoding only compares if no step is a near tie between the top two tokens.
     top2 = torch.stack(out.logits).topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > 1e-3

@@ -37,8 +37,12 @@ def test_plan_is_greedy_in_order_and_names_like_transformers():
     assert [[s.name for s in sh.specs] for sh in shards] == [["a.weight", "b.weight"], ["c.weight", "d.weight"]]
     assert [sh.file for sh in shards] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     # A tensor larger than the cap gets a shard of its own; one shard means one unindexed file.
-    assert [[s.name for s in sh.specs] for sh in plan_shards(specs, 100)] == [["a.weight"], ["b.weight"],
-                                                                             ["c.weight"], ["d.weight"]]
+    assert [[s.name for s in sh.specs] for sh in plan_shards(specs, 100)] == [
+        ["a.weight"],
+        ["b.weight"],
+        ["c.weight"],
+        ["d.weight"],
+    ]
     assert [sh.file for sh in plan_shards(specs, 10**9)] == ["model.safetensors"]
 
 
@@ -69,13 +73,16 @@ def test_non_contiguous_input_is_written_by_value(tmp_path):
         assert torch.equal(f.get_tensor("t"), t)
 
 
-@pytest.mark.parametrize("name, tensor, message", [
-    ("b.weight", torch.zeros(16), r"'b\.weight' written out of order: the plan expects 'a\.weight' next"),
-    ("a.weight", torch.zeros(64, 32), r"'a\.weight': got torch\.float32 \(64, 32\), the plan says torch\.bfloat16"),
-    ("a.weight", torch.zeros(32, 64, dtype=torch.bfloat16), r"'a\.weight': got .*\(32, 64\).*\(64, 32\)"),
-    ("a.weight", torch.full((64, 32), float("nan"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
-    ("a.weight", torch.full((64, 32), float("inf"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
-])
+@pytest.mark.parametrize(
+    "name, tensor, message",
+    [
+        ("b.weight", torch.zeros(16), r"'b\.weight' written out of order: the plan expects 'a\.weight' next"),
+        ("a.weight", torch.zeros(64, 32), r"'a\.weight': got torch\.float32 \(64, 32\), the plan says torch\.bfloat16"),
+        ("a.weight", torch.zeros(32, 64, dtype=torch.bfloat16), r"'a\.weight': got .*\(32, 64\).*\(64, 32\)"),
+        ("a.weight", torch.full((64, 32), float("nan"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
+        ("a.weight", torch.full((64, 32), float("inf"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
+    ],
+)
 def test_writes_that_break_the_plan_are_refused(tmp_path, name, tensor, message):
     w = HFCheckpointWriter(tmp_path, specs_of(make_tensors()))
     with pytest.raises(HFWriteError, match=message):
@@ -109,12 +116,20 @@ def test_duplicate_names_in_the_plan_are_refused(tmp_path):
 def test_config_gets_the_export_dtype_and_assets_skip_weights(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("config.json", "tokenizer.json", "generation_config.json", "model.safetensors",
-                 "model.safetensors.index.json", "pytorch_model.bin", ".hidden"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        ".hidden",
+    ):
         (src / name).write_text("{}")
     (src / "original").mkdir()
     assert copy_hf_assets(src, tmp_path / "dst") == ["generation_config.json", "tokenizer.json"]
-    write_hf_config(tmp_path / "dst", {"model_type": "qwen2", "torch_dtype": "float32", "dtype": "float32"},
-                    torch.bfloat16)
+    write_hf_config(
+        tmp_path / "dst", {"model_type": "qwen2", "torch_dtype": "float32", "dtype": "float32"}, torch.bfloat16
+    )
     cfg = json.loads((tmp_path / "dst" / "config.json").read_text())
     assert cfg == {"model_type": "qwen2", "torch_dtype": "bfloat16", "dtype": "bfloat16"}

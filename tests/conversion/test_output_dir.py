@@ -24,8 +24,11 @@ def contents(d: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(d.iterdir())}
 
 
-OLD = {"model-00001-of-00002.safetensors": "old1", "model-00002-of-00002.safetensors": "old2",
-       "model.safetensors.index.json": "old index"}
+OLD = {
+    "model-00001-of-00002.safetensors": "old1",
+    "model-00002-of-00002.safetensors": "old2",
+    "model.safetensors.index.json": "old index",
+}
 
 
 def test_non_empty_output_is_refused_naming_it(tmp_path):
@@ -95,10 +98,13 @@ def test_checksum_problems_name_the_file(tmp_path):
     f.write_bytes(bytes(range(199)) + b"\x00")
     assert checksums.check(tmp_path, "data", entry, "agpo_meta.json") == (
         f"{f}: checksum mismatch ({checksums.ALGO}): the file is corrupt or changed since it was saved; "
-        "--no-verify / verify=False loads it anyway")
+        "--no-verify / verify=False loads it anyway"
+    )
     f.write_bytes(bytes(range(100)))
-    assert checksums.check(tmp_path, "data", entry, "agpo_meta.json") == \
-        f"{f}: truncated: 100 bytes, agpo_meta.json records 200"
+    assert (
+        checksums.check(tmp_path, "data", entry, "agpo_meta.json")
+        == f"{f}: truncated: 100 bytes, agpo_meta.json records 200"
+    )
     f.unlink()
     assert checksums.check(tmp_path, "data", entry, "agpo_meta.json") == f"{f}: missing (agpo_meta.json lists it)"
 

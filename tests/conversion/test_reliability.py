@@ -17,8 +17,9 @@ import pytest
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
-            head_dim=32)
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32
+)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -100,8 +101,10 @@ def test_truncated_file_is_one_line_naming_the_file(r):
     assert "/trunc/__0_0.distcp: truncated: " in error_line(r["trunc"], "megatron_to_hf")
     assert "/trunc/__0_0.distcp: truncated: " in error_line(r["trunc_noverify"], "megatron_to_hf")
     # The trainer's loader (Megatron's reader): was `CheckpointException ... BadZipFile`.
-    assert r["trunc_load_noverify"].startswith("CheckpointError: ") and "/trunc/__0_0.distcp: truncated" in \
-        r["trunc_load_noverify"]
+    assert (
+        r["trunc_load_noverify"].startswith("CheckpointError: ")
+        and "/trunc/__0_0.distcp: truncated" in r["trunc_load_noverify"]
+    )
 
 
 @pytest.mark.slow
@@ -122,16 +125,23 @@ def test_unwritable_output_is_one_line_naming_it(r):
 def test_failed_write_names_the_file_and_the_cause(r):
     # Was `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598`.
     assert "/big/__0_0.distcp: cannot write: File too large" in error_line(r["efbig_h2m"], "hf_to_megatron")
-    assert r["efbig_save"].startswith("CheckpointError: ") and "/big_save/__0_0.distcp: cannot write: File too large" \
-        in r["efbig_save"]
+    assert (
+        r["efbig_save"].startswith("CheckpointError: ")
+        and "/big_save/__0_0.distcp: cannot write: File too large" in r["efbig_save"]
+    )
     assert not r["efbig_out_exists"] and r["final_leftovers"] == []
 
 
 def killed_cli(module: str, *args, at: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "AGPO_TEST_KILL_AT": at,
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=180, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "AGPO_TEST_KILL_AT": at,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=180, env=env
+    )
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
@@ -144,8 +154,19 @@ def test_kill_9_during_an_export_leaves_the_previous_export_intact(r, work):
     target = out / "export_sharded"
     before = snapshot(target)
     # Killed right after the first shard of the new export is complete.
-    proc = killed_cli("checkpoints_conversion.megatron_to_hf", "--ckpt", out / "mcore", "--out", target,
-                      "--max-shard-bytes", 20_000, "--dtype", "bfloat16", "--overwrite", at="hf_writer:shard")
+    proc = killed_cli(
+        "checkpoints_conversion.megatron_to_hf",
+        "--ckpt",
+        out / "mcore",
+        "--out",
+        target,
+        "--max-shard-bytes",
+        20_000,
+        "--dtype",
+        "bfloat16",
+        "--overwrite",
+        at="hf_writer:shard",
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert snapshot(target) == before
     staged = list(out.glob(".export_sharded.tmp-*"))
@@ -157,8 +178,15 @@ def test_kill_9_before_commit_leaves_the_previous_checkpoint_intact(r, work):
     out = work / "out"
     before = snapshot(out / "mcore")
     # Killed with the new checkpoint complete and fsynced, just before it is renamed into place.
-    proc = killed_cli("checkpoints_conversion.hf_to_megatron", "--hf-dir", work / "src", "--out", out / "mcore",
-                      "--overwrite", at="commit")
+    proc = killed_cli(
+        "checkpoints_conversion.hf_to_megatron",
+        "--hf-dir",
+        work / "src",
+        "--out",
+        out / "mcore",
+        "--overwrite",
+        at="commit",
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert snapshot(out / "mcore") == before
     assert len(list(out.glob(".mcore.tmp-*"))) == 1

@@ -9,8 +9,9 @@ from tests.dist import torchrun
 
 def test_checkpoints_load_across_local_and_te_like_specs(tmp_path):
     # Qwen3: its q/k norms are TENorms in the TE spec, with extra state of their own.
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen3", hidden_size=64, num_heads=2, num_kv_heads=1,
-                                head_dim=32, num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf", "qwen3", hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32, num_layers=2, vocab_size=128
+    )
     torchrun("extra_state_specs.py", hf_dir, tmp_path, nproc=1, timeout=240)
     res = json.loads((tmp_path / "result.json").read_text())
     # The emulation adds TE's keys that the local spec lacks, so the cross-spec loads mean something.

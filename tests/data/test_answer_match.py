@@ -146,8 +146,12 @@ def hang_pool():
 
 
 def test_hanging_crashing_and_raising_checks_score_zero(hang_pool):
-    results = score_many([r"\boxed{y}", r"\boxed{x}", r"\boxed{x}", r"\boxed{x}", r"\boxed{z}"],
-                         ["y", "hang", "die", "raise", "w"], timeout_s=0.5, pool=hang_pool)
+    results = score_many(
+        [r"\boxed{y}", r"\boxed{x}", r"\boxed{x}", r"\boxed{x}", r"\boxed{z}"],
+        ["y", "hang", "die", "raise", "w"],
+        timeout_s=0.5,
+        pool=hang_pool,
+    )
     assert [r.correct for r in results] == [True, False, False, False, False]
     assert [r.timed_out for r in results] == [False, True, False, False, False]
     assert all(r.formatted for r in results)
@@ -158,8 +162,9 @@ def test_hostile_batch_within_the_step_budget(hang_pool):
     the two that were running get cut off (the rest never start; see test_deadline_pool.py)."""
     hang_pool.start()  # both workers idle and ready (the test above replaced some)
     n, restarts = 8, hang_pool.num_restarts
-    r_acc, formatted, metrics = score_batch([r"\boxed{x}"] * n + ["#### 3"], ["hang"] * n + ["3"],
-                                            timeout_s=1.0, budget_s=1.0, pool=hang_pool)
+    r_acc, formatted, metrics = score_batch(
+        [r"\boxed{x}"] * n + ["#### 3"], ["hang"] * n + ["3"], timeout_s=1.0, budget_s=1.0, pool=hang_pool
+    )
     assert r_acc.tolist() == [0.0] * n + [1.0]  # the fast path is not subject to the budget
     assert formatted.all()
     assert metrics["num_timeouts"] == n

@@ -296,13 +296,29 @@ def test_boxed_answer_format_reads_the_solution(tmp_path):
         '{"problem": "1+1=", "solution": "We add: $\\\\boxed{\\\\frac{4}{2}}$."}\n'
         '{"problem": "2+2=", "solution": "no box here"}\n'
     )
-    cfg = DatasetConfig(path=str(path), prompt_field="problem", answer_field="solution", answer_format="boxed",
-                        prompt_template="{prompt}", max_prompt_tokens=64, limit=1)
+    cfg = DatasetConfig(
+        path=str(path),
+        prompt_field="problem",
+        answer_field="solution",
+        answer_format="boxed",
+        prompt_template="{prompt}",
+        max_prompt_tokens=64,
+        limit=1,
+    )
     examples, _ = load_examples(cfg, tok)
     assert examples[0].gold == "\\frac{4}{2}"
     with pytest.raises(DatasetError, match=r"math.jsonl:2: .*boxed"):
-        load_examples(DatasetConfig(path=str(path), prompt_field="problem", answer_field="solution",
-                                    answer_format="boxed", prompt_template="{prompt}", max_prompt_tokens=600), tok)
+        load_examples(
+            DatasetConfig(
+                path=str(path),
+                prompt_field="problem",
+                answer_field="solution",
+                answer_format="boxed",
+                prompt_template="{prompt}",
+                max_prompt_tokens=600,
+            ),
+            tok,
+        )
 
 
 # -- reliability (issue 11) ----------------------------------------------------------------------

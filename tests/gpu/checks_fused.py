@@ -53,8 +53,19 @@ def prepare(ctx: Ctx) -> dict[str, object]:
 
     require_attrs(fl, "fused_policy_loss_from_hidden", "_use_triton")
     require_attrs(tfl, "HAVE_TRITON", "chunk_stats", "chunk_dlogits")
-    require_params(fl.fused_policy_loss_from_hidden, "hidden", "weight", "targets", "old_logprobs", "advantages",
-                   "mask", "cfg", "ref_logprobs", "temperature", "chunk_tokens")
+    require_params(
+        fl.fused_policy_loss_from_hidden,
+        "hidden",
+        "weight",
+        "targets",
+        "old_logprobs",
+        "advantages",
+        "mask",
+        "cfg",
+        "ref_logprobs",
+        "temperature",
+        "chunk_tokens",
+    )
     _loss_cfg()
     s = sizes(ctx)
     return {**s, **{f"est_{k}_gib": round(v, 1) for k, v in estimate_gib(s).items()}}
@@ -75,12 +86,15 @@ def _inputs(ctx: Ctx, s: dict[str, int], dtype):
     hidden = torch.randn(1, n, h, device=ctx.device, generator=g).to(dtype)
     weight = (torch.randn(v, h, device=ctx.device, generator=g) / h**0.5).to(dtype)
     guess = -math.log(v)
-    return dict(hidden=hidden.requires_grad_(), weight=weight.requires_grad_(),
-                targets=torch.randint(0, v, (1, n), device=ctx.device, generator=g),
-                mask=torch.ones(1, n, dtype=torch.bool, device=ctx.device),
-                adv=torch.randn(1, device=ctx.device, generator=g),
-                old=guess + 0.1 * torch.randn(1, n, device=ctx.device, generator=g),
-                ref=guess + 0.1 * torch.randn(1, n, device=ctx.device, generator=g))
+    return dict(
+        hidden=hidden.requires_grad_(),
+        weight=weight.requires_grad_(),
+        targets=torch.randint(0, v, (1, n), device=ctx.device, generator=g),
+        mask=torch.ones(1, n, dtype=torch.bool, device=ctx.device),
+        adv=torch.randn(1, device=ctx.device, generator=g),
+        old=guess + 0.1 * torch.randn(1, n, device=ctx.device, generator=g),
+        ref=guess + 0.1 * torch.randn(1, n, device=ctx.device, generator=g),
+    )
 
 
 def _naive(x):
@@ -99,9 +113,18 @@ def _naive(x):
 def _fused(x, chunk):
     from agpo_megatron.ops.fused_loss import fused_policy_loss_from_hidden
 
-    loss, _, _, _ = fused_policy_loss_from_hidden(x["hidden"], x["weight"], x["targets"], x["old"], x["adv"],
-                                                  x["mask"], _loss_cfg(), ref_logprobs=x["ref"],
-                                                  temperature=TEMPERATURE, chunk_tokens=chunk)
+    loss, _, _, _ = fused_policy_loss_from_hidden(
+        x["hidden"],
+        x["weight"],
+        x["targets"],
+        x["old"],
+        x["adv"],
+        x["mask"],
+        _loss_cfg(),
+        ref_logprobs=x["ref"],
+        temperature=TEMPERATURE,
+        chunk_tokens=chunk,
+    )
     return loss
 
 
@@ -154,8 +177,10 @@ def run_fused_loss(ctx: Ctx) -> None:
         # fp32 reference first, then freed: the naive loss on fp32 copies of the same bf16 inputs
         torch.backends.cuda.matmul.allow_tf32 = False
         x = _inputs(ctx, s, torch.bfloat16)
-        x32 = {k: (v.detach().float().requires_grad_() if v.is_floating_point() and v.requires_grad else v)
-               for k, v in x.items()}
+        x32 = {
+            k: (v.detach().float().requires_grad_() if v.is_floating_point() and v.requires_grad else v)
+            for k, v in x.items()
+        }
         ref = {k: v.double() for k, v in _fwd_bwd(_naive, x32).items()}
         del x32
         for name, fn in (("naive", _naive), ("fused", lambda x: _fused(x, s["chunk"]))):
@@ -164,21 +189,39 @@ def run_fused_loss(ctx: Ctx) -> None:
         finite = all(bool(torch.isfinite(v).all()) for v in results["fused"].values())
         no_worse = {f"{k}_no_worse_than_naive": err["fused"][k] <= max(2 * err["naive"][k], FLOOR[k]) for k in FLOOR}
         status, why = judge(finite=finite, **no_worse)
-        ctx.report("fused_loss_parity", status, **why, **s, triton=triton,
-                   **{f"fused_err_{k}": v for k, v in err["fused"].items()},
-                   **{f"naive_err_{k}": v for k, v in err["naive"].items()},
-                   rule="fused_err<=max(2*naive_err,floor)")
+        ctx.report(
+            "fused_loss_parity",
+            status,
+            **why,
+            **s,
+            triton=triton,
+            **{f"fused_err_{k}": v for k, v in err["fused"].items()},
+            **{f"naive_err_{k}": v for k, v in err["naive"].items()},
+            rule="fused_err<=max(2*naive_err,floor)",
+        )
     if not times:
         ctx.report("fused_loss_time", "FAIL", reason="fused_loss_parity did not finish")
         ctx.report("fused_loss_memory", "FAIL", reason="fused_loss_parity did not finish")
         return
     with check(ctx, "fused_loss_time"):
         ok = all(math.isfinite(t) and t > 0 for t in times.values())
-        ctx.report("fused_loss_time", verdict(ok), clock="cuda_events" if ctx.gpu else "perf_counter", reps=reps,
-                   naive_ms=times["naive"], fused_ms=times["fused"], naive_over_fused=times["naive"] / times["fused"])
+        ctx.report(
+            "fused_loss_time",
+            verdict(ok),
+            clock="cuda_events" if ctx.gpu else "perf_counter",
+            reps=reps,
+            naive_ms=times["naive"],
+            fused_ms=times["fused"],
+            naive_over_fused=times["naive"] / times["fused"],
+        )
     with check(ctx, "fused_loss_memory"):
         if not ctx.gpu:
             raise Skip("peak memory needs the CUDA allocator's statistics")
-        ctx.report("fused_loss_memory", verdict(peaks["fused"] < peaks["naive"]), unit="GiB_above_inputs",
-                   naive_gib=gib(peaks["naive"]), fused_gib=gib(peaks["fused"]),
-                   naive_over_fused=peaks["naive"] / max(peaks["fused"], 1))
+        ctx.report(
+            "fused_loss_memory",
+            verdict(peaks["fused"] < peaks["naive"]),
+            unit="GiB_above_inputs",
+            naive_gib=gib(peaks["naive"]),
+            fused_gib=gib(peaks["fused"]),
+            naive_over_fused=peaks["naive"] / max(peaks["fused"], 1),
+        )

@@ -81,15 +81,26 @@ def run_local_fwd_bwd(ctx: Ctx) -> None:
             # Matrices in bf16; norm weights may stay fp32 (Megatron's torch-norm fallback builds them so).
             matrices_bf16=all(p.dtype == torch.bfloat16 for p in params if p.ndim == 2),
             params_on_device=all(p.device.type == ctx.device for p in params),
-            logits_bf16=logits.dtype == torch.bfloat16, every_param_has_grad=len(grads) == len(params),
+            logits_bf16=logits.dtype == torch.bfloat16,
+            every_param_has_grad=len(grads) == len(params),
             grads_finite=all(bool(torch.isfinite(g).all()) for g in grads),
-            grads_nonzero=all(bool(g.abs().sum() > 0) for g in grads), loss_finite=bool(torch.isfinite(loss)))
+            grads_nonzero=all(bool(g.abs().sum() > 0) for g in grads),
+            loss_finite=bool(torch.isfinite(loss)),
+        )
         c = model.config
-        ctx.report("local_fwd_bwd_bf16", status, **why, loss=loss.item(), norm_dtypes=_norm_dtypes(model),
-                   grads=f"{len(grads)}/{len(params)}", logits=f"{tuple(logits.shape)}:{logits.dtype}",
-                   final_norm=type(model.decoder.final_layernorm).__name__,
-                   masked_softmax_fusion=c.masked_softmax_fusion, bias_activation_fusion=c.bias_activation_fusion,
-                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if ctx.gpu else "n/a")
+        ctx.report(
+            "local_fwd_bwd_bf16",
+            status,
+            **why,
+            loss=loss.item(),
+            norm_dtypes=_norm_dtypes(model),
+            grads=f"{len(grads)}/{len(params)}",
+            logits=f"{tuple(logits.shape)}:{logits.dtype}",
+            final_norm=type(model.decoder.final_layernorm).__name__,
+            masked_softmax_fusion=c.masked_softmax_fusion,
+            bias_activation_fusion=c.bias_activation_fusion,
+            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if ctx.gpu else "n/a",
+        )
 
 
 def run_ddp_step(ctx: Ctx) -> None:
@@ -109,8 +120,15 @@ def run_ddp_step(ctx: Ctx) -> None:
         for mb, out in zip(mbs, actor.logprobs(mbs, temperature=1.0), strict=True):
             mb["old_logprobs"] = out["logprobs"] - 0.01  # off-policy by a little: ratio != 1
         before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
-        m = actor.policy_step(mbs, PolicyLossConfig(), temperature=1.0, global_num_tokens=seqs.num_response_tokens(),
-                              global_num_seqs=len(seqs), kl_coef=0.0, eps=(0.2, 0.2))
+        m = actor.policy_step(
+            mbs,
+            PolicyLossConfig(),
+            temperature=1.0,
+            global_num_tokens=seqs.num_response_tokens(),
+            global_num_seqs=len(seqs),
+            kl_coef=0.0,
+            eps=(0.2, 0.2),
+        )
         params = dict(actor.model.named_parameters())
         changed = sum(int(not p.detach().equal(before[n])) for n, p in params.items())
         grad_dtypes = {str(p.main_grad.dtype) for p in params.values() if hasattr(p, "main_grad")}
@@ -118,13 +136,23 @@ def run_ddp_step(ctx: Ctx) -> None:
         status, why = judge(
             update_applied=m["update_skipped"] == 0.0,
             grad_norm_positive=m["grad_norm"] > 0 and math.isfinite(m["grad_norm"]),
-            all_params_changed=changed == len(params), main_grad_fp32=grad_dtypes == {"torch.float32"},
+            all_params_changed=changed == len(params),
+            main_grad_fp32=grad_dtypes == {"torch.float32"},
             main_params_fp32=main_dtypes == {"torch.float32"},
-            matrices_bf16=all(p.dtype == torch.bfloat16 for p in params.values() if p.ndim == 2))
-        ctx.report("ddp_distopt_step", status, **why, update_skipped=m["update_skipped"], grad_norm=m["grad_norm"],
-                   pg_loss=m.get("pg_loss"),
-                   params_changed=f"{changed}/{len(params)}", main_grad=",".join(sorted(grad_dtypes)),
-                   main_params=",".join(sorted(main_dtypes)), optimizer=type(actor.optimizer).__name__)
+            matrices_bf16=all(p.dtype == torch.bfloat16 for p in params.values() if p.ndim == 2),
+        )
+        ctx.report(
+            "ddp_distopt_step",
+            status,
+            **why,
+            update_skipped=m["update_skipped"],
+            grad_norm=m["grad_norm"],
+            pg_loss=m.get("pg_loss"),
+            params_changed=f"{changed}/{len(params)}",
+            main_grad=",".join(sorted(grad_dtypes)),
+            main_params=",".join(sorted(main_dtypes)),
+            optimizer=type(actor.optimizer).__name__,
+        )
 
 
 class _RecordingEngine:
@@ -155,17 +183,35 @@ def run_bridge_export(ctx: Ctx) -> None:
         params = dict(actor.model.named_parameters())
         # Inverse: the HF tensors re-fused by the bridge's own rules give back each parameter bitwise
         # (in the export dtype: fp32 norm weights leave as bf16, the first parameter's dtype).
-        exact = all(torch.equal(names.hf_to_megatron(r, [got[h] for h in r.hf], arch),
-                                params[r.megatron].detach().to(got[r.hf[0]].dtype))
-                    for r in names.param_rules(arch))
-        on_device = all(t.device.type == ctx.device and t.dtype == torch.bfloat16 and t.is_contiguous()
-                        for t in got.values())
+        exact = all(
+            torch.equal(
+                names.hf_to_megatron(r, [got[h] for h in r.hf], arch),
+                params[r.megatron].detach().to(got[r.hf[0]].dtype),
+            )
+            for r in names.param_rules(arch)
+        )
+        on_device = all(
+            t.device.type == ctx.device and t.dtype == torch.bfloat16 and t.is_contiguous() for t in got.values()
+        )
         engine = _RecordingEngine()
         stats = export.sync_weights(actor.chunks, arch, engine, bucket_bytes=2**20)
-        status, why = judge(names_in_order=list(got) == want, exact_inverse=exact, bf16_on_device=on_device,
-                            engine_got_all=[n for n, _, _ in engine.got] == want,
-                            sync_counted=stats.tensors == len(want) and stats.buckets > 1)
-        ctx.report("bridge_export", status, **why, tensors=len(got), expected=len(want), exact_inverse=exact,
-                   devices=",".join(sorted({str(t.device) for t in got.values()})),
-                   dtypes=",".join(sorted({str(t.dtype) for t in got.values()})),
-                   sync_tensors=stats.tensors, sync_buckets=stats.buckets, sync_mib=stats.bytes / 2**20)
+        status, why = judge(
+            names_in_order=list(got) == want,
+            exact_inverse=exact,
+            bf16_on_device=on_device,
+            engine_got_all=[n for n, _, _ in engine.got] == want,
+            sync_counted=stats.tensors == len(want) and stats.buckets > 1,
+        )
+        ctx.report(
+            "bridge_export",
+            status,
+            **why,
+            tensors=len(got),
+            expected=len(want),
+            exact_inverse=exact,
+            devices=",".join(sorted({str(t.device) for t in got.values()})),
+            dtypes=",".join(sorted({str(t.dtype) for t in got.values()})),
+            sync_tensors=stats.tensors,
+            sync_buckets=stats.buckets,
+            sync_mib=stats.bytes / 2**20,
+        )

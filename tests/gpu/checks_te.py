@@ -68,12 +68,18 @@ def run_te_spec(ctx: Ctx) -> None:
         model = build.build_gpt(arch, cfg.model, cfg.parallel)
         have = {n for n, _ in model.named_parameters()}
         want = {r.megatron for r in names.param_rules(arch, "te")}
-        status, why = judge(fwd_bwd_finite=_fwd_bwd(model, arch, 2, 64), spec_te=spec_of(model) == "te",
-                            names_match_bridge=have == want)
-        ctx.report("te_spec_fwd_bwd", status, **why, spec_of=spec_of(model),
-                   qkv=type(model.decoder.layers[0].self_attention.linear_qkv).__name__,
-                   unmapped=",".join(sorted(have - want)[:3]) or "none",
-                   missing=",".join(sorted(want - have)[:3]) or "none")
+        status, why = judge(
+            fwd_bwd_finite=_fwd_bwd(model, arch, 2, 64), spec_te=spec_of(model) == "te", names_match_bridge=have == want
+        )
+        ctx.report(
+            "te_spec_fwd_bwd",
+            status,
+            **why,
+            spec_of=spec_of(model),
+            qkv=type(model.decoder.layers[0].self_attention.linear_qkv).__name__,
+            unmapped=",".join(sorted(have - want)[:3]) or "none",
+            missing=",".join(sorted(want - have)[:3]) or "none",
+        )
 
 
 def run_te_fp8(ctx: Ctx) -> None:
@@ -92,8 +98,15 @@ def run_te_fp8(ctx: Ctx) -> None:
         model = build.build_gpt(arch, cfg.model, cfg.parallel)
         c = model.config
         status, why = judge(fwd_bwd_finite=_fwd_bwd(model, arch, 2, 64), fp8_on=c.fp8 == "hybrid")
-        ctx.report("te_fp8_fwd_bwd", status, **why, fp8=c.fp8, recipe=c.fp8_recipe,
-                   amax_history_len=c.fp8_amax_history_len, amax_algo=c.fp8_amax_compute_algo)
+        ctx.report(
+            "te_fp8_fwd_bwd",
+            status,
+            **why,
+            fp8=c.fp8,
+            recipe=c.fp8_recipe,
+            amax_history_len=c.fp8_amax_history_len,
+            amax_algo=c.fp8_amax_compute_algo,
+        )
 
 
 def _by_hf_name(model, arch) -> dict[str, object]:
@@ -141,8 +154,16 @@ def run_te_checkpoint_roundtrip(ctx: Ctx) -> None:
         c = _by_hf_name(back, arch)
         to_local = all(torch.equal(a[k], c[k]) for k in a)
         status, why = judge(local_to_other=to_other, back_to_local=to_local, step=restored.step == 3)
-        ctx.report("te_checkpoint_roundtrip", status, **why, path=f"local->{other}->local", tensors=len(a),
-                   local_to_other_exact=to_other, back_to_local_exact=to_local, step=restored.step)
+        ctx.report(
+            "te_checkpoint_roundtrip",
+            status,
+            **why,
+            path=f"local->{other}->local",
+            tensors=len(a),
+            local_to_other_exact=to_other,
+            back_to_local_exact=to_local,
+            step=restored.step,
+        )
 
 
 def run_te_packed_thd(ctx: Ctx) -> None:
@@ -169,10 +190,14 @@ def run_te_packed_thd(ctx: Ctx) -> None:
         ddp, _, _ = build.wrap_for_training(model, cfg.optim, cfg.parallel, total_steps=1)
         seqs = tiny_sequences(arch.vocab_size)
         padded = micro_batches(seqs)
-        packed = batching.split_micro_batches(seqs, micro_batch_size=2, max_tokens=None, pad_id=0,
-                                              uniform_length=False, packing=True)
-        lp_pad = [r["logprobs"][i, : len(seqs.tokens[2 * k + i])]
-                  for k, r in enumerate(forward.compute_logprobs([ddp], padded)) for i in range(2)]
+        packed = batching.split_micro_batches(
+            seqs, micro_batch_size=2, max_tokens=None, pad_id=0, uniform_length=False, packing=True
+        )
+        lp_pad = [
+            r["logprobs"][i, : len(seqs.tokens[2 * k + i])]
+            for k, r in enumerate(forward.compute_logprobs([ddp], padded))
+            for i in range(2)
+        ]
         lp_pack = [None] * len(seqs)
         for mb, r in zip(packed, forward.compute_logprobs([ddp], packed)):
             for i, v in zip(mb["seq_index"].tolist(), unpack(mb, r["logprobs"])):
@@ -187,6 +212,9 @@ def run_te_packed_thd(ctx: Ctx) -> None:
         forward.forward_backward([ddp], packed, loss_fn, forward_only=False)
         grads_ok = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters())
         tol = 2e-2 if ctx.dtype_name == "bfloat16" else 1e-5
-        status, why = judge(logprobs_match=err <= tol, grads_finite=grads_ok,
-                            fewer_tokens=sum(m["tokens"].numel() for m in packed) < sum(m["tokens"].numel() for m in padded))
+        status, why = judge(
+            logprobs_match=err <= tol,
+            grads_finite=grads_ok,
+            fewer_tokens=sum(m["tokens"].numel() for m in packed) < sum(m["tokens"].numel() for m in padded),
+        )
         ctx.report("te_packed_thd", status, **why, spec=getattr(model, "agpo_spec", "?"), rel_err=f"{err:.2e}", tol=tol)

@@ -169,10 +169,24 @@ def tiny_arch(dtype: str = "bfloat16", vocab: int = 1024):
     """A 2-layer Qwen2-like model: GQA, qkv bias, head dim 64 (what flash attention and vLLM accept)."""
     from agpo_megatron.models.hf_config import ModelArch
 
-    return ModelArch(model_type="qwen2", vocab_size=vocab, hidden_size=256, ffn_hidden_size=512, num_layers=2,
-                     num_attention_heads=4, num_query_groups=2, head_dim=64, rms_norm_eps=1e-6,
-                     rope_theta=10000.0, rope_scaling=None, max_position_embeddings=512, qkv_bias=True,
-                     qk_layernorm=False, tie_word_embeddings=False, torch_dtype=dtype)
+    return ModelArch(
+        model_type="qwen2",
+        vocab_size=vocab,
+        hidden_size=256,
+        ffn_hidden_size=512,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=512,
+        qkv_bias=True,
+        qk_layernorm=False,
+        tie_word_embeddings=False,
+        torch_dtype=dtype,
+    )
 
 
 def tiny_cfg(ctx: Ctx, *, spec: str = "local", fp8: str | None = None, fused_loss: bool = True):
@@ -199,8 +213,9 @@ def tiny_sequences(vocab: int, seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     toks = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in (37, 52, 61, 29)]
-    return batching.Sequences(tokens=toks, prompt_lens=[9, 11, 7, 5],
-                              advantages=torch.tensor([1.0, -0.5, 0.3, -1.0]), rollout_logprobs=None)
+    return batching.Sequences(
+        tokens=toks, prompt_lens=[9, 11, 7, 5], advantages=torch.tensor([1.0, -0.5, 0.3, -1.0]), rollout_logprobs=None
+    )
 
 
 def micro_batches(seqs):

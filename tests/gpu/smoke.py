@@ -33,8 +33,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # A world of one per worker: never inherit a launcher's rendezvous.
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID")
+_LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,24 +72,58 @@ SECTIONS: tuple[Section, ...] = (
     Section("env", "checks_env", "run_env", ("env",), 60),
     Section("nccl_world", "checks_dist", "run_nccl_world", ("nccl_world",), 90),
     Section("megatron_groups", "checks_dist", "run_megatron_groups", ("megatron_groups",), 90),
-    Section("d1_reduce_token_weighted", "checks_dist", "run_d1_reduce_token_weighted",
-            ("d1_reduce_token_weighted",), 90),
+    Section(
+        "d1_reduce_token_weighted", "checks_dist", "run_d1_reduce_token_weighted", ("d1_reduce_token_weighted",), 90
+    ),
     Section("policy_step", "checks_dist", "run_policy_step", ("policy_step",), 150),
     Section("local_fwd_bwd_bf16", "checks_megatron", "run_local_fwd_bwd", ("local_fwd_bwd_bf16",), 120),
     Section("ddp_distopt_step", "checks_megatron", "run_ddp_step", ("ddp_distopt_step",), 150),
     Section("bridge_export", "checks_megatron", "run_bridge_export", ("bridge_export",), 120),
-    Section("fused_loss", "checks_fused", "run_fused_loss",
-            ("fused_loss_parity", "fused_loss_time", "fused_loss_memory"), 240),
-    Section("te_spec_fwd_bwd", "checks_te", "run_te_spec", ("te_spec_fwd_bwd",), 150, ("transformer_engine",),
-            cpu_logic=False),
-    Section("te_fp8_fwd_bwd", "checks_te", "run_te_fp8", ("te_fp8_fwd_bwd",), 150, ("transformer_engine",),
-            cpu_logic=False),
-    Section("te_checkpoint_roundtrip", "checks_te", "run_te_checkpoint_roundtrip", ("te_checkpoint_roundtrip",), 180,
-            ("transformer_engine",), cpu_needs=()),
-    Section("te_packed_thd", "checks_te", "run_te_packed_thd", ("te_packed_thd",), 150, ("transformer_engine",),
-            cpu_needs=()),
-    Section("vllm", "checks_vllm", "run_vllm", ("vllm_sleep_wake_memory", "vllm_weight_sync", "vllm_logprob_agreement"),
-            360, _VLLM_NEEDS),
+    Section(
+        "fused_loss",
+        "checks_fused",
+        "run_fused_loss",
+        ("fused_loss_parity", "fused_loss_time", "fused_loss_memory"),
+        240,
+    ),
+    Section(
+        "te_spec_fwd_bwd",
+        "checks_te",
+        "run_te_spec",
+        ("te_spec_fwd_bwd",),
+        150,
+        ("transformer_engine",),
+        cpu_logic=False,
+    ),
+    Section(
+        "te_fp8_fwd_bwd", "checks_te", "run_te_fp8", ("te_fp8_fwd_bwd",), 150, ("transformer_engine",), cpu_logic=False
+    ),
+    Section(
+        "te_checkpoint_roundtrip",
+        "checks_te",
+        "run_te_checkpoint_roundtrip",
+        ("te_checkpoint_roundtrip",),
+        180,
+        ("transformer_engine",),
+        cpu_needs=(),
+    ),
+    Section(
+        "te_packed_thd",
+        "checks_te",
+        "run_te_packed_thd",
+        ("te_packed_thd",),
+        150,
+        ("transformer_engine",),
+        cpu_needs=(),
+    ),
+    Section(
+        "vllm",
+        "checks_vllm",
+        "run_vllm",
+        ("vllm_sleep_wake_memory", "vllm_weight_sync", "vllm_logprob_agreement"),
+        360,
+        _VLLM_NEEDS,
+    ),
 )
 ALL_CHECKS = tuple(c for s in SECTIONS for c in s.checks)
 
@@ -133,8 +177,14 @@ def select(only: list[str], skip: list[str]) -> list[Section]:
 def _worker_env(mode: str, extra_path: list[str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *extra_path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    env.update(
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
     if mode != "gpu":  # nothing may touch a GPU in the CPU modes, even on a GPU machine
         env["CUDA_VISIBLE_DEVICES"] = ""
     if mode == "cpu-logic":
@@ -142,18 +192,31 @@ def _worker_env(mode: str, extra_path: list[str]) -> dict[str, str]:
     return env
 
 
-def _spawn(worker: str, mode: str, opts: dict, out: Path, extra_path: list[str],
-           timeout: float) -> tuple[list[Result], str]:
+def _spawn(
+    worker: str, mode: str, opts: dict, out: Path, extra_path: list[str], timeout: float
+) -> tuple[list[Result], str]:
     """Run one worker; returns what it reported and a reason string if it did not exit cleanly."""
     res_file, log = out / "results" / f"{worker}.jsonl", out / "logs" / f"{worker}.log"
     res_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "tests.gpu.smoke", "--worker", worker, "--mode", mode, "--results", str(res_file),
-           "--opts", json.dumps(opts)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.gpu.smoke",
+        "--worker",
+        worker,
+        "--mode",
+        mode,
+        "--results",
+        str(res_file),
+        "--opts",
+        json.dumps(opts),
+    ]
     why = ""
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=_worker_env(mode, extra_path), stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+            rc = subprocess.run(
+                cmd, cwd=REPO, env=_worker_env(mode, extra_path), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
             if rc != 0:
                 why = f"worker exited {rc}"
         except subprocess.TimeoutExpired:
@@ -168,15 +231,19 @@ def _spawn(worker: str, mode: str, opts: dict, out: Path, extra_path: list[str],
     return got, why
 
 
-def run(sections: list[Section], mode: str, opts: dict, out: Path, budget_s: float | None = None,
-        stream=sys.stdout) -> list[Result]:
+def run(
+    sections: list[Section], mode: str, opts: dict, out: Path, budget_s: float | None = None, stream=sys.stdout
+) -> list[Result]:
     """Run the sections in `mode`; print each check's line as its section ends; return the results."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
     extra = find_mcore()
-    print(f"smoke: mode={mode} repo={REPO} python={sys.executable} megatron_core="
-          f"{extra[0] if extra else 'installed' if _importable('megatron.core', []) else 'MISSING'} out={out}",
-          file=sys.stderr, flush=True)
+    print(
+        f"smoke: mode={mode} repo={REPO} python={sys.executable} megatron_core="
+        f"{extra[0] if extra else 'installed' if _importable('megatron.core', []) else 'MISSING'} out={out}",
+        file=sys.stderr,
+        flush=True,
+    )
     results: list[Result] = []
 
     def emit(r: Result) -> None:
@@ -211,8 +278,11 @@ def run(sections: list[Section], mode: str, opts: dict, out: Path, budget_s: flo
                 fields = {"reason": reason} if mode == "gpu" else {"mode": mode, "reason": reason}
                 emit(Result(c, "SKIP", s.name, fields))
             continue
-        print(f"smoke: section {s.name} (timeout {s.timeout_s}s, {time.monotonic() - start:.0f}s elapsed)",
-              file=sys.stderr, flush=True)
+        print(
+            f"smoke: section {s.name} (timeout {s.timeout_s}s, {time.monotonic() - start:.0f}s elapsed)",
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.monotonic()
         # A section may not run past the suite's budget; CPU runs get twice its GPU timeout.
         limit = min(s.timeout_s * (2 if mode == "cpu-logic" else 1), budget_s - (time.monotonic() - start))
@@ -246,10 +316,17 @@ def summary_line(results: list[Result], mode: str) -> str:
     return line
 
 
-def write_outputs(results: list[Result], mode: str, out: Path, json_path: Path | None, wall_s: float,
-                  opts: dict) -> None:
-    doc = {"mode": mode, "wall_s": round(wall_s, 1), "argv": sys.argv[1:], "opts": opts, "counts": counts(results),
-           "results": [dataclasses.asdict(r) for r in results]}
+def write_outputs(
+    results: list[Result], mode: str, out: Path, json_path: Path | None, wall_s: float, opts: dict
+) -> None:
+    doc = {
+        "mode": mode,
+        "wall_s": round(wall_s, 1),
+        "argv": sys.argv[1:],
+        "opts": opts,
+        "counts": counts(results),
+        "results": [dataclasses.asdict(r) for r in results],
+    }
     text = json.dumps(doc, indent=1) + "\n"
     (out / "results.json").write_text(text)
     if json_path is not None:
@@ -316,8 +393,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", type=_csv, default=[], help="comma-separated sections or checks")
     p.add_argument("--out", type=Path, default=None, help="results.json, summary.txt, logs/ (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write results.json here")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget of the suite: no section runs past it (default 450 on GPU, 1800 on CPU)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget of the suite: no section runs past it (default 450 on GPU, 1800 on CPU)",
+    )
     g = p.add_argument_group("sizes and tolerances")
     g.add_argument("--fused-n", type=int, help="fused loss: tokens (GPU default 4096)")
     g.add_argument("--fused-h", type=int, help="fused loss: hidden size (GPU default 3584)")
@@ -349,12 +430,25 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(args.worker, args.mode, args.results, json.loads(args.opts))
     if args.list:
         for s in SECTIONS:
-            print(f"{s.name:26s} {','.join(s.checks):60s} timeout={s.timeout_s}s"
-                  + (f" needs={','.join(s.needs)}" if s.needs else "") + ("" if s.cpu_logic else " cuda-only"))
+            print(
+                f"{s.name:26s} {','.join(s.checks):60s} timeout={s.timeout_s}s"
+                + (f" needs={','.join(s.needs)}" if s.needs else "")
+                + ("" if s.cpu_logic else " cuda-only")
+            )
         return 0
     mode = "dry-run" if args.dry_run else "cpu-logic" if args.cpu_logic else "gpu"
-    keys = ("fused_n", "fused_h", "fused_v", "fused_chunk", "fused_reps", "vllm_gpu_util", "vllm_sleep_level",
-            "vllm_eager", "vllm_lp_max", "vllm_lp_mean")
+    keys = (
+        "fused_n",
+        "fused_h",
+        "fused_v",
+        "fused_chunk",
+        "fused_reps",
+        "vllm_gpu_util",
+        "vllm_sleep_level",
+        "vllm_eager",
+        "vllm_lp_max",
+        "vllm_lp_mean",
+    )
     opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         sections = select(args.only, args.skip)

@@ -42,8 +42,9 @@ def _worker_result(tmp_path, check: str) -> list[str]:
     from agpo_megatron.models.tiny import save_tiny_hf_model
     from tests.dist import torchrun
 
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1,
-                                num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=128
+    )
     out = torchrun("build_paths.py", hf_dir, check, nproc=1, timeout=180)
     return next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
 
@@ -61,7 +62,9 @@ def test_fusion_flags_follow_importable_kernels(monkeypatch):
 @pytest.mark.slow
 def test_local_spec_final_norm_is_rmsnorm_even_with_apex(tmp_path):
     """D2: Megatron's default block norm is apex's FusedLayerNorm when apex imports; it rejects RMSNorm."""
-    assert _worker_result(tmp_path, "final_norm") == ["RMSNorm"]  # torch.nn.RMSNorm, through Megatron's WrappedTorchNorm
+    assert _worker_result(tmp_path, "final_norm") == [
+        "RMSNorm"
+    ]  # torch.nn.RMSNorm, through Megatron's WrappedTorchNorm
 
 
 @pytest.mark.slow
@@ -78,9 +81,11 @@ def test_fp8_recipe_settings_reach_the_transformer_config():
 
     assert build.fp8_kwargs(ModelConfig()) == {}
     assert build.fp8_kwargs(ModelConfig(fp8="hybrid")) == dict(
-        fp8="hybrid", fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
-    custom = build.fp8_kwargs(ModelConfig(fp8="e4m3", fp8_recipe="tensorwise", fp8_amax_history_len=16,
-                                          fp8_amax_compute_algo="most_recent"))
+        fp8="hybrid", fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024, fp8_amax_compute_algo="max"
+    )
+    custom = build.fp8_kwargs(
+        ModelConfig(fp8="e4m3", fp8_recipe="tensorwise", fp8_amax_history_len=16, fp8_amax_compute_algo="most_recent")
+    )
     assert custom["fp8_recipe"] == "tensorwise" and custom["fp8_amax_history_len"] == 16
     with pytest.raises(ConfigError, match="model.fp8_amax_history_len must be >= 1"):
         ModelConfig(fp8_amax_history_len=0)

@@ -16,8 +16,9 @@ LAYOUTS = ("tp1", "tp2", "pp2")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packing")
-    hf_dir = save_tiny_hf_model(tmp / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2, head_dim=32,
-                                num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2, head_dim=32, num_layers=2, vocab_size=128
+    )
     torchrun("packing_parity.py", hf_dir, tmp, timeout=600)
     return {(lay, r): torch.load(tmp / f"{lay}_rank{r}.pt") for lay in LAYOUTS for r in (0, 1)}
 
@@ -59,7 +60,9 @@ def test_packing_computes_fewer_tokens(results, layout):
 def test_what_parity_relies_on(results):
     """Without the block-diagonal mask sequences see each other; RoPE at row offsets is only rounding-close."""
     res = results["tp1", 0]
-    err = {k: max((a - b).abs().max().item() for a, b in zip(res[k], res["logprobs_pad"]))
-           for k in ("logprobs_pack", "logprobs_causal_only", "logprobs_row_positions")}
+    err = {
+        k: max((a - b).abs().max().item() for a, b in zip(res[k], res["logprobs_pad"]))
+        for k in ("logprobs_pack", "logprobs_causal_only", "logprobs_row_positions")
+    }
     assert err["logprobs_causal_only"] > 1e-2, err
     assert err["logprobs_pack"] <= err["logprobs_row_positions"], err

@@ -11,8 +11,16 @@ from tests.dist import torchrun
 def test_logprobs_entropy_tp2_pp2_match_tp1_and_hf(tmp_path, model_type):
     from transformers import AutoModelForCausalLM
 
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", model_type, hidden_size=64, num_heads=2, num_kv_heads=2,
-                                head_dim=32, num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf",
+        model_type,
+        hidden_size=64,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=32,
+        num_layers=2,
+        vocab_size=128,
+    )
     torchrun("model_parity.py", hf_dir, tmp_path)
     res = {k: torch.load(tmp_path / f"{k}.pt") for k in ("tp1", "tp2", "pp2")}
     for k in ("tp2", "pp2"):

@@ -7,8 +7,9 @@ from tests.dist import torchrun
 
 
 def test_dp2_gradient_equals_dp1_and_optimizer_step_decreases_loss(tmp_path):
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1,
-                                num_layers=2, vocab_size=128)
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=128
+    )
     torchrun("dp_grad_and_step.py", hf_dir, tmp_path)
 
     res = torch.load(tmp_path / "dp_grad.pt")

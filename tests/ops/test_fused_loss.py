@@ -34,8 +34,9 @@ from agpo_megatron.ops.fused_loss import (
 from tests.dist import torchrun
 from tests.workers.fused_loss_tp import CASES
 
-CFG = PolicyLossConfig(kl_coef=0.1, entropy_coef=0.05, dual_clip_c=1.5, tis_cap=1.5,
-                       agg_mode="seq-mean-token-mean", eps_high=0.28)
+CFG = PolicyLossConfig(
+    kl_coef=0.1, entropy_coef=0.05, dual_clip_c=1.5, tis_cap=1.5, agg_mode="seq-mean-token-mean", eps_high=0.28
+)
 
 
 def assert_close(actual, expected, rel, msg=""):
@@ -52,9 +53,16 @@ def problem(b=2, s=5, h=6, v=10, dtype=torch.float64, seed=0):
     mask[1, 3:] = False
     lp = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     noise = torch.randn(3, b, s, generator=g, dtype=dtype)
-    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask, old=lp + 0.8 * noise[0],
-                ref=lp + 0.3 * noise[1], rollout=lp + 0.8 * noise[0] + 0.3 * noise[2],
-                adv=torch.randn(b, generator=g, dtype=dtype))
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        mask=mask,
+        old=lp + 0.8 * noise[0],
+        ref=lp + 0.3 * noise[1],
+        rollout=lp + 0.8 * noise[0] + 0.3 * noise[2],
+        adv=torch.randn(b, generator=g, dtype=dtype),
+    )
 
 
 def loss_args(p):
@@ -229,9 +237,19 @@ def test_rejects_bad_inputs(change, match):
     p = problem(dtype=torch.float32)
     kw = dict(targets=p["targets"], weight=p["weight"], chunk_tokens=4, temperature=1.0) | change
     with pytest.raises(ValueError, match=match):
-        fused_policy_loss_from_hidden(p["hidden"], kw["weight"], kw["targets"], p["old"], p["adv"], p["mask"], CFG,
-                                      ref_logprobs=p["ref"], rollout_logprobs=p["rollout"],
-                                      chunk_tokens=kw["chunk_tokens"], temperature=kw["temperature"])
+        fused_policy_loss_from_hidden(
+            p["hidden"],
+            kw["weight"],
+            kw["targets"],
+            p["old"],
+            p["adv"],
+            p["mask"],
+            CFG,
+            ref_logprobs=p["ref"],
+            rollout_logprobs=p["rollout"],
+            chunk_tokens=kw["chunk_tokens"],
+            temperature=kw["temperature"],
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,8 +379,9 @@ def test_on_policy_old_logprobs_none_equals_passing_the_current_ones(chunk_token
     out = {}
     for label, old in (("explicit", current), ("none", None)):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, metrics, _, _ = fused_policy_loss_from_hidden(h, w, p["targets"], old, p["adv"], p["mask"], CFG,
-                                                            chunk_tokens=chunk_tokens, **kw)
+        loss, metrics, _, _ = fused_policy_loss_from_hidden(
+            h, w, p["targets"], old, p["adv"], p["mask"], CFG, chunk_tokens=chunk_tokens, **kw
+        )
         loss.backward()
         out[label] = (loss.detach(), metrics, h.grad, w.grad)
     (l1, m1, h1, w1), (l2, m2, h2, w2) = out["explicit"], out["none"]

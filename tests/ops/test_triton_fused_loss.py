@@ -104,8 +104,9 @@ def test_chunk_dlogits_match_autograd(dtype, vocab, with_entropy_grad):
     (dz,) = torch.autograd.grad(objective, z)
     expected = dz / temperature  # chain rule through z = logits / T
 
-    out = triton_fused_loss.chunk_dlogits(logits, t, lse.detach().float(), ent.detach().float(),
-                                          g_lp, g_ent, temperature)
+    out = triton_fused_loss.chunk_dlogits(
+        logits, t, lse.detach().float(), ent.detach().float(), g_lp, g_ent, temperature
+    )
     assert out.dtype == dtype and out.shape == logits.shape
     assert_close(out, expected, _tol(dtype), "d_logits")
 
@@ -120,8 +121,15 @@ def _problem(dtype: torch.dtype, device: str):
     with torch.no_grad():
         lp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
     old = lp + 0.5 * torch.randn(b, s, generator=g)
-    tensors = dict(hidden=hidden.to(dtype), weight=weight.to(dtype), targets=targets, mask=mask, old=old,
-                   adv=torch.randn(b, generator=g), ref=lp + 0.3 * torch.randn(b, s, generator=g))
+    tensors = dict(
+        hidden=hidden.to(dtype),
+        weight=weight.to(dtype),
+        targets=targets,
+        mask=mask,
+        old=old,
+        adv=torch.randn(b, generator=g),
+        ref=lp + 0.3 * torch.randn(b, s, generator=g),
+    )
     return {k: x.to(device) for k, x in tensors.items()}
 
 
@@ -131,8 +139,16 @@ CFG = PolicyLossConfig(kl_coef=0.05, entropy_coef=0.01, dual_clip_c=3.0, agg_mod
 def _fused(p, temperature):
     hidden, weight = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
     loss, _, lp, ent = fused_policy_loss_from_hidden(
-        hidden, weight, p["targets"], p["old"], p["adv"], p["mask"], CFG,
-        ref_logprobs=p["ref"], temperature=temperature, chunk_tokens=32,
+        hidden,
+        weight,
+        p["targets"],
+        p["old"],
+        p["adv"],
+        p["mask"],
+        CFG,
+        ref_logprobs=p["ref"],
+        temperature=temperature,
+        chunk_tokens=32,
     )
     loss.backward()
     return dict(loss=loss.detach(), lp=lp.detach(), ent=ent.detach(), d_hidden=hidden.grad, d_weight=weight.grad)

@@ -61,8 +61,17 @@ def test_tp2_runs_back_to_back_leave_no_segments(tmp_path):
     from tests.dist import torchrun
 
     tok = build_tokenizer(tmp_path / "tok")
-    hf = save_tiny_hf_model(tmp_path / "m", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=2, num_layers=1,
-                            vocab_size=128, eos_token_id=tok.eos_token_id, tokenizer=tok)
+    hf = save_tiny_hf_model(
+        tmp_path / "m",
+        "qwen2",
+        hidden_size=64,
+        num_heads=2,
+        num_kv_heads=2,
+        num_layers=1,
+        vocab_size=128,
+        eos_token_id=tok.eos_token_id,
+        tokenizer=tok,
+    )
     stale = cpu_shm.SHM_DIR / "-tp:0-[0-1]-cpushm_0"  # what a killed run leaves, mapped by nobody
     stale.write_bytes(b"\0" * 64)
     before = {p.name for p in cpu_shm.SHM_DIR.iterdir() if "cpushm" in p.name} - {stale.name}

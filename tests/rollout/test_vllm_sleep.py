@@ -53,8 +53,9 @@ def engine_on(monkeypatch):
 
     def make(gpu: bool, **rollout):
         monkeypatch.setattr(vllm_engine.torch.cuda, "is_available", lambda: gpu)
-        engine = VLLMEngine.from_config(RolloutConfig(**rollout), ModelConfig(hf_path="/m", params_dtype="float32"),
-                                        seed=0)
+        engine = VLLMEngine.from_config(
+            RolloutConfig(**rollout), ModelConfig(hf_path="/m", params_dtype="float32"), seed=0
+        )
         return engine, FakeLLM.instances[-1]
 
     return make
@@ -74,8 +75,15 @@ def test_gpu_level2_calls_vllm_in_the_rl_order(engine_on):
     engine.wake_kv_cache()
     _generate(engine)
     # generate() clears the prefix cache first: a step never reuses K/V cached by an earlier call.
-    assert llm.calls == [("sleep", 2), ("wake_up", ("weights",)), ("reload_weights",), ("reset_prefix_cache",),
-                         ("wake_up", ("kv_cache",)), ("reset_prefix_cache",), ("generate",)]
+    assert llm.calls == [
+        ("sleep", 2),
+        ("wake_up", ("weights",)),
+        ("reload_weights",),
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),
+        ("reset_prefix_cache",),
+        ("generate",),
+    ]
 
 
 def test_level1_keeps_the_weights(engine_on):
@@ -84,8 +92,13 @@ def test_level1_keeps_the_weights(engine_on):
     engine.wake_weights()
     engine.wake_kv_cache()  # allowed without a sync: level 1 restored the weights
     _generate(engine)
-    assert llm.calls == [("sleep", 1), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)), ("reset_prefix_cache",),
-                         ("generate",)]
+    assert llm.calls == [
+        ("sleep", 1),
+        ("wake_up", ("weights",)),
+        ("wake_up", ("kv_cache",)),
+        ("reset_prefix_cache",),
+        ("generate",),
+    ]
 
 
 @pytest.mark.parametrize("gpu", [True, False])
@@ -123,7 +136,16 @@ def test_in_process_engine_cores_are_set_at_construction_not_import(engine_on, m
     _, llm = engine_on(gpu=False)
     assert llm.multiprocessing_env == "0"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    out = subprocess.run([sys.executable, "-c", "import os, agpo_megatron.rollout.vllm_engine; "
-                          "print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'))"],
-                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, agpo_megatron.rollout.vllm_engine; print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert out.stdout.strip() == "None"  # importing the module has no side effect

@@ -28,8 +28,12 @@ RUNS = {  # name -> (rollout_tp, Megatron layouts, load_format, logprob_mode)
     "tp2rollout": (2, "tp2,pp2", "auto", "rollout"),
     "replicas": (1, "pp2", "dummy", "recompute"),
 }
-PHASES = [("tp2rollout", "tp2/synced"), ("tp2rollout", "tp2/perturbed"), ("tp2rollout", "pp2/synced"),
-          ("replicas", "pp2/synced")]
+PHASES = [
+    ("tp2rollout", "tp2/synced"),
+    ("tp2rollout", "tp2/perturbed"),
+    ("tp2rollout", "pp2/synced"),
+    ("replicas", "pp2/synced"),
+]
 
 
 class Runs(NamedTuple):
@@ -46,16 +50,24 @@ def runs(tmp_path_factory) -> Runs:
     tok = build_tokenizer(root / "tok")
     # GQA (4 heads, 2 KV groups) with qkv bias, untied head; head dim 32 for vLLM's CPU kernel.
     # init_std 0.1 keeps the next-token distribution peaked enough that greedy has no near-ties.
-    kw = dict(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2, vocab_size=128, intermediate_size=256,
-              init_std=0.1, eos_token_id=tok.eos_token_id, tokenizer=tok)
+    kw = dict(
+        hidden_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        num_layers=2,
+        vocab_size=128,
+        intermediate_size=256,
+        init_std=0.1,
+        eos_token_id=tok.eos_token_id,
+        tokenizer=tok,
+    )
     vllm_dir = save_tiny_hf_model(root / "A", "qwen2", seed=0, **kw)
     meg_dir = save_tiny_hf_model(root / "B", "qwen2", seed=1, **kw)
     results = {}
     for name, (rollout_tp, layouts, load_format, logprob_mode) in RUNS.items():
         out = root / name
         out.mkdir()
-        torchrun("rollout_sync.py", vllm_dir, meg_dir, out, rollout_tp, layouts, load_format, logprob_mode,
-                 timeout=300)
+        torchrun("rollout_sync.py", vllm_dir, meg_dir, out, rollout_tp, layouts, load_format, logprob_mode, timeout=300)
         results[name] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return Runs(results, tok, meg_dir)
 
@@ -129,16 +141,23 @@ def test_samples_do_not_depend_on_rollout_tp(runs):
 
 def test_completion_text_and_finish_reason(runs):
     results, tok = runs.ranks, runs.tokenizer
-    for rows in [results["tp2rollout"][0]["tp2/perturbed"]["vllm_sampled"],
-                 results["replicas"][0]["pp2/synced"]["vllm_sampled"]]:
+    for rows in [
+        results["tp2rollout"][0]["tp2/perturbed"]["vllm_sampled"],
+        results["replicas"][0]["pp2/synced"]["vllm_sampled"],
+    ]:
         for row in rows:
             assert row["text"] == tok.decode(row["token_ids"], skip_special_tokens=True)
             ended_on_eos = row["token_ids"][-1] == tok.eos_token_id
             assert row["finish_reason"] == ("stop" if ended_on_eos else "length")
             assert ended_on_eos or len(row["token_ids"]) == NEW_TOKENS
     # The samples exercise both endings, so the check above is not one-sided.
-    reasons = {row["finish_reason"] for run in results.values() for r in run[0].values() if isinstance(r, dict)
-               for row in r.get("vllm_sampled", [])}
+    reasons = {
+        row["finish_reason"]
+        for run in results.values()
+        for r in run[0].values()
+        if isinstance(r, dict)
+        for row in r.get("vllm_sampled", [])
+    }
     assert reasons == {"stop", "length"}
 
 
@@ -179,11 +198,28 @@ def test_from_config_maps_the_rollout_and_model_sections(monkeypatch):
     seen = {}
     monkeypatch.setattr(VLLMEngine, "__init__", lambda self, path, **kw: seen.update(path=path, **kw))
     VLLMEngine.from_config(
-        RolloutConfig(tp=2, logprob_mode="rollout", gpu_memory_utilization=0.4, kv_cache_memory_bytes=2**28,
-                      enable_sleep_mode=False, enforce_eager=True),
+        RolloutConfig(
+            tp=2,
+            logprob_mode="rollout",
+            gpu_memory_utilization=0.4,
+            kv_cache_memory_bytes=2**28,
+            enable_sleep_mode=False,
+            enforce_eager=True,
+        ),
         ModelConfig(hf_path="/models/x", params_dtype="float32", max_seq_len=3000),
         seed=9,
     )
-    assert seen == dict(path="/models/x", rollout_tp=2, logprob_mode="rollout", dtype="float32", max_model_len=3000,
-                        seed=9, load_format="dummy", gpu_memory_utilization=0.4, kv_cache_memory_bytes=2**28,
-                        enable_sleep_mode=False, sleep_level=2, enforce_eager=True)
+    assert seen == dict(
+        path="/models/x",
+        rollout_tp=2,
+        logprob_mode="rollout",
+        dtype="float32",
+        max_model_len=3000,
+        seed=9,
+        load_format="dummy",
+        gpu_memory_utilization=0.4,
+        kv_cache_memory_bytes=2**28,
+        enable_sleep_mode=False,
+        sleep_level=2,
+        enforce_eager=True,
+    )

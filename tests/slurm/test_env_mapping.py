@@ -6,9 +6,16 @@ from agpo_megatron.parallel import _tasks_on_node, torchrun_env_from_slurm
 
 # What srun sets for the 7th of 8 tasks (node 1, local index 2) of `sbatch --nodes=2 --ntasks-per-node=4`.
 TWO_NODES = {
-    "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_NNODES": "2",
-    "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
-    "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_TASKS_PER_NODE": "4(x2)",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "gpu-[07-08]",
+    "SLURM_NNODES": "2",
+    "SLURM_NTASKS": "8",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "6",
+    "SLURM_LOCALID": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+    "SLURM_TASKS_PER_NODE": "4(x2)",
 }
 
 
@@ -19,9 +26,16 @@ def _hosts(nodelist: str) -> str:
 
 def test_two_node_task_maps_to_global_rank_local_rank_and_node():
     env = torchrun_env_from_slurm(TWO_NODES, first_host=_hosts)
-    assert env == {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4",
-                   "GROUP_RANK": "1", "NODE_RANK": "1", "MASTER_ADDR": "gpu-07",
-                   "MASTER_PORT": str(20000 + 123456 % 12000)}
+    assert env == {
+        "RANK": "6",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "2",
+        "LOCAL_WORLD_SIZE": "4",
+        "GROUP_RANK": "1",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "gpu-07",
+        "MASTER_PORT": str(20000 + 123456 % 12000),
+    }
 
 
 def test_a_requeued_job_gets_another_port():
@@ -34,8 +48,10 @@ def test_a_requeued_job_gets_another_port():
 def test_every_task_of_two_nodes_gets_a_distinct_rank_and_one_master():
     seen = []
     for proc in range(8):
-        env = torchrun_env_from_slurm({**TWO_NODES, "SLURM_PROCID": str(proc), "SLURM_LOCALID": str(proc % 4),
-                                       "SLURM_NODEID": str(proc // 4)}, first_host=_hosts)
+        env = torchrun_env_from_slurm(
+            {**TWO_NODES, "SLURM_PROCID": str(proc), "SLURM_LOCALID": str(proc % 4), "SLURM_NODEID": str(proc // 4)},
+            first_host=_hosts,
+        )
         seen.append((env["RANK"], env["NODE_RANK"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]))
     assert [int(r) for r, *_ in seen] == list(range(8))
     assert [(n, l) for _, n, l, *_ in seen] == [(str(p // 4), str(p % 4)) for p in range(8)]
@@ -43,8 +59,10 @@ def test_every_task_of_two_nodes_gets_a_distinct_rank_and_one_master():
 
 
 def test_exported_master_wins_and_torchrun_env_is_left_alone():
-    env = torchrun_env_from_slurm({**TWO_NODES, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29400"},
-                                  first_host=lambda _: pytest.fail("scontrol must not be called"))
+    env = torchrun_env_from_slurm(
+        {**TWO_NODES, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29400"},
+        first_host=lambda _: pytest.fail("scontrol must not be called"),
+    )
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.7", "29400")
     assert torchrun_env_from_slurm({**TWO_NODES, "RANK": "0"}) == {}  # torchrun inside an allocation
     assert torchrun_env_from_slurm({"PATH": "/bin"}) == {}  # not under Slurm

@@ -23,22 +23,37 @@ SLURM_CONF = os.environ.get("AGPO_SLURM_CONF", "")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not SLURM_CONF, reason="no Slurm cluster: run `scripts/slurm_local.sh start ROOT` and export "
-                                              "AGPO_SLURM_CONF=ROOT/etc/slurm.conf (.ci/run does)"),
+    pytest.mark.skipif(
+        not SLURM_CONF,
+        reason="no Slurm cluster: run `scripts/slurm_local.sh start ROOT` and export "
+        "AGPO_SLURM_CONF=ROOT/etc/slurm.conf (.ci/run does)",
+    ),
 ]
 TINY_FLAGS = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "SLURM_CONF": SLURM_CONF, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"),
-           "AGPO_CACHE_DIR": str(tmp_path / "cache"), "CONFIG": "examples/tiny_cpu.yaml",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+    env = {
+        **os.environ,
+        "SLURM_CONF": SLURM_CONF,
+        "PYTHON": sys.executable,
+        "RUN_DIR": str(tmp_path / "run"),
+        "AGPO_CACHE_DIR": str(tmp_path / "cache"),
+        "CONFIG": "examples/tiny_cpu.yaml",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **extra,
+    }
     return env
 
 
 def _job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True,
-                         env={**os.environ, "SLURM_CONF": SLURM_CONF}).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "SLURM_CONF": SLURM_CONF},
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -57,8 +72,13 @@ def _wait_done(job_id: str, timeout_s: float) -> dict[str, str]:
 
 
 def _submit(tmp_path: Path, env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/%j.out", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--output={tmp_path}/%j.out", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -66,8 +86,15 @@ def _submit(tmp_path: Path, env: dict[str, str], *args: str) -> str:
 @pytest.mark.timeout(600)
 def test_users_sbatch_command_runs_tiny_config_on_two_cpu_ranks(tmp_path):
     # The user's own command; only where the output goes differs (and the test's interpreter is PYTHON).
-    cmd = ["sbatch", "--wait", f"--output={tmp_path}/%j.out", *TINY_FLAGS, "slurm/agpo_qwen7b.sbatch",
-           "steps=3", "checkpoint.save_interval=1"]
+    cmd = [
+        "sbatch",
+        "--wait",
+        f"--output={tmp_path}/%j.out",
+        *TINY_FLAGS,
+        "slurm/agpo_qwen7b.sbatch",
+        "steps=3",
+        "checkpoint.save_interval=1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=580)
     job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     log = (tmp_path / f"{job_id}.out").read_text()
@@ -99,12 +126,15 @@ def test_exit_75_requeues_the_job_and_the_requeued_run_finishes(tmp_path):
 @pytest.mark.timeout(600)
 def test_preempted_job_saves_requeues_resumes_and_finishes(tmp_path):
     # 8 steps: the signal must land while the job still runs (4 tiny steps can end within a poll).
-    job_id = _submit(tmp_path, _env(tmp_path), *TINY_FLAGS, "slurm/agpo_qwen7b.sbatch", "steps=8",
-                     "checkpoint.save_interval=1")
+    job_id = _submit(
+        tmp_path, _env(tmp_path), *TINY_FLAGS, "slurm/agpo_qwen7b.sbatch", "steps=8", "checkpoint.save_interval=1"
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert time.time() < deadline and _job(job_id)["JobState"] in ("PENDING", "RUNNING"), "no step before preemption"
+        assert time.time() < deadline and _job(job_id)["JobState"] in ("PENDING", "RUNNING"), (
+            "no step before preemption"
+        )
         time.sleep(0.5)
     # What `#SBATCH --signal=USR1@120` delivers before the time limit: SIGUSR1 to the job steps' tasks.
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env={**os.environ, "SLURM_CONF": SLURM_CONF})

@@ -34,7 +34,9 @@ def test_every_task_is_a_valid_config_of_the_paper_setting(tmp_path):
     assert len(tasks) == 16 and {"grpo", "agpo-m1", "agpo", "agrpo-noclip", "agrpo-G16"} <= set(tasks)
     cfgs = {}
     for name, overrides in tasks.items():
-        cfgs[name] = load_train_config(ROOT / "examples" / "agpo_qwen7b.yaml", [*overrides, f"model.hf_path={tmp_path}"])
+        cfgs[name] = load_train_config(
+            ROOT / "examples" / "agpo_qwen7b.yaml", [*overrides, f"model.hf_path={tmp_path}"]
+        )
         cfgs[name].check_world(8)
         assert cfgs[name].logging.out_dir == f"{tmp_path}/out/{name}"
     assert (cfgs["grpo"].algo.advantage, cfgs["grpo"].algo.length_reward) == ("grpo", False)
@@ -50,19 +52,38 @@ def test_every_task_is_a_valid_config_of_the_paper_setting(tmp_path):
 
 def _run_sweep(tmp_path: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
     # NOTE: NEMORUN_HOME is not ".../nemo_run": nemo-run 0.11.1 rewrites "/nemo_run" in a Slurm job's paths.
-    env = {**os.environ, "SLURM_CONF": SLURM_CONF, "NEMORUN_HOME": str(tmp_path / "nemorun_home"),
-           "AGPO_CACHE_DIR": str(tmp_path / "cache"),
-           # No slurmdbd on the local cluster: scripts/sacct answers nemo-run's status queries.
-           "PATH": f"{ROOT / 'scripts'}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [LAUNCH_PYTHON, str(SWEEP), "--executor", "slurm", "--tiny", "--gpus-per-node", "0",
-           "--out", str(tmp_path / "out"), *args]
+    env = {
+        **os.environ,
+        "SLURM_CONF": SLURM_CONF,
+        "NEMORUN_HOME": str(tmp_path / "nemorun_home"),
+        "AGPO_CACHE_DIR": str(tmp_path / "cache"),
+        # No slurmdbd on the local cluster: scripts/sacct answers nemo-run's status queries.
+        "PATH": f"{ROOT / 'scripts'}{os.pathsep}{os.environ['PATH']}",
+    }
+    cmd = [
+        LAUNCH_PYTHON,
+        str(SWEEP),
+        "--executor",
+        "slurm",
+        "--tiny",
+        "--gpus-per-node",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-no_cluster = pytest.mark.skipif(not SLURM_CONF, reason="no Slurm cluster: run `scripts/slurm_local.sh start ROOT` "
-                                                       "and export AGPO_SLURM_CONF=ROOT/etc/slurm.conf (.ci/run does)")
-no_nemo_run = pytest.mark.skipif(not os.access(LAUNCH_PYTHON, os.X_OK),
-                                 reason=f"no nemo-run venv at {LAUNCH_PYTHON} (scripts/setup_cpu.sh makes .venv-launch)")
+no_cluster = pytest.mark.skipif(
+    not SLURM_CONF,
+    reason="no Slurm cluster: run `scripts/slurm_local.sh start ROOT` "
+    "and export AGPO_SLURM_CONF=ROOT/etc/slurm.conf (.ci/run does)",
+)
+no_nemo_run = pytest.mark.skipif(
+    not os.access(LAUNCH_PYTHON, os.X_OK),
+    reason=f"no nemo-run venv at {LAUNCH_PYTHON} (scripts/setup_cpu.sh makes .venv-launch)",
+)
 
 
 @pytest.mark.slow
@@ -88,4 +109,3 @@ def test_a_failed_task_makes_the_sweep_exit_nonzero(tmp_path):
     proc = _run_sweep(tmp_path, "algo.gamma=oops", "--only", "agpo", "--retries", "0", timeout=580)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     assert "sweep failed: 1 of 1 task(s) did not succeed" in proc.stderr
-

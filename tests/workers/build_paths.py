@@ -13,8 +13,16 @@ from pathlib import Path
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import (AlgoConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
-                                  RolloutConfig, TrainConfig)
+from agpo_megatron.config import (
+    AlgoConfig,
+    BatchConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RolloutConfig,
+    TrainConfig,
+)
 from agpo_megatron.data.datasets import DatasetConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
@@ -28,9 +36,13 @@ layout = init_model_parallel(1, 1, seed=3)
 def cfg(dtype: str) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(hf_path=str(hf_dir), params_dtype=dtype, spec="local", max_seq_len=64),
-        parallel=ParallelConfig(), algo=AlgoConfig(fused_loss=False), optim=OptimConfig(lr=1e-4, clip_grad=0.0),
-        rollout=RolloutConfig(max_new_tokens=16), batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
-        data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)))
+        parallel=ParallelConfig(),
+        algo=AlgoConfig(fused_loss=False),
+        optim=OptimConfig(lr=1e-4, clip_grad=0.0),
+        rollout=RolloutConfig(max_new_tokens=16),
+        batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
+        data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
+    )
 
 
 if check == "final_norm":
@@ -56,10 +68,22 @@ elif check == "fp16_scale":
     norms = {}
     for dtype in ("float32", "float16"):
         actor = Actor(arch, cfg(dtype), layout, total_steps=1)
-        mb = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), loss_mask=mask, advantages=adv,
-                  old_logprobs=torch.full((N, S), -4.0))
-        m = actor.policy_step([mb], PolicyLossConfig(), temperature=1.0, global_num_tokens=int(mask.sum()),
-                              global_num_seqs=N, kl_coef=0.0, eps=(0.2, 0.2))
+        mb = dict(
+            tokens=tokens,
+            targets=torch.roll(tokens, -1, 1),
+            loss_mask=mask,
+            advantages=adv,
+            old_logprobs=torch.full((N, S), -4.0),
+        )
+        m = actor.policy_step(
+            [mb],
+            PolicyLossConfig(),
+            temperature=1.0,
+            global_num_tokens=int(mask.sum()),
+            global_num_seqs=N,
+            kl_coef=0.0,
+            eps=(0.2, 0.2),
+        )
         norms[dtype] = (m["grad_norm"], m["update_skipped"])
     print("RESULT", norms["float32"][0], norms["float16"][0], norms["float16"][1], flush=True)
 exit_cleanly(0)

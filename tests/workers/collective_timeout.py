@@ -25,5 +25,6 @@ if layout.rank == 0:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 import os
+
 sys.stdout.flush()
 os._exit(0)  # the world is broken after a timeout: no barrier

@@ -78,12 +78,22 @@ def main() -> None:
             load_checkpoint(ckpt, [model])
             save_result(lay, out / f"{name}_tp{tp}pp{pp}.pt", logits_and_logprobs(model, arch))
             if (tp, pp) == (2, 1):
-                save_checkpoint(out / f"{name}_saved_tp2", [model], step=7, hf_dir=hf_dir,
-                                           extra_state={"model": name, "seen": torch.arange(3)})
+                save_checkpoint(
+                    out / f"{name}_saved_tp2",
+                    [model],
+                    step=7,
+                    hf_dir=hf_dir,
+                    extra_state={"model": name, "seen": torch.arange(3)},
+                )
         lay, model = build_at(arch, 1, 2)
         restored = load_checkpoint(out / f"{name}_saved_tp2", [model])
-        save_result(lay, out / f"{name}_reshard.pt", logits_and_logprobs(model, arch),
-                    step=restored.step, extra_state=restored.extra_state)
+        save_result(
+            lay,
+            out / f"{name}_reshard.pt",
+            logits_and_logprobs(model, arch),
+            step=restored.step,
+            extra_state=restored.extra_state,
+        )
 
     name, (hf_dir, _) = next(iter(models.items()))
     arch = read_arch(hf_dir)
@@ -102,8 +112,7 @@ def main() -> None:
         _, ref = build_at(arch, 1, 1)
         load_hf_weights(ref, arch, HFCheckpointReader(hf_dir), tp_rank=0, tp=1, pp_rank=0, pp=1)
         ref_params = dict(ref.named_parameters())
-        native[f"tp{tp}pp{pp}_unequal"] = [n for n, p in model.named_parameters()
-                                           if not torch.equal(p, ref_params[n])]
+        native[f"tp{tp}pp{pp}_unequal"] = [n for n, p in model.named_parameters() if not torch.equal(p, ref_params[n])]
     # Export both native checkpoints (one process reads any layout; rank 1 waits).
     init_model_parallel(1, 1, seed=1)
     if dist.get_rank() == 0:
@@ -130,7 +139,7 @@ def resume_check(arch, hf_dir: str, converted: str, out: Path) -> None:
         return build.wrap_for_training(model, optim, par, total_steps=10)
 
     lay = init_model_parallel(1, 1, seed=1)
-    toks = tokens(arch.vocab_size)[2 * lay.dp_rank:2 * lay.dp_rank + 2]  # this DP rank's half
+    toks = tokens(arch.vocab_size)[2 * lay.dp_rank : 2 * lay.dp_rank + 2]  # this DP rank's half
     mbs = [{"tokens": toks, "targets": torch.roll(toks, -1, dims=1)}]
 
     def loss_fn(logits, mb):
@@ -170,12 +179,18 @@ def resume_check(arch, hf_dir: str, converted: str, out: Path) -> None:
     except CheckpointError as e:
         no_optim_error = str(e)
     if lay.rank == 0:
-        torch.save({
-            "unequal": [n for n, p in continued.items() if not torch.equal(p, resumed[n])],
-            "trained": [n for n, p in continued.items() if not torch.equal(p, untrained[n])],
-            "step": restored.step, "extra_state": restored.extra_state,
-            "lr": (lr_saved, lr_at_load), "scheduler_steps": steps_at_load, "no_optim_error": no_optim_error,
-        }, out / "resume.pt")
+        torch.save(
+            {
+                "unequal": [n for n, p in continued.items() if not torch.equal(p, resumed[n])],
+                "trained": [n for n, p in continued.items() if not torch.equal(p, untrained[n])],
+                "step": restored.step,
+                "extra_state": restored.extra_state,
+                "lr": (lr_saved, lr_at_load),
+                "scheduler_steps": steps_at_load,
+                "no_optim_error": no_optim_error,
+            },
+            out / "resume.pt",
+        )
     dist.barrier()
 
 

@@ -74,8 +74,9 @@ def trained_checkpoint(arch, hf: Path, converted: Path, out: Path) -> None:
     _, model = build_at(arch, 1, 1)
     load_checkpoint(converted, [model])
     optim = OptimConfig(lr=1e-2, warmup_steps=2, decay_style="cosine")
-    ddp, opt, sched = build.wrap_for_training(model, optim, ParallelConfig(use_distributed_optimizer=True),
-                                              total_steps=10)
+    ddp, opt, sched = build.wrap_for_training(
+        model, optim, ParallelConfig(use_distributed_optimizer=True), total_steps=10
+    )
     toks = tokens(arch.vocab_size)[:2]
     mbs = [{"tokens": toks, "targets": torch.roll(toks, -1, dims=1)}]
 
@@ -155,8 +156,7 @@ def main() -> None:
     r["flip_noverify_changed"] = [k for k in src.keys() if not torch.equal(src.get(k), got.get(k))]
     init_model_parallel(1, 1, seed=1)
     r["flip_load"] = attempt(lambda: load_checkpoint(flipped, [fresh_model(arch)]))
-    r["flip_load_noverify"] = attempt(lambda: load_checkpoint(flipped, [fresh_model(arch)],
-                                                                        verify=False))
+    r["flip_load_noverify"] = attempt(lambda: load_checkpoint(flipped, [fresh_model(arch)], verify=False))
 
     # -- a truncated data file
     trunc = Path(shutil.copytree(mcore, out / "trunc"))
@@ -165,8 +165,7 @@ def main() -> None:
     r["trunc"] = run(m2h, "--ckpt", trunc, "--out", out / "trunc_export")
     r["trunc_noverify"] = run(m2h, "--ckpt", trunc, "--out", out / "trunc_export", "--no-verify")
     init_model_parallel(1, 1, seed=1)
-    r["trunc_load_noverify"] = attempt(lambda: load_checkpoint(trunc, [fresh_model(arch)],
-                                                                          verify=False))
+    r["trunc_load_noverify"] = attempt(lambda: load_checkpoint(trunc, [fresh_model(arch)], verify=False))
 
     # -- a checkpoint from before checksums: its sidecar lacks them
     old = Path(shutil.copytree(mcore, out / "old"))

@@ -58,6 +58,7 @@ loss, _ = loss_fn(logits, batch)
 loss.backward()
 ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
+
 # DP=2: this rank's half, split into two micro-batches. Grads are compared with the plain
 # all-reduce DDP: the distributed optimizer reduce-scatters, leaving each rank only its shard.
 def trainable(distributed_optimizer: bool):

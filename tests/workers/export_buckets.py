@@ -26,8 +26,11 @@ for case in sys.argv[3:]:
     tp, pp = LAYOUTS[layout]
     arch = read_arch(hf_dir)
     lay = init_model_parallel(tp, pp, seed=1)
-    model = build.build_gpt(arch, ModelConfig(hf_path=hf_dir, params_dtype="float32", spec="local", max_seq_len=64),
-                            ParallelConfig(tp=tp, pp=pp))
+    model = build.build_gpt(
+        arch,
+        ModelConfig(hf_path=hf_dir, params_dtype="float32", spec="local", max_seq_len=64),
+        ParallelConfig(tp=tp, pp=pp),
+    )
     load_hf_weights(model, arch, HFCheckpointReader(hf_dir), tp_rank=lay.tp_rank, tp=tp, pp_rank=lay.pp_rank, pp=pp)
     dtype = torch.bfloat16 if cast == ["bf16"] else None
     # clone: at TP=1 a yielded tensor may be a view of a parameter, and torch.save would write

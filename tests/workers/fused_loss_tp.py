@@ -44,22 +44,33 @@ CASES = {
     "clip_higher_temperature": Case(cfg=PolicyLossConfig(eps_high=0.28), temperature=0.7, chunk_tokens=52),
     "seq_mean_token_mean_k3_entropy": Case(
         cfg=PolicyLossConfig(kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01, agg_mode="seq-mean-token-mean"),
-        chunk_tokens=5, global_counts=True,
+        chunk_tokens=5,
+        global_counts=True,
     ),
     "seq_mean_token_sum_symmetric_dual_clip_tis": Case(
-        cfg=PolicyLossConfig(kl_coef=0.1, kl_estimator="symmetric", entropy_coef=0.02, dual_clip_c=1.5,
-                             tis_cap=1.5, agg_mode="seq-mean-token-sum"),
-        temperature=1.3, chunk_tokens=1000,
+        cfg=PolicyLossConfig(
+            kl_coef=0.1,
+            kl_estimator="symmetric",
+            entropy_coef=0.02,
+            dual_clip_c=1.5,
+            tis_cap=1.5,
+            agg_mode="seq-mean-token-sum",
+        ),
+        temperature=1.3,
+        chunk_tokens=1000,
     ),
     "k1": Case(cfg=PolicyLossConfig(kl_coef=0.2, kl_estimator="k1"), chunk_tokens=11),
     "k2_entropy": Case(cfg=PolicyLossConfig(kl_coef=0.2, kl_estimator="k2", entropy_coef=0.05), chunk_tokens=11),
     "bf16_k3_entropy": Case(
-        cfg=PolicyLossConfig(kl_coef=0.05, entropy_coef=0.01), dtype=torch.bfloat16, temperature=0.9,
+        cfg=PolicyLossConfig(kl_coef=0.05, entropy_coef=0.01),
+        dtype=torch.bfloat16,
+        temperature=0.9,
         chunk_tokens=16,
     ),
     "bf16_seq_mean_dual_clip_tis": Case(
         cfg=PolicyLossConfig(dual_clip_c=1.5, tis_cap=1.5, agg_mode="seq-mean-token-mean"),
-        dtype=torch.bfloat16, chunk_tokens=5,
+        dtype=torch.bfloat16,
+        chunk_tokens=5,
     ),
 }
 B, S, H, V = 4, 13, 64, 384
@@ -81,8 +92,13 @@ def make_problem(case: Case) -> dict[str, torch.Tensor]:
     old = lp + 0.8 * torch.randn(B, S, generator=g)
     old = torch.where(mask, old, -torch.inf)  # padding garbage must not leak anywhere
     return dict(
-        hidden=hidden.to(case.dtype), weight=weight.to(case.dtype), targets=targets, mask=mask, old=old,
-        adv=torch.randn(B, generator=g), ref=lp + 0.3 * torch.randn(B, S, generator=g),
+        hidden=hidden.to(case.dtype),
+        weight=weight.to(case.dtype),
+        targets=targets,
+        mask=mask,
+        old=old,
+        adv=torch.randn(B, generator=g),
+        ref=lp + 0.3 * torch.randn(B, S, generator=g),
         rollout=old + 0.3 * torch.randn(B, S, generator=g),
     )
 
@@ -107,7 +123,7 @@ def run_case(case: Case, tp: int, tp_rank: int) -> dict:
 
     p = make_problem(case)
     v_local = V // tp
-    w_local = p["weight"][tp_rank * v_local:(tp_rank + 1) * v_local]
+    w_local = p["weight"][tp_rank * v_local : (tp_rank + 1) * v_local]
     common = (p["old"], p["adv"], p["mask"], case.cfg)
     kw = loss_kwargs(case, p)
     out = {}
@@ -121,18 +137,25 @@ def run_case(case: Case, tp: int, tp_rank: int) -> dict:
     lp, ent = vocab_parallel_logprobs(logits, p["targets"], temperature=case.temperature)
     loss, metrics = policy_loss(lp, *common, entropy=ent, **kw)
     loss.backward()
-    out["ref"] = dict(loss=loss.detach(), metrics=metrics, lp=lp.detach(), ent=ent.detach(),
-                      d_hidden=h.grad, d_weight=w.grad)
+    out["ref"] = dict(
+        loss=loss.detach(), metrics=metrics, lp=lp.detach(), ent=ent.detach(), d_hidden=h.grad, d_weight=w.grad
+    )
 
     # fused from hidden states
     h, w = leaves()
     loss, metrics, lp, ent = fused_policy_loss_from_hidden(
-        copy_to_tp_region(h), w, p["targets"], *common,
-        temperature=case.temperature, chunk_tokens=case.chunk_tokens, **kw,
+        copy_to_tp_region(h),
+        w,
+        p["targets"],
+        *common,
+        temperature=case.temperature,
+        chunk_tokens=case.chunk_tokens,
+        **kw,
     )
     loss.backward()
-    out["fused"] = dict(loss=loss.detach(), metrics=metrics, lp=lp.detach(), ent=ent.detach(),
-                        d_hidden=h.grad, d_weight=w.grad)
+    out["fused"] = dict(
+        loss=loss.detach(), metrics=metrics, lp=lp.detach(), ent=ent.detach(), d_hidden=h.grad, d_weight=w.grad
+    )
 
     # reference and fused from logits
     with torch.no_grad():
@@ -144,7 +167,12 @@ def run_case(case: Case, tp: int, tp_rank: int) -> dict:
             loss, metrics = policy_loss(lp, *common, entropy=ent, **kw)
         else:
             loss, metrics, lp, ent = fused_policy_loss_from_logits(
-                z, p["targets"], *common, temperature=case.temperature, chunk_tokens=case.chunk_tokens, **kw,
+                z,
+                p["targets"],
+                *common,
+                temperature=case.temperature,
+                chunk_tokens=case.chunk_tokens,
+                **kw,
             )
         loss.backward()
         out[name] = dict(loss=loss.detach(), metrics=metrics, lp=lp.detach(), ent=ent.detach(), d_logits=z.grad)
@@ -167,8 +195,9 @@ def run_capture(tie: bool, tp: int) -> dict:
     )
     from agpo_megatron.platform.cpu import megatron_scope
 
-    arch = arch_from_hf_dict(tiny_hf_config("qwen2", vocab_size=256, hidden_size=64, num_heads=2, num_kv_heads=1,
-                                            tie=tie).to_dict())
+    arch = arch_from_hf_dict(
+        tiny_hf_config("qwen2", vocab_size=256, hidden_size=64, num_heads=2, num_kv_heads=1, tie=tie).to_dict()
+    )
     model_cfg = ModelConfig(init_from="random", params_dtype="float32", spec="local", max_seq_len=32)
     model = build.build_gpt(arch, model_cfg, ParallelConfig(tp=tp))
     with torch.no_grad():  # Megatron's 0.02-std init gives near-uniform softmaxes; sharpen them
@@ -196,19 +225,26 @@ def run_capture(tie: bool, tp: int) -> dict:
         old, ref = lp.detach() + 0.5 * noise, lp.detach() + 0.3 * ref_noise
         loss, _ = policy_loss(lp, old, adv, mask, CAPTURE_CFG, ref_logprobs=ref, entropy=ent)
         loss.backward()
-        res.update(logits=logits.detach(), ref_lp=lp.detach(), ref_ent=ent.detach(), ref_loss=loss.detach(),
-                   ref_grads=grads())
+        res.update(
+            logits=logits.detach(), ref_lp=lp.detach(), ref_ent=ent.detach(), ref_loss=loss.detach(), ref_grads=grads()
+        )
 
         with capture_lm_head_input(model) as weight:
             hidden = model(tokens, pos, attn)  # [b, s, H]
             with torch.no_grad():  # the old / reference log-prob pass
-                res["fwd_lp"], res["fwd_ent"] = fused_logprobs_entropy(model(tokens, pos, attn), targets,
-                                                                       weight=weight, chunk_tokens=5)
-        loss, _, _, _ = fused_policy_loss_from_hidden(hidden, weight, targets, old, adv, mask, CAPTURE_CFG,
-                                                      ref_logprobs=ref, chunk_tokens=7)
+                res["fwd_lp"], res["fwd_ent"] = fused_logprobs_entropy(
+                    model(tokens, pos, attn), targets, weight=weight, chunk_tokens=5
+                )
+        loss, _, _, _ = fused_policy_loss_from_hidden(
+            hidden, weight, targets, old, adv, mask, CAPTURE_CFG, ref_logprobs=ref, chunk_tokens=7
+        )
         loss.backward()
-        res.update(captured_logits=(hidden @ weight.T).detach(), hidden_shape=torch.tensor(hidden.shape),
-                   fused_loss=loss.detach(), fused_grads=grads())
+        res.update(
+            captured_logits=(hidden @ weight.T).detach(),
+            hidden_shape=torch.tensor(hidden.shape),
+            fused_loss=loss.detach(),
+            fused_grads=grads(),
+        )
         # The context manager must restore the model's own output layer.
         res["logits_after"] = model(tokens, pos, attn).detach()
     return res

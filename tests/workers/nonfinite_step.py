@@ -10,8 +10,16 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import (AlgoConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
-                                  RolloutConfig, TrainConfig)
+from agpo_megatron.config import (
+    AlgoConfig,
+    BatchConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RolloutConfig,
+    TrainConfig,
+)
 from agpo_megatron.data.datasets import DatasetConfig
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.nonfinite import NonFiniteError
@@ -21,9 +29,13 @@ from agpo_megatron.policy import Actor
 hf_dir = Path(sys.argv[1])
 cfg = TrainConfig(
     model=ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=64),
-    parallel=ParallelConfig(), algo=AlgoConfig(max_bad_steps=1), optim=OptimConfig(lr=1e-3),
-    rollout=RolloutConfig(max_new_tokens=16), batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
-    data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)))
+    parallel=ParallelConfig(),
+    algo=AlgoConfig(max_bad_steps=1),
+    optim=OptimConfig(lr=1e-3),
+    rollout=RolloutConfig(max_new_tokens=16),
+    batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
+    data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
+)
 arch = read_arch(hf_dir)
 layout = init_model_parallel(1, 1, seed=3)
 rank = layout.rank
@@ -45,10 +57,22 @@ def step(nan_on_rank0: bool):
     adv = torch.randn(N, generator=g)
     if nan_on_rank0 and rank == 0:
         adv[1] = float("nan")
-    mb = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), loss_mask=mask, advantages=adv,
-              old_logprobs=torch.full((N, S), -4.0))
-    return actor.policy_step([mb], PolicyLossConfig(), temperature=1.0, global_num_tokens=4 * 15, global_num_seqs=4,
-                             kl_coef=0.0, eps=(0.2, 0.2))
+    mb = dict(
+        tokens=tokens,
+        targets=torch.roll(tokens, -1, 1),
+        loss_mask=mask,
+        advantages=adv,
+        old_logprobs=torch.full((N, S), -4.0),
+    )
+    return actor.policy_step(
+        [mb],
+        PolicyLossConfig(),
+        temperature=1.0,
+        global_num_tokens=4 * 15,
+        global_num_seqs=4,
+        kl_coef=0.0,
+        eps=(0.2, 0.2),
+    )
 
 
 def weights():
@@ -65,8 +89,10 @@ sched = actor.scheduler.num_steps
 m = step(True)
 w2 = weights()
 unchanged = all(torch.equal(w1[n], w2[n]) for n in w1)
-say(f"RESULT {rank} bad_skipped={m['update_skipped']} nonfinite={m['nonfinite_step']} unchanged={int(unchanged)} "
-      f"sched_same={int(actor.scheduler.num_steps == sched)}")
+say(
+    f"RESULT {rank} bad_skipped={m['update_skipped']} nonfinite={m['nonfinite_step']} unchanged={int(unchanged)} "
+    f"sched_same={int(actor.scheduler.num_steps == sched)}"
+)
 
 try:
     step(True)  # a second bad step in a row with max_bad_steps=1

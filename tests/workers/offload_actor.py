@@ -31,8 +31,15 @@ N, S = 4, 16
 tokens = torch.randint(0, arch.vocab_size, (N, S), generator=g)
 mask = torch.ones(N, S)
 mask[:, :3] = 0
-mbs = [dict(tokens=tokens[i::2], targets=torch.roll(tokens, -1, 1)[i::2], mask=mask[i::2],
-            adv=torch.randn(N // 2, generator=g)) for i in range(2)]
+mbs = [
+    dict(
+        tokens=tokens[i::2],
+        targets=torch.roll(tokens, -1, 1)[i::2],
+        mask=mask[i::2],
+        adv=torch.randn(N // 2, generator=g),
+    )
+    for i in range(2)
+]
 loss_cfg = PolicyLossConfig(agg_mode="token-mean", kl_coef=0.0)
 
 
@@ -42,11 +49,24 @@ def loss_fn(logits, mb):
 
 
 def config(dtype: str, dist_opt: bool, **extra: str) -> TrainConfig:
-    return load_config(TrainConfig, None, [
-        f"model.hf_path={hf_dir}", f"model.params_dtype={dtype}", "model.spec=local", "model.max_seq_len=64",
-        f"parallel.use_distributed_optimizer={str(dist_opt).lower()}", "optim.lr=0.01", "algo.fused_loss=false",
-        "data.train.path=unused.jsonl", "data.train.answer_format=raw", "data.train.max_prompt_tokens=16",
-        "rollout.max_new_tokens=16", *(f"{k}={v}" for k, v in extra.items())])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            f"model.hf_path={hf_dir}",
+            f"model.params_dtype={dtype}",
+            "model.spec=local",
+            "model.max_seq_len=64",
+            f"parallel.use_distributed_optimizer={str(dist_opt).lower()}",
+            "optim.lr=0.01",
+            "algo.fused_loss=false",
+            "data.train.path=unused.jsonl",
+            "data.train.answer_format=raw",
+            "data.train.max_prompt_tokens=16",
+            "rollout.max_new_tokens=16",
+            *(f"{k}={v}" for k, v in extra.items()),
+        ],
+    )
 
 
 def state_of(actor: Actor) -> dict[str, torch.Tensor]:
@@ -74,8 +94,13 @@ for dtype, dist_opt in [("float32", True), ("float32", False), ("bfloat16", True
     plain = Actor(arch, cfg, lay, total_steps=4)
     moved = Actor(arch, cfg, lay, total_steps=4)
     # Built before the first step, as the trainer does: Adam's moments do not exist yet.
-    memory = ActorMemory(moved.chunks, moved.optimizer, config(dtype, dist_opt, **{
-        "offload.params": "true", "offload.grads": "true", "offload.optimizer": "true"}).offload)
+    memory = ActorMemory(
+        moved.chunks,
+        moved.optimizer,
+        config(
+            dtype, dist_opt, **{"offload.params": "true", "offload.grads": "true", "offload.optimizer": "true"}
+        ).offload,
+    )
     for actor in (plain, moved):
         actor.train_step(mbs, loss_fn)
     before = state_of(moved)
@@ -94,11 +119,16 @@ for dtype, dist_opt in [("float32", True), ("float32", False), ("bfloat16", True
         actor.train_step(mbs, loss_fn)
     after_plain, after_moved = state_of(plain), state_of(moved)
     results[case] = dict(
-        freed_train=freed_train, resident_params=resident_params, freed_params=freed_params,
-        stash_bytes={k: s.nbytes for k, s in memory.stashes.items()}, grads_zero=grads_zero,
-        num_state=sum(k.startswith("state/") for k in before), restored_mismatch=restored,
-        step2_mismatch=equal(after_plain, after_moved), moved_by_step2=[k for k in before if k.startswith("param/")
-                                                                         and not torch.equal(before[k], after_moved[k])])
+        freed_train=freed_train,
+        resident_params=resident_params,
+        freed_params=freed_params,
+        stash_bytes={k: s.nbytes for k, s in memory.stashes.items()},
+        grads_zero=grads_zero,
+        num_state=sum(k.startswith("state/") for k in before),
+        restored_mismatch=restored,
+        step2_mismatch=equal(after_plain, after_moved),
+        moved_by_step2=[k for k in before if k.startswith("param/") and not torch.equal(before[k], after_moved[k])],
+    )
 
     # The reference: copied from the actor's model (no dict of clones), parked on host when asked.
     ref_cfg = config(dtype, dist_opt, **{"offload.reference": "true"})
@@ -111,10 +141,13 @@ for dtype, dist_opt in [("float32", True), ("float32", False), ("bfloat16", True
     lp_resident = [o["logprobs"] for o in Reference(arch, cfg, lay, source=plain.model).logprobs(mbs, temperature=1.0)]
     lp_actor = [o["logprobs"] for o in plain.logprobs(mbs, temperature=1.0)]
     results[case].update(
-        ref_bytes_parked=ref_bytes_parked, ref_bytes_after=ref_bytes_after, ref_same_weights=same_weights,
+        ref_bytes_parked=ref_bytes_parked,
+        ref_bytes_after=ref_bytes_after,
+        ref_same_weights=same_weights,
         ref_lp_equal_resident=all(torch.equal(a, b) for a, b in zip(lp_ref, lp_resident)),
         ref_lp_equal_actor=all(torch.equal(a, b) for a, b in zip(lp_ref, lp_actor)),
-        ref_lp_finite=all(bool(torch.isfinite(a).all()) for a in lp_ref))
+        ref_lp_finite=all(bool(torch.isfinite(a).all()) for a in lp_ref),
+    )
     dist.barrier()
 
 torch.save(results, out_dir / f"rank{dist.get_rank()}.pt")

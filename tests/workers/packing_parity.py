@@ -34,8 +34,12 @@ N = 12
 prompt_lens = torch.randint(2, 7, (N,), generator=g).tolist()
 resp_lens = [1, 2, 40, 3, 17, 5, 33, 8, 2, 11, 26, 6]  # long-tailed, one long enough to fill a row alone
 tokens = [torch.randint(0, arch.vocab_size, (p + r,), generator=g).tolist() for p, r in zip(prompt_lens, resp_lens)]
-seqs = Sequences(tokens=tokens, prompt_lens=prompt_lens, advantages=torch.randn(N, generator=g),
-                 rollout_logprobs=[(-torch.rand(r, generator=g) * 3).tolist() for r in resp_lens])
+seqs = Sequences(
+    tokens=tokens,
+    prompt_lens=prompt_lens,
+    advantages=torch.randn(N, generator=g),
+    rollout_logprobs=[(-torch.rand(r, generator=g) * 3).tolist() for r in resp_lens],
+)
 global_tokens, global_seqs = seqs.num_response_tokens(), N
 LOSSES = {
     "plain": PolicyLossConfig(agg_mode="seq-mean-token-mean", kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01),
@@ -65,16 +69,36 @@ def loss_and_grads(ddp, model, mbs, name):
         return dict(ref_logprobs=mb["old_logprobs"] * 1.1, seq_ids=mb.get("seq_ids"))
 
     if name == "plain":
+
         def loss_fn(logits, mb):
             lp, ent = forward.vocab_parallel_logprobs(logits, mb["targets"], temperature=T)
-            loss, m = policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], cfg, entropy=ent,
-                                  global_num_tokens=global_tokens, global_num_seqs=global_seqs, **extras(mb))
+            loss, m = policy_loss(
+                lp,
+                mb["old_logprobs"],
+                mb["advantages"],
+                mb["loss_mask"],
+                cfg,
+                entropy=ent,
+                global_num_tokens=global_tokens,
+                global_num_seqs=global_seqs,
+                **extras(mb),
+            )
             return loss, {**m, "loss": loss.detach()}
     else:
+
         def loss_fn(hidden, mb):
             loss, m, _, _ = fused_policy_loss_from_hidden(
-                hidden, weight, mb["targets"], mb["old_logprobs"], mb["advantages"], mb["loss_mask"], cfg,
-                chunk_tokens=64, **extras(mb), **common)
+                hidden,
+                weight,
+                mb["targets"],
+                mb["old_logprobs"],
+                mb["advantages"],
+                mb["loss_mask"],
+                cfg,
+                chunk_tokens=64,
+                **extras(mb),
+                **common,
+            )
             return loss, {**m, "loss": loss.detach()}
 
     ddp.zero_grad_buffer()
@@ -100,8 +124,15 @@ for layout, tp, pp in [("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)]:
     res = {}
     for path, packing in [("pad", False), ("pack", True)]:
         # PP: every micro-batch one shape (padded: the longest sequence; packed: rows of it).
-        mbs = split_micro_batches(seqs, micro_batch_size=3, max_tokens=None, pad_id=0, uniform_length=pp > 1,
-                                  pad_to_multiple=8, packing=packing)
+        mbs = split_micro_batches(
+            seqs,
+            micro_batch_size=3,
+            max_tokens=None,
+            pad_id=0,
+            uniform_length=pp > 1,
+            pad_to_multiple=8,
+            packing=packing,
+        )
         for mb in mbs:
             mb["old_logprobs"] = mb["rollout_logprobs"]
         if packing:
@@ -113,17 +144,26 @@ for layout, tp, pp in [("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)]:
         for name in LOSSES:
             res[f"loss_{name}_{path}"], res[f"grads_{name}_{path}"] = loss_and_grads(ddp, model, mbs, name)
     if layout == "tp1":  # negative controls: what the parity relies on
-        mbs = split_micro_batches(seqs, micro_batch_size=3, max_tokens=None, pad_id=0, uniform_length=False,
-                                  packing=True)
+        mbs = split_micro_batches(
+            seqs, micro_batch_size=3, max_tokens=None, pad_id=0, uniform_length=False, packing=True
+        )
         real_mask, real_rope = forward.packed_causal_mask, forward._rope_at
         forward.packed_causal_mask = lambda ids: forward.causal_mask(ids.shape[1], ids.device)  # attention crosses
         res["logprobs_causal_only"] = per_sequence(mbs, forward.compute_logprobs([ddp], mbs, temperature=T), "logprobs")
         forward.packed_causal_mask, forward._rope_at = real_mask, lambda module, pos: _null()  # RoPE at row offsets
-        res["logprobs_row_positions"] = per_sequence(mbs, forward.compute_logprobs([ddp], mbs, temperature=T), "logprobs")
+        res["logprobs_row_positions"] = per_sequence(
+            mbs, forward.compute_logprobs([ddp], mbs, temperature=T), "logprobs"
+        )
         forward._rope_at = real_rope
-    res["computed_tokens"] = {p: sum(mb["tokens"].numel() for mb in split_micro_batches(
-        seqs, micro_batch_size=3, max_tokens=None, pad_id=0, uniform_length=pp > 1, packing=p == "pack"))
-        for p in ("pad", "pack")}
+    res["computed_tokens"] = {
+        p: sum(
+            mb["tokens"].numel()
+            for mb in split_micro_batches(
+                seqs, micro_batch_size=3, max_tokens=None, pad_id=0, uniform_length=pp > 1, packing=p == "pack"
+            )
+        )
+        for p in ("pad", "pack")
+    }
     torch.save(res, out_dir / f"{layout}_rank{lay.rank}.pt")
     dist.barrier()
 exit_cleanly(0)

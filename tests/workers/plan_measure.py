@@ -60,7 +60,14 @@ for case, model_name, dtype, tp, pp, distopt in CASES:
                 state = o.optimizer.state.get(p, {})
                 adam.update(storages([state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]))
     results[case] = {
-        "layout": {"tp": tp, "pp": pp, "dp": lay.dp, "tp_rank": lay.tp_rank, "pp_rank": lay.pp_rank, "dp_rank": lay.dp_rank},
+        "layout": {
+            "tp": tp,
+            "pp": pp,
+            "dp": lay.dp,
+            "tp_rank": lay.tp_rank,
+            "pp_rank": lay.pp_rank,
+            "dp_rank": lay.dp_rank,
+        },
         "params": shapes,
         "param_bytes": sum(model_storages.values()),
         "grad_bytes": sum(storages([p.main_grad for p in params]).values()),

@@ -54,11 +54,13 @@ for item in sys.argv[2:]:
     for pp_rank in sorted({0, pp - 1}):
         as_rank(tp, pp, pp_rank)
         with torch.device("meta"):
-            model = build.build_gpt(arch, ModelConfig(spec="local", params_dtype="bfloat16", max_seq_len=4096),
-                                    ParallelConfig(tp=tp, pp=pp))
+            model = build.build_gpt(
+                arch, ModelConfig(spec="local", params_dtype="bfloat16", max_seq_len=4096), ParallelConfig(tp=tp, pp=pp)
+            )
         assert all(p.device.type == "meta" for p in model.parameters())
-        results[f"{item}:{pp_rank}"] = [[n, list(p.shape), str(p.dtype).removeprefix("torch.")]
-                                        for n, p in model.named_parameters()]
+        results[f"{item}:{pp_rank}"] = [
+            [n, list(p.shape), str(p.dtype).removeprefix("torch.")] for n, p in model.named_parameters()
+        ]
         del model
 with open(out_path, "w") as f:
     json.dump(results, f)

@@ -18,8 +18,16 @@ import torch
 from agpo_megatron import ppo
 from agpo_megatron.algo.loss import PolicyLossConfig
 from agpo_megatron.batch import Sequences, split_mini_batches
-from agpo_megatron.config import (AlgoConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
-                                  RolloutConfig, TrainConfig)
+from agpo_megatron.config import (
+    AlgoConfig,
+    BatchConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RolloutConfig,
+    TrainConfig,
+)
 from agpo_megatron.data.datasets import DatasetConfig
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.parallel import exit_cleanly, init_model_parallel
@@ -28,9 +36,13 @@ from agpo_megatron.policy import Actor
 hf_dir, fused = Path(sys.argv[1]), sys.argv[2] == "fused"
 cfg = TrainConfig(
     model=ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=64),
-    parallel=ParallelConfig(), algo=AlgoConfig(fused_loss=fused, loss_chunk_tokens=16), optim=OptimConfig(lr=1e-3),
-    rollout=RolloutConfig(max_new_tokens=16), batch=BatchConfig(prompts_per_rollout=4, micro_batch_size=2),
-    data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)))
+    parallel=ParallelConfig(),
+    algo=AlgoConfig(fused_loss=fused, loss_chunk_tokens=16),
+    optim=OptimConfig(lr=1e-3),
+    rollout=RolloutConfig(max_new_tokens=16),
+    batch=BatchConfig(prompts_per_rollout=4, micro_batch_size=2),
+    data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
+)
 arch = read_arch(hf_dir)
 layout = init_model_parallel(1, 1, seed=3)
 # entropy bonus on: the shortcut must also hold with the entropy term in the loss
@@ -51,13 +63,24 @@ seqs = Sequences(tokens=tokens, prompt_lens=prompt_lens, advantages=torch.randn(
 
 
 def minis(prompts_per_update: int):
-    return split_mini_batches(seqs, seqs_per_update=prompts_per_update * G, dp=layout.dp, dp_rank=layout.dp_rank,
-                              micro_batch_size=2, max_tokens=None, pad_id=0, uniform_length=False, pad_to_multiple=8)
+    return split_mini_batches(
+        seqs,
+        seqs_per_update=prompts_per_update * G,
+        dp=layout.dp,
+        dp_rank=layout.dp_rank,
+        micro_batch_size=2,
+        max_tokens=None,
+        pad_id=0,
+        uniform_length=False,
+        pad_to_multiple=8,
+    )
 
 
 def state(actor):
-    return ({n: p.main_grad.clone() for n, p in actor.model.named_parameters()},
-            {n: p.detach().clone() for n, p in actor.model.named_parameters()})
+    return (
+        {n: p.main_grad.clone() for n, p in actor.model.named_parameters()},
+        {n: p.detach().clone() for n, p in actor.model.named_parameters()},
+    )
 
 
 def same(a, b):
@@ -77,8 +100,9 @@ for label in ("recompute", "shortcut", "perturbed"):
         mini = mbs_of[0]
         for mb, out in zip(mini.micro_batches, actor.logprobs(mini.micro_batches, temperature=1.0)):
             mb["old_logprobs"] = out["logprobs"] - (1e-4 if label == "perturbed" else 0.0)
-        m = actor.policy_step(mini.micro_batches, loss_cfg, global_num_tokens=mini.num_tokens,
-                              global_num_seqs=mini.num_seqs, **step_kw)
+        m = actor.policy_step(
+            mini.micro_batches, loss_cfg, global_num_tokens=mini.num_tokens, global_num_seqs=mini.num_seqs, **step_kw
+        )
     results[label] = (m, *state(actor))
     del actor
 

@@ -35,9 +35,16 @@ def main() -> None:
     odd_golds = [r"\frac{1}{2}", "0.5", "1", "7", "4"]
     odd_acc, odd_formatted, odd_metrics = score_distributed(odd_texts, odd_golds, timeout_s=30, budget_s=60)
 
-    out = {"r_acc": r_acc.tolist(), "formatted": formatted.tolist(), "metrics": metrics, "adv": adv.flatten().tolist(),
-           "redundant": redundant.tolist(), "odd_acc": odd_acc.tolist(), "odd_formatted": odd_formatted.tolist(),
-           "odd_metrics": odd_metrics}
+    out = {
+        "r_acc": r_acc.tolist(),
+        "formatted": formatted.tolist(),
+        "metrics": metrics,
+        "adv": adv.flatten().tolist(),
+        "redundant": redundant.tolist(),
+        "odd_acc": odd_acc.tolist(),
+        "odd_formatted": odd_formatted.tolist(),
+        "odd_metrics": odd_metrics,
+    }
     # Byte-equality across ranks, checked here too: gather every rank's advantages.
     shards = [torch.empty(P * G, device=comm_device()) for _ in range(dist.get_world_size())]
     dist.all_gather(shards, adv.flatten().to(comm_device()))

@@ -72,7 +72,7 @@ def megatron_greedy(model, lay: Layout, steps: int) -> torch.Tensor:  # [B, step
         if lay.pp > 1:
             dist.broadcast(nxt, src=last_rank_of_pp_group(), group=mpu.get_pipeline_model_parallel_group())
         seq = torch.cat([seq, nxt[:, None]], dim=1)
-    return seq[:, prompts.shape[1]:]
+    return seq[:, prompts.shape[1] :]
 
 
 def megatron_logprobs(model, rows: list[tuple[int, list[int]]], temperature: float) -> list[list[float]] | None:
@@ -83,13 +83,14 @@ def megatron_logprobs(model, rows: list[tuple[int, list[int]]], temperature: flo
     for b, (i, comp) in enumerate(rows):
         seq = prompts[i].tolist() + comp
         tokens[b, : len(seq)] = torch.tensor(seq)
-    res = forward.compute_logprobs(model, [{"tokens": tokens, "targets": torch.roll(tokens, -1, 1)}],
-                                   temperature=temperature)
+    res = forward.compute_logprobs(
+        model, [{"tokens": tokens, "targets": torch.roll(tokens, -1, 1)}], temperature=temperature
+    )
     if not res:
         return None
     lp = res[0]["logprobs"]  # [B, S]: position t scores token t + 1
     start = prompts.shape[1] - 1
-    return [lp[b, start: start + len(comp)].tolist() for b, (_, comp) in enumerate(rows)]
+    return [lp[b, start : start + len(comp)].tolist() for b, (_, comp) in enumerate(rows)]
 
 
 def truncate_at_eos(ids: list[int]) -> list[int]:
@@ -115,11 +116,20 @@ def as_rows(results: list[list[Completion]]) -> list[dict]:
 tp, pp = LAYOUTS[layouts[0]]
 lay = init_model_parallel(tp, pp, seed=1)
 # Megatron's parallel state first, then vLLM, on every rank in the same order.
-engine = VLLMEngine(str(vllm_dir), rollout_tp=rollout_tp, logprob_mode=logprob_mode, dtype="float32",
-                    max_model_len=64, load_format=load_format)
+engine = VLLMEngine(
+    str(vllm_dir),
+    rollout_tp=rollout_tp,
+    logprob_mode=logprob_mode,
+    dtype="float32",
+    max_model_len=64,
+    load_format=load_format,
+)
 no_logprobs = SamplingConfig(temperature=0.0, max_new_tokens=4)  # logprobs=False
-out: dict = {"prompts": prompts, "pre_sync": as_rows(engine.generate(prompts.tolist(), 1, greedy)),
-             "no_logprobs": as_rows(engine.generate(prompts.tolist(), 1, no_logprobs))}
+out: dict = {
+    "prompts": prompts,
+    "pre_sync": as_rows(engine.generate(prompts.tolist(), 1, greedy)),
+    "no_logprobs": as_rows(engine.generate(prompts.tolist(), 1, no_logprobs)),
+}
 
 for k, name in enumerate(layouts):
     tp, pp = LAYOUTS[name]
@@ -139,8 +149,12 @@ for k, name in enumerate(layouts):
         ref_greedy_lp = megatron_logprobs(model, [(c.prompt_index, c.token_ids) for p in vg for c in p], 1.0)
         ref_sampled_lp = megatron_logprobs(model, [(c.prompt_index, c.token_ids) for p in vs for c in p], 0.7)
         out[f"{name}/{phase}"] = {
-            "stats": vars(stats), "vllm_greedy": as_rows(vg), "vllm_sampled": as_rows(vs), "ref_greedy": ref_greedy,
-            "ref_greedy_logprobs": ref_greedy_lp, "ref_sampled_logprobs": ref_sampled_lp,
+            "stats": vars(stats),
+            "vllm_greedy": as_rows(vg),
+            "vllm_sampled": as_rows(vs),
+            "ref_greedy": ref_greedy,
+            "ref_greedy_logprobs": ref_greedy_lp,
+            "ref_sampled_logprobs": ref_sampled_lp,
         }
     dist.barrier()
 

@@ -10,8 +10,16 @@ from pathlib import Path
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import (AlgoConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig,
-                                  RolloutConfig, TrainConfig)
+from agpo_megatron.config import (
+    AlgoConfig,
+    BatchConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RolloutConfig,
+    TrainConfig,
+)
 from agpo_megatron.data.datasets import DatasetConfig
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.parallel import exit_cleanly, init_model_parallel
@@ -37,11 +45,23 @@ N, S = 4 // layout.dp, 24
 tokens = torch.randint(0, arch.vocab_size, (N, S), generator=g)
 mask = torch.zeros(N, S)
 mask[:, 5:20] = 1.0
-mb = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), loss_mask=mask, advantages=torch.randn(N, generator=g),
-          old_logprobs=torch.full((N, S), -4.0))
+mb = dict(
+    tokens=tokens,
+    targets=torch.roll(tokens, -1, 1),
+    loss_mask=mask,
+    advantages=torch.randn(N, generator=g),
+    old_logprobs=torch.full((N, S), -4.0),
+)
 with strict_collectives() as checked:
-    metrics = actor.policy_step([mb], PolicyLossConfig(), temperature=1.0, global_num_tokens=4 * 15,
-                                global_num_seqs=4, kl_coef=0.0, eps=(0.2, 0.2))
+    metrics = actor.policy_step(
+        [mb],
+        PolicyLossConfig(),
+        temperature=1.0,
+        global_num_tokens=4 * 15,
+        global_num_seqs=4,
+        kl_coef=0.0,
+        eps=(0.2, 0.2),
+    )
 assert metrics["grad_norm"] > 0, metrics
 sys.stdout.write(f"CHECKED {len(checked)} {sorted({n for n, _ in checked})}\n")  # one write per line
 sys.stdout.flush()
