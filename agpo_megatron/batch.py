@@ -36,7 +36,7 @@ class Sequences:
     def num_response_tokens(self) -> int:
         return sum(len(t) - p for t, p in zip(self.tokens, self.prompt_lens))
 
-    def select(self, idx: range | list[int]) -> "Sequences":
+    def select(self, idx: range | list[int]) -> Sequences:
         idx = list(idx)
         return Sequences(
             tokens=[self.tokens[i] for i in idx],

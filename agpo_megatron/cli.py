@@ -23,8 +23,8 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's config, data, model or checkpoint (each names what is wrong)."""
-    from agpo_megatron.checkpoint import CheckpointError
     from agpo_megatron.bridge.hf_writer import HFWriteError
+    from agpo_megatron.checkpoint import CheckpointError
     from agpo_megatron.config_io import ConfigError
     from agpo_megatron.data.datasets import DatasetError
     from agpo_megatron.models.hf_config import UnsupportedModelError

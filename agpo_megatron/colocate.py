@@ -24,7 +24,6 @@ second `train()` on the same session (the demo's baseline run) builds its actor 
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Callable, Iterator
 from typing import Protocol
 

@@ -18,7 +18,6 @@ from agpo_megatron.algo.loss import PolicyLossConfig
 from agpo_megatron.config_io import ConfigError, load_config
 from agpo_megatron.data.datasets import DatasetConfig
 
-
 REWARD_RANGES: dict[str, tuple[float, float]] = {"math": (0.0, 1.0)}
 """(lowest, highest) accuracy reward of each `data.reward`. With the length reward on, an all-correct
 group still scores exactly r_max: its length reward is 0 (AGPO m2)."""
@@ -333,7 +332,8 @@ class BatchConfig:
     prompts_per_update: int | None = None
     """Prompts per optimizer step (the PPO mini-batch, VeRL's ppo_mini_batch_size; paper: 32), whole
     prompt groups. A rollout makes prompts_per_rollout / prompts_per_update optimizer steps per
-    algo.ppo_epochs, the first on-policy, the later ones off-policy (where the clip acts). None = prompts_per_rollout."""
+    algo.ppo_epochs, the first on-policy, the later ones off-policy (where the clip acts).
+    None = prompts_per_rollout."""
     micro_batch_size: int = 4
     """Sequences per forward/backward micro-batch on one data-parallel rank."""
     max_tokens_per_micro_batch: int | None = None
@@ -390,8 +390,8 @@ class DataConfig:
     """Per-answer verification timeout (seconds), for the answers the fast string/number check cannot decide."""
     reward_step_budget_s: float = 60.0
     """Budget (seconds) for all of one step's (or one evaluation's) answer checks on a rank; the checks
-    run concurrently on the verifier pool and the ranks split the batch. Checks still running, or not yet started, when it
-    runs out score 0 and count in reward/num_timeouts. Bounds the reward phase however many answers
+    run concurrently on the verifier pool and the ranks split the batch. Checks still running, or not
+    yet started, when it runs out score 0 and count in reward/num_timeouts. Bounds the reward phase however many answers
     are hostile (without it: about num_answers / pool_workers x reward_timeout_s)."""
     max_drop_frac: float = 0.1
     """Largest fraction of a dataset's prompts the filters (e.g. max_prompt_tokens) may drop before

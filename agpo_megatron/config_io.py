@@ -14,8 +14,8 @@ import dataclasses
 import re
 import types
 import typing
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml

@@ -19,8 +19,8 @@ import dataclasses
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.models.hf_config import ModelArch
 from agpo_megatron.plan_formulas import (
-    GiB,
     Activations,
+    GiB,
     LossSet,
     TrainState,
     loss_working_set,
@@ -151,7 +151,7 @@ def plan_memory(
         fwd_act = act.forward_only if scores else 0
         loss_fwd = (loss.fused_forward if cfg.algo.fused_loss else loss.naive_forward) if last and scores else 0
 
-        def megatron(offloaded: bool) -> dict[str, int]:
+        def megatron(offloaded: bool, st=st) -> dict[str, int]:  # st: this stage's (bound now)
             return {
                 "actor params": 0 if offloaded and off.params else st.params,
                 "actor grad buffer": 0 if offloaded and off.grads else st.grads,

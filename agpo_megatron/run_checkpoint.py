@@ -36,7 +36,8 @@ import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +47,9 @@ from agpo_megatron import step_dirs
 from agpo_megatron.algo.controllers import ClipController, KLController
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import ConfigError, to_dict
-from agpo_megatron.redact import redact
 from agpo_megatron.parallel import Layout
 from agpo_megatron.platform import cpu as cpu_platform
+from agpo_megatron.redact import redact
 
 FORMAT = 1
 RNG_DIR = "rng"

@@ -34,7 +34,7 @@ class Session:
     """Every token that ends a response (the tokenizer's EOS and all generation_config eos ids)."""
 
     @classmethod
-    def create(cls, cfg: TrainConfig) -> "Session":
+    def create(cls, cfg: TrainConfig) -> Session:
         from transformers import AutoTokenizer
 
         from agpo_megatron.rollout.vllm_engine import VLLMEngine
@@ -63,7 +63,7 @@ class Session:
         stop_ids = model_stop_token_ids(cfg.model.hf_path, tokenizer.eos_token_id)
         return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine, stop_ids)
 
-    def for_run(self, cfg: TrainConfig) -> "Session":
+    def for_run(self, cfg: TrainConfig) -> Session:
         """This session (same world, model, data and engine) for another run's config, e.g. the demo's
         GRPO baseline and AGPO runs. Only what the session did not build from may differ."""
         for field in ("model", "parallel", "rollout", "data"):

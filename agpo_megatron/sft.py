@@ -59,7 +59,7 @@ def sft(
             pad_to_multiple=actor.pad_multiple,
         )
 
-        def nll(logits, mb):
+        def nll(logits, mb, global_tokens=global_tokens):  # bound now: called within this step
             lp, _ = vocab_parallel_logprobs(logits, mb["targets"], with_entropy=False)
             mask = mb["loss_mask"]
             loss = -(lp * mask).sum() / global_tokens

@@ -39,8 +39,8 @@ from agpo_megatron.config_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
 from agpo_megatron.data.reward_dist import score_distributed
 from agpo_megatron.metrics import MetricsLogger, PhaseTimer, step_row
-from agpo_megatron.parallel import set_collective_timeout
 from agpo_megatron.offload import ActorMemory
+from agpo_megatron.parallel import set_collective_timeout
 from agpo_megatron.policy import Actor
 from agpo_megatron.run_checkpoint import RunCheckpointer
 from agpo_megatron.session import Session

@@ -218,7 +218,7 @@ def main() -> None:
             x["hidden"].grad = x["weight"].grad = None
             wall, cpu = time.perf_counter(), time.process_time()
             if i == 0:
-                total, weight_sized, loss = saved_bytes(lambda: run_variant(name, x), x["weight"].shape)
+                total, weight_sized, loss = saved_bytes(lambda name=name: run_variant(name, x), x["weight"].shape)
                 r.update(saved=total, saved_excl=total - weight_sized)
             else:
                 loss = run_variant(name, x)
@@ -257,8 +257,8 @@ def main() -> None:
 
     naive = results["naive"]
     print(
-        "\n| variant | saved for backward | excl. weight-sized | naive / this (excl. weight-sized) | peak RSS | RSS increase "
-        "| this / naive | wall time | this / naive | CPU time | this / naive |"
+        "\n| variant | saved for backward | excl. weight-sized | naive / this (excl. weight-sized) | peak RSS "
+        "| RSS increase | this / naive | wall time | this / naive | CPU time | this / naive |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -178,7 +178,8 @@ def main() -> None:
         f"(prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}) x G={args.group} x {args.new_tokens} new "
         f"tokens = {expected} completion tokens; torch threads {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; median of {args.repeats}; "
-        f"vLLM engine start-up {startup:.1f} s; HF rows per generate call {args.hf_batch or args.prompts * args.group}\n"
+        f"vLLM engine start-up {startup:.1f} s; "
+        f"HF rows per generate call {args.hf_batch or args.prompts * args.group}\n"
     )
     hf_name = "HF transformers generate"
     base, base_cpu = statistics.median(times[hf_name]), statistics.median(cpu[hf_name])

@@ -108,7 +108,7 @@ def main() -> None:
                 d.copy_(t)
 
     rows.append(("memcpy (1 process, same tensors)", timed(memcpy, args.repeats)))
-    del dst
+    dst.clear()  # free the copies before the next measurement
 
     if args.tp > 1:
         # The transport's own ceiling: the TP-sharded bytes in a single all_gather call.

@@ -16,7 +16,6 @@ from agpo_megatron.colocate import Colocation
 from agpo_megatron.config import TrainConfig
 from agpo_megatron.config_io import load_config
 from agpo_megatron.data.datasets import Example
-
 from agpo_megatron.parallel import Layout
 from agpo_megatron.rollout.base import Completion
 

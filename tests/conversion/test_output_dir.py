@@ -9,8 +9,8 @@ import torch
 
 from agpo_megatron import checksums
 from agpo_megatron.bridge import output_dir
-from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.bridge.hf_writer import HFCheckpointWriter, HFWriteError, TensorSpec
+from agpo_megatron.checkpoint import CheckpointError
 
 
 def fill(d: Path, files: dict[str, str]) -> Path:

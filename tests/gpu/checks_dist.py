@@ -72,7 +72,7 @@ class CollectiveRecorder:
         self.off_device: list[str] = []
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["CollectiveRecorder"]:
+    def active(self) -> Iterator[CollectiveRecorder]:
         import torch
         import torch.distributed as dist
         import torch.distributed.distributed_c10d as c10d

@@ -251,7 +251,7 @@ class Timer:
     def __init__(self, ctx: Ctx):
         self.gpu, self.ms = ctx.gpu, float("nan")
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         if self.gpu:
             import torch
 

@@ -3,13 +3,14 @@
 Prints "TIMEOUT <seconds> <groups>" from rank 0 when its all-reduce raised, "NOTIMEOUT" otherwise.
 """
 
+import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from agpo_megatron.parallel import comm_device, exit_cleanly, init_model_parallel, set_collective_timeout
+from agpo_megatron.parallel import comm_device, init_model_parallel, set_collective_timeout
 
 layout = init_model_parallel(1, 1, seed=0)
 groups = set_collective_timeout(2.0)
@@ -24,7 +25,5 @@ except RuntimeError:
 if layout.rank == 0:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-import os
-
 sys.stdout.flush()
 os._exit(0)  # the world is broken after a timeout: no barrier

@@ -83,7 +83,7 @@ model, ddp, opt, sched = trainable(True)
 for mb, out in zip(mbs, forward.compute_logprobs([ddp], mbs)):
     mb["old"] = out["logprobs"]
 losses = []
-for step in range(6):
+for _ in range(6):
     ddp.zero_grad_buffer()
     opt.zero_grad()
     out = forward.forward_backward([ddp], mbs, loss_fn, forward_only=False)

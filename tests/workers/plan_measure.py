@@ -11,8 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
