@@ -31,6 +31,7 @@ def test_synthetic_rows_are_deterministic_cached_and_carry_levels(cache):
     assert resolve_dataset("data/train.jsonl") == "data/train.jsonl"  # a real path passes through
 
 
+@pytest.mark.slow
 def test_concurrent_ranks_build_one_complete_entry(cache):
     # Four processes resolve the same spec at once, as the ranks of a job do before any process group.
     code = "from agpo_megatron.generated import resolve_dataset; print(resolve_dataset('synthetic:arith?n=300&seed=7'))"

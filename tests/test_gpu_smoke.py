@@ -39,6 +39,7 @@ def _smoke(*args: str, out: Path, extra_pythonpath: Path | None = None, timeout:
     return proc, status, lines
 
 
+@pytest.mark.slow
 def test_dry_run_lists_every_check_and_passes(tmp_path):
     proc, status, lines = _smoke("--dry-run", "--json", str(tmp_path / "copy.json"), out=tmp_path / "out")
     detail = f"\n{proc.stdout}\n{proc.stderr[-3000:]}"
@@ -59,6 +60,7 @@ def test_dry_run_lists_every_check_and_passes(tmp_path):
     assert (fused["n"], fused["h"], fused["v"]) == (4096, 3584, 152064)  # the issue's size, checked not run
 
 
+@pytest.mark.slow
 def test_dry_run_fails_when_a_project_function_is_renamed(tmp_path):
     """A `sitecustomize` removes parallel.comm_device in every process, as a rename would."""
     shim = _shim(tmp_path, "import agpo_megatron.parallel as p\ndel p.comm_device\n")
@@ -80,6 +82,7 @@ def _shim(tmp_path: Path, body: str) -> Path:
     return shim
 
 
+@pytest.mark.slow
 def test_a_crashing_section_is_a_fail_and_the_next_one_still_runs(tmp_path):
     shim = _shim(tmp_path, "import os\nimport tests.gpu.checks_env as m\nm.run_env = lambda ctx: os.abort()\n")
     proc, status, lines = _smoke("--cpu-logic", "--only", "env,nccl_world", out=tmp_path / "out", extra_pythonpath=shim)
@@ -88,6 +91,7 @@ def test_a_crashing_section_is_a_fail_and_the_next_one_still_runs(tmp_path):
     assert "not reported: worker exited" in next(ln for ln in lines if ln.startswith("SMOKE env "))
 
 
+@pytest.mark.slow
 def test_a_hanging_section_is_stopped_at_its_timeout(tmp_path, monkeypatch):
     from tests.gpu.smoke import _spawn
 
@@ -99,6 +103,7 @@ def test_a_hanging_section_is_stopped_at_its_timeout(tmp_path, monkeypatch):
     assert got == [] and why.startswith("timed out after 8s"), why
 
 
+@pytest.mark.slow
 def test_gpu_mode_without_cuda_fails_env_and_skips_the_rest(tmp_path):
     import torch
 

@@ -32,6 +32,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         read_jsonl(p)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

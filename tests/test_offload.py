@@ -64,6 +64,7 @@ def test_refuses_memory_torch_did_not_allocate():
         HostStash([torch.from_numpy(np.zeros(4))], what="param")
 
 
+@pytest.mark.slow
 def test_actor_offload_is_invisible_to_training_and_reference_matches_actor(tmp_path):
     """Megatron DDP at DP=2: fp32 and bf16, with and without the distributed optimizer."""
     hf = save_tiny_hf_model(

@@ -39,6 +39,7 @@ def _planned(params) -> list:
     return [[p.name, list(p.shape), p.dtype] for p in params]
 
 
+@pytest.mark.slow
 def test_planned_bytes_equal_built_megatron_ddp_and_optimizer(tmp_path):
     """Params, DDP grad buffer, fp32 main params and Adam state of real models on 2 gloo ranks.
 
@@ -85,6 +86,7 @@ def test_planned_bytes_equal_built_megatron_ddp_and_optimizer(tmp_path):
     assert m["param_bytes"] > unpadded
 
 
+@pytest.mark.slow
 def test_meta_device_gptmodel_of_qwen25_shapes_matches_planned_params(tmp_path):
     """One rank's real GPTModel shard (7B at TP=2, 32B at TP=8, 72B at TP=8 x PP=4, first and last
     stage) built on `meta`: every name, shape and dtype, hence the bytes, equal the planner's."""

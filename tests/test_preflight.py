@@ -79,6 +79,7 @@ def test_unwritable_save_dir_is_found_before_training(capsys, cfg, tmp_path):
     assert rc == 2 and "checkpoint.save_dir=" in err and "is not writable" in err
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(cfg):
     proc = subprocess.run(
         [

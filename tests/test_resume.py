@@ -224,6 +224,7 @@ def straight(tiny, tmp_path_factory) -> Path:
     return _train(tiny, tmp_path_factory.mktemp("straight"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_preempted_run_saves_exits_75_and_resumes_exactly(tiny, straight, tmp_path):
     # save_interval=0: only the last step is a save step, so the checkpoint below is the preemption's.
@@ -245,6 +246,7 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(tiny, straight, tmp_pa
     assert_same_run(tmp_path, straight)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("point", ["shards", "before_rename", "before_latest"])
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tiny, straight, tmp_path, point):
@@ -268,6 +270,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tiny, straight, tmp_
     assert_same_run(tmp_path, straight)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_tp2_kill_group_and_resume_from_saved_initial_weights(tiny, tmp_path):
     """TP=2, random init: the Reference's source is the saved `initial_weights`, not the resumed actor."""

@@ -72,6 +72,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_rng_states_round_trip_through_a_file(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", _RNG.format(path=tmp_path / "rng.pt")],

@@ -91,6 +91,7 @@ for step in (1, 2):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["before_rename", "before_latest", "after_latest"])
 def test_sigkill_during_a_commit_leaves_a_loadable_previous_step(tmp_path, point):
     proc = subprocess.run(

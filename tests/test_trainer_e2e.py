@@ -85,6 +85,7 @@ def _check_run(out: Path, results: dict) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
     # 2 mini-batches per rollout (issue 10), each split over the DP=2 ranks
@@ -130,6 +131,7 @@ def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
     assert moved, "the exported checkpoint equals the random init: training or saving lost the updates"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_tp2_fused_loss_reference_kl_adaptive_tis_dynamic_batch_offload(tmp_path):
     results = _demo(

@@ -3,10 +3,13 @@ may be missing or extra; a missing or extra real weight is still an error."""
 
 import json
 
+import pytest
+
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
 
 
+@pytest.mark.slow
 def test_checkpoints_load_across_local_and_te_like_specs(tmp_path):
     # Qwen3: its q/k norms are TENorms in the TE spec, with extra state of their own.
     hf_dir = save_tiny_hf_model(

@@ -48,6 +48,7 @@ def test_hanging_crashing_and_raising_tasks_and_the_pool_recovers(hang_pool):
     assert hang_pool.run([("x", "x")], timeout_s=60) == [DONE_TRUE]
 
 
+@pytest.mark.slow
 def test_budget_bounds_a_call_of_hostile_tasks(hang_pool):
     """N hanging tasks on 2 workers: without a budget each one waits out its own deadline (N
     timeouts, N worker restarts, N / 2 rounds); with a budget of one deadline only the two running
@@ -71,6 +72,7 @@ def test_budget_keeps_finished_results_and_skips_the_queue(hang_pool):
     assert out[3] == Outcome(Status.OVER_BUDGET)  # queued behind two hanging tasks past the budget
 
 
+@pytest.mark.slow
 def test_budget_starts_with_the_first_task_not_with_pool_start_up(monkeypatch):
     # Each worker's start-up (the preload) takes longer than the budget; the tasks still run.
     monkeypatch.setenv("AGPO_TEST_SLOW_IMPORT", "1")
@@ -113,6 +115,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_workers_exit_when_the_trainer_is_killed(tmp_path):
     """Issue 11: after `kill -9` of the parent, its pool workers (busy in a task) go away."""
     script = tmp_path / "parent.py"

@@ -24,6 +24,7 @@ def test_score_fn_must_answer_every_sample():
         score_distributed(["a", "b"], ["1", "2"], score_fn=lambda r, g: [RewardResult(False, False, None)])
 
 
+@pytest.mark.slow
 def test_rank_dependent_verifier_gives_identical_rewards_and_advantages():
     out = torchrun("reward_ranks.py", timeout=300)
     rows = {}

@@ -23,6 +23,7 @@ def results(tmp_path_factory):
     return {(lay, r): torch.load(tmp / f"{lay}_rank{r}.pt") for lay in LAYOUTS for r in (0, 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_logprobs_and_entropy_of_every_sequence_match_padded(results, layout):
     last = [r for r in (0, 1) if "logprobs_pad" in results[layout, r]]
@@ -35,6 +36,7 @@ def test_logprobs_and_entropy_of_every_sequence_match_padded(results, layout):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{layout} rank {r} {key} seq {i}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("loss", ["plain", "fused"])
 def test_loss_and_gradients_match_padded(results, layout, loss):
@@ -49,6 +51,7 @@ def test_loss_and_gradients_match_padded(results, layout, loss):
             torch.testing.assert_close(pack[name], pad[name], atol=1e-6, rtol=1e-4, msg=f"{layout} rank {r} {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_packing_computes_fewer_tokens(results, layout):
     tokens = results[layout, 0]["computed_tokens"]
@@ -57,6 +60,7 @@ def test_packing_computes_fewer_tokens(results, layout):
         assert len(set(results[layout, 0]["shapes_pack"])) == 1
 
 
+@pytest.mark.slow
 def test_what_parity_relies_on(results):
     """Without the block-diagonal mask sequences see each other; RoPE at row offsets is only rounding-close."""
     res = results["tp1", 0]

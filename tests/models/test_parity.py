@@ -7,6 +7,7 @@ from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_logprobs_entropy_tp2_pp2_match_tp1_and_hf(tmp_path, model_type):
     from transformers import AutoModelForCausalLM

@@ -1,11 +1,13 @@
 """Megatron DDP at DP=2 gives the DP=1 gradient of the policy loss; the distributed optimizer trains."""
 
+import pytest
 import torch
 
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
 
 
+@pytest.mark.slow
 def test_dp2_gradient_equals_dp1_and_optimizer_step_decreases_loss(tmp_path):
     hf_dir = save_tiny_hf_model(
         tmp_path / "hf", "qwen2", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=128

