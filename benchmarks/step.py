@@ -206,7 +206,7 @@ def main() -> None:
         layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed)
         engine = LengthEngine(dist_name, vocab=args.vocab, scale=args.scale)
         session = Session(cfg, arch, layout, None, 0, examples, [], engine)
-        train(cfg, session)
+        train(session)
         if rank0:  # the first step of every run warms up
             results.setdefault(label, []).extend(read_jsonl(run_dir / "metrics.jsonl")[1:])
         dist.barrier()
