@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,25 +90,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from agpo_megatron.parallel import free_port
+    from agpo_megatron.demo_seeds import main as sweep
+    from agpo_megatron.demo_seeds import run_demo
 
     if any(a == "--seeds" or a.startswith("--seeds=") for a in rest):
-        from agpo_megatron.demo_seeds import main as sweep
-
         return sweep([*rest, f"--nproc={args.nproc}"])
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={args.nproc}",
-        f"--master-port={free_port()}",
-        "-m",
-        "agpo_megatron.demo",
-        *rest,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    return run_demo(args.nproc, rest)
 
 
 def _plot(args: argparse.Namespace) -> int:

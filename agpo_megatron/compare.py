@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -88,29 +87,11 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def plot(runs: list[dict[str, Any]], out_png: str | Path) -> Path:
-    """One panel per metric in CURVES that any run logged; one line per run."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot as plt
+    """One panel per metric in CURVES that any run logged; one line per run (`plot.plot_runs`)."""
+    from agpo_megatron.plot import plot_runs
 
-    keys = [k for k in CURVES if any(k in row for r in runs for row in r["rows"])]
-    if not keys:
-        raise ValueError(f"none of {list(CURVES)} is in any run's metrics.jsonl")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, r in zip(_labels([r["dir"] for r in runs]), runs):
-            pts = [(row["step"], row[key]) for row in r["rows"] if key in row]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    labels = _labels([r["dir"] for r in runs])  # unique: runs that share a name are told apart by path
+    return plot_runs([(lb, Path(r["dir"]) / "metrics.jsonl") for lb, r in zip(labels, runs)], out_png, keys=CURVES)
 
 
 def compare(run_dirs: list[str | Path], out_prefix: str | Path = "compare") -> tuple[str, Path, Path]:

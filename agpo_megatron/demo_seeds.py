@@ -148,6 +148,25 @@ def _same_args(results_path: Path, seed: int, demo_args: list[str]) -> bool:
     return recorded == [*demo_args, f"--seed={seed}"]
 
 
+def run_demo(nproc: int, demo_args: list[str]) -> int:
+    """`agpo_megatron.demo` on `nproc` local ranks (torchrun); returns its exit code."""
+    from agpo_megatron.parallel import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "agpo_megatron.demo",
+        *demo_args,
+    ]
+    # One thread per rank: 2 ranks on 2 cores; more threads would oversubscribe them.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", required=True, help="e.g. 0-4")
@@ -161,31 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     out = Path(args.out)
-    from agpo_megatron.parallel import free_port
-
     results = {}
     for seed in seeds:
         run_dir = out / f"seed{seed}"
         res = run_dir / "results.json"
         if not _same_args(res, seed, demo_args):
             print(f"== seed {seed}: agpo demo --seed {seed} --out {run_dir} {shlex.join(demo_args)}", flush=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc-per-node={args.nproc}",
-                f"--master-port={free_port()}",
-                "-m",
-                "agpo_megatron.demo",
-                "--out",
-                str(run_dir),
-                "--seed",
-                str(seed),
-                *demo_args,
-            ]
-            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             res.unlink(missing_ok=True)
-            rc = subprocess.call(cmd, env=env)
+            rc = run_demo(args.nproc, ["--out", str(run_dir), "--seed", str(seed), *demo_args])
             if rc != 0 or not res.is_file():
                 print(
                     f"agpo demo --seeds: seed {seed} failed (exit {rc}); its logs: {run_dir / 'logs'}", file=sys.stderr
