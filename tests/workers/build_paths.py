@@ -13,20 +13,11 @@ from pathlib import Path
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import (
-    AlgoConfig,
-    BatchConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    RolloutConfig,
-    TrainConfig,
-)
-from agpo_megatron.data.datasets import DatasetConfig
+from agpo_megatron.config import AlgoConfig, OptimConfig, TrainConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.parallel import exit_cleanly, init_model_parallel
+from tests.workers.actor_config import actor_config
 
 hf_dir, check = Path(sys.argv[1]), sys.argv[2]
 arch = read_arch(hf_dir)
@@ -34,14 +25,8 @@ layout = init_model_parallel(1, 1, seed=3)
 
 
 def cfg(dtype: str) -> TrainConfig:
-    return TrainConfig(
-        model=ModelConfig(hf_path=str(hf_dir), params_dtype=dtype, spec="local", max_seq_len=64),
-        parallel=ParallelConfig(),
-        algo=AlgoConfig(fused_loss=False),
-        optim=OptimConfig(lr=1e-4, clip_grad=0.0),
-        rollout=RolloutConfig(max_new_tokens=16),
-        batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
-        data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
+    return actor_config(
+        hf_dir, algo=AlgoConfig(fused_loss=False), optim=OptimConfig(lr=1e-4, clip_grad=0.0), dtype=dtype
     )
 
 

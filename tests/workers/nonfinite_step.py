@@ -10,32 +10,15 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import (
-    AlgoConfig,
-    BatchConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    RolloutConfig,
-    TrainConfig,
-)
-from agpo_megatron.data.datasets import DatasetConfig
+from agpo_megatron.config import AlgoConfig
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.nonfinite import NonFiniteError
 from agpo_megatron.parallel import exit_cleanly, init_model_parallel
 from agpo_megatron.policy import Actor
+from tests.workers.actor_config import actor_config
 
 hf_dir = Path(sys.argv[1])
-cfg = TrainConfig(
-    model=ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=64),
-    parallel=ParallelConfig(),
-    algo=AlgoConfig(max_bad_steps=1),
-    optim=OptimConfig(lr=1e-3),
-    rollout=RolloutConfig(max_new_tokens=16),
-    batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
-    data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
-)
+cfg = actor_config(hf_dir, algo=AlgoConfig(max_bad_steps=1))
 arch = read_arch(hf_dir)
 layout = init_model_parallel(1, 1, seed=3)
 rank = layout.rank

@@ -10,32 +10,15 @@ from pathlib import Path
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import (
-    AlgoConfig,
-    BatchConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    RolloutConfig,
-    TrainConfig,
-)
-from agpo_megatron.data.datasets import DatasetConfig
+from agpo_megatron.config import AlgoConfig
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.parallel import exit_cleanly, init_model_parallel
 from agpo_megatron.policy import Actor
 from tests.strict_collectives import strict_collectives
+from tests.workers.actor_config import actor_config
 
 hf_dir, tp, fused = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "fused"
-cfg = TrainConfig(
-    model=ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=64),
-    parallel=ParallelConfig(tp=tp),
-    algo=AlgoConfig(fused_loss=fused, loss_chunk_tokens=16),
-    optim=OptimConfig(lr=1e-3),
-    rollout=RolloutConfig(max_new_tokens=16),
-    batch=BatchConfig(prompts_per_rollout=2, micro_batch_size=2),
-    data=DataConfig(train=DatasetConfig(path="unused.jsonl", answer_format="raw", max_prompt_tokens=16)),
-)
+cfg = actor_config(hf_dir, algo=AlgoConfig(fused_loss=fused, loss_chunk_tokens=16), tp=tp)
 arch = read_arch(hf_dir)
 layout = init_model_parallel(tp, 1, seed=3)
 actor = Actor(arch, cfg, layout, total_steps=1)
