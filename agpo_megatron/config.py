@@ -39,6 +39,10 @@ class ModelConfig:
     spec: Literal["auto", "local", "te"] = "auto"
     """Layer implementation: Transformer Engine ('te', GPU only), Megatron-local ('local'), or
     'auto' = TE when CUDA and TE are present, else local."""
+    local_attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Core attention of the local spec: torch's `scaled_dot_product_attention` (one fused kernel,
+    models/sdpa_attention.py) or Megatron's unfused `DotProductAttention` (baddbmm, masked softmax,
+    bmm), the reference it is tested against. The TE spec ignores it."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter / compute dtype (Megatron keeps fp32 main params in the optimizer for 16-bit)."""
     fp8: Literal["e4m3", "hybrid"] | None = None

@@ -152,6 +152,10 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCon
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     else:
         spec = _arbitrary_mask(get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"))
+        if model_cfg.local_attention == "sdpa":
+            from agpo_megatron.models.sdpa_attention import with_sdpa_attention
+
+            spec = with_sdpa_attention(spec)
     spec = _block_spec(tf_config, spec, spec_name)
     rs = arch.rope_scaling
     with cpu_platform.megatron_scope():

@@ -1,4 +1,5 @@
-"""Megatron log-probs / entropy are layout-independent (TP=2, PP=2 == TP=1) and equal HF's."""
+"""Megatron log-probs / entropy are layout-independent (TP=2, PP=2 == TP=1), the same with either
+local core attention (SDPA, Megatron's), and equal HF's."""
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ def test_logprobs_entropy_tp2_pp2_match_tp1_and_hf(tmp_path, model_type):
         vocab_size=128,
     )
     torchrun("model_parity.py", hf_dir, tmp_path)
-    res = {k: torch.load(tmp_path / f"{k}.pt") for k in ("tp1", "tp2", "pp2")}
-    for k in ("tp2", "pp2"):
+    res = {k: torch.load(tmp_path / f"{k}.pt") for k in ("tp1", "tp2", "pp2", "tp1_megatron_attention")}
+    for k in ("tp2", "pp2", "tp1_megatron_attention"):
         for field in ("logprobs", "entropy"):
             torch.testing.assert_close(res[k][field], res["tp1"][field], atol=1e-5, rtol=0, msg=f"{k} {field}")
 

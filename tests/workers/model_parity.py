@@ -1,8 +1,10 @@
-"""2-rank worker: per-token log-probs and entropy of one HF checkpoint at TP=1, TP=2 and PP=2.
+"""2-rank worker: per-token log-probs and entropy of one HF checkpoint at TP=1, TP=2 and PP=2,
+and at TP=1 with Megatron's own core attention instead of SDPA.
 
 Writes {layout}.pt (from the last pipeline stage, rank-0-of-TP) into OUT_DIR for the test to compare.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,9 +24,12 @@ g = torch.Generator().manual_seed(0)
 tokens = torch.randint(0, arch.vocab_size, (4, 24), generator=g)
 mbs = [{"tokens": t, "targets": torch.roll(t, -1, dims=1)} for t in tokens.split(2)]
 
-for name, tp, pp in [("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)]:
+# tp1_megatron_attention: Megatron's unfused core attention instead of SDPA (model.local_attention).
+megatron_attention = dataclasses.replace(model_cfg, local_attention="megatron")
+for name, tp, pp in [("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2), ("tp1_megatron_attention", 1, 1)]:
     lay = init_model_parallel(tp, pp, seed=1)
-    model = build.build_gpt(arch, model_cfg, ParallelConfig(tp=tp, pp=pp))
+    cfg = megatron_attention if name.endswith("megatron_attention") else model_cfg
+    model = build.build_gpt(arch, cfg, ParallelConfig(tp=tp, pp=pp))
     load_hf_weights(model, arch, HFCheckpointReader(hf_dir), tp_rank=lay.tp_rank, tp=tp, pp_rank=lay.pp_rank, pp=pp)
     res = forward.compute_logprobs(model, mbs, temperature=0.7, with_entropy=True)
     if lay.is_last_stage and lay.tp_rank == 0 and lay.dp_rank == 0:
