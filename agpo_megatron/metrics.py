@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 from agpo_megatron.redact import install_log_redaction, redact
+
+logger = logging.getLogger(__name__)
 
 
 class PhaseTimer:
@@ -107,7 +110,11 @@ class MetricsLogger:
         wandb_project: str | None = None,
         progress_bar: bool = True,
         filename: str = "metrics.jsonl",
+        start_step: int = 1,
     ):
+        """`start_step`: the first step this run logs. A fresh run (1) moves an earlier run's file
+        aside; a resumed one (> 1) keeps the rows of the steps before it and drops the rest, which it
+        is about to log again (they came after the checkpoint it resumes from)."""
         self.enabled = enabled
         self.path = Path(out_dir) / filename
         self._wandb = None
@@ -115,6 +122,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size:
+            _continue_from(self.path, start_step)
         self._file = self.path.open("a")
         install_log_redaction()
         config = redact(config)  # a token passed in a config value (or a path) is never written
@@ -152,6 +161,35 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._file.close()
+
+
+def _continue_from(path: Path, start_step: int) -> None:
+    """Make `path` hold only rows that precede `start_step` (see `MetricsLogger`); nothing is deleted."""
+    if start_step <= 1:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        path.rename(aside)
+        logger.info("%s is from an earlier run: moved to %s; this run starts a new one", path, aside.name)
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line).get("step", 0) < start_step
+        except (json.JSONDecodeError, AttributeError):
+            keep = False  # a line cut short when the previous run was killed
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        logger.info("%s: resuming at step %d, dropped %d rows logged after the checkpoint", path, start_step, dropped)
 
 
 def _plain(v: Any) -> Any:

@@ -78,6 +78,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         config=to_dict(cfg),
         wandb_project=cfg.logging.wandb_project,
         progress_bar=cfg.logging.progress_bar,
+        start_step=first,
     )
     timer, G, T = PhaseTimer(), cfg.algo.group_size, cfg.rollout.temperature
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import statistics
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def main() -> None:
     for dist_name, packing, rep in runs:
         label = f"{dist_name}/{'packed' if packing else 'padded'}"
         run_dir = out / dist_name / f"{'packed' if packing else 'padded'}_{rep}"
+        if rank0:  # this run's rows only, not an earlier invocation's
+            shutil.rmtree(run_dir, ignore_errors=True)
+        dist.barrier()
         cfg = load_train_config(
             EXAMPLE,
             [

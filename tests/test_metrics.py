@@ -25,6 +25,33 @@ def test_jsonl_and_plot(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _run(out, start_step, steps):
+    log = MetricsLogger(out, enabled=True, total_steps=len(steps), progress_bar=False, start_step=start_step)
+    for step in steps:
+        log.log(step, {"run": start_step})
+    log.close()
+
+
+def test_a_fresh_run_moves_an_earlier_runs_rows_aside(tmp_path):
+    _run(tmp_path, 1, [1, 2, 3])
+    _run(tmp_path, 1, [1, 2])
+    assert [(r["step"], r["run"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(1, 1), (2, 1)]
+    (aside,) = tmp_path.glob("metrics.*.jsonl")  # the earlier run's rows, intact
+    assert [r["step"] for r in read_jsonl(aside)] == [1, 2, 3]
+    _run(tmp_path, 1, [1])  # a third run in the same second gets its own name
+    assert len(list(tmp_path.glob("metrics.*.jsonl"))) == 2
+
+
+def test_a_resumed_run_keeps_the_steps_before_it_and_logs_the_rest_once(tmp_path):
+    _run(tmp_path, 1, [1, 2, 3, 4])
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "ru')  # killed mid-write
+    _run(tmp_path, 3, [3, 4, 5])  # the checkpoint was at step 2
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["run"]) for r in rows] == [(1, 1), (2, 1), (3, 3), (4, 3), (5, 3)]
+    assert not list(tmp_path.glob("metrics.*.jsonl"))
+
+
 def test_bad_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1}\n{oops\n')
