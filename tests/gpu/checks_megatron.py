@@ -215,3 +215,69 @@ def run_bridge_export(ctx: Ctx) -> None:
             sync_buckets=stats.buckets,
             sync_mib=stats.bytes / 2**20,
         )
+
+
+def run_local_sdpa_parity(ctx: Ctx) -> None:
+    """The local spec's SDPA core attention (models/sdpa_attention.py, the default) against Megatron's
+    unfused `DotProductAttention` on the same weights: per-sequence log-probs of padded and packed
+    micro-batches. On CUDA, SDPA takes the mask through its memory-efficient kernel, which CPU
+    tests never run."""
+    prepare(ctx)
+    import dataclasses
+
+    import torch
+
+    from agpo_megatron import batch as batching
+    from agpo_megatron.models import build, forward
+    from agpo_megatron.packing import unpack
+    from tests.gpu.common import rel_err
+
+    require_attrs(build, "build_gpt")
+    require_attrs(forward, "compute_logprobs")
+    with check(ctx, "local_sdpa_parity"):
+        _init(ctx)
+        arch, cfg = tiny_arch(ctx.dtype_name), tiny_cfg(ctx)
+        models = {}
+        for impl in ("megatron", "sdpa"):
+            models[impl] = build.build_gpt(arch, dataclasses.replace(cfg.model, local_attention=impl), cfg.parallel)
+        models["sdpa"].load_state_dict(models["megatron"].state_dict())
+        seqs = tiny_sequences(arch.vocab_size)
+        layouts = {
+            "padded": micro_batches(seqs),
+            "packed": batching.split_micro_batches(
+                seqs, micro_batch_size=2, max_tokens=None, pad_id=0, uniform_length=False, packing=True
+            ),
+        }
+
+        def per_sequence(model, mbs):
+            out = [None] * len(seqs)
+            for k, (mb, r) in enumerate(zip(mbs, forward.compute_logprobs(model, mbs))):
+                if "seq_ids" in mb:
+                    for i, v in zip(mb["seq_index"].tolist(), unpack(mb, r["logprobs"])):
+                        out[i] = v
+                else:
+                    for row in range(mb["tokens"].shape[0]):
+                        i = 2 * k + row
+                        out[i] = r["logprobs"][row, : len(seqs.tokens[i])]
+            return out
+
+        errs = {}
+        for name, mbs in layouts.items():
+            ref, got = per_sequence(models["megatron"], mbs), per_sequence(models["sdpa"], mbs)
+            errs[name] = max(rel_err(a, b) for a, b in zip(got, ref))
+        core = type(models["sdpa"].decoder.layers[0].self_attention.core_attention).__name__
+        tol = 2e-2 if ctx.dtype_name == "bfloat16" else 1e-5
+        status, why = judge(
+            padded_match=errs["padded"] <= tol,
+            packed_match=errs["packed"] <= tol,
+            sdpa_in_use=core == "SDPADotProductAttention",
+        )
+        ctx.report(
+            "local_sdpa_parity",
+            status,
+            **why,
+            core_attention=core,
+            rel_err_padded=f"{errs['padded']:.2e}",
+            rel_err_packed=f"{errs['packed']:.2e}",
+            tol=tol,
+        )

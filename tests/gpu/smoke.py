@@ -77,6 +77,7 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section("policy_step", "checks_dist", "run_policy_step", ("policy_step",), 150),
     Section("local_fwd_bwd_bf16", "checks_megatron", "run_local_fwd_bwd", ("local_fwd_bwd_bf16",), 120),
+    Section("local_sdpa_parity", "checks_megatron", "run_local_sdpa_parity", ("local_sdpa_parity",), 120),
     Section("ddp_distopt_step", "checks_megatron", "run_ddp_step", ("ddp_distopt_step",), 150),
     Section("bridge_export", "checks_megatron", "run_bridge_export", ("bridge_export",), 120),
     Section(
