@@ -225,8 +225,6 @@ def run_local_sdpa_parity(ctx: Ctx) -> None:
     prepare(ctx)
     import dataclasses
 
-    import torch
-
     from agpo_megatron import batch as batching
     from agpo_megatron.models import build, forward
     from agpo_megatron.packing import unpack
