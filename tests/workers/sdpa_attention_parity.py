@@ -1,6 +1,6 @@
 """2-rank worker: the local spec's SDPA core attention against Megatron's `DotProductAttention`.
 
-At TP=1 and TP=2 (each rank holds half the heads), GQA (4 query heads, 2 groups, head dim 32),
+At TP=1 and TP=2 (each rank holds half the heads), GQA (4 query heads, 2 groups, head dim 64),
 fp32, both modules get the same queries, keys and values and the same masks: the padded path's
 causal mask `[1, 1, S, S]`, a packed batch's block-diagonal mask `[B, 1, S, S]`, and no mask
 under the causal mask type. Rank 0 of each layout writes OUT_DIR/tp{tp}.pt: per case, both
@@ -17,30 +17,13 @@ import torch.distributed as dist
 from agpo_megatron.config import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.forward import causal_mask, packed_causal_mask
-from agpo_megatron.models.hf_config import ModelArch
 from agpo_megatron.models.sdpa_attention import SDPADotProductAttention
 from agpo_megatron.parallel import exit_cleanly, init_model_parallel
 from agpo_megatron.platform import cpu as cpu_platform
+from tests.gpu.common import tiny_arch
 
 out_dir = Path(sys.argv[1])
-arch = ModelArch(
-    model_type="qwen2",
-    vocab_size=128,
-    hidden_size=128,
-    ffn_hidden_size=256,
-    num_layers=1,
-    num_attention_heads=4,
-    num_query_groups=2,
-    head_dim=32,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    rope_scaling=None,
-    max_position_embeddings=64,
-    qkv_bias=True,
-    qk_layernorm=False,
-    tie_word_embeddings=False,
-    torch_dtype="float32",
-)
+arch = tiny_arch("float32")  # GQA: 4 query heads in 2 groups
 S, B = 24, 3
 seq_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 20 + [-1] * 4, [0] * 9 + [1] * 9 + [-1] * 6])
 
