@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 
 
 class SDPADotProductAttention(DotProductAttention):
@@ -39,10 +40,9 @@ class SDPADotProductAttention(DotProductAttention):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.config
-        self._window = getattr(self.scale_mask_softmax, "window_size", None)
         self._sdpa = (
             self.softmax_offset is None
-            and self._window is None
+            and getattr(self.scale_mask_softmax, "window_size", None) is None
             and not cfg.apply_query_key_layer_scaling
             and getattr(cfg, "softmax_type", "vanilla") == "vanilla"
         )
@@ -85,8 +85,6 @@ class SDPADotProductAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
     def _causal(self, attn_mask_type: Any) -> bool:
-        from megatron.core.transformer.enums import AttnMaskType
-
         return (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
 
 
