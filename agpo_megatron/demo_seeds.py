@@ -150,18 +150,9 @@ def _same_args(results_path: Path, seed: int, demo_args: list[str]) -> bool:
 
 def run_demo(nproc: int, demo_args: list[str]) -> int:
     """`agpo_megatron.demo` on `nproc` local ranks (torchrun); returns its exit code."""
-    from agpo_megatron.parallel import free_port
+    from agpo_megatron.parallel import torchrun_cmd
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        "-m",
-        "agpo_megatron.demo",
-        *demo_args,
-    ]
+    cmd = torchrun_cmd(nproc, "-m", "agpo_megatron.demo", *demo_args)
     # One thread per rank: 2 ranks on 2 cores; more threads would oversubscribe them.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(cmd, env=env)

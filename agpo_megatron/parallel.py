@@ -64,6 +64,19 @@ def dp_slice(n: int, dp: int, dp_rank: int) -> range:
     return range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
 
 
+def torchrun_cmd(nproc: int, *target: str) -> list[str]:
+    """The command that runs `target` (a script and its arguments, or `-m module ...`) on `nproc`
+    local ranks under torchrun, with a rendezvous port from `free_port`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        *target,
+    ]
+
+
 def free_port() -> int:
     """An unused local TCP port (for a world of one, or a launcher's rendezvous).
 

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from agpo_megatron.parallel import free_port
+from agpo_megatron.parallel import torchrun_cmd
 
 WORKERS = Path(__file__).parent / "workers"
 
 
 def torchrun(worker: str, *args: str, nproc: int = 2, timeout: int = 300) -> str:
     """Run tests/workers/<worker> on `nproc` ranks; returns combined output, raises on failure."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        str(WORKERS / worker),
-        *map(str, args),
-    ]
+    cmd = torchrun_cmd(nproc, str(WORKERS / worker), *map(str, args))
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agpo_megatron.metrics import read_jsonl
-from tests.dist import free_port
+from tests.dist import torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,12 +39,8 @@ REQUIRED = [
 
 
 def _demo(out: Path, *overrides: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={free_port()}",
+    cmd = torchrun_cmd(
+        2,
         "-m",
         "agpo_megatron.demo",
         "--out",
@@ -65,7 +61,7 @@ def _demo(out: Path, *overrides: str) -> dict:
         "rollout.max_new_tokens=24",
         "logging.progress_bar=false",
         *overrides,
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

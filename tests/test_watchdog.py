@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agpo_megatron.watchdog import EXIT_HUNG
-from tests.dist import free_port, pid_alive
+from tests.dist import pid_alive, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,15 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_a_stopped_rank_makes_the_other_exit_within_the_step_timeout():
     step_timeout = 5.0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={free_port()}",
-        str(ROOT / "tests" / "workers" / "hung_peer.py"),
-        str(step_timeout),
-    ]
+    cmd = torchrun_cmd(2, str(ROOT / "tests" / "workers" / "hung_peer.py"), str(step_timeout))
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
