@@ -1,6 +1,11 @@
 """The benchmark scripts still run against the current trainer API (they are not imported by the
 package, so nothing else notices when a signature changes). Timings are printed, never asserted."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.dist import torchrun
@@ -32,3 +37,47 @@ def test_step_benchmark_runs_both_settings_on_a_tiny_model(tmp_path):
     efficiency = out.split("padding efficiency (real / computed tokens): padded ")[1].split()
     padded, packed = float(efficiency[0].rstrip(",")), float(efficiency[2].rstrip(";"))
     assert 0 < padded < packed <= 1  # packing computes fewer tokens on a ragged batch
+
+
+@pytest.mark.slow
+def test_update_benchmark_runs_both_updates(tmp_path):
+    out = torchrun(
+        "../../benchmarks/update.py",
+        "--work-dir",
+        tmp_path,
+        "--prompts",
+        "2",
+        "--group",
+        "4",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--breakdown",
+        timeout=300,
+    )
+    for row in (
+        "| megatron (Actor.policy_step) |",
+        "| hf (transformers + AdamW + all-reduce) |",
+        "| forward+backward |",
+    ):
+        assert row in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_rollout_benchmark_runs_both_generators(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    args = ["--prompts", "2", "--group", "2", "--new-tokens", "8", "--repeats", "1", "--work-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "rollout.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+        cwd=root,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for row in ("| vLLM (VLLMEngine.generate) |", "| HF transformers generate |"):
+        assert row in proc.stdout, out[-3000:]
+    assert "32 completion tokens" in proc.stdout  # 2 prompts x G=2 x 8 tokens, as asked
