@@ -24,20 +24,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's config, data, model or checkpoint (each names what is wrong)."""
     from agpo_megatron.bridge.hf_writer import HFWriteError
     from agpo_megatron.checkpoint import CheckpointError
-    from agpo_megatron.config_io import ConfigError
+    from agpo_megatron.config.yaml_io import ConfigError
     from agpo_megatron.data.datasets import DatasetError
     from agpo_megatron.models.hf_config import UnsupportedModelError
-    from agpo_megatron.nonfinite import NonFiniteError
+    from agpo_megatron.runtime.nonfinite import NonFiniteError
 
     return ConfigError, DatasetError, CheckpointError, HFWriteError, UnsupportedModelError, NonFiniteError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from agpo_megatron.config import load_train_config
-    from agpo_megatron.parallel import exit_cleanly
-    from agpo_megatron.preempt import EXIT_PREEMPTED, Preempted
-    from agpo_megatron.session import Session
-    from agpo_megatron.trainer import train
+    from agpo_megatron.plan.load import load_train_config
+    from agpo_megatron.runtime.parallel import exit_cleanly
+    from agpo_megatron.runtime.preempt import EXIT_PREEMPTED, Preempted
+    from agpo_megatron.train.session import Session
+    from agpo_megatron.train.trainer import train
 
     t0 = time.time()
     cfg = load_train_config(args.config, args.overrides)
@@ -58,8 +58,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from agpo_megatron.config import load_train_config
-    from agpo_megatron.preflight import check_data, check_paths
+    from agpo_megatron.plan.load import load_train_config
+    from agpo_megatron.plan.preflight import check_data, check_paths
 
     cfg = load_train_config(args.config, args.overrides)
     check_paths(cfg)
@@ -69,8 +69,8 @@ def _check(args: argparse.Namespace) -> int:
         dp = cfg.check_world(args.world_size)
         print(f"ok: world {args.world_size} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}")
         if cfg.model.hf_path:  # the memory plan needs config.json; warnings only, exit code stays 0
-            from agpo_megatron.plan import plan_memory
-            from agpo_megatron.plan_report import warnings
+            from agpo_megatron.plan.memory import plan_memory
+            from agpo_megatron.plan.report import warnings
 
             for line in warnings(plan_memory(cfg, args.world_size, gpu_gb=args.gpu_mem_gb)):
                 print(line)
@@ -80,9 +80,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from agpo_megatron.config import load_train_config
-    from agpo_megatron.plan import plan_memory
-    from agpo_megatron.plan_report import render
+    from agpo_megatron.plan.load import load_train_config
+    from agpo_megatron.plan.memory import plan_memory
+    from agpo_megatron.plan.report import render
 
     cfg = load_train_config(args.config, args.overrides)
     print(render(plan_memory(cfg, args.world_size, gpu_gb=args.gpu_mem_gb, margin_gb=args.margin_gb)))
@@ -90,8 +90,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from agpo_megatron.demo_seeds import main as sweep
-    from agpo_megatron.demo_seeds import run_demo
+    from agpo_megatron.demo.seeds import main as sweep
+    from agpo_megatron.demo.seeds import run_demo
 
     if any(a == "--seeds" or a.startswith("--seeds=") for a in rest):
         return sweep([*rest, f"--nproc={args.nproc}"])
@@ -99,7 +99,7 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from agpo_megatron.plot import DEFAULT_KEYS, default_out, parse_runs, plot_runs
+    from agpo_megatron.report.plot import DEFAULT_KEYS, default_out, parse_runs, plot_runs
 
     try:
         runs = parse_runs(args.runs)
@@ -111,7 +111,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from agpo_megatron.compare import compare
+    from agpo_megatron.report.compare import compare
 
     try:
         table, md, png = compare(args.runs, args.out)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 default=None,
                 help="reserve for CUDA context, NCCL and fragmentation (default 4 GiB + 5%%)",
             )
-    p = sub.add_parser("demo", help="the CPU demo; extra args go to agpo_megatron.demo")
+    p = sub.add_parser("demo", help="the CPU demo; extra args go to agpo_megatron.demo.run")
     p.add_argument("--nproc", type=int, default=2)
     p = sub.add_parser(
         "plot",

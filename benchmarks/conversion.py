@@ -174,8 +174,8 @@ def child(mode: str, work: Path, layers: int) -> None:
                     os.fsync(dst.fileno())
         result = {"seconds": time.perf_counter() - start, "bytes": nbytes}
     elif mode in ("h2m", "h2m_nohash"):
-        from agpo_megatron import checksums
-        from agpo_megatron.parallel import init_model_parallel
+        from agpo_megatron.checkpoint import checksums
+        from agpo_megatron.runtime.parallel import init_model_parallel
         from checkpoints_conversion.hf_to_megatron import convert_hf_to_megatron, inspect_source
 
         if mode == "h2m_nohash":
@@ -195,7 +195,7 @@ def child(mode: str, work: Path, layers: int) -> None:
             "bytes": sum(p.stat().st_size for p in (work / "mcore").rglob("*") if p.is_file()),
         }
     elif mode in ("m2h", "m2h_noverify"):
-        from agpo_megatron.parallel import init_model_parallel
+        from agpo_megatron.runtime.parallel import init_model_parallel
         from checkpoints_conversion.megatron_to_hf import convert_megatron_to_hf
 
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

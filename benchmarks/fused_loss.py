@@ -44,7 +44,7 @@ import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
 from agpo_megatron.ops.fused_loss import fused_policy_loss_from_hidden, fused_policy_loss_from_logits
-from agpo_megatron.parallel import exit_cleanly
+from agpo_megatron.runtime.parallel import exit_cleanly
 
 BASELINES = ("naive", "megatron")
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -186,7 +186,7 @@ def child(args: argparse.Namespace) -> None:
 
 def init_world_of_one() -> None:
     # vocab_parallel_cross_entropy reads Megatron's TP group: a world of one, gloo.
-    from agpo_megatron.parallel import init_model_parallel
+    from agpo_megatron.runtime.parallel import init_model_parallel
 
     init_model_parallel(1, 1, seed=0)
 

@@ -136,8 +136,8 @@ def fixed_length_engine(path: Path, max_model_len: int):
 
 def main() -> None:
     args = parse_args()
-    from agpo_megatron.parallel import exit_cleanly, init_distributed
     from agpo_megatron.rollout.base import SamplingConfig
+    from agpo_megatron.runtime.parallel import exit_cleanly, init_distributed
 
     init_distributed()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="agpo_rollout_bench_"))

@@ -122,18 +122,18 @@ def parse_args():
 
 
 def main() -> None:
-    from agpo_megatron.config import load_train_config
     from agpo_megatron.data.datasets import Example
-    from agpo_megatron.metrics import read_jsonl
     from agpo_megatron.models.hf_config import read_arch
     from agpo_megatron.models.tiny import save_tiny_hf_model
-    from agpo_megatron.parallel import (
+    from agpo_megatron.plan.load import load_train_config
+    from agpo_megatron.report.jsonl import read_jsonl
+    from agpo_megatron.runtime.parallel import (
         exit_cleanly,
         init_distributed,
         init_model_parallel,
     )
-    from agpo_megatron.session import Session
-    from agpo_megatron.trainer import train
+    from agpo_megatron.train.session import Session
+    from agpo_megatron.train.trainer import train
 
     args = parse_args()
     out = Path(args.out).resolve()

@@ -23,7 +23,7 @@ step); Megatron's "grad reduction" is `finalize_model_grads` (the reduce-scatter
 distributed optimizer, or the all-reduce) and its optimizer step includes the param all-gather.
 
 `--breakdown` also counts the torch calls that the CPU layer's device-rewriting TorchFunctionMode
-(platform/cpu.py, `megatron_scope`, entered around the schedule and the optimizer step)
+(runtime/cpu_platform.py, `megatron_scope`, entered around the schedule and the optimizer step)
 intercepts in one Megatron step, and times that mode's cost per call on a tiny op in the same
 process: calls x cost is the mode's share of the step.
 
@@ -91,7 +91,7 @@ class HFUpdate:
     ) -> float:
         """One optimizer step over this rank's micro-batches; returns the local loss sum."""
         from agpo_megatron.algo.loss import policy_loss
-        from agpo_megatron.parallel import comm_device
+        from agpo_megatron.runtime.parallel import comm_device
 
         eps = eps or (self.loss_cfg.eps_low, self.loss_cfg.eps_high)
         self.model.train()
@@ -172,8 +172,8 @@ def demo_micro_batches(
 ):
     """The demo's step shape with fixed-length random responses: (this rank's micro-batches,
     global response tokens, global sequences). Identical on every rank (seeded)."""
-    from agpo_megatron import batch as batching
     from agpo_megatron.data import synthetic
+    from agpo_megatron.train import batch as batching
 
     gen = torch.Generator().manual_seed(seed)
     questions = [tokenizer.encode(r["question"]) for r in synthetic.make_dataset(prompts, seed=seed, max_difficulty=1)]
@@ -214,7 +214,7 @@ def parse_args() -> argparse.Namespace:
 def _instrument_megatron() -> None:
     """Wrap Megatron's grad reduction and the actor's optimizer step in `_timed` (for --breakdown)."""
     import agpo_megatron.models.forward as fwd
-    from agpo_megatron import policy
+    from agpo_megatron.train import policy
 
     inner_finalize = fwd._finalize_without_token_scaling
 
@@ -246,7 +246,7 @@ def mode_share(step_fn) -> tuple[int, float]:
     """The device-rewriting TorchFunctionMode's share of one Megatron step: (torch calls it
     intercepted during `step_fn()`, its cost per call in seconds, measured here on a tiny op with
     and without the mode). Collective when `step_fn` is."""
-    from agpo_megatron.platform import cpu
+    from agpo_megatron.runtime import cpu_platform as cpu
 
     calls = 0
     inner = cpu._CudaToCpuMode.__torch_function__
@@ -277,15 +277,15 @@ def mode_share(step_fn) -> tuple[int, float]:
 
 def main() -> None:
     args = parse_args()
-    from agpo_megatron.config import load_train_config
-    from agpo_megatron.generated import write_tiny_model
     from agpo_megatron.models.hf_config import read_arch
-    from agpo_megatron.parallel import (
+    from agpo_megatron.models.inputs import write_tiny_model
+    from agpo_megatron.plan.load import load_train_config
+    from agpo_megatron.runtime.parallel import (
         exit_cleanly,
         init_distributed,
         init_model_parallel,
     )
-    from agpo_megatron.policy import Actor
+    from agpo_megatron.train.policy import Actor
 
     work = Path(args.work_dir)
     init_distributed()

@@ -22,7 +22,7 @@ staging folder beside `--out` and renamed into place once it is complete and che
 non-empty `--out` is refused: converting into a trained checkpoint would leave the new weights
 beside its old optimizer state, and a resume would pair them. `--overwrite` replaces the whole
 folder, optimizer state included. The sidecar records a checksum of every file
-(`agpo_megatron.checksums`), which the loaders verify.
+(`agpo_megatron.checkpoint.checksums`), which the loaders verify.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # Conversion is CPU work, and the meta-device model build needs Megatron's CPU path
     # (on a GPU it allocates on CUDA explicitly). Hide GPUs before torch initializes CUDA.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from agpo_megatron.parallel import exit_cleanly, init_model_parallel
+    from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -108,7 +108,7 @@ def convert_hf_to_megatron(
 
     from agpo_megatron.bridge import output_dir
     from agpo_megatron.checkpoint import CheckpointError
-    from agpo_megatron.parallel import comm_device
+    from agpo_megatron.runtime.parallel import comm_device
 
     out = Path(out)
     check_out(out, src.dir, overwrite=overwrite)  # on every rank, before anything is written
@@ -168,7 +168,7 @@ def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
     from agpo_megatron.bridge import names
     from agpo_megatron.checkpoint import CheckpointError, convert_io
     from agpo_megatron.checkpoint.metadata import CheckpointMeta
-    from agpo_megatron.parallel import current_layout
+    from agpo_megatron.runtime.parallel import current_layout
 
     hf_dir, arch, reader = src.dir, src.arch, src.reader
     store_dtype = _resolve_dtype(dtype, src.tensors, arch)

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU work; see hf_to_megatron.main
-    from agpo_megatron.parallel import init_model_parallel
+    from agpo_megatron.runtime.parallel import init_model_parallel
 
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
@@ -114,6 +114,7 @@ def convert_megatron_to_hf(
 
     from agpo_megatron.bridge import hf_writer, names, output_dir
     from agpo_megatron.checkpoint import CheckpointError, convert_io, metadata
+    from agpo_megatron.checkpoint.hf_assets import copy_hf_assets
     from agpo_megatron.models.hf_config import arch_from_hf_dict
     from checkpoints_conversion.hf_to_megatron import check_stored, check_supported
 
@@ -171,7 +172,7 @@ def convert_megatron_to_hf(
                 del full
         hf_writer.write_hf_config(staging, config, out_dtype)
         if assets.is_dir():
-            hf_writer.copy_hf_assets(assets, staging)
+            copy_hf_assets(assets, staging)
     return {
         "tensors": len(specs),
         "bytes": writer.bytes_written,

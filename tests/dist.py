@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from agpo_megatron.parallel import torchrun_cmd
+from agpo_megatron.runtime.parallel import torchrun_cmd
 
 WORKERS = Path(__file__).parent / "workers"
 

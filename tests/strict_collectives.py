@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from agpo_megatron.parallel import comm_device
+from agpo_megatron.runtime.parallel import comm_device
 
 _FACTORIES = {
     torch.zeros,

@@ -63,7 +63,7 @@ def test_dry_run_lists_every_check_and_passes(tmp_path):
 @pytest.mark.slow
 def test_dry_run_fails_when_a_project_function_is_renamed(tmp_path):
     """A `sitecustomize` removes parallel.comm_device in every process, as a rename would."""
-    shim = _shim(tmp_path, "import agpo_megatron.parallel as p\ndel p.comm_device\n")
+    shim = _shim(tmp_path, "import agpo_megatron.runtime.parallel as p\ndel p.comm_device\n")
     proc, status, lines = _smoke(
         "--dry-run", "--only", "nccl_world,policy_step,fused_loss", out=tmp_path / "out", extra_pythonpath=shim
     )

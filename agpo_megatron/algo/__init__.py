@@ -1,4 +1,6 @@
-"""The RL algorithm as pure tensor functions: rewards, advantages, policy loss, controllers."""
+"""The RL algorithm as pure tensor functions: rewards, advantages, policy loss, controllers.
+No torch.distributed and no agpo_megatron import outside algo/; everything above may use it.
+"""
 
 from agpo_megatron.algo.advantages import agpo_advantages, compute_advantages, grpo_advantages
 from agpo_megatron.algo.controllers import (

@@ -9,7 +9,7 @@ moving average (EMA) and turn it into a saturated relative error::
 
 The KL controller is meant to be fed the KL to the reference policy (`kl_ref` of the loss
 metrics), the clip controller the KL between the current and the old policy (`approx_kl`) of
-the off-policy updates: the trainer passes the mean over updates 2.. of a rollout (ppo.py); update 1
+the off-policy updates: the trainer passes the mean over updates 2.. of a rollout (train/ppo.py); update 1
 runs at the sampling weights, where it is 0.
 
 KL coefficient, proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models
@@ -33,7 +33,7 @@ Departures from Ziegler et al.:
 The controllers live on the host and take a Python float: the measured KL is expected to be
 already reduced over data-parallel ranks by the caller, so that every rank computes the same
 value and the replicas stay in lockstep. A non-finite measurement comes from a step that made no
-update (nonfinite.py skips it): it is ignored and the controller keeps its values.
+update (runtime/nonfinite.py skips it): it is ignored and the controller keeps its values.
 
 The trainer always holds one controller of each kind (`kl_controller`, `clip_controller`): a fixed
 one when the config does not ask for adaptation, so the loop never branches on it.

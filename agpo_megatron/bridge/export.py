@@ -38,7 +38,7 @@ import torch.distributed as dist
 from agpo_megatron.bridge import names
 from agpo_megatron.bridge.hf_io import spec_of
 from agpo_megatron.models.hf_config import ModelArch
-from agpo_megatron.nonfinite import check_finite_weights
+from agpo_megatron.runtime.nonfinite import check_finite_weights
 
 if TYPE_CHECKING:
     from agpo_megatron.rollout.base import RolloutEngine

@@ -13,7 +13,7 @@ folder that already holds weight files (their index could name stale shards); th
 writes into a fresh staging folder and renames it (`bridge.output_dir`).
 
 Non-weight files of the source model (tokenizer, generation_config, chat template) travel with
-`copy_hf_assets`; config.json is written by `write_hf_config`, with the export dtype.
+`checkpoint.hf_assets.copy_hf_assets`; config.json is written by `write_hf_config`, with the export dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,6 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-# Weight files and their indexes: never copied as "assets" (other formats of the same weights).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
 
 
 class HFWriteError(ValueError):
@@ -198,29 +194,6 @@ def write_hf_config(out_dir: str | Path, config: dict[str, Any], dtype: torch.dt
     for k in keys:
         cfg[k] = name
     _write_json_atomic(Path(out_dir) / "config.json", cfg)
-
-
-def copy_hf_assets(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
-    """Copy the source model's non-weight files (tokenizer, generation_config, chat template, ...).
-
-    Skips config.json (written by `write_hf_config`), weight files and their indexes, hidden
-    files and subdirectories (e.g. Llama's `original/` with .pth weights). Returns copied names.
-    """
-    src, dst = Path(src_dir), Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for f in sorted(src.iterdir()):
-        if (
-            not f.is_file()
-            or f.name.startswith(".")
-            or f.name == "config.json"
-            or f.name.endswith(_WEIGHT_SUFFIXES)
-            or f.name.endswith(".index.json")
-        ):
-            continue
-        shutil.copyfile(f, dst / f.name)
-        copied.append(f.name)
-    return copied
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

@@ -36,9 +36,9 @@ from agpo_megatron.checkpoint.storage import (
     sharded_sd_metadata,
     view_of,
 )
-from agpo_megatron.config import ModelConfig, ParallelConfig
+from agpo_megatron.config.schema import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
-from agpo_megatron.platform import cpu as cpu_platform
+from agpo_megatron.runtime import cpu_platform
 
 
 def abstract_model(arch, params_dtype: str):

@@ -1,4 +1,28 @@
-"""What a checkpoint says about itself: our sidecar (`agpo_meta.json`), and the checks of the
+"""Megatron distributed checkpoints (torch_dist): the trainer's save/resume, and the format the
+HF converters read and write.
+
+A checkpoint directory::
+
+    metadata.json        dist_checkpointing backend and version (torch_dist, 1)
+    common.pt            non-tensor state, saved by rank 0: step, extra_state, scheduler, optimizer param groups
+                         (megatron-core 0.16; 0.19 stores it as the object `common_state` in the .distcp files,
+                         so 0.19 reads 0.16's checkpoints but not the reverse)
+    .metadata            torch.distributed.checkpoint index: each tensor's global shape, dtype and chunks
+    __<rank>_0.distcp    one file per saving rank, holding that rank's chunks
+    agpo_meta.json       our sidecar (`CheckpointMeta`): step, HF config.json, source, dtype, layout,
+                         and a checksum of every other file (verified before a load reads a tensor)
+    hf_assets/           tokenizer and generation_config files of the HF model, for export back to HF
+
+Tensors are keyed the way `model.sharded_state_dict()` keys them: by global name and global shape.
+Layers are stacked on a leading axis, and a TP shard is an offset into the full tensor. So a
+checkpoint written at one TP/PP loads at any other: torch DCP reads the overlapping parts of the
+stored chunks.
+
+The sidecar is written after the tensors, so its presence marks a complete checkpoint. Save to
+a fresh directory per step: overwriting a checkpoint in place leaves nothing complete if the job
+dies halfway.
+
+What a checkpoint says about itself: our sidecar (`agpo_meta.json`), and the checks of the
 files against it and against torch DCP's `.metadata` index.
 
 The sidecar is written last (`storage.finish`), so its presence marks a complete checkpoint. It
@@ -22,9 +46,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 
-from agpo_megatron import checksums
-from agpo_megatron.checkpoint import CheckpointError
-from agpo_megatron.platform import cpu as cpu_platform
+from agpo_megatron.checkpoint import CheckpointError, checksums
+from agpo_megatron.runtime import cpu_platform
 
 SIDECAR = "agpo_meta.json"
 ASSETS_DIR = "hf_assets"
@@ -51,7 +74,7 @@ class CheckpointMeta:
     """Bumped when this sidecar's meaning changes."""
     checksums: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Every other file of the checkpoint: relative path -> {"bytes": size, "<algo>": hex digest}
-    (`agpo_megatron.checksums`). Empty for checkpoints saved before checksums existed."""
+    (`agpo_megatron.checkpoint.checksums`). Empty for checkpoints saved before checksums existed."""
 
 
 def write_meta(path: str | Path, meta: CheckpointMeta) -> None:

@@ -37,11 +37,10 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from agpo_megatron import checksums
-from agpo_megatron.bridge.hf_writer import copy_hf_assets
-from agpo_megatron.checkpoint import CheckpointError
+from agpo_megatron.checkpoint import CheckpointError, checksums
+from agpo_megatron.checkpoint.hf_assets import copy_hf_assets
 from agpo_megatron.checkpoint.metadata import ASSETS_DIR, SIDECAR, CheckpointMeta, write_meta
-from agpo_megatron.platform import cpu as cpu_platform
+from agpo_megatron.runtime import cpu_platform
 
 
 def sharded_sd_metadata() -> dict[str, Any]:

@@ -40,8 +40,8 @@ from agpo_megatron.checkpoint.storage import (
     save_state,
     sharded_sd_metadata,
 )
-from agpo_megatron.nonfinite import check_finite_weights
-from agpo_megatron.platform import cpu as cpu_platform
+from agpo_megatron.runtime import cpu_platform
+from agpo_megatron.runtime.nonfinite import check_finite_weights
 
 _MCORE_VERSION = tuple(int(x) for x in _mcore_version.split(".")[:2])
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from agpo_megatron.data.answer_match import extract_boxed, gold_from_gsm8k_answer
-from agpo_megatron.parallel import dp_slice
+from agpo_megatron.runtime.parallel import dp_slice
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,7 +59,7 @@ class DatasetConfig:
     path: str
     """A local `.jsonl` / `.json` (array of objects) / `.parquet` file, or a Hugging Face
     hub dataset name (needs the `datasets` package). Through `load_train_config`,
-    `synthetic:arith?n=..&seed=..` names generated arithmetic rows (`agpo_megatron/generated.py`)."""
+    `synthetic:arith?n=..&seed=..` names generated arithmetic rows (`agpo_megatron/models/inputs.py`)."""
     split: str = "train"
     """Hub split to load; ignored for local files, which hold a single split."""
     hf_subset: str | None = None

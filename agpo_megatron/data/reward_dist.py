@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.data.answer_match import RewardResult, reward_metrics, score_many
-from agpo_megatron.parallel import comm_device
+from agpo_megatron.runtime.parallel import comm_device
 
 __all__ = ["score_distributed"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from agpo_megatron.platform import cpu as cpu_platform
+from agpo_megatron.runtime import cpu_platform
 
 MicroBatch = dict[str, torch.Tensor]  # "tokens" [B, S] plus per-token / per-seq extras
 
@@ -90,7 +90,7 @@ def _thd_params(mb: MicroBatch):
 def run_model(module: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     """One forward of a (padded or packed) micro-batch on this stage; tensors already on the device.
 
-    Padded: causal attention over `[B, S]`. Packed (`seq_ids` present, packing.py): THD with
+    Padded: causal attention over `[B, S]`. Packed (`seq_ids` present, train/packing.py): THD with
     `cu_seqlens` on the Transformer Engine spec, the rows flattened to one `[1, R * S]` stream
     (the last stage's output is `[1, R * S, *]`: `forward_backward` reshapes it back); on the
     local spec a block-diagonal causal mask and RoPE restarted per sequence.
@@ -162,7 +162,7 @@ def forward_backward(
     `loss_fn(logits [B, S, V/TP], mb) -> (loss, metrics)` runs on the last stage; the returned
     loss must already be normalised by the *global* token count (Megatron will not divide, see
     `calculate_per_token_loss` in models/build.py). Returns the metrics of each micro-batch on the
-    last pipeline stage, and [] elsewhere. Micro-batches may be packed (packing.py): `loss_fn`
+    last pipeline stage, and [] elsewhere. Micro-batches may be packed (train/packing.py): `loss_fn`
     then gets `[R, S, *]` outputs in the packed layout, and `mb["seq_ids"]` to find sequences.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from agpo_megatron.parallel import resolve_tp_group
+from agpo_megatron.runtime.parallel import resolve_tp_group
 
 __all__ = ["capture_lm_head_input", "copy_to_tp_region"]
 

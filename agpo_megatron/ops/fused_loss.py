@@ -15,7 +15,7 @@ How it works, with the formulas: docs/fused-loss.md. In short:
 * d_hidden is this rank's partial sum over its vocab slice: feed `hidden` through
   `models/lm_head.py` (`capture_lm_head_input`, or `copy_to_tp_region`), whose backward reduces it.
 
-Per-token tensors are `[B, S]`; packed rows name their sequences with `seq_ids` (packing.py).
+Per-token tensors are `[B, S]`; packed rows name their sequences with `seq_ids` (train/packing.py).
 Departures from the reference, numerical only: at TP > 1 the statistics are combined from
 per-rank shifts (~1e-7 relative in fp32); with 16-bit weights the weight gradient is accumulated
 over chunks in fp32 and the loss's upstream gradient multiplies d_hidden / d_W after rounding;
@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from agpo_megatron.algo.loss import GlobalCount, Metrics, PolicyLossConfig, policy_loss
 from agpo_megatron.ops import triton_fused_loss
-from agpo_megatron.parallel import resolve_tp_group
+from agpo_megatron.runtime.parallel import resolve_tp_group
 
 __all__ = [
     "fused_policy_loss_from_hidden",

@@ -57,7 +57,7 @@ from agpo_megatron.rollout.base import Completion, SamplingConfig
 from agpo_megatron.rollout.replicas import ReplicaLayout, gather_completions, request_seed, split_prompts
 
 if TYPE_CHECKING:
-    from agpo_megatron.config import ModelConfig, RolloutConfig
+    from agpo_megatron.config.schema import ModelConfig, RolloutConfig
 
 LogprobMode = Literal["recompute", "rollout"]
 
@@ -299,8 +299,8 @@ def _unique_cpu_shm_names() -> None:
 
     See rollout/cpu_shm.py (issue 11: a killed TP=2 run used to break every later one on the node).
     """
-    from agpo_megatron.parallel import at_exit
     from agpo_megatron.rollout import cpu_shm
+    from agpo_megatron.runtime.parallel import at_exit
 
     run_id = [cpu_shm.new_run_id()]
     multi = dist.get_world_size() > 1

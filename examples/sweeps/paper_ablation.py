@@ -17,7 +17,7 @@ script with that venv's python and point --python at the training venv.
 
 Every task is `PYTHON -m agpo_megatron.cli train --config BASE <overrides>` over one base config
 (examples/agpo_qwen7b.yaml, or examples/tiny_cpu.yaml with --tiny). On Slurm each task is one
-sbatch job, one srun task per GPU, ranks mapped from SLURM_* by agpo_megatron/parallel.py; the job
+sbatch job, one srun task per GPU, ranks mapped from SLURM_* by agpo_megatron/runtime/parallel.py; the job
 asks for `--signal=USR1@120` and `--requeue`, and nemo-run requeues it on a non-zero exit while
 `--retries` allows (a preempted trainer exits 75 after saving; checkpoint.resume defaults to auto).
 

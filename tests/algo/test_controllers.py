@@ -93,7 +93,7 @@ def test_fixed_kl_controller_is_constant():
 
 
 def test_a_non_finite_kl_leaves_the_controllers_unchanged():
-    """A non-finite KL comes from a step nonfinite.py skipped (no update): nothing to learn from."""
+    """A non-finite KL comes from a step runtime/nonfinite.py skipped (no update): nothing to learn from."""
     for ctl in (_kl(), FixedKLController(0.1), _clip(), FixedClipController(0.2, 0.2)):
         ctl.update(0.05)
         before = ctl.state_dict(), getattr(ctl, "beta", None), getattr(ctl, "eps", None)

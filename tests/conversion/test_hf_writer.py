@@ -11,10 +11,10 @@ from agpo_megatron.bridge.hf_writer import (
     HFCheckpointWriter,
     HFWriteError,
     TensorSpec,
-    copy_hf_assets,
     plan_shards,
     write_hf_config,
 )
+from agpo_megatron.checkpoint.hf_assets import copy_hf_assets
 
 
 def make_tensors() -> dict[str, torch.Tensor]:

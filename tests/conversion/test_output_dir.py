@@ -1,4 +1,4 @@
-"""Staged outputs (bridge/output_dir.py), checksums (checksums.py) and the HF writer's refusal of
+"""Staged outputs (bridge/output_dir.py), checksums (checkpoint/checksums.py) and the HF writer's refusal of
 a folder that already holds weights: in-process, no process group."""
 
 import hashlib
@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from agpo_megatron import checksums
 from agpo_megatron.bridge import output_dir
 from agpo_megatron.bridge.hf_writer import HFCheckpointWriter, HFWriteError, TensorSpec
-from agpo_megatron.checkpoint import CheckpointError
+from agpo_megatron.checkpoint import CheckpointError, checksums
 
 
 def fill(d: Path, files: dict[str, str]) -> Path:

@@ -34,8 +34,9 @@ def prepare(ctx: Ctx) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state  # noqa: F401
 
-    from agpo_megatron import parallel, policy
     from agpo_megatron.algo.loss import PolicyLossConfig
+    from agpo_megatron.runtime import parallel
+    from agpo_megatron.train import policy
 
     require_attrs(
         parallel,
@@ -77,7 +78,7 @@ class CollectiveRecorder:
         import torch.distributed as dist
         import torch.distributed.distributed_c10d as c10d
 
-        from agpo_megatron.parallel import comm_device
+        from agpo_megatron.runtime.parallel import comm_device
 
         def wrap(name, fn):
             def recorded(*args, **kwargs):
@@ -113,7 +114,7 @@ def run_nccl_world(ctx: Ctx) -> None:
     import torch
     import torch.distributed as dist
 
-    from agpo_megatron import parallel
+    from agpo_megatron.runtime import parallel
 
     with check(ctx, "nccl_world"):
         parallel.init_distributed(timeout_s=120)
@@ -149,7 +150,7 @@ def run_megatron_groups(ctx: Ctx) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
-    from agpo_megatron import parallel
+    from agpo_megatron.runtime import parallel
 
     with check(ctx, "megatron_groups"):
         lay = parallel.init_model_parallel(1, 1, seed=1234)
@@ -186,8 +187,8 @@ def run_d1_reduce_token_weighted(ctx: Ctx) -> None:
     prepare(ctx)
     import torch
 
-    from agpo_megatron import parallel
-    from agpo_megatron.policy import reduce_token_weighted
+    from agpo_megatron.runtime import parallel
+    from agpo_megatron.train.policy import reduce_token_weighted
 
     with check(ctx, "d1_reduce_token_weighted"):
         lay = parallel.init_model_parallel(1, 1, seed=1234)
@@ -217,9 +218,9 @@ def run_d1_reduce_token_weighted(ctx: Ctx) -> None:
 def run_policy_step(ctx: Ctx) -> None:
     """One real `Actor.policy_step` (fused loss, DDP, distributed optimizer) on a tiny model."""
     prepare(ctx)
-    from agpo_megatron import parallel
     from agpo_megatron.algo.loss import PolicyLossConfig
-    from agpo_megatron.policy import Actor
+    from agpo_megatron.runtime import parallel
+    from agpo_megatron.train.policy import Actor
     from tests.gpu.common import micro_batches, tiny_sequences
 
     with check(ctx, "policy_step"):

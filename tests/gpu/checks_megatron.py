@@ -27,8 +27,8 @@ def prepare(ctx: Ctx) -> None:
 
     from agpo_megatron.bridge import export, names
     from agpo_megatron.models import build, forward
-    from agpo_megatron.platform import cpu as cpu_platform
-    from agpo_megatron.policy import Actor
+    from agpo_megatron.runtime import cpu_platform
+    from agpo_megatron.train.policy import Actor
 
     require_attrs(build, "build_gpt", "wrap_for_training", "transformer_config")
     require_attrs(forward, "vocab_parallel_logprobs", "forward_backward", "causal_mask", "compute_logprobs")
@@ -42,7 +42,7 @@ def prepare(ctx: Ctx) -> None:
 
 
 def _init(ctx: Ctx):
-    from agpo_megatron import parallel
+    from agpo_megatron.runtime import parallel
 
     return parallel.init_model_parallel(1, 1, seed=1234)
 
@@ -56,7 +56,7 @@ def run_local_fwd_bwd(ctx: Ctx) -> None:
     import torch
 
     from agpo_megatron.models import build, forward
-    from agpo_megatron.platform import cpu as cpu_platform
+    from agpo_megatron.runtime import cpu_platform
 
     with check(ctx, "local_fwd_bwd_bf16"):
         _init(ctx)
@@ -109,7 +109,7 @@ def run_ddp_step(ctx: Ctx) -> None:
     import torch
 
     from agpo_megatron.algo.loss import PolicyLossConfig
-    from agpo_megatron.policy import Actor
+    from agpo_megatron.train.policy import Actor
 
     with check(ctx, "ddp_distopt_step"):
         lay = _init(ctx)
@@ -172,7 +172,7 @@ def run_bridge_export(ctx: Ctx) -> None:
     import torch
 
     from agpo_megatron.bridge import export, names
-    from agpo_megatron.policy import Actor
+    from agpo_megatron.train.policy import Actor
 
     with check(ctx, "bridge_export"):
         lay = _init(ctx)
@@ -225,9 +225,9 @@ def run_local_sdpa_parity(ctx: Ctx) -> None:
     prepare(ctx)
     import dataclasses
 
-    from agpo_megatron import batch as batching
     from agpo_megatron.models import build, forward
-    from agpo_megatron.packing import unpack
+    from agpo_megatron.train import batch as batching
+    from agpo_megatron.train.packing import unpack
     from tests.gpu.common import rel_err
 
     require_attrs(build, "build_gpt")

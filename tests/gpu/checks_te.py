@@ -34,7 +34,7 @@ def _needs_te(ctx: Ctx) -> None:
 
 
 def _init():
-    from agpo_megatron import parallel
+    from agpo_megatron.runtime import parallel
 
     return parallel.init_model_parallel(1, 1, seed=1234)
 
@@ -172,9 +172,9 @@ def run_te_packed_thd(ctx: Ctx) -> None:
     prepare(ctx)
     import torch
 
-    from agpo_megatron import batch as batching
     from agpo_megatron.models import build, forward
-    from agpo_megatron.packing import unpack
+    from agpo_megatron.train import batch as batching
+    from agpo_megatron.train.packing import unpack
     from tests.gpu.common import micro_batches, rel_err, tiny_sequences
 
     require_attrs(forward, "run_model", "compute_logprobs", "forward_backward")

@@ -30,7 +30,7 @@ def _dtype(ctx: Ctx) -> str:
 
 
 def _rollout_cfg(ctx: Ctx):
-    from agpo_megatron.config import RolloutConfig
+    from agpo_megatron.config.schema import RolloutConfig
 
     return RolloutConfig(
         tp=1,
@@ -100,16 +100,16 @@ def run_vllm(ctx: Ctx) -> None:
     prepare(ctx)
     import torch
 
-    from agpo_megatron import parallel
     from agpo_megatron.bridge.export import sync_weights
     from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
     from agpo_megatron.bridge.names import hf_names
-    from agpo_megatron.config import ModelConfig, ParallelConfig
+    from agpo_megatron.config.schema import ModelConfig, ParallelConfig
     from agpo_megatron.data.synthetic import build_tokenizer
     from agpo_megatron.models import build
     from agpo_megatron.models.hf_config import read_arch
     from agpo_megatron.models.tiny import save_tiny_hf_model
     from agpo_megatron.rollout.base import SamplingConfig
+    from agpo_megatron.runtime import parallel
 
     checks = ("vllm_sleep_wake_memory", "vllm_weight_sync", "vllm_logprob_agreement")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -194,7 +194,7 @@ def tiny_cfg(ctx: Ctx, *, spec: str = "local", fp8: str | None = None, fused_los
     (so a renamed or newly required field fails here, in the dry-run)."""
     from types import SimpleNamespace
 
-    from agpo_megatron.config import AlgoConfig, ModelConfig, OptimConfig, ParallelConfig
+    from agpo_megatron.config.schema import AlgoConfig, ModelConfig, OptimConfig, ParallelConfig
 
     return SimpleNamespace(
         model=ModelConfig(init_from="random", spec=spec, params_dtype=ctx.dtype_name, fp8=fp8, max_seq_len=256),
@@ -209,7 +209,7 @@ def tiny_sequences(vocab: int, seed: int = 0):
     """Four prompt+response rows of ragged length, as the trainer builds them (batch.Sequences)."""
     import torch
 
-    from agpo_megatron import batch as batching
+    from agpo_megatron.train import batch as batching
 
     g = torch.Generator().manual_seed(seed)
     toks = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in (37, 52, 61, 29)]
@@ -220,7 +220,7 @@ def tiny_sequences(vocab: int, seed: int = 0):
 
 def micro_batches(seqs):
     """Two micro-batches of two rows, padded as the trainer pads them."""
-    from agpo_megatron import batch as batching
+    from agpo_megatron.train import batch as batching
 
     return batching.split_micro_batches(seqs, micro_batch_size=2, max_tokens=None, pad_id=0, uniform_length=False)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from agpo_megatron.config import ModelConfig
+from agpo_megatron.config.schema import ModelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import UnsupportedModelError, arch_from_hf_dict
 from agpo_megatron.models.tiny import tiny_hf_config
@@ -77,7 +77,7 @@ def test_fp16_loss_is_scaled_like_its_grads_are_unscaled(tmp_path):
 
 def test_fp8_recipe_settings_reach_the_transformer_config():
     """Issue 8: the FP8 recipe is configurable, with Megatron-Bridge's delayed-scaling values as defaults."""
-    from agpo_megatron.config_io import ConfigError
+    from agpo_megatron.config.yaml_io import ConfigError
 
     assert build.fp8_kwargs(ModelConfig()) == {}
     assert build.fp8_kwargs(ModelConfig(fp8="hybrid")) == dict(

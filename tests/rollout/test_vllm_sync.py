@@ -192,7 +192,7 @@ def test_sampling_config_validates():
 
 
 def test_from_config_maps_the_rollout_and_model_sections(monkeypatch):
-    from agpo_megatron.config import ModelConfig, RolloutConfig
+    from agpo_megatron.config.schema import ModelConfig, RolloutConfig
     from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
     seen = {}

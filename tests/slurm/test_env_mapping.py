@@ -2,7 +2,7 @@
 
 import pytest
 
-from agpo_megatron.parallel import _tasks_on_node, torchrun_env_from_slurm
+from agpo_megatron.runtime.parallel import _tasks_on_node, torchrun_env_from_slurm
 
 # What srun sets for the 7th of 8 tasks (node 1, local index 2) of `sbatch --nodes=2 --ntasks-per-node=4`.
 TWO_NODES = {

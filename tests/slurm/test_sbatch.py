@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agpo_megatron.metrics import read_jsonl
+from agpo_megatron.report.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_CONF = os.environ.get("AGPO_SLURM_CONF", "")

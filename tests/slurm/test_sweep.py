@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agpo_megatron.config import load_train_config
 from agpo_megatron.models.tiny import tiny_hf_config
+from agpo_megatron.plan.load import load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "examples" / "sweeps" / "paper_ablation.py"

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from agpo_megatron.config import (
+from agpo_megatron.config.schema import (
     AlgoConfig,
     BatchConfig,
     DataConfig,

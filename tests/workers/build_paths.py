@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import AlgoConfig, OptimConfig, TrainConfig
+from agpo_megatron.config.schema import AlgoConfig, OptimConfig, TrainConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 from tests.workers.actor_config import actor_config
 
 hf_dir, check = Path(sys.argv[1]), sys.argv[2]
@@ -42,7 +42,7 @@ if check == "final_norm":
     model = build.build_gpt(arch, cfg("float32").model, cfg("float32").parallel)
     print("RESULT", type(model.decoder.final_layernorm).__name__, flush=True)
 elif check == "fp16_scale":
-    from agpo_megatron.policy import Actor
+    from agpo_megatron.train.policy import Actor
 
     g = torch.Generator().manual_seed(0)
     N, S = 4, 24

@@ -10,7 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from agpo_megatron.parallel import comm_device, init_model_parallel, set_collective_timeout
+from agpo_megatron.runtime.parallel import comm_device, init_model_parallel, set_collective_timeout
 
 layout = init_model_parallel(1, 1, seed=0)
 groups = set_collective_timeout(2.0)

@@ -24,11 +24,11 @@ import torch.distributed as dist
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
-from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
+from agpo_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.platform.cpu import megatron_scope
+from agpo_megatron.runtime.cpu_platform import megatron_scope
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 from checkpoints_conversion.hf_to_megatron import convert_hf_to_megatron, inspect_source
 from checkpoints_conversion.megatron_to_hf import convert_megatron_to_hf
 

@@ -28,11 +28,11 @@ from torch.distributed.checkpoint import FileSystemReader
 from agpo_megatron.bridge.hf_io import HFCheckpointReader
 from agpo_megatron.checkpoint.metadata import SIDECAR, read_meta, stored_tensors
 from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
-from agpo_megatron.config import OptimConfig, ParallelConfig
+from agpo_megatron.config.schema import OptimConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.platform.cpu import megatron_scope
+from agpo_megatron.runtime.cpu_platform import megatron_scope
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 from checkpoints_conversion import hf_to_megatron, megatron_to_hf
 from tests.workers.conversion_layouts import build_at, tokens
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from agpo_megatron.checkpoint import CheckpointError
-from agpo_megatron.parallel import exit_cleanly
+from agpo_megatron.runtime.parallel import exit_cleanly
 from checkpoints_conversion import hf_to_megatron, megatron_to_hf
 
 

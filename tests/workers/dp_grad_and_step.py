@@ -14,11 +14,11 @@ import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
-from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
+from agpo_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.platform.cpu import megatron_scope
+from agpo_megatron.runtime.cpu_platform import megatron_scope
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 
 hf_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
 arch = read_arch(hf_dir)

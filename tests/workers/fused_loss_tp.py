@@ -183,7 +183,7 @@ def run_capture(tie: bool, tp: int) -> dict:
     """Reference (model logits -> vocab_parallel_logprobs -> policy_loss) vs fused on captured
     hidden states, on one randomly initialised tiny GPTModel: logits and every parameter's grad."""
     from agpo_megatron.algo.loss import policy_loss
-    from agpo_megatron.config import ModelConfig, ParallelConfig
+    from agpo_megatron.config.schema import ModelConfig, ParallelConfig
     from agpo_megatron.models import build
     from agpo_megatron.models.forward import causal_mask, vocab_parallel_logprobs
     from agpo_megatron.models.hf_config import arch_from_hf_dict
@@ -193,7 +193,7 @@ def run_capture(tie: bool, tp: int) -> dict:
         fused_logprobs_entropy,
         fused_policy_loss_from_hidden,
     )
-    from agpo_megatron.platform.cpu import megatron_scope
+    from agpo_megatron.runtime.cpu_platform import megatron_scope
 
     arch = arch_from_hf_dict(
         tiny_hf_config("qwen2", vocab_size=256, hidden_size=64, num_heads=2, num_kv_heads=1, tie=tie).to_dict()
@@ -253,7 +253,7 @@ def run_capture(tie: bool, tp: int) -> dict:
 def main() -> None:
     import torch.distributed as dist
 
-    from agpo_megatron.parallel import exit_cleanly, init_model_parallel
+    from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 
     out_dir = Path(sys.argv[1])
     for tp in (1, 2):

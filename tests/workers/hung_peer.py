@@ -9,9 +9,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from agpo_megatron.metrics import PhaseTimer
-from agpo_megatron.parallel import comm_device, init_distributed
-from agpo_megatron.watchdog import StepWatchdog
+from agpo_megatron.report.metrics import PhaseTimer
+from agpo_megatron.runtime.parallel import comm_device, init_distributed
+from agpo_megatron.runtime.watchdog import StepWatchdog
 
 init_distributed(timeout_s=3600)  # the process-group timeout alone would block for an hour
 rank = dist.get_rank()

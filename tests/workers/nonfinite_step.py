@@ -1,6 +1,6 @@
 """2-rank worker (DP=2): a NaN in one rank's micro-batch skips the step on every rank (issue 11).
 
-Prints "RESULT <rank> <key>=<value> ..." lines that tests/test_nonfinite.py checks.
+Prints "RESULT <rank> <key>=<value> ..." lines that tests/runtime/test_nonfinite.py checks.
 """
 
 import sys
@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import AlgoConfig
+from agpo_megatron.config.schema import AlgoConfig
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.nonfinite import NonFiniteError
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.policy import Actor
+from agpo_megatron.runtime.nonfinite import NonFiniteError
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.train.policy import Actor
 from tests.workers.actor_config import actor_config
 
 hf_dir = Path(sys.argv[1])

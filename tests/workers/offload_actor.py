@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
-from agpo_megatron.config import TrainConfig
-from agpo_megatron.config_io import load_config
+from agpo_megatron.config.schema import TrainConfig
+from agpo_megatron.config.yaml_io import load_config
 from agpo_megatron.models import forward
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.offload import ActorMemory, actor_tensors, megatron_optimizers
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.policy import Actor, Reference
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.train.offload import ActorMemory, actor_tensors, megatron_optimizers
+from agpo_megatron.train.policy import Actor, Reference
 
 hf_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
 arch = read_arch(hf_dir)

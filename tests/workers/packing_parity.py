@@ -1,7 +1,7 @@
 """2-rank worker: packed micro-batches against padded ones, at TP=1, TP=2 and PP=2 (local spec, fp32).
 
 The same 12 ragged sequences go through the padded path (one right-padded sequence per row) and
-the packed one (packing.py). Per layout, each rank writes OUT_DIR/{layout}_rank{r}.pt with, per
+the packed one (train/packing.py). Per layout, each rank writes OUT_DIR/{layout}_rank{r}.pt with, per
 sequence, the log-probs and entropy of its tokens (last stage only), the summed loss of two loss
 setups (plain path, seq-mean-token-mean with KL and entropy terms, which needs `seq_ids`; fused
 path, token-mean) and this rank's parameter gradients, from both paths. The test compares them.
@@ -14,15 +14,15 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
-from agpo_megatron.batch import Sequences, split_micro_batches
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
-from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
+from agpo_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.models.lm_head import capture_lm_head_input
 from agpo_megatron.ops.fused_loss import fused_policy_loss_from_hidden
-from agpo_megatron.packing import unpack
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.train.batch import Sequences, split_micro_batches
+from agpo_megatron.train.packing import unpack
 
 hf_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
 arch = read_arch(hf_dir)

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from agpo_megatron.config import ModelConfig, OptimConfig, ParallelConfig
+from agpo_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.platform.cpu import megatron_scope
+from agpo_megatron.runtime.cpu_platform import megatron_scope
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 
 # (case, model, params_dtype, tp, pp, distributed optimizer); world = 2, so dp = 2 / (tp * pp).
 CASES = [

@@ -1,4 +1,4 @@
-"""2-rank worker (DP=2): PPO mini-batches through the real `Actor` (ppo.py, batch.split_mini_batches).
+"""2-rank worker (DP=2): PPO mini-batches through the real `Actor` (train/ppo.py, batch.split_mini_batches).
 
 argv: hf_dir, "fused" | "plain".
 1. One update per rollout: the on-policy shortcut (no actor log-prob pass, old = its own forward's
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from agpo_megatron import ppo
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.batch import Sequences, split_mini_batches
-from agpo_megatron.config import AlgoConfig, OptimConfig
+from agpo_megatron.config.schema import AlgoConfig, OptimConfig
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.policy import Actor
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.train import ppo
+from agpo_megatron.train.batch import Sequences, split_mini_batches
+from agpo_megatron.train.policy import Actor
 from tests.workers.actor_config import actor_config
 
 hf_dir, fused = Path(sys.argv[1]), sys.argv[2] == "fused"

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from agpo_megatron.algo.advantages import compute_advantages
 from agpo_megatron.data.answer_match import RewardResult, get_default_pool
 from agpo_megatron.data.reward_dist import score_distributed
-from agpo_megatron.parallel import comm_device, exit_cleanly, init_distributed
+from agpo_megatron.runtime.parallel import comm_device, exit_cleanly, init_distributed
 
 
 def main() -> None:

@@ -26,12 +26,12 @@ import torch.distributed as dist
 from agpo_megatron.bridge import names
 from agpo_megatron.bridge.export import sync_weights
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
-from agpo_megatron.config import ModelConfig, ParallelConfig
+from agpo_megatron.config.schema import ModelConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import Layout, exit_cleanly, init_model_parallel
 from agpo_megatron.rollout.base import Completion, SamplingConfig
 from agpo_megatron.rollout.vllm_engine import VLLMEngine
+from agpo_megatron.runtime.parallel import Layout, exit_cleanly, init_model_parallel
 
 vllm_dir, meg_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 rollout_tp, layouts, load_format, logprob_mode = int(sys.argv[4]), sys.argv[5].split(","), sys.argv[6], sys.argv[7]

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from agpo_megatron.config import ModelConfig, ParallelConfig
+from agpo_megatron.config.schema import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.forward import causal_mask, packed_causal_mask
 from agpo_megatron.models.sdpa_attention import SDPADotProductAttention
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.platform import cpu as cpu_platform
+from agpo_megatron.runtime import cpu_platform
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 from tests.gpu.common import tiny_arch
 
 out_dir = Path(sys.argv[1])

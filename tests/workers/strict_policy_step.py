@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config import AlgoConfig
+from agpo_megatron.config.schema import AlgoConfig
 from agpo_megatron.models.hf_config import read_arch
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
-from agpo_megatron.policy import Actor
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
+from agpo_megatron.train.policy import Actor
 from tests.strict_collectives import strict_collectives
 from tests.workers.actor_config import actor_config
 

@@ -2,9 +2,9 @@
 
 import sys
 
-from agpo_megatron.parallel import exit_cleanly, init_model_parallel
 from agpo_megatron.rollout.base import SamplingConfig
 from agpo_megatron.rollout.vllm_engine import VLLMEngine
+from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 
 init_model_parallel(1, 1, seed=0)
 engine = VLLMEngine(sys.argv[1], rollout_tp=2, dtype="float32", max_model_len=64, seed=0)

@@ -1,0 +1,3 @@
+"""The CPU demo (warm start, then GRPO vs AGPO on a synthetic task) and its multi-seed sweep.
+May import any package; only cli.py imports it.
+"""

@@ -1,0 +1,218 @@
+"""The CPU demo: a tiny model learns arithmetic, then AGPO makes its answers shorter.
+
+    torchrun --nproc-per-node 2 -m agpo_megatron.demo.run [--out runs/demo] [dotted.key=value ...]
+
+1. Build a tiny Qwen2-shaped model (head dim 32, vLLM's CPU minimum) and an offline tokenizer.
+2. Warm-start it with a short supervised phase (`train/sft.py`, this package's loop on the Megatron
+   actor) on correct solutions of deliberately varied verbosity: some answer in two steps, some
+   re-check every step. So the warm policy writes correct answers of very different lengths.
+3. RL with AGPO (m1 + m2) through vLLM rollouts and Megatron updates. The length reward only
+   fires in groups that mix right and wrong answers; at the warm start's 80-90% accuracy a group
+   of 16 is mixed far more often than a group of 8, hence G=16 x 8 prompts (a weaker warm start
+   would mix groups too, but then most groups are all wrong and m1's -1 derails AGPO;
+   docs/demo.md). A GRPO run from the same warm start, on the same prompts, is the baseline:
+   shorter answers also err less, so some shortening comes from accuracy alone.
+4. Print the table: greedy pass@1 and mean response tokens on 512 held-out problems, before RL
+   and after each run, and the fraction of AGPO's groups where the length reward fired.
+
+Library logs go to OUT/logs/rank*.log (`--verbose`: on the console); `agpo demo --seeds 0-4`
+runs several seeds (`demo/seeds.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo_cpu.yaml"
+
+
+def prepare(out: Path, *, seed: int, n_train: int, n_eval: int, max_difficulty: int) -> None:
+    """Rank 0 writes tokenizer + random model + synthetic data (the other ranks wait)."""
+    from agpo_megatron.data import synthetic
+    from agpo_megatron.models.inputs import write_tiny_model
+
+    write_tiny_model(out / "model", "qwen2", seed=seed)  # the model `tiny:qwen2` names in a config
+    for name, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
+        synthetic.write_jsonl(synthetic.make_dataset(n, seed=s, max_difficulty=max_difficulty), out / f"{name}.jsonl")
+
+
+def _mean_over_steps(metrics_path: Path, key: str) -> float | None:
+    from agpo_megatron.report.jsonl import read_jsonl
+
+    vals = [r[key] for r in read_jsonl(metrics_path) if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _parser()
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    rank = int(os.environ.get("RANK", "0"))
+    if not args.verbose:
+        # Before any library import: vLLM/Megatron/torch logging, warnings and native prints go to
+        # the file; the console keeps the progress bars and the table.
+        from agpo_megatron.report.console import route_to_file
+
+        route_to_file(out / "logs" / f"rank{rank}.log")
+    try:
+        _run(args, out)
+    except BaseException:
+        from agpo_megatron.report.console import report_failure
+
+        report_failure(rank)
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--config", default=str(EXAMPLE))
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-batch", type=int, default=64)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--max-difficulty", type=int, default=1, help="0: a+b, 1: up to 3 operands, 2: up to 4")
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-eval", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the GRPO run from the same warm start (it shows what the length reward adds)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="library logs (vLLM, Megatron, torch, warnings) on the console instead of OUT/logs/rank*.log",
+    )
+    p.add_argument("overrides", nargs="*")
+    return p
+
+
+def _run(args: argparse.Namespace, out: Path) -> None:
+    import torch.distributed as dist
+
+    from agpo_megatron.evals.evaluate import format_table
+    from agpo_megatron.plan.load import load_train_config
+    from agpo_megatron.report.console import console, log_path
+    from agpo_megatron.report.plot import parse_runs, plot_runs
+    from agpo_megatron.runtime.parallel import exit_cleanly, init_distributed
+    from agpo_megatron.train.policy import Actor
+    from agpo_megatron.train.session import Session
+    from agpo_megatron.train.sft import sft
+    from agpo_megatron.train.trainer import train
+
+    t0 = time.time()
+    init_distributed()
+    if dist.get_rank() == 0:
+        prepare(out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval, max_difficulty=args.max_difficulty)
+    dist.barrier()
+    paths = [
+        f"model.hf_path={out / 'model'}",
+        f"data.train.path={out / 'train.jsonl'}",
+        f"data.eval.path={out / 'eval.jsonl'}",
+    ]
+    cfg = load_train_config(args.config, [*paths, f"logging.out_dir={out / 'agpo'}", *args.overrides])
+    session = Session.create(cfg)
+    rank0 = session.layout.rank == 0
+
+    # 1. Warm start on its own actor (its own LR), NLL on (prompt, solution + eos).
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    eos = session.tokenizer.eos_token_id
+    # load_examples keeps file order (no shuffle_seed), so rows and examples line up.
+    pairs = [
+        (ex.prompt_ids, session.tokenizer.encode(row["solution"], add_special_tokens=False) + [eos])
+        for ex, row in zip(session.train_examples, rows)
+    ]
+    t_sft = time.time()
+    warm = Actor(
+        session.arch, replace(cfg, optim=replace(cfg.optim, lr=args.sft_lr)), session.layout, total_steps=args.sft_steps
+    )
+    sft(
+        warm,
+        pairs,
+        steps=args.sft_steps,
+        batch_size=args.sft_batch,
+        micro_batch_size=args.sft_batch // session.layout.dp,
+        layout=session.layout,
+        pad_id=session.pad_id,
+        seed=args.seed,
+        progress_bar=cfg.logging.progress_bar,
+    )
+    start = warm.local_weights()
+    del warm
+    t_sft = time.time() - t_sft
+
+    # 2. RL from the same warm start: AGPO (the config), and optionally the GRPO baseline.
+    runs = {"AGPO": cfg}
+    if args.baseline:
+        # Its own save_dir: with resume=auto the AGPO run would otherwise continue from GRPO's checkpoints.
+        own = [f"checkpoint.save_dir={Path(cfg.checkpoint.save_dir) / 'grpo'}"] if cfg.checkpoint.save_dir else []
+        runs = {
+            "GRPO": load_train_config(
+                args.config,
+                [
+                    *paths,
+                    f"logging.out_dir={out / 'grpo'}",
+                    *args.overrides,
+                    "algo.advantage=grpo",
+                    "algo.length_reward=false",
+                    *own,
+                ],
+            ),
+            **runs,
+        }
+    results, times = {}, {}
+    for label, run_cfg in runs.items():
+        t = time.time()
+        actor = Actor(session.arch, run_cfg, session.layout, total_steps=run_cfg.optimizer_steps(), init_weights=start)
+        results[label] = train(session.for_run(run_cfg), actor=actor)
+        times[label] = time.time() - t
+        del actor
+
+    if rank0:
+        first = next(iter(results.values()))
+        table = format_table(
+            {
+                "warm start (before RL)": first["eval_before"],
+                **{f"{label}, {cfg.steps} steps": r["eval_after"] for label, r in results.items()},
+            }
+        )
+        # Where m2 can act: groups with some correct and some wrong answers (mean over steps).
+        m2 = _mean_over_steps(out / "agpo" / "metrics.jsonl", "len_reward/frac_len_reward_groups")
+        note = f"AGPO's length reward fired in {100 * m2:.0f}% of groups (mean over steps)." if m2 is not None else ""
+        total = time.time() - t0  # the curves below are not part of the demo's time
+        specs = [f"{k}={out / k.lower()}" for k in results]
+        curves = plot_runs(parse_runs(specs), out / "curves.png")
+        print(
+            f"\n{table}\n\n{note}\nwarm-start {t_sft:.0f}s, "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+            + f", total {total:.0f}s.\nCurves: {curves} (agpo plot {' '.join(specs)})"
+            + (f"\nLibrary logs: {log_path().parent}/" if log_path() else ""),
+            file=console(),
+            flush=True,
+        )
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "runs": results,
+                    "time_sft_s": t_sft,
+                    "time_rl_s": times,
+                    "time_total_s": total,
+                    "table": table,
+                    "frac_m2_groups": m2,
+                    "args": {k: v for k, v in vars(args).items() if k != "verbose"},
+                },
+                indent=2,
+            )
+        )
+    exit_cleanly(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Memory formulas for one rank, from `config.json` alone: what `agpo plan` (plan/memory.py) adds up.
+
+* Exact (tested against built objects, tests/plan/test_plan.py): this rank's parameter shapes and
+  dtypes under TP/PP, Megatron DDP's contiguous buffers with their padding (the bf16 param buffer
+  of the distributed optimizer and the fp32 grad buffer), and the optimizer's fp32 main params +
+  Adam m, v on this data-parallel rank's shard.
+* Estimates: activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+  Transformer Models", Sec. 4), the loss working set (ops/fused_loss.py's own accounting), vLLM's
+  weights and KV bytes per token.
+
+Departures and simplifications:
+- `model.spec: auto` is planned as Transformer Engine (the GPU target), whatever this machine has.
+- The local spec's norms are fp32 parameters: Megatron's `WrappedTorchNorm` builds
+  `torch.nn.RMSNorm` without `params_dtype` and this recipe does not wrap the model in
+  `Float16Module`. TE's norms follow `params_dtype`.
+- Adam's per-parameter `step` scalars are not counted (the report's safety margin covers them).
+- FP8 (TE, delayed scaling) is modelled as: linear-layer inputs saved in 1 byte instead of 2, plus
+  an fp8 copy and transpose of every linear weight (2 bytes per element) while the model runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from agpo_megatron.config.schema import TrainConfig
+from agpo_megatron.models.hf_config import ModelArch
+
+GiB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter of this rank's GPTModel shard, named as Megatron's local spec names it."""
+
+    name: str
+    """Megatron parameter name (local spec; TE folds the norms into linear_qkv / linear_fc1)."""
+    shape: tuple[int, ...]
+    """This rank's shard."""
+    dtype: str
+    """'bfloat16', 'float16' or 'float32'."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+def stage_params(
+    arch: ModelArch, *, tp: int, pp: int, pp_rank: int, params_dtype: str = "bfloat16", spec: str = "te"
+) -> list[Param]:
+    """This rank's parameters in `GPTModel.named_parameters()` order (local spec names).
+
+    Column-parallel weights split their output rows over TP, row-parallel ones their input
+    columns; norms are replicated. Layers split evenly over PP; the embedding lives on the first
+    stage, the final norm and LM head on the last. With tied embeddings and PP > 1 the last stage
+    holds Megatron's own copy of the embedding as `output_layer.weight`.
+    """
+    h, d, f, v = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size, arch.vocab_size
+    nq, g = arch.num_attention_heads, arch.num_query_groups
+    norm = params_dtype if spec == "te" else "float32"
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    out: list[Param] = []
+
+    def add(name: str, shape: tuple[int, ...], dtype: str = params_dtype) -> None:
+        out.append(Param(name, shape, dtype))
+
+    if first:
+        add("embedding.word_embeddings.weight", (v // tp, h))
+    qkv_rows = (nq + 2 * g) * d // tp
+    for i in range(arch.num_layers // pp):
+        pre = f"decoder.layers.{i}."
+        add(pre + "input_layernorm.weight", (h,), norm)
+        add(pre + "self_attention.linear_proj.weight", (h, nq * d // tp))
+        add(pre + "self_attention.linear_qkv.weight", (qkv_rows, h))
+        if arch.qkv_bias:
+            add(pre + "self_attention.linear_qkv.bias", (qkv_rows,))
+        if arch.qk_layernorm:
+            add(pre + "self_attention.q_layernorm.weight", (d,), norm)
+            add(pre + "self_attention.k_layernorm.weight", (d,), norm)
+        add(pre + "pre_mlp_layernorm.weight", (h,), norm)
+        add(pre + "mlp.linear_fc1.weight", (2 * f // tp, h))
+        add(pre + "mlp.linear_fc2.weight", (h, f // tp))
+    if last:
+        add("decoder.final_layernorm.weight", (h,), norm)
+        if not arch.tie_word_embeddings or pp > 1:
+            add("output_layer.weight", (v // tp, h))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Bytes of the actor's training state on one rank."""
+
+    params: int
+    """Model params: DDP's contiguous (padded) param buffer with the distributed optimizer, else
+    the parameter tensors themselves."""
+    grads: int
+    """DDP's fp32 grad buffer (grad_reduce_in_fp32), padded like the param buffer."""
+    main_params: int
+    """fp32 master copies of 16-bit params (this DP rank's shard with the distributed optimizer)."""
+    adam: int
+    """Adam exp_avg + exp_avg_sq, fp32, for what this rank's optimizer owns."""
+
+    @property
+    def optimizer(self) -> int:
+        return self.main_params + self.adam
+
+
+def _ceil_to(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def ddp_buckets(
+    params: list[Param], *, dp: int, distributed_optimizer: bool, tied_pp: bool, bucket_size: int | None = None
+) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Megatron DDP's layout of one (param dtype, fp32 grad) buffer: [(start, end, param ranges)].
+
+    Mirrors `_ParamAndGradBuffer.__init__` (megatron/core/distributed/param_and_grad_buffer.py,
+    0.16.1): params are laid out in reverse order; with the distributed optimizer each param
+    starts on a 64-element boundary, each bucket ends on a multiple of lcm(dp, 128), and the
+    shared embedding of tied PP > 1 models sits in a bucket of its own. `bucket_size` is None
+    because models/build.py turns overlap_grad_reduce off.
+    """
+    buckets: list[tuple[int, int, list[tuple[int, int]]]] = []
+    ranges: list[tuple[int, int]] = []
+    bucket_start = pos = 0
+    pad = distributed_optimizer
+
+    def close(end: int) -> int:
+        nonlocal bucket_start, ranges
+        padded = _ceil_to(end, math.lcm(dp, 128)) if pad else end
+        buckets.append((bucket_start, padded, ranges))
+        bucket_start, ranges = padded, []
+        return padded
+
+    for p in reversed(params):
+        pos = _ceil_to(pos, 64) if pad else pos
+        shared = pad and tied_pp and p.name in ("embedding.word_embeddings.weight", "output_layer.weight")
+        if shared and ranges:
+            pos = close(pos)
+        ranges.append((pos, pos + p.numel))
+        pos += p.numel
+        if shared or (bucket_size is not None and pos - bucket_start >= bucket_size):
+            pos = close(pos)
+    if ranges:
+        close(pos)
+    return buckets
+
+
+def train_state(
+    params: list[Param],
+    *,
+    dp: int,
+    dp_rank: int | None = None,
+    distributed_optimizer: bool = True,
+    tied_pp: bool = False,
+) -> TrainState:
+    """Params, grad buffer and optimizer state of one rank (`dp_rank` None: the largest DP shard).
+
+    Megatron groups params into one buffer per dtype; the distributed optimizer gives each DP rank
+    1/dp of every bucket (`DistributedOptimizer._build_model_gbuf_range`) and keeps fp32 main
+    params + Adam state only for the real params inside that slice, not for padding. fp32 params
+    need no master copy (their shard is a view of the model param).
+    """
+    by_dtype: dict[str, list[Param]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    best: TrainState | None = None
+    for rank in range(dp) if dp_rank is None else [dp_rank]:
+        p_bytes = g_bytes = main = adam = 0
+        for dtype, group in by_dtype.items():
+            buckets = ddp_buckets(group, dp=dp, distributed_optimizer=distributed_optimizer, tied_pp=tied_pp)
+            numel = buckets[-1][1]
+            g_bytes += 4 * numel
+            if distributed_optimizer:
+                p_bytes += DTYPE_BYTES[dtype] * numel
+                owned = 0
+                for start, end, ranges in buckets:
+                    shard = (end - start) // dp
+                    lo, hi = start + rank * shard, start + (rank + 1) * shard
+                    owned += sum(max(0, min(hi, e) - max(lo, s)) for s, e in ranges)
+            else:
+                owned = sum(p.numel for p in group)
+                p_bytes += owned * DTYPE_BYTES[dtype]
+            main += 4 * owned if dtype != "float32" else 0
+            adam += 8 * owned
+        state = TrainState(params=p_bytes, grads=g_bytes, main_params=main, adam=adam)
+        if best is None or state.optimizer > best.optimizer:
+            best = state
+    assert best is not None
+    return best
+
+
+def layer_activation_bytes(
+    arch: ModelArch, *, tokens: int, tp: int, sequence_parallel: bool, spec: str, seq_len: int, fp8: bool = False
+) -> tuple[int, int]:
+    """(saved for backward, layer input) bytes of one transformer layer for one micro-batch.
+
+    Korthikanti et al. Sec. 4.1 count 34*s*b*h + 5*a*s^2*b bytes per layer for a GPT layer with
+    16-bit activations (s*b*h/t * (34 + 5as/h) with TP + SP, s*b*h * (10 + 24/t + 5as/(ht)) with
+    TP only). Redone tensor by tensor for this model family: no dropout (p = 0 saves no masks),
+    GQA (K, V are g/a of Q), SwiGLU (fc1 output 2f wide, fc2 input f wide), RMSNorm:
+      replicated over TP (sharded by SP): the two norm inputs and the two norm outputs (QKV and
+        fc1 inputs): 4 x 2*T*h;
+      TP-sharded: Q, K, V, attention output (proj input): 2*T*(2*a*d + 2*g*d); flash attention's
+        fp32 log-sum-exp 4*T*a; fc1 output 2*T*2f; SwiGLU output (fc2 input) 2*T*f;
+      the local spec's unfused attention also keeps softmax probabilities, 2*a*s*T (the paper's
+        5as^2b term without dropout: 2 bytes, b*s^2 = T*s for rows of length s); TE uses flash.
+    With full recompute (Sec. 4.3) a layer keeps only its input, 2*T*h (/t with SP).
+    `tokens` T = sequences x padded length of the micro-batch.
+    """
+    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    a, g = arch.num_attention_heads, arch.num_query_groups
+    lin = 1 if fp8 else 2  # bytes per saved linear input
+    replicated = 2 * 2 * tokens * h + 2 * lin * tokens * h  # norm inputs; QKV / fc1 inputs
+    sharded = (
+        2 * tokens * (a * d + 2 * g * d)
+        + lin * tokens * a * d  # Q, K, V; proj input
+        + 4 * tokens * a
+        + 2 * tokens * 2 * f
+        + lin * tokens * f
+    )  # lse; fc1 out; fc2 input
+    if spec == "local":
+        sharded += 2 * a * seq_len * tokens
+    sp = tp if sequence_parallel else 1
+    layer_input = 2 * tokens * h // sp
+    return replicated // sp + sharded // tp, layer_input
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Training activations on one pipeline stage (bytes), both recompute settings."""
+
+    per_layer: int
+    """Saved tensors of one layer, one micro-batch."""
+    in_flight: int
+    """Micro-batches whose activations this stage holds at once under 1F1B."""
+    no_recompute: int
+    """Training peak without recompute."""
+    full_recompute: int
+    """Training peak with full recompute (model.recompute_activations)."""
+    forward_only: int
+    """Transient working set of a no-grad forward (one layer at a time)."""
+
+
+def stage_activations(arch: ModelArch, cfg: TrainConfig, *, pp_rank: int, dp: int) -> Activations:
+    """1F1B (Narayanan et al. 2021; Korthikanti Sec. 4.2.3): stage i keeps min(pp - i, #micro-batches)
+    micro-batches in flight, so the first stage holds pp x (L/pp) layers' worth: the whole model's."""
+    tp, pp, sp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel
+    tokens = tokens_per_micro_batch(cfg)
+    per_layer, layer_in = layer_activation_bytes(
+        arch,
+        tokens=tokens,
+        tp=tp,
+        sequence_parallel=sp,
+        spec=plan_spec(cfg),
+        seq_len=cfg.model.max_seq_len,
+        fp8=cfg.model.fp8 is not None,
+    )
+    seqs = cfg.batch.update_prompts * cfg.algo.group_size // dp  # one optimizer step: a mini-batch
+    if cfg.batch.max_tokens_per_micro_batch:  # worst case: every row padded to max_seq_len
+        n_mb = math.ceil(seqs / max(1, tokens // cfg.model.max_seq_len))
+    else:
+        n_mb = seqs // cfg.batch.micro_batch_size
+    in_flight = max(1, min(pp - pp_rank, n_mb))
+    layers = arch.num_layers // pp
+    extra = 0
+    if pp_rank == pp - 1:  # final norm input (SP-sharded) + its output, the LM head's input
+        extra = 2 * tokens * arch.hidden_size // (tp if sp else 1) + 2 * tokens * arch.hidden_size
+    return Activations(
+        per_layer=per_layer,
+        in_flight=in_flight,
+        no_recompute=in_flight * layers * per_layer + extra,
+        # Sec. 4.3: inputs of every layer kept, one layer's activations rebuilt at a time.
+        full_recompute=in_flight * layers * layer_in + per_layer + extra,
+        forward_only=per_layer + extra,
+    )
+
+
+def tokens_per_micro_batch(cfg: TrainConfig) -> int:
+    return cfg.batch.max_tokens_per_micro_batch or cfg.batch.micro_batch_size * cfg.model.max_seq_len
+
+
+def plan_spec(cfg: TrainConfig) -> str:
+    return "local" if cfg.model.spec == "local" else "te"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSet:
+    """The vocab-sized working set of the loss on the last stage (bytes)."""
+
+    fused: int
+    """algo.fused_loss, training (with its eagerly computed gradients)."""
+    naive: int
+    """The plain path, training."""
+    fused_forward: int
+    """algo.fused_loss, log-probs only (no grad)."""
+    naive_forward: int
+    """The plain path, log-probs only."""
+
+
+def loss_working_set(arch: ModelArch, cfg: TrainConfig) -> LossSet:
+    """Fused (ops/fused_loss.py docstring): at most ~3 fp32 [chunk, V/TP] temporaries, plus what it
+    saves for backward: d_hidden [T, h] and d_W [V/TP, h] in the 16-bit param dtype.
+    Naive (models/forward.py): the bf16 logits [T, V/TP], the fp32 exp(z) saved for backward and
+    one fp32 [T, V/TP] temporary or gradient at a time (+1 fp32 copy saved with an entropy bonus).
+    """
+    tokens, tp = tokens_per_micro_batch(cfg), cfg.parallel.tp
+    v_local, h = arch.vocab_size // tp, arch.hidden_size
+    pbytes = DTYPE_BYTES[cfg.model.params_dtype]
+    chunk = min(cfg.algo.loss_chunk_tokens, tokens)
+    fused_fwd = 3 * 4 * chunk * v_local
+    naive_fwd = (2 + 4 + 4) * tokens * v_local
+    entropy = 4 * tokens * v_local if cfg.algo.loss.entropy_coef > 0 else 0
+    return LossSet(
+        fused=fused_fwd + pbytes * (tokens * h + v_local * h),
+        naive=naive_fwd + entropy,
+        fused_forward=fused_fwd,
+        naive_forward=naive_fwd,
+    )
+
+
+def hf_param_count(arch: ModelArch) -> int:
+    """Parameters of the HF checkpoint (lm_head counted once more when untied)."""
+    return sum(p.numel for p in stage_params(arch, tp=1, pp=1, pp_rank=0))
+
+
+def vllm_weight_bytes(arch: ModelArch, rollout_tp: int) -> int:
+    """Every weight split over rollout.tp except the norms (replicated), in the checkpoint's 16-bit dtype."""
+    norms = sum(p.numel for p in stage_params(arch, tp=1, pp=1, pp_rank=0) if p.name.endswith("norm.weight"))
+    return 2 * ((hf_param_count(arch) - norms) // rollout_tp + norms)
+
+
+def kv_bytes_per_token(arch: ModelArch, rollout_tp: int) -> int:
+    """K and V of every layer for one token on one vLLM rank (bf16 cache; KV heads split over TP)."""
+    return 2 * 2 * arch.num_layers * arch.num_query_groups * arch.head_dim // rollout_tp

@@ -1,0 +1,69 @@
+"""Load a run's config: YAML + dotted overrides, generated inputs resolved, validated, and checked
+against the model's config.json, all before any process group or tensor exists.
+
+`load_train_config` is what the CLI, the demo, the benchmarks and the tests call. It lives here, not
+in `config/`, because it needs the generators of `models/` and `data/` and the model's shape, and
+`config/` sits below both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agpo_megatron.config.schema import TrainConfig
+from agpo_megatron.config.yaml_io import ConfigError, load_config
+from agpo_megatron.data.inputs import resolve_dataset
+from agpo_megatron.models.hf_config import read_arch
+from agpo_megatron.models.inputs import resolve_model
+
+
+def resolve(data: dict[str, Any]) -> None:
+    """Rewrite generated-input specs in a raw config dict (in place), before validation."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("hf_path"), str):
+        model["hf_path"] = resolve_model(model["hf_path"])
+    datasets = data.get("data")
+    if isinstance(datasets, dict):
+        for split in ("train", "eval"):
+            ds = datasets.get(split)
+            if isinstance(ds, dict) and isinstance(ds.get("path"), str):
+                ds["path"] = resolve_dataset(ds["path"], f"data.{split}.path")
+
+
+def check_model_shape(cfg: TrainConfig) -> None:
+    """TP/PP against the model's shape, from config.json alone."""
+    if not Path(cfg.model.hf_path, "config.json").is_file():
+        raise ConfigError(f"model.hf_path: no config.json in {cfg.model.hf_path!r}")
+    arch = read_arch(cfg.model.hf_path)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    _require(
+        arch.num_attention_heads % tp == 0,
+        f"parallel.tp={tp} must divide the {arch.num_attention_heads} attention heads",
+    )
+    _require(
+        arch.num_query_groups % tp == 0,
+        f"parallel.tp={tp} must divide the {arch.num_query_groups} query groups (KV heads)",
+    )
+    _require(arch.num_layers % pp == 0, f"parallel.pp={pp} must divide the {arch.num_layers} layers")
+    _require(
+        arch.num_attention_heads % cfg.rollout.tp == 0 and arch.num_query_groups % cfg.rollout.tp == 0,
+        f"rollout.tp={cfg.rollout.tp} must divide heads ({arch.num_attention_heads}) and KV heads "
+        f"({arch.num_query_groups})",
+    )
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) + dotted overrides -> a validated `TrainConfig`, its model shape checked."""
+    cfg = load_config(TrainConfig, path, overrides, prepare=resolve)
+    if cfg.model.hf_path:
+        try:
+            check_model_shape(cfg)
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"{path or '<overrides>'}: {e}") from None
+    return cfg

@@ -1,0 +1,97 @@
+"""Who holds the GPU when: vLLM and Megatron share every device, one phase at a time.
+
+    rollout phase: vLLM weights + KV cache on the device; Megatron's offloaded state on host
+        generate
+    to_train():    engine.sleep() -> actor state back on the device
+        reward/advantage -> old/ref log-probs -> update (-> checkpoint)
+    to_rollout():  grads + optimizer state to host -> engine.wake_weights() -> weight sync
+                   -> params to host -> engine.wake_kv_cache()
+
+Why this order. The engine's weights come back before its KV cache and are overwritten by the
+sync while the KV cache is still asleep, so the largest allocation (the KV cache, sized by
+`rollout.gpu_memory_utilization`) is made last, into memory that training has given up. The sync
+reads the actor's params, so they leave the device only after it; grads and optimizer state are
+not read by it, so they leave before vLLM's weights arrive. `torch.cuda.empty_cache()` hands
+the freed blocks back to the driver: vLLM allocates through its own CuMem pool, which cannot use
+blocks cached by PyTorch.
+
+The engine is asleep when the trainer gets it (train/session.py); `start()` is the first
+`to_rollout()` (vLLM then serves exactly the actor's weights from step 0, also with
+`rollout.load_format=dummy`), and `finish()` puts it back to sleep with the actor resident, so a
+second `train()` on the same session (the demo's baseline run) builds its actor while vLLM sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import torch
+
+from agpo_megatron.rollout.base import RolloutEngine
+
+
+class ActorState(Protocol):
+    """What the colocation moves on the Megatron side (offload.ActorMemory)."""
+
+    def offload_train_state(self) -> None: ...
+
+    def offload_params(self) -> None: ...
+
+    def reload(self) -> None: ...
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Colocation:
+    """The memory hand-overs between the rollout phase and the train phase.
+
+    `sync` pushes the actor's current weights into the engine (bridge.export.sync_weights).
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        actor_state: ActorState,
+        sync: Callable[[], object],
+        empty_cache: Callable[[], None] = _empty_cache,
+    ):
+        self.engine, self.actor_state, self.sync, self.empty_cache = engine, actor_state, sync, empty_cache
+
+    def to_train(self) -> None:
+        """After generate: vLLM frees its memory, Megatron's state comes back."""
+        self.engine.sleep()
+        self.actor_state.reload()
+
+    def to_rollout(self) -> None:
+        """After the update: weights first, synced, then the KV cache."""
+        self.actor_state.offload_train_state()
+        self.empty_cache()
+        self.engine.wake_weights()
+        self.sync()
+        self.actor_state.offload_params()
+        self.empty_cache()
+        self.engine.wake_kv_cache()
+
+    @contextlib.contextmanager
+    def actor_resident(self) -> Iterator[None]:
+        """The actor's offloaded state back for a while (a checkpoint save reads params and optimizer)."""
+        self.actor_state.reload()
+        try:
+            yield
+        finally:
+            self.actor_state.offload_train_state()
+            self.actor_state.offload_params()
+            self.empty_cache()
+
+    def start(self) -> None:
+        """The engine sleeps, the actor is built: serve the actor's weights."""
+        self.to_rollout()
+
+    def finish(self) -> None:
+        """Leave as found: the engine asleep, the actor resident."""
+        self.to_train()

@@ -1,0 +1,392 @@
+"""What a resumable run saves at a step, and how it continues from it.
+
+A step checkpoint (`checkpoint/step_dirs.py` has the folder layout and the commit protocol) holds:
+
+    <torch_dist files, checkpoint/>    actor weights, distributed-optimizer state, LR scheduler
+    rng/rank_NNNNN.pt                   each rank's RNG states: torch CPU, CUDA (when present),
+                                        Megatron's tracker, python `random`, numpy
+    run_state.json                      step, sampler position, kl_coef and eps, the A-GRPO
+                                        controllers, the Reference's source, the layout, the config
+
+Exact resume: the step-(N+1) rollout seeds derive from (parallel.seed, step, prompt index) only
+(`Session.train_sampling`, `replicas.request_seed`), and each `generate` starts from an empty
+prefix cache, so a resumed step samples what the uninterrupted run sampled. Everything else the
+next step reads is in the checkpoint. The evaluation before step 1 is not repeated on resume.
+
+The Reference (the KL anchor) is the policy the run started from, recorded as a source:
+{'kind': 'hf', 'path': HF dir}, {'kind': 'megatron', 'path': dist checkpoint}. Weights that have no
+path of their own (an in-memory warm start, as in the demo, or a random init) are saved once into
+`save_dir/initial_weights` and recorded as that path. A resumed run rebuilds the Reference from
+this source, never from the resumed actor.
+
+Departures / limits:
+- Resuming needs the saving run's TP and PP (the distributed optimizer's 'dp_reshardable' state
+  reshards over DP only; see docs/checkpoints.md). RNG states are restored only at the same world size.
+- The LR schedule (optim.*, steps, algo.ppo_epochs, optimizer steps per rollout) must match:
+  Megatron's scheduler refuses a checkpoint whose schedule differs. A step is one rollout, however
+  many optimizer steps it makes (batch.prompts_per_update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from agpo_megatron.algo.controllers import ClipController, KLController
+from agpo_megatron.checkpoint import step_dirs
+from agpo_megatron.config.schema import TrainConfig
+from agpo_megatron.config.yaml_io import ConfigError, to_dict
+from agpo_megatron.report.redact import redact
+from agpo_megatron.runtime import cpu_platform
+from agpo_megatron.runtime.parallel import Layout
+
+FORMAT = 1
+RNG_DIR = "rng"
+
+
+def _updates_per_rollout(batch: dict[str, Any]) -> int:
+    """From a saved config's batch section; configs saved before the rename have prompts_per_step (1)."""
+    rollout = batch.get("prompts_per_rollout", batch.get("prompts_per_step"))
+    return rollout // (batch.get("prompts_per_update") or rollout)
+
+
+def say(msg: str) -> None:
+    """One line from rank 0."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[agpo] {msg}", file=sys.stderr, flush=True)
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG states, in types `torch.load(weights_only=True)` accepts."""
+    from megatron.core import tensor_parallel
+
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "megatron_tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    if cpu_platform.cuda_present():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch_cpu"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
+    if "cuda" in state and cpu_platform.cuda_present():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+# ---- choosing what to resume from --------------------------------------------------------------
+
+
+def find_resume(cfg: TrainConfig) -> Path | None:
+    """The step folder `checkpoint.resume` designates (None: start fresh). Rank 0's view of the filesystem."""
+    ck = cfg.checkpoint
+    if ck.resume == "never" or (ck.resume == "auto" and not ck.save_dir):
+        return None
+    if ck.resume == "auto":
+        return step_dirs.newest_complete(ck.save_dir)
+    path = Path(ck.resume)
+    if not step_dirs.is_complete(path):  # a save_dir: its newest complete step
+        newest = step_dirs.newest_complete(path)
+        if newest is None:
+            raise ConfigError(
+                f"checkpoint.resume={ck.resume}: neither a run checkpoint (no "
+                f"{step_dirs.COMPLETE_MARKER}) nor a save_dir holding one"
+            )
+        path = newest
+    return path
+
+
+class RunCheckpointer:
+    """Saves and restores everything the loop needs to continue bit-exactly. Collective: every
+    method runs on every rank, in the same order."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        layout: Layout,
+        actor,
+        sampler,
+        kl_ctl: KLController,
+        clip_ctl: ClipController,
+        resident: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+    ):
+        """`resident()`: a context in which the actor's state is in memory (it may be offloaded between
+        steps, see train/colocate.py); saves run inside it."""
+        self.cfg, self.layout, self.actor, self.sampler = cfg, layout, actor, sampler
+        self.resident = resident
+        self.kl_ctl, self.clip_ctl = kl_ctl, clip_ctl
+        self.save_dir = Path(cfg.checkpoint.save_dir).resolve() if cfg.checkpoint.save_dir else None
+        self.reference_source: dict[str, str] | None = None
+        plan: tuple[str | None, str | None] = (None, None)
+        if layout.rank == 0:
+            try:
+                plan = self._plan()
+            except OSError as e:  # e.g. an unwritable save_dir: every rank raises, none waits
+                plan = (f"checkpoint.save_dir: {e}", None)
+        error, resume = _broadcast(plan)
+        if error:
+            raise ConfigError(error)
+        self.resume_from = Path(resume) if resume else None
+        self.state: dict[str, Any] = (
+            json.loads((self.resume_from / step_dirs.COMPLETE_MARKER).read_text()) if self.resume_from else {}
+        )
+
+    def _plan(self) -> tuple[str | None, str | None]:
+        """(error, folder to resume from), decided on rank 0 and shared."""
+        if self.save_dir is not None:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            if stale := step_dirs.clean_stale(self.save_dir):
+                say(f"removed {len(stale)} unfinished save(s) from {self.save_dir}: {', '.join(sorted(stale))}")
+        try:
+            found = find_resume(self.cfg)
+        except ConfigError as e:
+            return str(e), None
+        existing = step_dirs.newest_complete(self.save_dir) if self.save_dir else None
+        if found is None:
+            if existing is not None:  # resume=never over a run's checkpoints
+                return (
+                    f"checkpoint.resume=never but checkpoint.save_dir={self.save_dir} already holds "
+                    f"{existing.name}; a step folder is never overwritten: use another save_dir or resume=auto"
+                ), None
+            if self.cfg.checkpoint.resume == "auto" and self.save_dir is not None:
+                say(f"resume=auto: no complete checkpoint under {self.save_dir}, starting fresh")
+            return None, None
+        found = found.resolve()
+        latest = step_dirs.read_latest(self.save_dir) if self.save_dir is not None else None
+        if found.parent == self.save_dir and (latest is None or latest.resolve() != found):
+            step_dirs.publish_latest(self.save_dir, found)  # killed after the rename, before `latest`
+        say(f"resuming from {found}")
+        return None, str(found)
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_from is not None
+
+    # ---- the Reference -----------------------------------------------------------------------
+
+    def reference(self, arch, *, warm_start: bool):
+        """The frozen Reference: the actor as it starts (fresh run) or the recorded source (resume).
+
+        `warm_start`: the actor's initial weights were handed in from memory (no path records them).
+        Fresh run: call before the actor's first update.
+        """
+        from agpo_megatron.train.policy import Reference
+
+        if self.resuming:
+            source = self.state.get("reference")
+            if not source:
+                raise ConfigError(
+                    f"checkpoint.resume: {self.resume_from} records no Reference source (the run "
+                    "started without a KL term); it cannot resume with one"
+                )
+            self.reference_source = source
+            say(f"Reference rebuilt from its recorded source: {source['kind']} {source['path']}")
+            return Reference(arch, _config_for_source(self.cfg, source), self.layout)
+        self.reference_source = self._initial_source(warm_start)
+        return Reference(arch, self.cfg, self.layout, source=self.actor.model)
+
+    def _initial_source(self, warm_start: bool) -> dict[str, str]:
+        m = self.cfg.model
+        if not warm_start and m.init_from == "hf":
+            return {"kind": "hf", "path": str(Path(m.hf_path).resolve())}
+        if not warm_start and m.init_from == "megatron":
+            return {"kind": "megatron", "path": str(Path(self.cfg.checkpoint.load_dir).resolve())}
+        if self.save_dir is None:  # nothing will be resumed
+            return {"kind": "memory", "path": ""}
+        return {"kind": "megatron", "path": str(self._save_initial_weights())}
+
+    def _save_initial_weights(self) -> Path:
+        from agpo_megatron.checkpoint.train_state import save_checkpoint
+
+        final = self.save_dir / step_dirs.INITIAL
+        tmp = self.save_dir / _broadcast(step_dirs.tmp_name(final.name))
+        save_checkpoint(tmp, self.actor.chunks, step=0, hf_dir=self.cfg.model.hf_path)
+        if self.layout.rank == 0:
+            (tmp / step_dirs.COMPLETE_MARKER).write_text(json.dumps({"format": FORMAT, "initial_weights": True}) + "\n")
+            step_dirs.fsync_tree(tmp)
+            step_dirs.replace_folder(tmp, final)
+            say(f"saved the initial weights (the Reference's source) to {final}")
+        dist.barrier()
+        return final
+
+    # ---- resume ------------------------------------------------------------------------------
+
+    def resume(self) -> tuple[int, float, tuple[float, float]]:
+        """Restore actor, optimizer, scheduler, sampler, controllers and RNG; returns the first step to
+        run and this step's kl_coef and eps (the controllers' starting values on a fresh start)."""
+        if not self.resuming:
+            return 1, self.kl_ctl.beta, self.clip_ctl.eps
+        from agpo_megatron.checkpoint.train_state import load_checkpoint
+
+        st, path = self.state, self.resume_from
+        self._check_compatible(st)
+        load_checkpoint(path, self.actor.chunks, self.actor.optimizer, self.actor.scheduler)
+        self.sampler.load_state_dict(st["sampler"])
+        for name, ctl in (("kl_ctl", self.kl_ctl), ("clip_ctl", self.clip_ctl)):
+            if ctl.stateful and not st.get(name):  # a fixed controller saves {} (older runs: None)
+                raise ConfigError(f"checkpoint.resume: {path} has no adaptive {name} state (the run did not use it)")
+            if not ctl.stateful and st.get(name):
+                raise ConfigError(f"checkpoint.resume: {path} was saved by an adaptive {name}; this run's is fixed")
+            ctl.load_state_dict(st.get(name))
+        if st["layout"]["world_size"] == self.layout.world_size:
+            set_rng_state(torch.load(_rng_file(path, self.layout.rank), weights_only=True))
+        else:
+            say(
+                f"saved at world size {st['layout']['world_size']}, resuming at {self.layout.world_size}: "
+                "RNG states start fresh"
+            )
+        if self.layout.rank == 0:
+            _trim_metrics(Path(self.cfg.logging.out_dir) / "metrics.jsonl", st["step"])
+        return st["step"] + 1, float(st["kl_coef"]), (float(st["eps"][0]), float(st["eps"][1]))
+
+    def _check_compatible(self, st: dict[str, Any]) -> None:
+        saved, now = st["layout"], self.layout
+        if (saved["tp"], saved["pp"]) != (now.tp, now.pp):
+            raise ConfigError(
+                f"checkpoint.resume: {self.resume_from} was saved at tp={saved['tp']} pp={saved['pp']}; this run has "
+                f"tp={now.tp} pp={now.pp}. The optimizer state reshards over data-parallel ranks only: resume at "
+                f"the saved tp/pp, or start a new run from its weights (model.init_from=megatron, checkpoint.load_dir)"
+            )
+        old, new = st["config"], to_dict(self.cfg)
+        changed = [f"optim.{k}" for k in new["optim"] if old["optim"].get(k) != new["optim"][k]]
+        changed += [k for k in ("steps",) if old[k] != new[k]]
+        changed += ["algo.ppo_epochs"] if old["algo"]["ppo_epochs"] != new["algo"]["ppo_epochs"] else []
+        if _updates_per_rollout(old["batch"]) != _updates_per_rollout(new["batch"]):
+            changed += ["batch.prompts_per_rollout / batch.prompts_per_update"]
+        if changed:
+            raise ConfigError(
+                f"checkpoint.resume: {self.resume_from} was saved with a different LR schedule "
+                f"({', '.join(changed)}); resume with the saved values"
+            )
+
+    # ---- save --------------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, kl_coef: float, eps: tuple[float, float], *, force: bool = False) -> Path | None:
+        """Save step `step` if it is a save step (or `force`, on preemption) and save_dir is set.
+
+        Returns the step folder holding this step, or None when nothing is saved.
+        """
+        if self.save_dir is None or (self.cfg.checkpoint.due(step, self.cfg.steps) is None and not force):
+            return None
+        from agpo_megatron.checkpoint.train_state import save_checkpoint
+
+        final = self.save_dir / step_dirs.step_name(step)
+        name = None
+        if self.layout.rank == 0:
+            if final.exists():
+                say(f"{final} already exists and is never written into again: not saving step {step}")
+            else:
+                name = step_dirs.tmp_name(final.name)
+                (self.save_dir / name / RNG_DIR).mkdir(parents=True)
+        name = _broadcast(name)
+        if name is None:
+            return final
+        tmp = self.save_dir / name
+        with self.resident():
+            save_checkpoint(
+                tmp,
+                self.actor.chunks,
+                self.actor.optimizer,
+                self.actor.scheduler,
+                step=step,
+                extra_state={"sampler": self.sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
+                hf_dir=self.cfg.model.hf_path,
+            )
+        rng_file = _rng_file(tmp, self.layout.rank)
+        torch.save(rng_state(), rng_file)
+        step_dirs.fsync_file(rng_file)
+        step_dirs.kill_point("shards", step, self.layout.rank)
+        dist.barrier()
+        if self.layout.rank == 0:
+            state = self._run_state(step, kl_coef, eps)
+            (tmp / step_dirs.COMPLETE_MARKER).write_text(json.dumps(state, indent=1, default=str) + "\n")
+            step_dirs.fsync_tree(tmp)
+            step_dirs.commit(tmp, step, self.cfg.checkpoint.keep_last)
+        dist.barrier()
+        return final
+
+    def _run_state(self, step: int, kl_coef: float, eps: tuple[float, float]) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "format": FORMAT,
+            "step": step,
+            "sampler": self.sampler.state_dict(),
+            "kl_coef": kl_coef,
+            "eps": list(eps),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "clip_ctl": self.clip_ctl.state_dict(),
+            "reference": self.reference_source,
+            "layout": {"world_size": lay.world_size, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
+            "config": redact(to_dict(self.cfg)),  # no token from the environment lands in a checkpoint
+        }
+
+
+def _config_for_source(cfg: TrainConfig, source: dict[str, str]) -> TrainConfig:
+    """`cfg` with the model's initial weights taken from `source` (how `policy._build` reads them)."""
+    if source["kind"] == "hf":
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from="hf", hf_path=source["path"]))
+    if source["kind"] == "megatron":
+        return dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, init_from="megatron"),
+            checkpoint=dataclasses.replace(cfg.checkpoint, load_dir=source["path"]),
+        )
+    raise ConfigError(f"checkpoint.resume: the Reference's source {source} cannot be rebuilt")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop rows after `step` (logged by the interrupted run after its last checkpoint): the
+    resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if _row_step(ln) <= step]
+    if len(keep) != len(lines):
+        step_dirs.write_atomic(path, "".join(keep))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a row cut short by the kill
+        return float("inf")

@@ -1,0 +1,104 @@
+"""Everything the loop needs that is set up once: the world, the model shape, tokenizer, data, the
+rollout engine and evaluation. Order matters: the config is validated against the
+world size first, then Megatron's groups exist before vLLM joins the same world. The engine is
+handed out asleep (see train/colocate.py for who wakes it, and when).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.distributed as dist
+
+from agpo_megatron.config.schema import TrainConfig
+from agpo_megatron.data.datasets import Example, load_examples, report_drops
+from agpo_megatron.evals.evaluate import evaluate
+from agpo_megatron.models.hf_config import ModelArch, read_arch
+from agpo_megatron.plan.preflight import check_paths
+from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig, model_stop_token_ids
+from agpo_megatron.runtime.parallel import Layout, init_distributed, init_model_parallel
+
+
+@dataclasses.dataclass
+class Session:
+    cfg: TrainConfig
+    arch: ModelArch
+    layout: Layout
+    tokenizer: Any
+    pad_id: int
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    rollout: RolloutEngine
+    stop_token_ids: tuple[int, ...] = ()
+    """Every token that ends a response (the tokenizer's EOS and all generation_config eos ids)."""
+
+    @classmethod
+    def create(cls, cfg: TrainConfig) -> Session:
+        from transformers import AutoTokenizer
+
+        from agpo_megatron.rollout.vllm_engine import VLLMEngine
+
+        check_paths(cfg)  # missing files / unwritable dirs: one line now, not an error after start-up
+        init_distributed(timeout_s=cfg.parallel.timeout_s)
+        cfg.check_world(dist.get_world_size())  # before any model or engine exists
+        arch = read_arch(cfg.model.hf_path)
+        layout = init_model_parallel(
+            cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s
+        )
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train, stats = load_examples(cfg.data.train, tokenizer)
+        report = [report_drops(stats, "data.train", cfg.data.train, cfg.data.max_drop_frac)]
+        evals = []
+        if cfg.data.eval is not None:
+            evals, stats = load_examples(cfg.data.eval, tokenizer)
+            report.append(report_drops(stats, "data.eval", cfg.data.eval, cfg.data.max_drop_frac))
+        if dist.get_rank() == 0:
+            print("\n".join(report), flush=True)
+        engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
+        # Asleep from the start: the actor (and reference) are built in the memory vLLM frees;
+        # the trainer wakes it and syncs the actor's weights before the first generate.
+        engine.sleep()
+        stop_ids = model_stop_token_ids(cfg.model.hf_path, tokenizer.eos_token_id)
+        return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine, stop_ids)
+
+    def for_run(self, cfg: TrainConfig) -> Session:
+        """This session (same world, model, data and engine) for another run's config, e.g. the demo's
+        GRPO baseline and AGPO runs. Only what the session did not build from may differ."""
+        for field in ("model", "parallel", "rollout", "data"):
+            if getattr(cfg, field) != getattr(self.cfg, field):
+                raise ValueError(f"Session.for_run: `{field}` differs from the session's; build a new Session")
+        return dataclasses.replace(self, cfg=cfg)
+
+    def train_sampling(self, step: int) -> SamplingConfig:
+        r = self.cfg.rollout
+        return SamplingConfig(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            seed=self.cfg.parallel.seed * 100_003 + step,
+            logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.tis_cap is not None,
+            stop_token_ids=self.stop_token_ids,
+        )
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        r = self.cfg.rollout
+        sampling = SamplingConfig(
+            temperature=r.eval_temperature,
+            top_p=1.0,
+            top_k=-1,
+            max_new_tokens=r.max_new_tokens,
+            seed=self.cfg.parallel.seed,
+            logprobs=False,
+            stop_token_ids=self.stop_token_ids,
+        )
+        return evaluate(
+            self.rollout,
+            self.eval_examples,
+            sampling,
+            n=r.eval_n,
+            timeout_s=self.cfg.data.reward_timeout_s,
+            budget_s=self.cfg.data.reward_step_budget_s,
+        )

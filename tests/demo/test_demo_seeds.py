@@ -1,0 +1,54 @@
+"""The multi-seed demo's table and verdict, from recorded results (no demo runs here)."""
+
+import pytest
+
+from agpo_megatron.demo.seeds import parse_seeds, shortest_format_tokens, summarize, verdict
+
+
+def _result(grpo_tokens, agpo_tokens, grpo_pass, agpo_pass, m2=0.6):
+    warm = {"pass@1": 0.5, "mean_tokens": 40.0}
+    return {
+        "runs": {
+            "GRPO": {"eval_before": warm, "eval_after": {"pass@1": grpo_pass, "mean_tokens": grpo_tokens}},
+            "AGPO": {"eval_before": warm, "eval_after": {"pass@1": agpo_pass, "mean_tokens": agpo_tokens}},
+        },
+        "frac_m2_groups": m2,
+    }
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    for bad in ("a-b", "1,1", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_table_statistics_and_verdict():
+    table, stats = summarize(
+        {0: _result(30.0, 21.0, 0.80, 0.79), 1: _result(20.0, 18.0, 0.70, 0.73), 2: _result(25.0, 15.0, 0.60, 0.55)},
+        floors={1: 14.5},
+    )
+    assert stats["ratio"]["mean"] == pytest.approx((0.7 + 0.9 + 0.6) / 3)
+    assert stats["ratio"]["max"] == pytest.approx(0.9)
+    assert stats["pass1_diff"]["mean"] == pytest.approx((-1 + 3 - 5) / 3)
+    assert stats["pass1_diff"]["std"] == pytest.approx(4.0)  # sample std of -1, 3, -5
+    assert "| 1 | 50.0 | 40.0 | 70.0 | 20.0 | 73.0 | 18.0 | 14.5 | 0.900 | +3.0 | 60% |" in table
+    assert "| 0 | 50.0 | 40.0 | 80.0 | 30.0 | 79.0 | 21.0 | - | 0.700 | -1.0 | 60% |" in table
+    lines = verdict(stats)
+    assert "0.733 (met)" in lines[0] and "-1.0 (met)" in lines[1] and "max 0.9000 (met)" in lines[2]
+    assert "| **std** | | | | | | | | 0.153 | 4.0 |" in table
+    _, bad = summarize({0: _result(20.0, 21.0, 0.8, 0.7), 1: _result(20.0, 10.0, 0.8, 0.7)})
+    assert [line.endswith("(NOT met)") for line in verdict(bad)] == [False, True, True]
+    _, tie = summarize({0: _result(20.0, 19.99, 0.8, 0.8)})
+    assert verdict(tie)[2].endswith("(NOT met: a tie within 0.5%)")
+
+
+def test_shortest_format_tokens(tmp_path):
+    """`2+3=5 \\boxed{5}`: 5 characters, a space, `\\boxed{`, 5, `}` and EOS = 10 tokens;
+    `9-4=5 5+1=6 \\boxed{6}`: 5 + 1 + 5 + 1 + 3 + EOS = 16."""
+    from agpo_megatron.data import synthetic
+
+    synthetic.build_tokenizer(tmp_path / "model")
+    (tmp_path / "eval.jsonl").write_text('{"question": "2+3="}\n{"question": "9-4+1="}\n')
+    assert shortest_format_tokens(tmp_path) == pytest.approx((10 + 16) / 2)

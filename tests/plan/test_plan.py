@@ -1,0 +1,200 @@
+"""The memory planner: exact against built Megatron objects, exact against meta-device GPTModels of
+the Qwen2.5 7B/32B/72B shapes, formulas against hand-worked numbers, and every shipped preset fits."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agpo_megatron.cli import main as agpo
+from agpo_megatron.models.hf_config import arch_from_hf_dict, read_arch
+from agpo_megatron.models.tiny import tiny_hf_config
+from agpo_megatron.plan.formulas import GiB, layer_activation_bytes, stage_params, train_state, vllm_weight_bytes
+from agpo_megatron.plan.load import load_train_config
+from agpo_megatron.plan.memory import PHASES, plan_memory
+from tests.dist import torchrun
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPES = ROOT / "tests" / "fixtures" / "shapes"
+# preset -> (shape fixture, world sizes it is meant for)
+PRESETS = {
+    "agpo_qwen7b.yaml": ("qwen2.5-7b", [8]),
+    "agpo_m1_qwen7b.yaml": ("qwen2.5-7b", [8]),
+    "grpo_qwen7b.yaml": ("qwen2.5-7b", [8]),
+    "agrpo_qwen7b.yaml": ("qwen2.5-7b", [8]),
+    "agpo_qwen32b.yaml": ("qwen2.5-32b", [16, 32]),
+    "agpo_qwen72b.yaml": ("qwen2.5-72b", [32, 64]),
+    "agrpo_qwen0.5b_gsm8k.yaml": ("qwen2.5-0.5b", [2]),
+    "agrpo_qwen1.5b_gsm8k.yaml": ("qwen2.5-1.5b", [2]),
+}
+
+
+def _write_config(path: Path, model_type: str, **kw) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(tiny_hf_config(model_type, **kw).to_dict()))
+    return path
+
+
+def _planned(params) -> list:
+    return [[p.name, list(p.shape), p.dtype] for p in params]
+
+
+@pytest.mark.slow
+def test_planned_bytes_equal_built_megatron_ddp_and_optimizer(tmp_path):
+    """Params, DDP grad buffer, fp32 main params and Adam state of real models on 2 gloo ranks.
+
+    Odd widths (hidden 48, vocab 130, ffn 100) make the distributed optimizer's 64-element param
+    alignment and lcm(dp, 128) bucket padding visible; the cases cover DP sharding, the shared
+    embedding bucket of tied PP=2, TP=2 with qk-norm, fp32 params and the non-distributed optimizer.
+    """
+    kw = dict(hidden_size=48, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=130, intermediate_size=100)
+    models = {
+        "untied": _write_config(tmp_path / "untied", "qwen2", **kw),
+        "tied": _write_config(tmp_path / "tied", "qwen2", tie=True, **kw),
+        "qwen3": _write_config(tmp_path / "qwen3", "qwen3", head_dim=40, **{**kw, "num_kv_heads": 2}),
+    }
+    torchrun("plan_measure.py", tmp_path, *(f"{k}={v}" for k, v in models.items()))
+    checked = 0
+    for rank in (0, 1):
+        for case, m in json.loads((tmp_path / f"measured_rank{rank}.json").read_text()).items():
+            arch = read_arch(models[case.split("_")[0]])
+            lay = m["layout"]
+            params = stage_params(
+                arch,
+                tp=lay["tp"],
+                pp=lay["pp"],
+                pp_rank=lay["pp_rank"],
+                params_dtype="bfloat16" if "bf16" in case else "float32",
+                spec="local",
+            )
+            assert _planned(params) == m["params"], case
+            st = train_state(
+                params,
+                dp=lay["dp"],
+                dp_rank=lay["dp_rank"],
+                distributed_optimizer="distopt" in case,
+                tied_pp=arch.tie_word_embeddings and lay["pp"] > 1,
+            )
+            measured = (m["param_bytes"], m["grad_bytes"], m["main_param_bytes"], m["adam_bytes"])
+            assert (st.params, st.grads, st.main_params, st.adam) == measured, (rank, case)
+            assert m["adam_bytes"] > 0
+            checked += 1
+    assert checked == 12
+    # The padding is real: with the distributed optimizer the buffer is larger than the params.
+    m = json.loads((tmp_path / "measured_rank0.json").read_text())["untied_bf16_dp2_distopt"]
+    unpadded = sum(p.nbytes for p in stage_params(read_arch(models["untied"]), tp=1, pp=1, pp_rank=0, spec="local"))
+    assert m["param_bytes"] > unpadded
+
+
+@pytest.mark.slow
+def test_meta_device_gptmodel_of_qwen25_shapes_matches_planned_params(tmp_path):
+    """One rank's real GPTModel shard (7B at TP=2, 32B at TP=8, 72B at TP=8 x PP=4, first and last
+    stage) built on `meta`: every name, shape and dtype, hence the bytes, equal the planner's."""
+    layouts = {"qwen2.5-7b": (2, 1), "qwen2.5-32b": (8, 1), "qwen2.5-72b": (8, 4)}
+    for preset, (shape, _) in PRESETS.items():  # the presets' own layouts are the ones checked
+        if preset.startswith("agpo_qwen"):
+            cfg = load_train_config(ROOT / "examples" / preset, [f"model.hf_path={SHAPES / shape}"])
+            assert layouts[shape] == (cfg.parallel.tp, cfg.parallel.pp), preset
+    out = tmp_path / "meta.json"
+    torchrun("plan_meta.py", out, *(f"{SHAPES / s}:{tp}:{pp}" for s, (tp, pp) in layouts.items()), nproc=1)
+    built = json.loads(out.read_text())
+    assert len(built) == 4
+    for key, params in built.items():
+        hf_dir, tp, pp, pp_rank = key.rsplit(":", 3)
+        planned = stage_params(read_arch(hf_dir), tp=int(tp), pp=int(pp), pp_rank=int(pp_rank), spec="local")
+        assert _planned(planned) == params, key
+        nbytes = sum(p.nbytes for p in planned)
+        assert nbytes == sum(2 * _numel(s) if d == "bfloat16" else 4 * _numel(s) for _, s, d in params)
+    # 72B at TP=8 x PP=4: 20 layers per stage; the embedding only first, the LM head only last.
+    names = {k.rsplit(":", 1)[1]: {n for n, _, _ in v} for k, v in built.items() if "72b" in k}
+    assert "embedding.word_embeddings.weight" in names["0"] and "output_layer.weight" not in names["0"]
+    assert "output_layer.weight" in names["3"] and "embedding.word_embeddings.weight" not in names["3"]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def test_public_parameter_counts():
+    # Qwen2.5-32B: 32,763,876,352 parameters (embedding and untied LM head included).
+    arch = read_arch(SHAPES / "qwen2.5-32b")
+    assert sum(p.numel for p in stage_params(arch, tp=1, pp=1, pp_rank=0)) == 32_763_876_352
+    # vLLM at TP=4 holds a quarter of everything but the (replicated) norms, in bf16.
+    norms = (2 * arch.num_layers + 1) * arch.hidden_size
+    assert vllm_weight_bytes(arch, 4) == 2 * ((32_763_876_352 - norms) // 4 + norms)
+
+
+def test_activation_formula_by_hand():
+    # hidden 64, 4 heads x 16, 2 KV heads, ffn 128; T = 2 x 32 tokens; TP 2.
+    arch = arch_from_hf_dict(
+        tiny_hf_config("qwen2", hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128).to_dict()
+    )
+    T, h, f = 64, 64, 128
+    replicated = 4 * 2 * T * h  # norm inputs + QKV / fc1 inputs
+    sharded = 2 * T * (64 + 2 * 32) + 2 * T * 64 + 4 * T * 4 + 2 * T * 2 * f + 2 * T * f
+    got = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=False, spec="te", seq_len=32)
+    assert got == (replicated + sharded // 2, 2 * T * h)
+    sp = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=True, spec="te", seq_len=32)
+    assert sp == (replicated // 2 + sharded // 2, T * h)
+    # The local spec's unfused softmax keeps a x s^2 x b probabilities in 2 bytes (Korthikanti's 5as^2b, no dropout).
+    local = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=False, spec="local", seq_len=32)
+    assert local[0] - got[0] == 2 * 4 * 32 * T // 2
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_fit_80gb(preset, capsys):
+    shape, worlds = PRESETS[preset]
+    over = [f"model.hf_path={SHAPES / shape}"]
+    for world in worlds:
+        cfg = load_train_config(ROOT / "examples" / preset, over)
+        plan = plan_memory(cfg, world, gpu_gb=80)
+        assert plan.misfits() == [], (preset, world, plan.misfits())
+        for stage in plan.stages:
+            for phase in PHASES:
+                assert 0 < stage.total(phase) <= plan.usable
+        assert agpo(["check", "--config", str(ROOT / "examples" / preset), "--world-size", str(world), *over]) == 0
+        out = capsys.readouterr().out
+        assert "\nok: world" in "\n" + out and "warning" not in out, out
+
+
+def test_check_warns_per_phase_and_plan_says_what_to_change(capsys):
+    """The 7B preset as it was (no recompute, vLLM at 0.5) does not fit its update phase on 80 GB."""
+    over = [f"model.hf_path={SHAPES / 'qwen2.5-7b'}", "model.recompute_activations=false"]
+    config = str(ROOT / "examples" / "agpo_qwen7b.yaml")
+    assert agpo(["check", "--config", config, "--world-size", "8", *over]) == 0  # warnings keep exit code 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: memory:")]
+    assert len(warnings) == 1 and "update on pp stage 0" in warnings[0], out
+    assert "model.recompute_activations=true" in warnings[0]
+    assert agpo(["check", "--config", config, "--world-size", "8", *over, "--gpu-mem-gb", "141"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+    assert agpo(["plan", "--config", config, "--world-size", "8", *over]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT: update on pp stage 0" in out and "model.recompute_activations=true (frees" in out
+    table = next(line for line in out.splitlines() if line.startswith("fits "))
+    assert table.split()[-4:] == ["yes", "yes", "NO", "yes"]
+
+
+def test_phases_follow_sleep_and_offload():
+    shape = [f"model.hf_path={SHAPES / 'qwen2.5-7b'}"]
+    config = ROOT / "examples" / "agpo_qwen7b.yaml"
+    base = plan_memory(load_train_config(config, shape), 8).stages[0]
+    off = plan_memory(load_train_config(config, shape + ["offload.optimizer=true", "offload.grads=true"]), 8).stages[0]
+    # Offload frees the Adam state and grads during rollout only.
+    assert base.total("rollout") - off.total("rollout") == base.state.adam + base.state.grads
+    assert all(base.total(ph) == off.total(ph) for ph in ("logprobs", "update", "sync"))
+    awake = plan_memory(load_train_config(config, shape + ["rollout.enable_sleep_mode=false"]), 8)
+    # Without sleep mode vLLM keeps its whole share (0.4 x 80 GiB) through training.
+    assert awake.stages[0].total("update") - base.total("update") == int(0.4 * 80 * GiB)
+    # KL on: a reference; on host except while it scores when offloaded.
+    kl = plan_memory(load_train_config(config, shape + ["algo.loss.kl_coef=0.01"]), 8).stages[0]
+    kl_off = plan_memory(
+        load_train_config(config, shape + ["algo.loss.kl_coef=0.01", "offload.reference=true"]), 8
+    ).stages[0]
+    assert kl.reference == sum(p.nbytes for p in stage_params(read_arch(SHAPES / "qwen2.5-7b"), tp=2, pp=1, pp_rank=0))
+    assert kl.total("update") - base.total("update") == kl.reference
+    assert kl_off.total("update") == base.total("update") and kl_off.total("logprobs") == kl.total("logprobs")

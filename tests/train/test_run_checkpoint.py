@@ -1,0 +1,119 @@
+"""run_checkpoint's single-process parts: choosing what to resume from, RNG round trip, metrics trim."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from agpo_megatron.checkpoint import step_dirs
+from agpo_megatron.config.schema import CheckpointConfig
+from agpo_megatron.config.yaml_io import ConfigError
+from agpo_megatron.train.run_checkpoint import _trim_metrics, find_resume
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _step(save_dir: Path, step: int, complete: bool = True) -> Path:
+    d = save_dir / step_dirs.step_name(step)
+    d.mkdir(parents=True)
+    if complete:
+        (d / step_dirs.COMPLETE_MARKER).write_text("{}")
+    return d
+
+
+def _cfg(**kw):
+    return SimpleNamespace(checkpoint=CheckpointConfig(**kw))
+
+
+def test_find_resume(tmp_path):
+    save = tmp_path / "ckpt"
+    assert find_resume(_cfg(save_dir=str(save))) is None  # auto, nothing there yet
+    _step(save, 1)
+    _step(save, 2)
+    _step(save, 3, complete=False)
+    assert find_resume(_cfg(save_dir=str(save))) == save / "step_000002"
+    assert find_resume(_cfg(save_dir=str(save), resume="never")) is None
+    assert find_resume(_cfg(resume=str(save / "step_000001"))) == save / "step_000001"
+    assert find_resume(_cfg(resume=str(save))) == save / "step_000002"  # a save_dir: its newest
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        find_resume(_cfg(resume=str(save / "step_000003")))
+    assert find_resume(_cfg()) is None  # auto without save_dir
+
+
+def test_trim_metrics_drops_rows_after_the_checkpoint(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "x"')
+    _trim_metrics(f, 2)
+    assert [json.loads(line)["step"] for line in f.read_text().splitlines()] == [1, 2]
+    _trim_metrics(tmp_path / "absent.jsonl", 2)  # a fresh out_dir: nothing to do
+
+
+_RNG = """
+import random, numpy as np, torch
+from agpo_megatron.runtime import cpu_platform as cpu
+cpu.activate()
+from megatron.core import tensor_parallel
+from agpo_megatron.train.run_checkpoint import rng_state, set_rng_state
+tracker = tensor_parallel.get_cuda_rng_tracker()
+tracker.add("model-parallel-rng", 7)
+def draw():
+    with tracker.fork():
+        a = torch.rand(3).tolist()
+    return torch.rand(3).tolist(), a, random.random(), float(np.random.rand())
+torch.save(rng_state(), "{path}")
+first = draw()
+draw()
+set_rng_state(torch.load("{path}", weights_only=True))
+assert draw() == first, "RNG state not restored"
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_rng_states_round_trip_through_a_file(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _RNG.format(path=tmp_path / "rng.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_resume_refuses_another_number_of_updates_per_rollout():
+    """Issue 10: the LR schedule counts optimizer steps, so updates per rollout is part of it; a config
+    saved before the rename (batch.prompts_per_step) reads as one update per rollout."""
+    from agpo_megatron.config.schema import TrainConfig
+    from agpo_megatron.config.yaml_io import load_config, to_dict
+    from agpo_megatron.train.run_checkpoint import RunCheckpointer
+
+    def cfg(*o):
+        return load_config(
+            TrainConfig,
+            None,
+            [
+                "data.train.path=x.jsonl",
+                "data.train.answer_format=boxed",
+                "batch.prompts_per_rollout=8",
+                "batch.micro_batch_size=1",
+                *o,
+            ],
+        )
+
+    def check(saved, now):
+        me = SimpleNamespace(layout=SimpleNamespace(tp=1, pp=1), cfg=now, resume_from="ckpt/step_000001")
+        RunCheckpointer._check_compatible(me, {"layout": {"tp": 1, "pp": 1}, "config": saved})
+
+    old = to_dict(cfg())
+    old["batch"] = {"prompts_per_step": 8, "micro_batch_size": 1, "max_tokens_per_micro_batch": None}
+    check(old, cfg())
+    check(to_dict(cfg("batch.prompts_per_update=2")), cfg("batch.prompts_per_update=2", "batch.micro_batch_size=2"))
+    with pytest.raises(
+        ConfigError, match=r"different LR schedule \(batch.prompts_per_rollout / batch.prompts_per_update\)"
+    ):
+        check(old, cfg("batch.prompts_per_update=4"))
