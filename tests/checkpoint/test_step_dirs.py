@@ -83,7 +83,7 @@ _COMMITTER = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from tests.test_step_dirs import _write_step
+from tests.checkpoint.test_step_dirs import _write_step
 from agpo_megatron.checkpoint import step_dirs
 d = Path(sys.argv[1])
 for step in (1, 2):
