@@ -64,3 +64,11 @@ def test_causal_mark_survives_detach_and_nothing_else():
     assert isinstance(m.detach(), CausalMask) and isinstance(detach_variable((m,))[0], CausalMask)
     scores = torch.zeros(1, 1, 4, 4).masked_fill_(m, -10000.0)  # Megatron's attention_mask_func
     assert type(scores) is torch.Tensor and type(~m) is torch.Tensor and scores[0, 0, 0, 1] == -10000.0
+
+
+@pytest.mark.slow
+def test_recomputed_layers_run_sdpa_without_a_mask_too():
+    """The presets recompute activations: the recomputed forward must take the mask-free path as well."""
+    out = torchrun("sdpa_recompute.py", nproc=1, timeout=180)
+    calls = next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
+    assert calls == ["True,True"] * 4, calls  # 2 layers, forward and recompute
