@@ -36,7 +36,12 @@ def host_bool(flag: torch.Tensor) -> bool:
 def _max_abs(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Each non-empty tensor's max |x| as a 0-dim fp32 tensor on its device: NaN or Inf if any element
     is. A reduction kernel per tensor, no sync, no temporary the size of the tensor (as isfinite has)."""
-    return [torch.linalg.vector_norm(t.detach(), float("inf")).float() for t in tensors if t.numel()]
+    # integer and bool tensors (counts in the metrics) are finite by construction
+    return [
+        torch.linalg.vector_norm(t.detach(), float("inf")).float()
+        for t in tensors
+        if t.numel() and t.is_floating_point()
+    ]
 
 
 def _all_finite(maxima: list[torch.Tensor], device: torch.device) -> torch.Tensor:  # 0-dim bool
@@ -80,7 +85,7 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor | None:
 def check_finite_weights(named_params: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
     """Collective: raise `NonFiniteError` on every rank if any rank holds a non-finite weight.
     One device->host sync when all are finite; naming the culprit costs one more."""
-    named = [(n, p) for n, p in named_params if p.numel()]
+    named = [(n, p) for n, p in named_params if p.numel() and p.is_floating_point()]  # aligned with _max_abs
     maxima = _max_abs(p for _, p in named)
     device = named[0][1].device if named else torch.device("cpu")
     if _all_ranks_finite(_all_finite(maxima, device)):

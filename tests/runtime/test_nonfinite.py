@@ -83,3 +83,4 @@ def test_each_check_syncs_once_however_many_tensors(monkeypatch):
     with pytest.raises(NonFiniteError, match=r"first on this rank: 7\)"):
         nf.check_finite_weights([(str(i), p) for i, p in enumerate(params)], "x")
     assert nf.step_is_finite([], [{"loss": 1.0}]) and not nf.step_is_finite([], [{"loss": float("nan")}])
+    assert nf.step_is_finite([], [{"tokens": torch.tensor(7), "mask": torch.ones(2, dtype=torch.bool)}])
