@@ -51,8 +51,24 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def fusion_flags(on_gpu: bool) -> dict[str, bool]:
+def fused_rope_available() -> bool:
+    """Whether Megatron found Transformer Engine's fused RoPE kernels (THD and BSHD)."""
+    try:
+        from megatron.core.models.common.embeddings import rope_utils
+    except ImportError:
+        return False
+    return getattr(rope_utils, "fused_apply_rotary_pos_emb_thd", None) is not None and (
+        getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
+    )
+
+
+def fusion_flags(on_gpu: bool, spec: str = "local") -> dict[str, bool]:
     """Megatron's fusion switches, each on only where the kernel behind it can run.
+
+    RoPE fusion (issue 18): on the TE spec where TE's fused kernels import. Unfused, Megatron's
+    packed THD RoPE syncs with the host (`cu_seqlens.tolist()`) and splits/concatenates per sequence,
+    per layer, for queries and keys. Never on the local spec: its packed path rotates by per-row
+    frequencies `[S, R, 1, D]` (models/forward.py::_rope_at), which the fused kernel cannot take.
 
     NOTE (issue 8 D2): Megatron imports the masked-softmax kernels lazily, inside the forward, so a
     flag set without them crashes at the first step instead of at build. The bias+SwiGLU and
@@ -67,7 +83,7 @@ def fusion_flags(on_gpu: bool) -> dict[str, bool]:
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=on_gpu and spec == "te" and fused_rope_available(),
     )
 
 
@@ -124,7 +140,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
         # Megatron neither divides by num_microbatches nor averages grads over DP.
         calculate_per_token_loss=True,
         use_cpu_initialization=on_cpu,
-        **fusion_flags(on_gpu=not on_cpu),
+        **fusion_flags(on_gpu=not on_cpu, spec="local" if on_cpu else resolve_spec(model_cfg)),
         **recompute,
         **fp8,
     )

@@ -19,9 +19,28 @@ from agpo_megatron.runtime import cpu_platform
 MicroBatch = dict[str, torch.Tensor]  # "tokens" [B, S] plus per-token / per-seq extras
 
 
+class CausalMask(torch.Tensor):
+    """A plain causal mask (True = masked), marked as such.
+
+    The local spec's mask type is `arbitrary` (models/build.py), so its attention must be given a
+    mask. Megatron's own `DotProductAttention` reads this one as any mask; the SDPA core attention
+    (models/sdpa_attention.py) recognises it and calls SDPA with `attn_mask=None, is_causal=True`
+    instead: PyTorch's CUDA flash kernel rejects any explicit `attn_mask` (issue 18). The mark
+    survives `detach()`, which activation recompute applies to every input of a recomputed layer;
+    any other op on it gives a plain tensor.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return out.as_subclass(cls) if func is torch.Tensor.detach else out
+
+
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:  # [1, 1, S, S] bool
-    """True = masked. Passed explicitly: Megatron's default mask is built on "cuda"."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+    """True = masked (a `CausalMask`). Passed explicitly: Megatron's default mask is built on "cuda"."""
+    mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+    return mask.as_subclass(CausalMask)
 
 
 def packed_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:  # [R, S] -> [R, 1, S, S] bool

@@ -11,7 +11,11 @@ Same inputs, same outputs, same semantics:
 - queries `[sq, b, heads, d]`, keys and values `[sk, b, groups, d]` (GQA when groups < heads),
   context `[sq, b, heads * d]` (this TP rank's heads);
 - it attends with the mask models/forward.py passes every local-spec forward (causal, or
-  block-diagonal causal for packed rows); without one it follows the mask type, as Megatron does;
+  block-diagonal causal for packed rows); without one it follows the mask type, as Megatron does.
+  The padded path's plain causal mask is marked (`forward.CausalMask`) and becomes
+  `attn_mask=None, is_causal=True`: on CUDA that is what lets SDPA pick its flash kernel, which
+  rejects an explicit mask (with one, every call went to the memory-efficient kernel with a float
+  bias of R x S^2 per layer; issue 18). Packed rows keep their mask;
 - the mask is Megatron's convention, True = masked out, `[1 or b, 1, sq, sk]`; SDPA's boolean mask
   is the opposite (True = attend). Megatron fills masked scores with -10000 and SDPA with -inf:
   exp(-10000 - max) is 0 in fp32 either way, and no row here is fully masked
@@ -32,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+from agpo_megatron.models.forward import CausalMask
 
 
 class SDPADotProductAttention(DotProductAttention):
@@ -66,19 +72,24 @@ class SDPADotProductAttention(DotProductAttention):
         v = value.permute(1, 2, 0, 3)
         # Query head i reads key/value head i // (heads / groups), as Megatron's repeat_interleave
         # does. CPU's flash kernel does that itself (`enable_gqa`, 13% faster fwd+bwd at the demo's
-        # shape than repeating); CUDA's memory-efficient kernel, the one that takes a mask, does not.
+        # shape than repeating); on CUDA the memory-efficient kernel (packed rows' masks) does not, and
+        # a call that misses flash (dtype, head dim) lands there: repeat.
         rep = q.shape[1] // k.shape[1]
         gqa = rep > 1 and q.device.type == "cpu"
         if rep > 1 and not gqa:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        mask = None if attention_mask is None else ~attention_mask
+        if isinstance(attention_mask, CausalMask) and q.shape[2] == k.shape[2]:
+            mask, causal = None, True  # no mask: CUDA's flash kernel takes no attn_mask
+        else:  # packed rows' block-diagonal mask: the memory-efficient kernel
+            mask = None if attention_mask is None else ~attention_mask
+            causal = mask is None and self._causal(attn_mask_type)
         context = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None and self._causal(attn_mask_type),
+            is_causal=causal,
             scale=self.softmax_scale,
             enable_gqa=gqa,
         )

@@ -7,7 +7,9 @@ module decides which of them are on the GPU in each phase of a step, following t
             state and the reference stay resident unless `offload.*` moves them to host;
   logprobs  vLLM asleep (both levels free its GPU memory); no-grad forwards of actor (+ reference);
   update    the whole training state, activations (1F1B, recompute or not) and the loss;
-  sync      vLLM's weights woken (not its KV cache) plus the export's buckets in flight.
+  sync      vLLM's weights woken (not its KV cache) plus the export's buckets in flight;
+  save      a checkpoint save, in the train phase after the update: vLLM asleep, the training state
+            resident, one tensor's save buffers in flight (issue 18: it ran with vLLM awake).
 Without sleep mode vLLM keeps its whole share throughout. NCCL/cuBLAS workspaces, the CUDA
 context and fragmentation are not modelled; a stated safety margin covers them.
 """
@@ -30,8 +32,9 @@ from agpo_megatron.plan.formulas import (
     train_state,
     vllm_weight_bytes,
 )
+from agpo_megatron.runtime.pinned import pinned_bytes
 
-PHASES = ("rollout", "logprobs", "update", "sync")
+PHASES = ("rollout", "logprobs", "update", "sync", "save")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,8 @@ class StagePlan:
     """phase -> {component: bytes on the GPU}."""
     host: int
     """Host memory this rank's offloads take at their peak (pinned, outside the GPU)."""
+    pinned: int = 0
+    """Of `host`, what this project's stashes pin (power-of-two slabs, runtime/pinned.py); the rest is vLLM's."""
 
     def total(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -127,6 +132,8 @@ def plan_memory(
     # Sync: one byte-bounded bucket plus one full tensor in flight, ~3x at worst (bridge/export.py).
     largest = max(p.nbytes for p in stage_params(arch, tp=1, pp=1, pp_rank=0, params_dtype="bfloat16"))
     sync_buf = DEFAULT_BUCKET_BYTES + 3 * largest
+    # Save: torch_dist writes tensor by tensor; one fp32 copy (a main param or an Adam moment) in flight, x2.
+    save_buf = 2 * 4 * max(p.numel for p in stage_params(arch, tp=tp, pp=1, pp_rank=0, params_dtype="float32"))
     stages = []
     for pp_rank in sorted({0, pp - 1}):
         params = stage_params(
@@ -189,11 +196,20 @@ def plan_memory(
                 "weight-sync buffers": sync_buf,
                 **({"vLLM weights": vllm_w} if r.enable_sleep_mode else idle),
             },
+            "save": {
+                **megatron(False),
+                "reference params": ref_resident,
+                "checkpoint save buffers": save_buf,
+                **idle,
+            },
         }
-        host = (
-            sum(v for k, v in megatron(False).items() if not megatron(True)[k])
-            + (ref if off.reference else 0)
-            + (vllm_w if r.enable_sleep_mode and r.sleep_level == 1 else 0)
-        )
-        stages.append(StagePlan(pp_rank, st, ref, act, loss, phases, host))
+        # What the stashes (train/offload.py) keep on host; grads are discarded, not kept.
+        stashes = [
+            st.params + st.main_params if off.params else 0,
+            st.adam if off.optimizer else 0,
+            ref if off.reference else 0,
+        ]
+        pinned = sum(pinned_bytes(n) for n in stashes)
+        host = pinned + (vllm_w if r.enable_sleep_mode and r.sleep_level == 1 else 0)
+        stages.append(StagePlan(pp_rank, st, ref, act, loss, phases, host, pinned))
     return MemoryPlan(arch, cfg, world_size, dp, gpu, margin, vllm_w, vllm_total, sync_buf, stages)

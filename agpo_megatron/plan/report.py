@@ -49,7 +49,7 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
                 f"need {plan.vllm_weights / plan.gpu_bytes:.2f})",
             )
         )
-    if phase in ("logprobs", "update", "sync") and not r.enable_sleep_mode:
+    if phase in ("logprobs", "update", "sync", "save") and not r.enable_sleep_mode:
         tips.append((plan.vllm_total, "rollout.enable_sleep_mode=true"))
     if phase == "update":
         if not m.recompute_activations:
@@ -74,7 +74,7 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
         rtps = [t for t in (2, 4, 8) if t > r.tp and plan.arch.num_query_groups % t == 0]
         if rtps:
             tips.append((plan.vllm_weights - plan.vllm_weights * r.tp // rtps[0], f"rollout.tp={rtps[0]}"))
-    if phase in ("update", "sync") and stage.reference and not off.reference:
+    if phase in ("update", "sync", "save") and stage.reference and not off.reference:
         tips.append((stage.reference, "offload.reference=true"))
     tips.append((0, more_mp))
     tips.sort(key=lambda t: -t[0])
@@ -120,9 +120,10 @@ def render(plan: MemoryPlan) -> str:
     ]
     host = max(s.host for s in plan.stages)
     if host:
+        pinned = max(s.pinned for s in plan.stages)
         lines.append(
             "host memory per rank for what is offloaded (offload.*, vLLM weights at sleep level 1): "
-            f"{host / GiB:.2f} GiB"
+            f"{host / GiB:.2f} GiB, of which {pinned / GiB:.2f} GiB pinned by offload.* (power-of-two slabs)"
         )
     for stage in plan.stages:
         lines += ["", _stage_table(plan, stage)]

@@ -176,6 +176,29 @@ def resolve_tp_group(tp_group: dist.ProcessGroup | None = None) -> tuple[dist.Pr
     return tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
+def bind_local_device() -> int:
+    """Select this task's CUDA device among the visible ones; returns its index.
+
+    LOCAL_RANK is the task's index on its node, which is the device index only when the task sees
+    every GPU of the node. A cluster that binds one GPU per task (`--gpus-per-task=1`, or a site's
+    default cgroup binding) leaves task 3 of a node with one visible device, device 0; vLLM's
+    external launcher would assert `local_rank < device_count` and `set_device(3)` would fail
+    (issue 18). With fewer visible devices than LOCAL_RANK + 1 the task takes LOCAL_RANK modulo
+    their count, and LOCAL_RANK is rewritten to it for vLLM (which reads it from the environment);
+    AGPO_TASK_LOCAL_RANK keeps the task's own.
+    """
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    n = torch.cuda.device_count()
+    if n < 1:
+        raise RuntimeError("CUDA is present but this task sees no device (CUDA_VISIBLE_DEVICES / the Slurm binding)")
+    index = local % n
+    if index != local:
+        os.environ["AGPO_TASK_LOCAL_RANK"] = str(local)
+        os.environ["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+    return index
+
+
 def init_distributed(*, timeout_s: float = 3600.0) -> None:
     """Create the default process group (idempotent). `timeout_s`: per collective (parallel.timeout_s)."""
     if dist.is_initialized():
@@ -186,7 +209,7 @@ def init_distributed(*, timeout_s: float = 3600.0) -> None:
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     if cpu_platform.cuda_present():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        bind_local_device()
         backend = "nccl"
     else:
         cpu_platform.activate()

@@ -3,7 +3,7 @@
     rollout phase: vLLM weights + KV cache on the device; Megatron's offloaded state on host
         generate
     to_train():    engine.sleep() -> actor state back on the device
-        reward/advantage -> old/ref log-probs -> update (-> checkpoint)
+        reward/advantage -> old/ref log-probs -> update -> checkpoint (vLLM asleep)
     to_rollout():  grads + optimizer state to host -> engine.wake_weights() -> weight sync
                    -> params to host -> engine.wake_kv_cache()
 
@@ -19,6 +19,11 @@ The engine is asleep when the trainer gets it (train/session.py); `start()` is t
 `to_rollout()` (vLLM then serves exactly the actor's weights from step 0, also with
 `rollout.load_format=dummy`), and `finish()` puts it back to sleep with the actor resident, so a
 second `train()` on the same session (the demo's baseline run) builds its actor while vLLM sleeps.
+
+Checkpoints are saved in the train phase, after the update and before `to_rollout()` (issue 18):
+a save reads the params and the optimizer state, which must not share the GPU with vLLM's
+weights and KV cache (at 32B and DP=2 Adam state alone leaves no room for them). A save asked for
+in the rollout phase (`actor_resident`) puts vLLM to sleep first and leaves the grads on host.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class ActorState(Protocol):
 
     def offload_params(self) -> None: ...
 
-    def reload(self) -> None: ...
+    def reload(self, *, grads: bool = True) -> None: ...
 
 
 def _empty_cache() -> None:
@@ -61,11 +66,13 @@ class Colocation:
         empty_cache: Callable[[], None] = _empty_cache,
     ):
         self.engine, self.actor_state, self.sync, self.empty_cache = engine, actor_state, sync, empty_cache
+        self.training = True  # the session hands over a sleeping engine; the actor is built on the device
 
     def to_train(self) -> None:
         """After generate: vLLM frees its memory, Megatron's state comes back."""
         self.engine.sleep()
         self.actor_state.reload()
+        self.training = True
 
     def to_rollout(self) -> None:
         """After the update: weights first, synced, then the KV cache."""
@@ -76,17 +83,25 @@ class Colocation:
         self.actor_state.offload_params()
         self.empty_cache()
         self.engine.wake_kv_cache()
+        self.training = False
 
     @contextlib.contextmanager
     def actor_resident(self) -> Iterator[None]:
-        """The actor's offloaded state back for a while (a checkpoint save reads params and optimizer)."""
-        self.actor_state.reload()
+        """The actor's params and optimizer state on the device, vLLM asleep (a checkpoint save).
+
+        In the train phase, where the loop saves, nothing moves. In the rollout phase vLLM sleeps
+        first, the grads stay on host (a save does not read them), and the hand-over back to the
+        rollout phase follows as after an update."""
+        if self.training:
+            yield
+            return
+        self.engine.sleep()
+        self.actor_state.reload(grads=False)
+        self.training = True
         try:
             yield
         finally:
-            self.actor_state.offload_train_state()
-            self.actor_state.offload_params()
-            self.empty_cache()
+            self.to_rollout()
 
     def start(self) -> None:
         """The engine sleeps, the actor is built: serve the actor's weights."""

@@ -16,7 +16,9 @@ an fp32 model: swapping one tensor would silently cut it loose from the buffer t
 all-reduce and the optimizer write into. NOTE: Megatron's own `MegatronOptimizer.offload_to_cpu`
 swaps `p.data` of the optimizer's params, which alias the DDP buffer when the model is fp32, so it
 is not used here. A freed storage keeps every view valid (they read it again once it is re-sized).
-Host copies are allocated once, pinned when the device is CUDA, and reused on every offload.
+Host copies are allocated once, pinned when the device is CUDA, and reused on every offload;
+they are power-of-two slabs, so the pinned allocator does not round them up (runtime/pinned.py).
+The Reference's stash is frozen: copied to host once, only freed afterwards.
 
 On CPU the device *is* the host: an offload copies into a second host buffer and frees the
 first. That is wasted work for a real CPU run (leave the flags off), but it runs the exact GPU
@@ -24,7 +26,7 @@ code path, so the CPU tests check it (storage freed, restored bit-exact, trainin
 
 NOTE: while offloaded, a tensor's storage has 0 bytes and reading it is undefined (on CPU it
 segfaults; nothing checks the bounds). Whatever reads Megatron state must run in the train phase:
-the trainer saves checkpoints before the hand-over to vLLM (train/colocate.py).
+the trainer saves checkpoints in the train phase, before the hand-over to vLLM (train/colocate.py).
 
 Not handled (refused with an error, or left in place):
 - storages PyTorch cannot resize (memory it did not allocate, e.g. NCCL user-buffer registration,
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 
 from agpo_megatron.config.schema import OffloadConfig
+from agpo_megatron.runtime import pinned
 
 
 def _sync(device: torch.device) -> None:
@@ -57,14 +60,20 @@ class HostStash:
     """A set of device storages that can be parked in host memory and brought back.
 
     Built from any tensors (views included); each distinct storage is handled once. With
-    `keep=False` the contents are discarded and `reload()` zero-fills the storage.
+    `keep=False` the contents are discarded and `reload()` zero-fills the storage. With
+    `frozen=True` (the Reference: its weights never change) the host copy made by the first
+    offload stays valid, and later offloads only free the device storages.
+
+    Host memory: power-of-two slabs, the storages laid end to end over them (runtime/pinned.py),
+    so pinning does not double it. Allocated once, at the first offload, and reused.
     """
 
-    def __init__(self, tensors: Iterable[torch.Tensor], *, keep: bool = True, what: str = "tensors"):
-        self.keep, self.what = keep, what
+    def __init__(
+        self, tensors: Iterable[torch.Tensor], *, keep: bool = True, frozen: bool = False, what: str = "tensors"
+    ):
+        self.keep, self.frozen, self.what = keep, frozen, what
         self._storages: list[torch.UntypedStorage] = []
         self._nbytes: list[int] = []
-        self._host: list[torch.UntypedStorage | None] = []
         seen: set[int] = set()
         for t in tensors:
             s = t.untyped_storage()
@@ -78,29 +87,51 @@ class HostStash:
             seen.add(s._cdata)  # noqa: SLF001
             self._storages.append(s)
             self._nbytes.append(s.nbytes())
-            self._host.append(None)
+        self._slab_sizes = pinned.slab_sizes(self.nbytes) if keep else []
+        self._pieces = pinned.place(self._nbytes, self._slab_sizes) if keep else []
+        self._slabs: list[torch.Tensor] = []
+        self._host_valid = False  # the slabs hold the current contents (frozen stashes only rely on it)
         self.on_host = False
+        self.copies_to_host = 0
+        """Offloads that copied the storages to host (a frozen stash: one in its life)."""
+        self.reloads = 0
+        """Reloads that brought the storages back to the device."""
 
     @property
     def nbytes(self) -> int:
         """Device bytes this stash frees when offloaded."""
         return sum(self._nbytes)
 
+    @property
+    def host_requests(self) -> list[int]:
+        """The sizes of the host buffers this stash allocates (its slabs; none when discarding)."""
+        return list(self._slab_sizes)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Host bytes the slabs take once the caching host allocator has rounded them (as requested)."""
+        return sum(pinned.allocator_bytes(n) for n in self._slab_sizes)
+
     def storage_ids(self) -> set[int]:
         return {s._cdata for s in self._storages}  # noqa: SLF001
 
     def offload(self) -> None:
-        """Copy to host (unless discarding), then free the device storages. Idempotent."""
+        """Copy to host (unless discarding, or frozen and copied before), then free the device storages. Idempotent."""
         if self.on_host or not self._storages:
             self.on_host = True
             return
         device = self._storages[0].device
-        if self.keep:
-            for i, s in enumerate(self._storages):
-                if self._host[i] is None:
-                    pin = s.device.type == "cuda"
-                    self._host[i] = torch.empty(self._nbytes[i], dtype=torch.uint8, pin_memory=pin).untyped_storage()
-                self._host[i].copy_(s, non_blocking=True)
+        if self.keep and not (self.frozen and self._host_valid):
+            if not self._slabs:
+                pin = device.type == "cuda"
+                self._slabs = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in self._slab_sizes]
+            for s, pieces in zip(self._storages, self._pieces):
+                src = pinned.byte_view(s)
+                for p in pieces:
+                    dst = self._slabs[p.slab][p.slab_offset : p.slab_offset + p.nbytes]
+                    dst.copy_(src[p.offset : p.offset + p.nbytes], non_blocking=True)
+            self.copies_to_host += 1
+            self._host_valid = True
         _sync(device)  # the copies must land before the memory can be reused
         for s in self._storages:
             s.resize_(0)
@@ -113,11 +144,15 @@ class HostStash:
         for i, s in enumerate(self._storages):
             s.resize_(self._nbytes[i])
             if self.keep:
-                s.copy_(self._host[i], non_blocking=True)
+                dst = pinned.byte_view(s)
+                for p in self._pieces[i]:
+                    src = self._slabs[p.slab][p.slab_offset : p.slab_offset + p.nbytes]
+                    dst[p.offset : p.offset + p.nbytes].copy_(src, non_blocking=True)
             else:
                 s.fill_(0)
         if self._storages:
             _sync(self._storages[0].device)
+            self.reloads += 1
         self.on_host = False
 
     @contextlib.contextmanager
@@ -204,7 +239,9 @@ class ActorMemory:
         self._refresh("params")
         self.stashes["params"].offload()
 
-    def reload(self) -> None:
-        """Everything back on the device, before the first forward of the train phase."""
-        for stash in self.stashes.values():
-            stash.reload()
+    def reload(self, *, grads: bool = True) -> None:
+        """Everything back on the device, before the first forward of the train phase.
+        `grads=False` (a checkpoint save): the grad buffers stay freed, nothing reads them."""
+        for name, stash in self.stashes.items():
+            if grads or name != "grads":
+                stash.reload()

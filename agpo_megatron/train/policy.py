@@ -81,8 +81,15 @@ class Reference:
             _copy_params(self.model, source)
         self.chunk_tokens = cfg.algo.loss_chunk_tokens if cfg.algo.fused_loss else None
         build.freeze(self.model)
-        self.memory = HostStash(self.model.parameters() if cfg.offload.reference else [], what="reference param")
+        # Frozen: copied to host once; leaving the device again only frees it (issue 18).
+        params = self.model.parameters() if cfg.offload.reference else []
+        self.memory = HostStash(params, frozen=True, what="reference param")
         self.memory.offload()
+
+    def resident(self):
+        """A context with the weights on the device: wrap a whole rollout's scoring in one
+        (train/ppo.py), not each mini-batch."""
+        return self.memory.resident()
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
         with self.memory.resident():  # the outputs are new tensors: they stay when the weights leave

@@ -19,6 +19,7 @@ mini-batch's old log-probs are computed too: epoch 2 needs them after the weight
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from agpo_megatron.algo.loss import PolicyLossConfig
@@ -35,18 +36,22 @@ def _shortcut(index: int, mode: str, epochs: int) -> bool:
 
 
 def attach_logprobs(actor, reference, minis: list[MiniBatch], *, mode: str, epochs: int, temperature: float) -> None:
-    """Set "old_logprobs" (and "ref_logprobs" with a reference) on every micro-batch, once per rollout."""
-    for i, mini in enumerate(minis):
-        mbs = mini.micro_batches
-        if mode == "rollout":
-            for mb in mbs:
-                mb["old_logprobs"] = mb["rollout_logprobs"]
-        elif not _shortcut(i, mode, epochs):
-            for mb, out in zip(mbs, actor.logprobs(mbs, temperature=temperature)):
-                mb["old_logprobs"] = out["logprobs"]
-        if reference is not None:
-            for mb, out in zip(mbs, reference.logprobs(mbs, temperature=temperature)):
-                mb["ref_logprobs"] = out["logprobs"]
+    """Set "old_logprobs" (and "ref_logprobs" with a reference) on every micro-batch, once per rollout.
+
+    An offloaded Reference comes to the device once for all the mini-batches (issue 18: it made a
+    round trip per mini-batch)."""
+    with contextlib.nullcontext() if reference is None else reference.resident():
+        for i, mini in enumerate(minis):
+            mbs = mini.micro_batches
+            if mode == "rollout":
+                for mb in mbs:
+                    mb["old_logprobs"] = mb["rollout_logprobs"]
+            elif not _shortcut(i, mode, epochs):
+                for mb, out in zip(mbs, actor.logprobs(mbs, temperature=temperature)):
+                    mb["old_logprobs"] = out["logprobs"]
+            if reference is not None:
+                for mb, out in zip(mbs, reference.logprobs(mbs, temperature=temperature)):
+                    mb["ref_logprobs"] = out["logprobs"]
 
 
 def update(

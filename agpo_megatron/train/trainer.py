@@ -1,7 +1,7 @@
 """The AGPO / GRPO training loop.
 
     generate -> sleep -> reward (+ length reward) -> advantage -> old/ref log-probs -> update
-    -> wake weights -> weight sync -> wake KV cache -> log
+    -> (checkpoint) -> wake weights -> weight sync -> wake KV cache -> log
 
 (the memory hand-overs between vLLM and Megatron, and their order, live in train/colocate.py)
 
@@ -141,6 +141,13 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         with timer("update"):
             train_m = ppo.update(actor, minis, loss_cfg, temperature=T, kl_coef=kl_coef, eps=eps, **ppo_kw)
 
+        # The controllers choose the next step's beta and eps (a save records them); the save, forced
+        # on preemption, runs here in the train phase: the actor resident, vLLM asleep.
+        next_kl = kl_ctl.update(train_m.get("kl_ref", 0.0))
+        next_eps = clip_ctl.update(train_m.get("approx_kl_off_policy", 0.0))  # adaptive: config ensures 2+ updates
+        stop = preempt.requested()  # collective: every rank stops after the same step
+        saved = ckpt.maybe_save(step, next_kl, next_eps, force=stop)
+
         with timer("weight_sync"):
             colo.to_rollout()
 
@@ -160,12 +167,9 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         ) | batching.padding_summary(minis)
         if cfg.eval_due(step):
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
-        log.log(step, row)  # the beta and eps this step used; the controllers now choose the next step's
-        kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0))
-        eps = clip_ctl.update(train_m.get("approx_kl_off_policy", 0.0))  # adaptive: config ensures 2+ updates
+        log.log(step, row)  # the beta and eps this step used
+        kl_coef, eps = next_kl, next_eps
         watchdog.beat()
-        stop = preempt.requested()  # collective: every rank stops after the same step
-        saved = ckpt.maybe_save(step, kl_coef, eps, force=stop)
         if stop:
             log.close()
             raise preempt.Preempted(step, str(saved) if saved else None)

@@ -21,7 +21,8 @@ def prepare(ctx: Ctx) -> None:
     require_attrs(train_state, "save_checkpoint", "load_checkpoint")
     require_params(train_state.save_checkpoint, "path", "model_chunks")
     require_params(train_state.load_checkpoint, "path", "model_chunks")
-    require_attrs(build, "build_gpt", "te_available", "resolve_spec")
+    require_attrs(build, "build_gpt", "te_available", "resolve_spec", "fused_rope_available", "transformer_config")
+    require_params(build.fusion_flags, "on_gpu", "spec")
     require_attrs(hf_io, "spec_of")
     require_attrs(names, "param_rules")
     tiny_cfg(ctx, spec="te")
@@ -218,3 +219,44 @@ def run_te_packed_thd(ctx: Ctx) -> None:
             fewer_tokens=sum(m["tokens"].numel() for m in packed) < sum(m["tokens"].numel() for m in padded),
         )
         ctx.report("te_packed_thd", status, **why, spec=getattr(model, "agpo_spec", "?"), rel_err=f"{err:.2e}", tol=tol)
+
+
+def run_te_rope_fusion_thd(ctx: Ctx) -> None:
+    """Issue 18 item 4: the TE spec builds with `apply_rope_fusion` on, and Megatron's fused THD RoPE
+    (TE's kernel) matches the unfused one on a packed `[T, heads, d]` stream with `cu_seqlens`,
+    forward and gradient. GPU with Transformer Engine only."""
+    prepare(ctx)
+    import dataclasses
+
+    import torch
+
+    from agpo_megatron.models import build
+
+    with check(ctx, "te_rope_fusion_thd"):
+        _needs_te(ctx)
+        if not build.te_available():
+            raise Skip("transformer_engine is not importable")
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        _init()
+        arch, cfg = tiny_arch(ctx.dtype_name), tiny_cfg(ctx, spec="te")
+        fused_cfg = build.transformer_config(arch, cfg.model, cfg.parallel)
+        unfused_cfg = dataclasses.replace(fused_cfg, apply_rope_fusion=False)
+        lens = [37, 52, 61, 29]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        t = torch.randn(sum(lens), 4, arch.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        freqs = RotaryEmbedding(kv_channels=arch.head_dim, rotary_percent=1.0, rotary_base=10000)(max(lens))
+        outs = {}
+        for name, c in (("fused", fused_cfg), ("unfused", unfused_cfg)):
+            x = t.clone().requires_grad_(True)
+            y = apply_rotary_pos_emb(x, freqs, c, cu_seqlens=cu)
+            y.float().pow(2).sum().backward()
+            outs[name] = (y.detach().float(), x.grad.float())
+        fwd = (outs["fused"][0] - outs["unfused"][0]).abs().max().item()
+        bwd = (outs["fused"][1] - outs["unfused"][1]).abs().max().item()
+        status, why = judge(
+            te_spec_fuses=bool(fused_cfg.apply_rope_fusion), fwd_match=fwd <= 2e-2, grad_match=bwd <= 5e-2
+        )
+        ctx.report("te_rope_fusion_thd", status, **why, max_abs_fwd=fwd, max_abs_grad=bwd, tokens=sum(lens))

@@ -118,6 +118,27 @@ SECTIONS: tuple[Section, ...] = (
         cpu_needs=(),
     ),
     Section(
+        "te_rope_fusion_thd",
+        "checks_te",
+        "run_te_rope_fusion_thd",
+        ("te_rope_fusion_thd",),
+        120,
+        ("transformer_engine",),
+        cpu_logic=False,
+    ),
+    # issue 18 (the GPU path, round 2)
+    Section("save_peak_memory", "checks_round2", "run_save_peak_memory", ("save_peak_memory",), 180),
+    Section("pinned_bytes", "checks_round2", "run_pinned_bytes", ("pinned_bytes",), 90),
+    Section("finite_check_syncs", "checks_round2", "run_finite_check_syncs", ("finite_check_syncs",), 90),
+    Section(
+        "local_device_binding",
+        "checks_round2",
+        "run_local_device_binding",
+        ("local_device_binding",),
+        60,
+        cpu_logic=False,
+    ),
+    Section(
         "vllm",
         "checks_vllm",
         "run_vllm",
@@ -406,6 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--fused-v", type=int, help="fused loss: vocabulary (GPU default 152064)")
     g.add_argument("--fused-chunk", type=int, help="fused loss: chunk_tokens (GPU default 1024)")
     g.add_argument("--fused-reps", type=int, help="fused loss: timed repetitions (default 3)")
+    g.add_argument("--save-kv-mib", type=int, help="save_peak_memory: the stand-in engine's MiB (default 2048)")
     g.add_argument("--vllm-gpu-util", type=float, help="vLLM gpu_memory_utilization (default 0.3)")
     g.add_argument("--vllm-sleep-level", type=int, choices=(1, 2), help="rollout.sleep_level (default 2)")
     g.add_argument("--vllm-eager", action="store_true", default=None, help="vLLM without CUDA graphs")
@@ -449,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_eager",
         "vllm_lp_max",
         "vllm_lp_mean",
+        "save_kv_mib",
     )
     opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:

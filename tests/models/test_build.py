@@ -89,3 +89,23 @@ def test_fp8_recipe_settings_reach_the_transformer_config():
     assert custom["fp8_recipe"] == "tensorwise" and custom["fp8_amax_history_len"] == 16
     with pytest.raises(ConfigError, match="model.fp8_amax_history_len must be >= 1"):
         ModelConfig(fp8_amax_history_len=0)
+
+
+def test_rope_fusion_on_the_te_spec_only_where_the_fused_kernels_import(monkeypatch):
+    """Issue 18 item 4: `apply_rope_fusion` was hard-coded off, so the TE spec's packed THD path ran
+    Megatron's unfused RoPE (a host sync and a split/cat per sequence, per layer). The local spec keeps
+    it off: its packed path's per-row frequencies are not what the fused kernel takes."""
+    monkeypatch.setattr(build, "fused_rope_available", lambda: True)
+    assert build.fusion_flags(on_gpu=True, spec="te")["apply_rope_fusion"]
+    assert not build.fusion_flags(on_gpu=True, spec="local")["apply_rope_fusion"]
+    assert not build.fusion_flags(on_gpu=False, spec="te")["apply_rope_fusion"]
+    monkeypatch.setattr(build, "fused_rope_available", lambda: False)
+    assert not build.fusion_flags(on_gpu=True, spec="te")["apply_rope_fusion"]
+    monkeypatch.undo()
+    assert build.fused_rope_available() == _te_importable()  # CPU here: no TE, so no fused kernels
+
+
+def _te_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None

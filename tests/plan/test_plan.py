@@ -176,7 +176,7 @@ def test_check_warns_per_phase_and_plan_says_what_to_change(capsys):
     out = capsys.readouterr().out
     assert "DOES NOT FIT: update on pp stage 0" in out and "model.recompute_activations=true (frees" in out
     table = next(line for line in out.splitlines() if line.startswith("fits "))
-    assert table.split()[-4:] == ["yes", "yes", "NO", "yes"]
+    assert table.split()[-5:] == ["yes", "yes", "NO", "yes", "yes"]
 
 
 def test_phases_follow_sleep_and_offload():
@@ -198,3 +198,31 @@ def test_phases_follow_sleep_and_offload():
     assert kl.reference == sum(p.nbytes for p in stage_params(read_arch(SHAPES / "qwen2.5-7b"), tp=2, pp=1, pp_rank=0))
     assert kl.total("update") - base.total("update") == kl.reference
     assert kl_off.total("update") == base.total("update") and kl_off.total("logprobs") == kl.total("logprobs")
+
+
+def test_save_phase_has_vllm_asleep_and_host_line_states_the_pinned_bytes(capsys):
+    """Issue 18 items 1 and 2: the planner had no save phase (the save ran with vLLM awake); the host
+    line states what offload.* pins per rank, in power-of-two slabs (no rounding to double it)."""
+    from agpo_megatron.runtime.pinned import pinned_bytes
+
+    shape = [f"model.hf_path={SHAPES / 'qwen2.5-7b'}", "algo.loss.kl_coef=0.01"]
+    config = ROOT / "examples" / "agpo_qwen7b.yaml"
+    offl = ["offload.reference=true", "offload.optimizer=true", "offload.params=true", "offload.grads=true"]
+    plan = plan_memory(load_train_config(config, shape + offl), 8)
+    st = plan.stages[0]
+    assert "save" in PHASES
+    save = st.phases["save"]
+    assert not any(k.startswith("vLLM") for k in save), save  # asleep: the save runs before the hand-over
+    assert save["actor grad buffer"] == st.state.grads and save["optimizer Adam m, v"] == st.state.adam
+    assert st.total("save") < st.total("update")
+    # grads are discarded, not kept on host; params + main params, Adam state and the Reference are
+    want = (
+        pinned_bytes(st.state.params + st.state.main_params) + pinned_bytes(st.state.adam) + pinned_bytes(st.reference)
+    )
+    assert st.pinned == want == st.host  # sleep level 2: vLLM keeps nothing on host
+    assert want - (st.state.params + st.state.main_params + st.state.adam + st.reference) < 3 * 2 * 2**20
+    awake = plan_memory(load_train_config(config, shape + offl + ["rollout.enable_sleep_mode=false"]), 8)
+    assert awake.stages[0].phases["save"]["vLLM (no sleep mode)"] > 0
+    assert agpo(["plan", "--config", str(config), "--world-size", "8", *shape, *offl]) == 0
+    out = capsys.readouterr().out
+    assert f"of which {want / GiB:.2f} GiB pinned by offload.*" in out, out

@@ -53,3 +53,34 @@ def test_nan_in_one_ranks_micro_batch_skips_the_step_everywhere(tmp_path):
         assert r["unchanged"] == "1" and r["sched_same"] == "1", r
         assert r["second_bad"] == "stopped" and r["stop_msg"] == "True", r
         assert r["weights"] == "refused" and r["refuse_msg"] == "True", r  # only rank 1 holds the Inf; both refuse
+
+
+def test_each_check_syncs_once_however_many_tensors(monkeypatch):
+    """Issue 18 item 6: a `bool(torch.isfinite(g).all())` per parameter is a device->host sync each
+    (hundreds per optimizer step on a GPU). CPU has no sync to count, so every Tensor->Python
+    conversion (`.item()`, `bool()`, `float()`, `int()`) is counted: one per check, 200 tensors or 2."""
+    import agpo_megatron.runtime.nonfinite as nf
+
+    conversions = []
+    for name in ("item", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _n=name: conversions.append(_n) or _real(t))
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(200)]
+    for p in params:
+        p.main_grad = torch.zeros(3)
+    metrics = [{"loss": torch.tensor(1.0), "n": 3.0} for _ in range(4)]
+    for p_list in (params[:2], params):
+        conversions.clear()
+        assert nf.step_is_finite(p_list, metrics)
+        assert len(conversions) == 1, conversions
+        conversions.clear()
+        nf.check_finite_weights([(str(i), p) for i, p in enumerate(p_list)], "x")
+        assert len(conversions) == 1, conversions
+    params[150].main_grad[2] = float("inf")
+    conversions.clear()
+    assert not nf.step_is_finite(params, metrics) and len(conversions) == 1
+    params[7].data[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"first on this rank: 7\)"):
+        nf.check_finite_weights([(str(i), p) for i, p in enumerate(params)], "x")
+    assert nf.step_is_finite([], [{"loss": 1.0}]) and not nf.step_is_finite([], [{"loss": float("nan")}])
+    assert nf.step_is_finite([], [{"tokens": torch.tensor(7), "mask": torch.ones(2, dtype=torch.bool)}])

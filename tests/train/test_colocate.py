@@ -8,6 +8,8 @@ that the rules catch it.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -55,6 +57,10 @@ def check_order(calls: list[str]) -> None:
             assert not asleep and synced, f"{c} before wake_weights -> sync -> wake_kv_cache: {where}"
         elif c in ("actor.logprobs", "ref.logprobs", "actor.policy_step"):
             assert asleep == {"weights", "kv_cache"}, f"{c} while vLLM is awake: {where}"
+        elif c.startswith("save_checkpoint"):  # issue 18: a save with vLLM awake OOMs at scale
+            assert asleep == {"weights", "kv_cache"}, f"checkpoint saved while vLLM is awake: {where}"
+            awake, resident = residency(calls[:i])
+            assert not awake and {"params", "optimizer"} <= resident, f"save without the actor resident: {where}"
 
 
 class Recorder:
@@ -90,8 +96,34 @@ class FakeEngine:
 
 class FakeActorState:
     def __init__(self, rec: Recorder):
-        for name in ("offload_train_state", "offload_params", "reload"):
+        self.rec = rec
+        for name in ("offload_train_state", "offload_params"):
             setattr(self, name, rec(f"actor.{name}"))
+
+    def reload(self, *, grads: bool = True) -> None:
+        self.rec.calls.append("actor.reload" if grads else "actor.reload_without_grads")
+
+
+def residency(calls: list[str]) -> tuple[set[str], set[str]]:
+    """(vLLM's parts awake, the actor's parts on the device) after `calls`, from a sleeping engine
+    and a resident actor (how the session hands them over)."""
+    awake, resident = set(), {"params", "grads", "optimizer"}
+    for c in calls:
+        if c in ("engine.build", "engine.wake_weights"):
+            awake |= {"weights", "kv_cache"} if c == "engine.build" else {"weights"}
+        elif c == "engine.wake_kv_cache":
+            awake.add("kv_cache")
+        elif c == "engine.sleep":
+            awake = set()
+        elif c == "actor.reload":
+            resident = {"params", "grads", "optimizer"}
+        elif c == "actor.reload_without_grads":
+            resident |= {"params", "optimizer"}
+        elif c == "actor.offload_train_state":
+            resident -= {"grads", "optimizer"}
+        elif c == "actor.offload_params":
+            resident.discard("params")
+    return awake, resident
 
 
 def test_colocation_transitions_in_order():
@@ -191,6 +223,9 @@ def patch_trainer(monkeypatch, rec: Recorder) -> None:
     )
 
     class FakeReference:
+        def resident(self):
+            return contextlib.nullcontext()
+
         def logprobs(self, mbs, *, temperature):
             rec.calls.append("ref.logprobs")
             return [{"logprobs": torch.zeros_like(mb["targets"], dtype=torch.float)} for mb in mbs]
@@ -208,7 +243,7 @@ def patch_trainer(monkeypatch, rec: Recorder) -> None:
 
         def maybe_save(self, step, kl_coef, eps, *, force=False):
             with self.resident():  # the actor's state may be offloaded between steps
-                rec.calls.append("save_checkpoint")
+                rec.calls.append("save_checkpoint (forced)" if force else "save_checkpoint")
 
     monkeypatch.setattr(trainer, "RunCheckpointer", FakeCheckpointer)
 
@@ -239,22 +274,73 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     trainer.train(session, actor=actor)
 
     # One update per rollout: it is on-policy, so the actor needs no log-prob pass of its own (train/ppo.py).
-    step = ["generate", *ROLLOUT_TO_TRAIN, "ref.logprobs", "actor.policy_step", *TRAIN_TO_ROLLOUT]
-    save = ["actor.reload", "save_checkpoint", "actor.offload_train_state", "actor.offload_params", "empty_cache"]
+    # The save runs in the train phase (issue 18): nothing is moved for it.
+    step = ["generate", *ROLLOUT_TO_TRAIN, "ref.logprobs", "actor.policy_step", "save_checkpoint", *TRAIN_TO_ROLLOUT]
     assert rec.calls == [
         "build.actor",
         "build.reference",
         *TRAIN_TO_ROLLOUT,
         "evaluate",
         *step,
-        "evaluate",
-        *save,  # eval_interval=1 (not at the last step), then the save
+        "evaluate",  # eval_interval=1 (not at the last step)
         *step,
-        *save,
         "evaluate",
         *ROLLOUT_TO_TRAIN,
     ]  # eval_after, then asleep as it was found
     check_order(rec.calls)
+
+
+def test_every_save_sees_vllm_asleep_and_the_actor_resident_also_the_forced_one(tmp_path, monkeypatch):
+    """Issue 18 item 1: the save read the offloaded actor back while vLLM's weights and KV cache were
+    awake (OOM at scale). Recorded at the moment of each save: the engine's state and the actor's
+    residency, for the interval save of step 1 and the save that a preemption forces at step 2."""
+    from agpo_megatron.runtime import preempt
+
+    rec = Recorder()
+    patch_trainer(monkeypatch, rec)
+    asks = iter([False, True])
+    monkeypatch.setattr(trainer.preempt, "requested", lambda: next(asks))
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "data.train.path=unused.jsonl",
+            "data.train.answer_format=boxed",
+            "steps=5",
+            "batch.prompts_per_rollout=2",
+            "batch.micro_batch_size=4",
+            "algo.group_size=2",
+            "algo.loss.kl_coef=0.01",
+            f"logging.out_dir={tmp_path}",
+            "logging.progress_bar=false",
+            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+            "checkpoint.save_interval=1",
+        ],
+    )
+    with pytest.raises(preempt.Preempted):
+        trainer.train(FakeSession(cfg, rec), actor=FakeActor(rec))
+    saves = [(i, c) for i, c in enumerate(rec.calls) if c.startswith("save_checkpoint")]
+    assert [c for _, c in saves] == ["save_checkpoint", "save_checkpoint (forced)"]
+    for i, _ in saves:
+        assert residency(rec.calls[:i]) == (set(), {"params", "grads", "optimizer"}), rec.calls[:i]
+    check_order(rec.calls)
+
+
+def test_a_save_between_steps_puts_vllm_to_sleep_and_leaves_the_grads_on_host():
+    """`actor_resident` in the rollout phase: vLLM sleeps before the actor comes back, without grads."""
+    rec = Recorder()
+    colo = Colocation(FakeEngine(rec), FakeActorState(rec), sync=rec("sync"), empty_cache=rec("empty_cache"))
+    colo.start()
+    rec.calls.clear()
+    with colo.actor_resident():
+        rec.calls.append("save_checkpoint")
+    assert rec.calls == ["engine.sleep", "actor.reload_without_grads", "save_checkpoint", *TRAIN_TO_ROLLOUT]
+    check_order(["engine.build", "engine.sleep", *TRAIN_TO_ROLLOUT, *rec.calls])
+    rec.calls.clear()
+    colo.to_train()
+    with colo.actor_resident():  # the train phase: already resident, nothing moves
+        rec.calls.append("save_checkpoint")
+    assert rec.calls == [*ROLLOUT_TO_TRAIN, "save_checkpoint"]
 
 
 def test_each_step_uses_and_logs_the_controllers_current_values(tmp_path, monkeypatch):

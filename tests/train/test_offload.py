@@ -6,6 +6,8 @@ first: the same code path as on GPU, minus pinning and streams.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,51 @@ def test_actor_offload_is_invisible_to_training_and_reference_matches_actor(tmp_
             # The reference: a copy of the actor's weights, parked on host except while scoring.
             assert r["ref_same_weights"] and r["ref_bytes_parked"] == 0 and r["ref_bytes_after"] == 0, (where, r)
             assert r["ref_lp_finite"] and r["ref_lp_equal_resident"] and r["ref_lp_equal_actor"], (where, r)
+
+
+def _meta_params(shape_dir: str, tp: int = 1) -> list[torch.Tensor]:
+    """One rank's parameters of a real model's shapes (tests/fixtures/shapes), on the meta device."""
+    from agpo_megatron.models.hf_config import read_arch
+    from agpo_megatron.plan.formulas import stage_params
+
+    arch = read_arch(Path(__file__).resolve().parents[1] / "fixtures" / "shapes" / shape_dir)
+    with torch.device("meta"):
+        return [torch.empty(p.shape, dtype=torch.bfloat16) for p in stage_params(arch, tp=tp, pp=1, pp_rank=0)]
+
+
+def test_pinned_slabs_do_not_double_the_7b_reference_stash():
+    """Issue 18 item 2: one pinned buffer per storage is rounded up to a power of two by PyTorch's
+    caching host allocator (fc1 259 MiB -> 512 MiB, the embedding 1.02 GiB -> 2 GiB). The 7B
+    Reference at TP=1 (one storage per parameter, built on the meta device): what the stash asks the
+    allocator for, after its rounding, is within 5% of the bytes stashed."""
+    from agpo_megatron.runtime.pinned import allocator_bytes
+
+    params = _meta_params("qwen2.5-7b")
+    stash = HostStash(params, frozen=True)
+    stashed = sum(p.untyped_storage().nbytes() for p in params)
+    assert stash.nbytes == stashed and 14.0 * 2**30 < stashed < 14.4 * 2**30  # 7.6B bf16 params
+    allocated = sum(allocator_bytes(n) for n in stash.host_requests)
+    assert allocated == stash.pinned_bytes <= 1.05 * stashed
+    # what one buffer per storage would pin: about 27 GiB (the issue's figure)
+    per_storage = sum(allocator_bytes(p.untyped_storage().nbytes()) for p in params)
+    assert per_storage > 1.8 * stashed
+
+
+def test_slab_layout_spans_boundaries_and_restores_bit_exact(monkeypatch):
+    """Storages laid end to end over small slabs (one spans two, one spans three): bit-exact round trip,
+    and every host buffer asked for is a power of two (nothing for the allocator to round)."""
+    from agpo_megatron.runtime import pinned
+
+    monkeypatch.setattr(pinned, "SLAB_BYTES", 64)
+    monkeypatch.setattr(pinned, "MIN_SLAB_BYTES", 8)
+    a, b, c = torch.randn(10), torch.randn(40), torch.arange(7, dtype=torch.int16)  # 40 + 160 + 14 bytes
+    want = [t.clone() for t in (a, b, c)]
+    stash = HostStash([a, b, c])
+    assert stash.host_requests == [64, 64, 64, 16, 8]  # 214 bytes -> 3 x 64 + 22 rounded to 24 = 16 + 8
+    assert all(n & (n - 1) == 0 for n in stash.host_requests)
+    for _ in range(2):
+        stash.offload()
+        assert a.untyped_storage().nbytes() == 0
+        stash.reload()
+        assert all(torch.equal(x, y) for x, y in zip((a, b, c), want))
+    assert pinned.slab_sizes(0) == [] and pinned.pinned_bytes(3 * 64 + 1) == 3 * 64 + 8

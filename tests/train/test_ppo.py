@@ -1,6 +1,9 @@
 """PPO mini-batches (train/ppo.py, batch.split_mini_batches) on fakes: which update is on-policy, which
 mini-batches get an actor log-prob pass, the per-rollout metrics, and the global counts."""
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -111,6 +114,9 @@ def test_reference_log_probs_once_per_rollout():
     class Ref:
         calls = 0
 
+        def resident(self):
+            return contextlib.nullcontext()
+
         def logprobs(self, mbs, *, temperature):
             Ref.calls += 1
             return [{"logprobs": torch.zeros(mb["targets"].shape)} for mb in mbs]
@@ -118,3 +124,33 @@ def test_reference_log_probs_once_per_rollout():
     minis = _split(_rollout(), per_update=4, dp=1, rank=0)
     ppo.attach_logprobs(FakeActor(), Ref(), minis, mode="recompute", epochs=3, temperature=1.0)
     assert Ref.calls == 2 and all("ref_logprobs" in mb for m in minis for mb in m.micro_batches)
+
+
+def test_offloaded_reference_is_resident_once_per_rollout_and_copied_to_host_once(monkeypatch):
+    """Issue 18 item 3: with offload.reference the Reference came to the device and went back to host
+    (a full device->host copy of frozen weights) once per mini-batch. The real `Reference` on a tiny
+    module: per rollout of 4 mini-batches, one reload; over 3 rollouts, one host copy in all."""
+    from agpo_megatron.train import policy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    seen = []
+
+    def scores(chunks, mbs, **kw):  # the forward: records whether the weights were there
+        seen.append(all(p.untyped_storage().nbytes() > 0 for p in model.parameters()))
+        return [{"logprobs": torch.zeros(mb["targets"].shape)} for mb in mbs]
+
+    monkeypatch.setattr(policy, "_build", lambda arch, cfg, layout: model)
+    monkeypatch.setattr(policy.forward, "compute_logprobs", scores)
+    cfg = SimpleNamespace(algo=SimpleNamespace(fused_loss=False), offload=SimpleNamespace(reference=True))
+    ref = policy.Reference("arch", cfg, layout=None)
+    stash = ref.memory
+    assert stash.on_host and stash.copies_to_host == 1 and stash.reloads == 0
+    for rollout in range(1, 4):
+        minis = _split(_rollout(), per_update=2, dp=1, rank=0)  # 4 mini-batches
+        ppo.attach_logprobs(FakeActor(), ref, minis, mode="recompute", epochs=1, temperature=1.0)
+        assert stash.on_host and stash.reloads == rollout, stash.reloads  # one residency per rollout
+        assert stash.copies_to_host == 1  # frozen: never copied device->host again
+    assert len(seen) == 12 and all(seen)
+    w = model[0].weight
+    with ref.resident():
+        assert torch.equal(w, w.clone())  # restored from the one host copy (readable, not freed)

@@ -2,8 +2,9 @@
 
 At TP=1 and TP=2 (each rank holds half the heads), GQA (4 query heads, 2 groups, head dim 64),
 fp32, both modules get the same queries, keys and values and the same masks: the padded path's
-causal mask `[1, 1, S, S]`, a packed batch's block-diagonal mask `[B, 1, S, S]`, and no mask
-under the causal mask type. Rank 0 of each layout writes OUT_DIR/tp{tp}.pt: per case, both
+causal mask `[1, 1, S, S]` (a `CausalMask`: SDPA runs it mask-free, `is_causal=True`), a packed
+batch's block-diagonal mask `[B, 1, S, S]`, and no mask under the causal mask type. Rank 0 of each
+layout writes OUT_DIR/tp{tp}.pt: per case, both
 modules' context and the gradients of q, k and v for the same upstream gradient. A training-mode
 module with attention dropout is checked to defer to Megatron's implementation.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 from agpo_megatron.config.schema import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
@@ -34,6 +36,23 @@ def run(module, q, k, v, mask, mask_type, grad_out):
         out = module(q, k, v, mask, attn_mask_type=mask_type)
     out.backward(grad_out)
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def sdpa_kwargs(module, *args) -> list[dict]:
+    """The mask arguments of every SDPA call `module(*args)` makes."""
+    calls = []
+    sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        calls.append({"attn_mask": kw.get("attn_mask"), "is_causal": kw.get("is_causal")})
+        return sdpa_fn(*a, **kw)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        module(*args)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa_fn
+    return calls
 
 
 def sdpa_called(module, *args) -> bool:
@@ -81,6 +100,12 @@ for tp in (1, 2):
             "megatron": run(ref, q, k, v, mask, mask_type, grad),
             "sdpa": run(sdpa, q, k, v, mask, mask_type, grad),
         }
+        calls = sdpa_kwargs(sdpa, q, k, v, mask, mask_type)
+        res[name]["sdpa_calls"] = [(c["attn_mask"] is None, c["is_causal"]) for c in calls]
+    # Activation recompute detaches every input of the recomputed layer: the mark must survive it.
+    detached = torch.utils.checkpoint.detach_variable((causal_mask(S, q.device),))[0]
+    calls = sdpa_kwargs(sdpa, q, k, v, detached, AttnMaskType.arbitrary)
+    res["recompute_sdpa_calls"] = [(c["attn_mask"] is None, c["is_causal"]) for c in calls]
 
     # Dropout while training is Megatron's (its TP-aware RNG): SDPA must not take that path.
     sdpa = SDPADotProductAttention(
