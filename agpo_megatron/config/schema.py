@@ -162,13 +162,17 @@ class OverlongConfig:
     """Add DAPO's soft overlong punishment to the reward before the advantage: 0 up to
     rollout.max_new_tokens - buffer_tokens, then falling linearly to -penalty at rollout.max_new_tokens.
     Added after the length reward (m2): r = r_acc + gamma * r_len + r_overlong."""
-    buffer_tokens: int = 512
-    """Length of the punishment ramp, in tokens (DAPO: 4096 of 20480, a fifth); in [1, rollout.max_new_tokens)."""
+    buffer_tokens: int | None = None
+    """Length of the punishment ramp, in tokens; in [1, rollout.max_new_tokens). None = a fifth of
+    rollout.max_new_tokens, DAPO's proportion (4096 of 20480), filled in when the config loads."""
     penalty: float = 1.0
     """Punishment at rollout.max_new_tokens (DAPO: 1.0); >= 0."""
 
     def __post_init__(self) -> None:
-        _require(self.buffer_tokens >= 1, f"algo.overlong.buffer_tokens must be >= 1, got {self.buffer_tokens}")
+        _require(
+            self.buffer_tokens is None or self.buffer_tokens >= 1,
+            f"algo.overlong.buffer_tokens must be >= 1, got {self.buffer_tokens}",
+        )
         _require(self.penalty >= 0, f"algo.overlong.penalty must be >= 0, got {self.penalty}")
 
 
@@ -563,6 +567,8 @@ class TrainConfig:
             f"value silently gives all-wrong or all-correct groups 0)",
         )
         budget = self.rollout.max_new_tokens
+        if self.algo.overlong.buffer_tokens is None:
+            self.algo.overlong.buffer_tokens = max(budget // 5, 1)
         _require(
             not self.algo.overlong.soft_punishment or self.algo.overlong.buffer_tokens < budget,
             f"algo.overlong.buffer_tokens ({self.algo.overlong.buffer_tokens}) must be below rollout.max_new_tokens "

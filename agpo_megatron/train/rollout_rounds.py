@@ -92,7 +92,7 @@ def shape_rewards(
         r_over, metrics["overlong"] = overlong_penalty(
             lengths,
             max_new_tokens=cfg.rollout.max_new_tokens,
-            buffer_tokens=a.overlong.buffer_tokens,
+            buffer_tokens=a.overlong.buffer_tokens or cfg.rollout.max_new_tokens // 5,  # filled in by the config
             penalty=a.overlong.penalty,
         )
         rewards = rewards + r_over

@@ -305,6 +305,8 @@ def test_overlong_settings_are_validated(yaml_file):
             yaml_file,
             ["algo.overlong.soft_punishment=true", "algo.overlong.buffer_tokens=48", "rollout.max_new_tokens=48"],
         )
+    # Unset: a fifth of the budget, DAPO's proportion (4096 of 20480).
+    assert load_train_config(yaml_file, ["rollout.max_new_tokens=48"]).algo.overlong.buffer_tokens == 9
     with pytest.raises(ConfigError, match="algo.overlong.penalty must be >= 0"):
         load_train_config(yaml_file, ["algo.overlong.penalty=-1"])
     with pytest.raises(ConfigError, match="algo.loss.ratio_level"):
