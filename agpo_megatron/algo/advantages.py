@@ -1,4 +1,4 @@
-"""Group-relative advantage estimators: GRPO, Dr.GRPO and AGPO.
+"""Group-relative advantage estimators: GRPO, Dr.GRPO, RLOO and AGPO.
 
 Every prompt p is sampled G times; `rewards[p, i]` is the scalar reward of sample i. All
 estimators are outcome-level: one advantage per sample, broadcast over its tokens by the loss.
@@ -10,6 +10,12 @@ GRPO (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2, outcome supervision)::
 Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training") drops the std division::
 
     A_{p,i} = r_{p,i} - mean_j r_{p,j}
+
+RLOO (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"; Ahmadian et al. 2024)
+uses the mean of the *other* G - 1 samples as the baseline, which keeps it independent of the
+sample it is subtracted from::
+
+    A_{p,i} = r_{p,i} - 1/(G-1) sum_{j != i} r_{p,j}  =  G/(G-1) * (r_{p,i} - mean_j r_{p,j})
 
 AGPO (Li et al. 2025, "Adaptive Group Policy Optimization", arXiv 2503.15952v1, modification m1,
 the "revised advantage"; formulas are named, not numbered, as the versions number them differently) keeps GRPO
@@ -44,10 +50,10 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["grpo_advantages", "agpo_advantages", "compute_advantages"]
+__all__ = ["grpo_advantages", "rloo_advantages", "agpo_advantages", "compute_advantages"]
 
 Metrics = dict[str, torch.Tensor]
-AdvantageEstimator = Literal["grpo", "drgrpo", "agpo"]
+AdvantageEstimator = Literal["grpo", "drgrpo", "rloo", "agpo"]
 
 
 def _check_rewards(rewards: torch.Tensor) -> None:
@@ -112,6 +118,19 @@ def grpo_advantages(
     return adv, _advantage_metrics(adv, uniform)
 
 
+def rloo_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, Metrics]:  # [P, G] -> [P, G]
+    """RLOO advantages `r_i - mean_{j != i} r_j` (leave-one-out baseline), computed as
+    `G / (G - 1) * (r_i - mean)`; groups whose rewards are exactly equal get exactly 0.
+
+    Returns the advantages `[P, G]` and the metrics of `grpo_advantages`.
+    """
+    _check_rewards(rewards)
+    group_size = rewards.shape[1]
+    uniform = rewards.amax(dim=1) == rewards.amin(dim=1)  # [P]
+    adv = _group_relative(rewards, uniform, eps=0.0, scale_by_std=False) * (group_size / (group_size - 1))
+    return adv, _advantage_metrics(adv, uniform)
+
+
 def agpo_advantages(
     rewards: torch.Tensor,  # [P, G]
     *,
@@ -168,6 +187,8 @@ def compute_advantages(
         if "scale_by_std" in kwargs:
             raise ValueError(f"scale_by_std is implied by estimator={estimator!r}; do not pass it")
         return grpo_advantages(rewards, scale_by_std=estimator == "grpo", **kwargs)
+    if estimator == "rloo":
+        return rloo_advantages(rewards, **kwargs)
     if estimator == "agpo":
         return agpo_advantages(rewards, **kwargs)
-    raise ValueError(f"estimator must be one of 'grpo', 'drgrpo', 'agpo', got {estimator!r}")
+    raise ValueError(f"estimator must be one of 'grpo', 'drgrpo', 'rloo', 'agpo', got {estimator!r}")

@@ -11,7 +11,17 @@ sequence advantage `A` (GRPO / AGPO: one value per sequence, broadcast over its 
     pg   = pg * min(exp(logp_old - logp_rollout), C).detach()   if TIS on  (Yao et al. 2025)
     loss = pg + beta * KL_hat(logp, logp_ref) - alpha * H                 GRPO (Shao et al. 2024)
 
-`eps_low != eps_high` is DAPO's clip-higher (Yu et al. 2025). TIS, truncated importance
+`eps_low != eps_high` is DAPO's clip-higher (Yu et al. 2025).
+
+GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"), `ratio_level="sequence"`: every token
+of response i uses the *sequence* importance ratio, the geometric mean of its token ratios::
+
+    s_i  = exp( (1 / |y_i|) * sum_{t in y_i} (logp_t - logp_old_t) )      (differentiated through)
+    pg_t = max(-A_i * s_i, -A_i * clip(s_i, 1 - eps_low, 1 + eps_high))   same for all t of y_i
+
+so the clip keeps or drops a response whole. With `agg_mode="seq-mean-token-mean"` the loss is
+GSPO's `-1/G sum_i min(s_i A_i, clip(s_i) A_i)` exactly (each response's |y_i| equal terms average
+to one); GSPO's clip range is far narrower than PPO's (the paper: 3e-4 / 4e-4). TIS, truncated importance
 sampling, corrects for the mismatch between the inference engine that sampled the rollouts
 (`logp_rollout`) and the trainer's recomputation of the same policy (`logp_old`).
 
@@ -32,8 +42,8 @@ example, so its gradient is taken from `0.5 * (k2 + k3)` (exact: k2's gradient i
 KL's, k3's the reverse's) while its value stays the unbiased estimate above (a straight-through
 combination, see `kl_penalty`).
 
-Aggregation (`aggregate`) returns each micro-batch's share of the *global* batch mean,
-which makes the loss independent of how the batch is split over micro-batches and
+Aggregation (`algo/aggregation.py::aggregate`) returns each micro-batch's share of the *global*
+batch mean, which makes the loss independent of how the batch is split over micro-batches and
 data-parallel ranks; see that function.
 
 Departures from the papers (numerical only):
@@ -53,12 +63,13 @@ from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["PolicyLossConfig", "kl_penalty", "aggregate", "policy_loss"]
+from agpo_megatron.algo.aggregation import AggMode, GlobalCount, aggregate, sequence_mean
+
+__all__ = ["PolicyLossConfig", "kl_penalty", "aggregate", "sequence_mean", "policy_loss", "AggMode", "GlobalCount"]
 
 Metrics = dict[str, torch.Tensor]
 KLEstimator = Literal["k1", "k2", "k3", "symmetric"]
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-GlobalCount = int | torch.Tensor
+RatioLevel = Literal["token", "sequence"]
 
 _MAX_LOG_RATIO = 20.0
 
@@ -92,7 +103,18 @@ class PolicyLossConfig:
     agg_mode: AggMode = "token-mean"
     """How per-token losses become one scalar: `"token-mean"` (DAPO, every token weighs the
     same), `"seq-mean-token-mean"` (original GRPO, every sequence weighs the same) or
-    `"seq-mean-token-sum"` (Dr.GRPO-style, no length normalisation)."""
+    `"seq-mean-token-sum"` (no length normalisation, divided by the sequence count) or
+    `"seq-mean-token-sum-norm"` (Dr.GRPO exactly: the token sum divided by the constant generation
+    budget `norm_tokens` x the sequence count)."""
+
+    norm_tokens: int | None = None
+    """The constant per-sequence token budget of `"seq-mean-token-sum-norm"` (Dr.GRPO's generation
+    budget), `>= 1`. None = the trainer config fills in `rollout.max_new_tokens`; a direct
+    `policy_loss` call in that mode must set it."""
+
+    ratio_level: RatioLevel = "token"
+    """`"token"`: PPO's per-token ratio. `"sequence"`: GSPO's sequence ratio, the geometric mean of
+    the token ratios of a response, clipped per response (module doc)."""
 
     tis_cap: float | None = None
     """Truncated importance sampling cap `C > 0` on `exp(old_logprobs - rollout_logprobs)`.
@@ -115,6 +137,10 @@ class PolicyLossConfig:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
         if self.agg_mode not in get_args(AggMode):
             raise ValueError(f"agg_mode must be one of {get_args(AggMode)}, got {self.agg_mode!r}")
+        if self.norm_tokens is not None and not (isinstance(self.norm_tokens, int) and self.norm_tokens >= 1):
+            raise ValueError(f"norm_tokens must be an integer >= 1 or None, got {self.norm_tokens!r}")
+        if self.ratio_level not in get_args(RatioLevel):
+            raise ValueError(f"ratio_level must be one of {get_args(RatioLevel)}, got {self.ratio_level!r}")
         if self.tis_cap is not None and not self.tis_cap > 0.0:
             raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
 
@@ -155,82 +181,6 @@ def kl_penalty(
     raise ValueError(f"estimator must be one of {get_args(KLEstimator)}, got {estimator!r}")
 
 
-def _check_global_count(name: str, count: GlobalCount | None) -> None:
-    # Tensor counts typically come from an all-reduce on the device; checking their value
-    # here would force a host sync on every micro-batch, so only host numbers are checked.
-    if isinstance(count, (int, float)) and not count > 0:
-        raise ValueError(f"{name} must be > 0, got {count}")
-
-
-def aggregate(
-    per_token: torch.Tensor,  # [N, T]
-    mask: torch.Tensor,  # [N, T], nonzero = valid token
-    mode: AggMode,
-    *,
-    global_num_tokens: GlobalCount | None = None,
-    global_num_seqs: GlobalCount | None = None,
-    seq_ids: torch.Tensor | None = None,  # [N, T] int: which sequence a token belongs to (packing)
-) -> torch.Tensor:  # 0-dim
-    """Reduce per-token values to this micro-batch's share of the global-batch loss.
-
-    With `m` the mask and `len_i = sum_t m[i, t]`:
-
-    * `token-mean`: `sum_{i,t} l*m / global_num_tokens`
-    * `seq-mean-token-mean`: `sum_i [sum_t l*m / max(len_i, 1)] / global_num_seqs`
-    * `seq-mean-token-sum`: `sum_{i,t} l*m / global_num_seqs`
-
-    The numerators are sums, so they add up over any partition of the global batch. Dividing by
-    the *global* count (tokens or sequences over all micro-batches of the step and all
-    data-parallel ranks) therefore makes the sum of the returned values over all micro-batches
-    and ranks equal to the loss of the whole batch, whatever the layout. Consequently the
-    caller must *sum* gradients over micro-batches and ranks; where the framework averages
-    them, it must multiply the loss back by the number of micro-batches times ranks.
-
-    When a global count is None the local one is used, which is right for a single micro-batch
-    on one rank: the number of valid tokens (`token-mean`), or the number of rows `N`
-    (sequence modes; fully masked rows count, so callers that pad with empty rows should pass
-    `global_num_seqs`). Local counts are floored at 1 so that an empty batch gives 0, not NaN.
-
-    Sequences are the rows of `[N, T]` unless `seq_ids` is given (a packed batch: several
-    sequences per row). Then `seq_ids[i, t]` numbers the sequence of token `(i, t)` from 0 in
-    this micro-batch; values under `mask == 0` are ignored, and the local sequence count is
-    `max(seq_ids) + 1`. `token-mean` does not need it.
-    """
-    if per_token.ndim != 2 or mask.shape != per_token.shape:
-        raise ValueError(
-            f"per_token must be 2-D [N, T] and mask of the same shape, "
-            f"got {tuple(per_token.shape)} and {tuple(mask.shape)}"
-        )
-    _check_global_count("global_num_tokens", global_num_tokens)
-    _check_global_count("global_num_seqs", global_num_seqs)
-    mask = mask.bool()
-    masked = torch.where(mask, per_token, 0.0)
-
-    if mode == "token-mean":
-        num_tokens = mask.sum().clamp(min=1) if global_num_tokens is None else global_num_tokens
-        return masked.sum() / num_tokens
-    if mode not in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        raise ValueError(f"mode must be one of {get_args(AggMode)}, got {mode!r}")
-    if seq_ids is None:
-        per_seq = masked.sum(dim=1)  # [N]
-        lengths = mask.sum(dim=1)
-        local_seqs = max(per_token.shape[0], 1)
-    else:
-        if seq_ids.shape != mask.shape:
-            raise ValueError(
-                f"seq_ids must have the shape of per_token {tuple(mask.shape)}, got {tuple(seq_ids.shape)}"
-            )
-        # A sequence has at least one token, so every id is below numel(): no host sync for the count.
-        ids = torch.where(mask, seq_ids, 0).flatten().long()
-        per_seq = masked.new_zeros(masked.numel()).index_add(0, ids, masked.flatten())
-        lengths = mask.new_zeros(mask.numel(), dtype=masked.dtype).index_add(0, ids, mask.flatten().to(masked.dtype))
-        local_seqs = int(seq_ids.max()) + 1 if global_num_seqs is None else 1
-    if mode == "seq-mean-token-mean":
-        per_seq = per_seq / lengths.clamp(min=1)
-    num_seqs = local_seqs if global_num_seqs is None else global_num_seqs
-    return per_seq.sum() / num_seqs
-
-
 def _check_like(name: str, x: torch.Tensor, shape: torch.Size) -> None:
     if x.shape != shape:
         raise ValueError(f"{name} must have the shape of logprobs {tuple(shape)}, got {tuple(x.shape)}")
@@ -268,7 +218,8 @@ def policy_loss(
     tokens unless noted: `pg_loss`, `pg_clipfrac` (clipped branch active),
     `pg_clipfrac_lower` (dual clip active; 0 when off), `approx_kl` (k3 of the current
     policy against `old_logprobs`), `ratio_mean`, `ratio_max`, `ratio_min` (1 when there
-    is no valid token), `num_tokens` (count), and when applicable `kl_ref`, `entropy`,
+    is no valid token; with `ratio_level="sequence"` these describe the sequence ratios, each
+    counted once per token), `num_tokens` (count), and when applicable `kl_ref`, `entropy`,
     `tis_weight_mean`.
 
     Raises ValueError when a term is switched on but its input is missing: `kl_coef > 0`
@@ -311,7 +262,10 @@ def policy_loss(
     old_logprobs = torch.where(mask, old_logprobs, 0.0)
     advantages = torch.where(mask, advantages, 0.0)
 
-    ratio = _clamped_exp(logprobs - old_logprobs)
+    log_ratio = logprobs - old_logprobs
+    if cfg.ratio_level == "sequence":  # GSPO: each token carries its response's mean log-ratio
+        log_ratio = sequence_mean(log_ratio, mask, seq_ids)
+    ratio = _clamped_exp(log_ratio)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     pg = torch.maximum(pg_unclipped, pg_clipped)
@@ -353,6 +307,7 @@ def policy_loss(
         global_num_tokens=global_num_tokens,
         global_num_seqs=global_num_seqs,
         seq_ids=seq_ids,
+        norm_tokens=cfg.norm_tokens,
     )
 
     with torch.no_grad():

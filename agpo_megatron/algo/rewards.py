@@ -25,6 +25,20 @@ uniform and AGPO's revised advantage (m1) still gives every sample +1. Where the
 wrong answer (reward 0) still ranks below every correct one (reward >= 1) for any gamma >= 0
 (with binary accuracy rewards).
 
+DAPO's soft overlong punishment (Yu et al. 2025, Sec. 3.4, "Overlong Reward Shaping"), with L_max =
+rollout.max_new_tokens, a ramp of `buffer` tokens and a weight `penalty` (the paper: 1)::
+
+    r_over(L) = 0                                   L <= L_max - buffer
+                -penalty * (L - (L_max - buffer)) / buffer    otherwise (reaching -penalty at L_max)
+
+Order (`overlong_penalty`): r = r_acc + gamma * r_len + r_over. The length reward is computed on
+accuracy and lengths alone and the punishment is added to the sum, so the two compose
+independently: a correct answer in the buffer keeps its length bonus over its group's other correct
+answers and loses up to `penalty`. Side effect with AGPO's m1: an all-correct group with one answer
+in the buffer is no longer uniform at r_max, so it gets GRPO's advantage instead of +1.
+The paper's third case (L > L_max: -1) cannot occur: the engine stops at L_max, and a response
+stopped there scores -penalty by the ramp (longer ones, if any, too).
+
 Choices the paper leaves open:
 
 * L_min and L_max are taken over the group's *correct* answers only; wrong answers neither get
@@ -36,7 +50,7 @@ Choices the paper leaves open:
 
 import torch
 
-__all__ = ["length_reward", "combine_rewards"]
+__all__ = ["length_reward", "combine_rewards", "overlong_penalty"]
 
 Metrics = dict[str, torch.Tensor]
 
@@ -101,3 +115,29 @@ def combine_rewards(
     if not r_acc.is_floating_point():
         raise ValueError(f"r_acc must be a floating-point tensor, got dtype {r_acc.dtype}")
     return r_acc + gamma * r_len
+
+
+def overlong_penalty(
+    lengths: torch.Tensor,  # [P, G] response token counts
+    *,
+    max_new_tokens: int,
+    buffer_tokens: int,
+    penalty: float,
+) -> tuple[torch.Tensor, Metrics]:  # [P, G] float32, <= 0
+    """DAPO's soft overlong punishment `r_over` (module doc), to add to the reward.
+
+    Metrics: `overlong_penalty_mean` (mean r_over over all samples) and `frac_overlong_punished`
+    (fraction of samples with r_over < 0).
+    """
+    if not 1 <= buffer_tokens < max_new_tokens:
+        raise ValueError(f"buffer_tokens must be in [1, max_new_tokens={max_new_tokens}), got {buffer_tokens}")
+    if not penalty >= 0:
+        raise ValueError(f"penalty must be >= 0, got {penalty}")
+    start = max_new_tokens - buffer_tokens
+    excess = (lengths.to(torch.float32) - start).clamp(min=0.0, max=float(buffer_tokens))  # > L_max: -penalty
+    r_over = -penalty * excess / buffer_tokens
+    metrics = {
+        "overlong_penalty_mean": r_over.mean(),
+        "frac_overlong_punished": (r_over < 0).float().mean(),
+    }
+    return r_over, metrics

@@ -128,6 +128,54 @@ class ClipControllerConfig:
     """Upper bound on both clip ranges; in [eps_min, 1) (eps_low must stay below 1)."""
 
 
+@dataclasses.dataclass(kw_only=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (Yu et al. 2025): prompt groups whose accuracy rewards are all equal (all
+    correct or all wrong) are dropped whole, and more prompts are sampled until batch.prompts_per_rollout
+    mixed groups are collected or max_rollout_rounds is reached (train/rollout_rounds.py)."""
+
+    enabled: bool = False
+    """Turn dynamic sampling on. Each extra round samples another batch.prompts_per_rollout prompts."""
+    max_rollout_rounds: int = 3
+    """Most rounds of generation per step, >= 1. A step that still has too few mixed groups trains on
+    those it has (whole mini-batches' worth, see train/rollout_rounds.py) and says so in
+    `sampling/short_batch`."""
+    allow_with_m1: bool = False
+    """Run dynamic sampling together with AGPO's m1 (algo.advantage=agpo) on purpose. Refused otherwise:
+    the groups m1 gives +1 / -1 are exactly the ones dynamic sampling drops, so m1 would never act."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_rollout_rounds >= 1,
+            f"algo.dynamic_sampling.max_rollout_rounds must be >= 1, got {self.max_rollout_rounds}",
+        )
+
+
+@dataclasses.dataclass(kw_only=True)
+class OverlongConfig:
+    """DAPO's overlong handling of responses that reach rollout.max_new_tokens (algo/rewards.py)."""
+
+    filter: bool = False
+    """Mask truncated responses (finish_reason "length") out of the loss: they still count in their
+    group's reward statistics, but no token of theirs is trained or counted in the loss normaliser."""
+    soft_punishment: bool = False
+    """Add DAPO's soft overlong punishment to the reward before the advantage: 0 up to
+    rollout.max_new_tokens - buffer_tokens, then falling linearly to -penalty at rollout.max_new_tokens.
+    Added after the length reward (m2): r = r_acc + gamma * r_len + r_overlong."""
+    buffer_tokens: int | None = None
+    """Length of the punishment ramp, in tokens; in [1, rollout.max_new_tokens). None = a fifth of
+    rollout.max_new_tokens, DAPO's proportion (4096 of 20480), filled in when the config loads."""
+    penalty: float = 1.0
+    """Punishment at rollout.max_new_tokens (DAPO: 1.0); >= 0."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.buffer_tokens is None or self.buffer_tokens >= 1,
+            f"algo.overlong.buffer_tokens must be >= 1, got {self.buffer_tokens}",
+        )
+        _require(self.penalty >= 0, f"algo.overlong.penalty must be >= 0, got {self.penalty}")
+
+
 def _controller(cls, where: str, **kw):
     """`cls(**kw)`, its ValueError (which starts with the field's name) as a ConfigError naming `where`."""
     try:
@@ -138,10 +186,10 @@ def _controller(cls, where: str, **kw):
 
 @dataclasses.dataclass(kw_only=True)
 class AlgoConfig:
-    advantage: Literal["grpo", "drgrpo", "agpo"] = "agpo"
-    """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), or AGPO's revised advantage (m1). Dr.GRPO also drops the
-    per-sequence length normalisation, so 'drgrpo' is Dr.GRPO only with algo.loss.agg_mode:
-    seq-mean-token-sum (warned otherwise; up to a constant factor: Dr.GRPO divides by a fixed budget)."""
+    advantage: Literal["grpo", "drgrpo", "rloo", "agpo"] = "agpo"
+    """Group advantage: GRPO (r-mean)/std, Dr.GRPO (no std), RLOO (r minus the mean of the other G-1), or
+    AGPO's revised advantage (m1). Dr.GRPO also replaces the per-sequence length normalisation by a
+    constant, so 'drgrpo' is Dr.GRPO only with algo.loss.agg_mode: seq-mean-token-sum-norm (warned otherwise)."""
     length_reward: bool = True
     """AGPO m2: add gamma * length reward before the advantage."""
     gamma: float = 0.1
@@ -171,6 +219,10 @@ class AlgoConfig:
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (each skipped: no update) before the run
     stops with an error."""
+    dynamic_sampling: DynamicSamplingConfig = dataclasses.field(default_factory=DynamicSamplingConfig)
+    """DAPO's dynamic sampling: drop uniform-accuracy groups, sample more prompts (off by default)."""
+    overlong: OverlongConfig = dataclasses.field(default_factory=OverlongConfig)
+    """DAPO's overlong filtering and soft overlong punishment (both off by default)."""
 
     def __post_init__(self) -> None:
         _require(self.group_size >= 2, f"algo.group_size must be >= 2 (group statistics need 2), got {self.group_size}")
@@ -184,14 +236,21 @@ class AlgoConfig:
             f"algo.adaptive_kl_target must be > 0, got {self.adaptive_kl_target}",
         )
         self.kl_settings(), self.clip_settings()  # validate the controllers' settings (when they are on)
-        if self.advantage == "drgrpo" and self.loss.agg_mode != "seq-mean-token-sum":
+        if self.advantage == "drgrpo" and self.loss.agg_mode != "seq-mean-token-sum-norm":
             # A warning, not an error: no-std advantages under another aggregation is a legitimate
             # ablation (Dr.GRPO's two fixes one at a time), but it is not Dr.GRPO.
             warnings.warn(
                 f"algo.advantage=drgrpo with algo.loss.agg_mode={self.loss.agg_mode} is not Dr.GRPO, which "
-                "also drops the per-sequence length normalisation: set algo.loss.agg_mode=seq-mean-token-sum",
+                "divides each response's token sum by a constant generation budget: set "
+                "algo.loss.agg_mode=seq-mean-token-sum-norm",
                 stacklevel=2,
             )
+        _require(
+            not self.dynamic_sampling.enabled or self.advantage != "agpo" or self.dynamic_sampling.allow_with_m1,
+            "algo.dynamic_sampling.enabled with algo.advantage=agpo: dynamic sampling drops the all-correct and "
+            "all-wrong groups that AGPO's m1 gives +1 / -1, so m1 would never act; use another algo.advantage, "
+            "or set algo.dynamic_sampling.allow_with_m1=true to run both on purpose",
+        )
 
     def kl_settings(self) -> AdaptiveKLConfig | None:
         """The adaptive-beta controller's settings, or None when beta is fixed."""
@@ -507,6 +566,17 @@ class TrainConfig:
             f"range [{lo:g}, {hi:g}] (AGPO gives -1 / +1 to groups uniformly at r_min / r_max; any other "
             f"value silently gives all-wrong or all-correct groups 0)",
         )
+        budget = self.rollout.max_new_tokens
+        if self.algo.overlong.buffer_tokens is None:
+            self.algo.overlong.buffer_tokens = max(budget // 5, 1)
+        _require(
+            not self.algo.overlong.soft_punishment or self.algo.overlong.buffer_tokens < budget,
+            f"algo.overlong.buffer_tokens ({self.algo.overlong.buffer_tokens}) must be below rollout.max_new_tokens "
+            f"({budget}): the punishment ramp ends at rollout.max_new_tokens",
+        )
+        if self.algo.loss.agg_mode == "seq-mean-token-sum-norm" and self.algo.loss.norm_tokens is None:
+            # Dr.GRPO's constant is the generation budget.
+            self.algo.loss = dataclasses.replace(self.algo.loss, norm_tokens=budget)
         longest = self.data.train.max_prompt_tokens + self.rollout.max_new_tokens
         _require(
             longest <= self.model.max_seq_len,

@@ -9,6 +9,8 @@ How it works, with the formulas: docs/fused-loss.md. In short:
   (logits `hidden[c] @ W.T`, per-token upstream gradients from `policy_loss`, `d_logits`, then
   d_hidden and d_W), so the `[N, V/TP]` logits never exist; backward only scales the saved
   d_hidden `[N, H]` and d_W `[V/TP, H]`, once per forward. Returned log-probs / entropy are detached.
+* GSPO (`ratio_level="sequence"`) couples the tokens of a sequence, which may span chunks: the
+  hidden-states variant then finishes every chunk's statistics before any gradient (two passes).
 * `fused_policy_loss_from_logits`: differentiable `[B, S]` log-probs and entropy; backward
   recomputes each chunk's `d_logits` from the saved `[N]` statistics and the caller's logits.
 * `fused_logprobs_entropy`: forward only (old / reference log-probs).
@@ -295,6 +297,8 @@ def _token_grads(loss_fn, logprobs, entropy, shape, lo, hi):
     depend on the other tokens' values (zeros or earlier chunks' here): running `policy_loss` on
     the whole `[B, S]` batch with ordinary autograd yields exactly the reference's per-token
     gradient for the chunk. It has no vocab dimension, so a call per chunk is cheap.
+    Not so with GSPO's sequence ratio, whose token gradients couple a sequence's tokens: that case
+    calls this once, with every token's values (`_EagerHiddenLoss`, `coupled`).
     """
     # Identity hooks shadow any the caller installed (offloading, the tests' byte counting): this
     # graph lives only inside this function and is not part of what is saved for backward.
@@ -308,6 +312,17 @@ def _token_grads(loss_fn, logprobs, entropy, shape, lo, hi):
     return g_lp.reshape(-1)[lo:hi], (None if g_ent is None else g_ent.reshape(-1)[lo:hi])
 
 
+def _accumulate_grads(d_logits, x, weight, lo, hi, d_x, d_w) -> None:
+    """d_hidden[lo:hi] = d_logits @ W (matmul 2), d_W += d_logits.T @ hidden[lo:hi] (matmul 3)."""
+    if d_x is not None:
+        torch.mm(d_logits, weight, out=d_x[lo:hi])
+    if d_w is not None:
+        if d_w.dtype == d_logits.dtype:
+            d_w.addmm_(d_logits.t(), x[lo:hi])
+        else:
+            d_w.add_(d_logits.t() @ x[lo:hi])
+
+
 class _EagerHiddenLoss(torch.autograd.Function):
     """(hidden [N, H], weight [V/TP, H], local targets [N]) -> (loss, logprobs [N], entropy [N]).
 
@@ -316,6 +331,11 @@ class _EagerHiddenLoss(torch.autograd.Function):
     `d_hidden[c] = d_logits @ W` (matmul 2) and `d_W += d_logits.T @ hidden[c]` (matmul 3).
     Saved for backward: d_hidden `[N, H]` and d_W `[V/TP, H]`; backward only scales them by the
     upstream gradient of the loss. The log-probs and entropy outputs are not differentiable.
+
+    `coupled` (GSPO's sequence-level ratio): a token's gradient needs its whole sequence's
+    log-probs, which later chunks may hold, so the statistics of every chunk come first (pass 1,
+    `_forward_chunks`), then the per-token gradients of the whole batch, then each chunk's logits
+    again for d_logits (pass 2): four vocab-sized matmuls instead of three, the same live memory.
     """
 
     @staticmethod
@@ -333,36 +353,55 @@ class _EagerHiddenLoss(torch.autograd.Function):
         tp_size,
         need_x,
         need_w,
+        coupled,
     ):
         n = x.shape[0]
         out_dtype = torch.promote_types(x.dtype, torch.float32)
-        # Zeros, not empty: tokens of later chunks enter `policy_loss` in _token_grads.
-        logprobs = torch.zeros(n, dtype=out_dtype, device=x.device)
-        entropy = torch.zeros_like(logprobs)
         d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         # fp32 accumulator across chunks (module docstring); fp32 weights accumulate in place.
         d_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
-        for lo in range(0, n, chunk_tokens):
-            hi = min(lo + chunk_tokens, n)
-            targets_c = local_targets[lo:hi]
-            logits = x[lo:hi] @ weight.t()  # [c, V/TP], matmul 1
-            # owned=False: the logits are needed again for d_logits below.
-            stats = _chunk_stats(logits, targets_c, temperature, False, True)
-            lp, ent, lse = _combine(*stats, group, tp_size)
-            del stats
-            logprobs[lo:hi] = lp
-            entropy[lo:hi] = ent
-            g_lp, g_ent = _token_grads(loss_fn, logprobs, entropy, shape, lo, hi)
-            d_logits = _chunk_dlogits(logits, targets_c, lse, ent, g_lp, g_ent, temperature, True)
-            del logits
-            if need_x:
-                torch.mm(d_logits, weight, out=d_x[lo:hi])  # matmul 2
-            if need_w:  # matmul 3
-                if d_w.dtype == d_logits.dtype:
-                    d_w.addmm_(d_logits.t(), x[lo:hi])
-                else:
-                    d_w.add_(d_logits.t() @ x[lo:hi])
-            del d_logits
+        if coupled:
+            # A token's gradient depends on the other tokens of its sequence (GSPO's sequence ratio):
+            # pass 1 finishes every token's statistics, then the per-token gradients of the whole
+            # batch, then pass 2 recomputes each chunk's logits for d_logits (one matmul more).
+            logprobs, entropy, lse = _forward_chunks(
+                x, weight, local_targets, temperature, chunk_tokens, group, tp_size, with_entropy=True
+            )
+            assert entropy is not None
+            g_lp_all, g_ent_all = _token_grads(loss_fn, logprobs, entropy, shape, 0, n)
+            for lo in range(0, n, chunk_tokens):
+                hi = min(lo + chunk_tokens, n)
+                logits = x[lo:hi] @ weight.t()  # [c, V/TP], matmul 1 again
+                d_logits = _chunk_dlogits(
+                    logits,
+                    local_targets[lo:hi],
+                    lse[lo:hi],
+                    entropy[lo:hi],
+                    g_lp_all[lo:hi],
+                    None if g_ent_all is None else g_ent_all[lo:hi],
+                    temperature,
+                    True,
+                )
+                del logits
+                _accumulate_grads(d_logits, x, weight, lo, hi, d_x, d_w)
+        else:
+            # Zeros, not empty: tokens of later chunks enter `policy_loss` in _token_grads.
+            logprobs = torch.zeros(n, dtype=out_dtype, device=x.device)
+            entropy = torch.zeros_like(logprobs)
+            for lo in range(0, n, chunk_tokens):
+                hi = min(lo + chunk_tokens, n)
+                targets_c = local_targets[lo:hi]
+                logits = x[lo:hi] @ weight.t()  # [c, V/TP], matmul 1
+                # owned=False: the logits are needed again for d_logits below.
+                stats = _chunk_stats(logits, targets_c, temperature, False, True)
+                lp, ent, lse = _combine(*stats, group, tp_size)
+                del stats
+                logprobs[lo:hi] = lp
+                entropy[lo:hi] = ent
+                g_lp, g_ent = _token_grads(loss_fn, logprobs, entropy, shape, lo, hi)
+                d_logits = _chunk_dlogits(logits, targets_c, lse, ent, g_lp, g_ent, temperature, True)
+                del logits
+                _accumulate_grads(d_logits, x, weight, lo, hi, d_x, d_w)
         if d_w is not None:
             d_w = d_w.to(weight.dtype)
         # Loss and metrics of the whole batch, exactly as the reference computes them.
@@ -388,7 +427,7 @@ class _EagerHiddenLoss(torch.autograd.Function):
             d_x.mul_(g_loss)
         if d_w is not None:
             d_w.mul_(g_loss)
-        return d_x, d_w, None, None, None, None, None, None, None, None, None, None
+        return d_x, d_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _prepare(x, weight, targets, temperature, chunk_tokens, tp_group):
@@ -465,7 +504,8 @@ def fused_policy_loss_from_hidden(
     gradients are computed eagerly in forward (module docstring), so only the loss is
     differentiable, once (no `retain_graph`); `fused_policy_loss_from_logits` returns
     differentiable ones. Three vocab-sized matmuls, like the plain path; saved for backward:
-    d_hidden `[B * S, H]` and d_weight `[V/TP, H]`.
+    d_hidden `[B * S, H]` and d_weight `[V/TP, H]`. With `cfg.ratio_level="sequence"` (GSPO) the
+    logits of each chunk are computed twice (four matmuls; `_EagerHiddenLoss`).
     Rows of the `[B, S]` tensors are the sequences of the seq-mean-* modes, as in `policy_loss`.
 
     Gradients reach `hidden` (this rank's partial sum over its vocab slice: wrap `hidden` in
@@ -517,6 +557,7 @@ def fused_policy_loss_from_hidden(
         tp_size,
         need_x,
         need_w,
+        cfg.ratio_level == "sequence",
     )
     return loss, metrics, lp.view(targets.shape), ent.view(targets.shape)
 

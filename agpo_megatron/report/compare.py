@@ -3,7 +3,8 @@
 Per run (a `logging.out_dir`): final eval pass@1 and mean response tokens, overall and per level
 (from `results.json`, which `agpo train` writes at the end, else from the last `eval/*` row of
 metrics.jsonl), the mean over steps of the KL to the reference (`train/kl_ref`, only when the run
-has a reference) and to the rollout policy (`train/approx_kl`), the mean entropy, and the wall time
+has a reference) and to the rollout policy (`train/approx_kl`), the mean entropy, the prompts sampled
+per step (`sampling/prompts_sampled`: what DAPO's dynamic sampling pays in generation), and the wall time
 (`results.json`'s `wall_time_s`; a run without it, e.g. still running, shows "-").
 """
 
@@ -17,7 +18,15 @@ from typing import Any
 
 from agpo_megatron.report.jsonl import read_jsonl
 
-CURVES = ("reward/mean", "acc/mean", "len/mean", "train/entropy", "train/kl_ref", "train/approx_kl")
+CURVES = (
+    "reward/mean",
+    "acc/mean",
+    "len/mean",
+    "train/entropy",
+    "train/kl_ref",
+    "train/approx_kl",
+    "sampling/frac_kept",
+)
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -65,6 +74,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         "KL(ref)",
         "KL(old)",
         "entropy",
+        "prompts/step",
         "wall (s)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -80,6 +90,7 @@ def table(runs: list[dict[str, Any]]) -> str:
             _fmt(_mean(rows, "train/kl_ref")),
             _fmt(_mean(rows, "train/approx_kl")),
             _fmt(_mean(rows, "train/entropy")),
+            _fmt(_mean(rows, "sampling/prompts_sampled"), ".1f"),
             _fmt(r["wall_time_s"], ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -42,7 +42,7 @@ def to_micro_batch(seqs: Sequences, seq_len: int, pad_id: int) -> dict[str, torc
         if len(toks) > seq_len:
             raise ValueError(f"sequence of {len(toks)} tokens exceeds seq_len {seq_len}")
         tokens[i, : len(toks)] = torch.tensor(toks)
-        loss_mask[i, plen - 1 : len(toks) - 1] = 1.0
+        loss_mask[i, plen - 1 : len(toks) - 1] = float(seqs.is_trained(i))
         if seqs.rollout_logprobs is not None:
             lp = seqs.rollout_logprobs[i]
             rollout_lp[i, plen - 1 : plen - 1 + len(lp)] = torch.tensor(lp)
@@ -190,9 +190,9 @@ class MiniBatch:
     micro_batches: list[dict[str, torch.Tensor]]
     """This rank's micro-batches of the mini-batch."""
     num_tokens: int
-    """Response tokens of the whole mini-batch over all DP ranks (the loss's token-mean denominator)."""
+    """Trained response tokens of the whole mini-batch over all DP ranks (the loss's token-mean denominator)."""
     num_seqs: int
-    """Sequences of the whole mini-batch over all DP ranks (the seq-mean-* denominator)."""
+    """Trained sequences of the whole mini-batch over all DP ranks (the seq-mean-* denominator)."""
     padding: dict[str, float] = dataclasses.field(default_factory=dict)
     """`padding_stats` of the mini-batch over all DP ranks (real and computed tokens)."""
 
@@ -203,25 +203,28 @@ def split_mini_batches(
     """Split a rollout (prompt-major, whole groups of G) into PPO mini-batches, this rank's part of each.
 
     Mini-batch k is rows `[k * seqs_per_update, (k + 1) * seqs_per_update)`: whole prompt groups when
-    `seqs_per_update` is a multiple of G (config validation ensures it). `balance_dp` deals its rows
-    to the `dp` ranks, and this rank's rows become micro-batches (`split_micro_batches(**plan_kw)`).
+    `seqs_per_update` is a multiple of G (config validation ensures it). The last one may be shorter
+    (a dynamic-sampling step that found fewer groups, train/rollout_rounds.py), a multiple of `dp`
+    rows. `balance_dp` deals its rows to the `dp` ranks, and this rank's rows become micro-batches
+    (`split_micro_batches(**plan_kw)`).
     The counts are the mini-batch's global ones, computed here with no collective (every rank holds
     the whole rollout), so the loss is the same whatever the DP / micro-batch layout.
     """
-    if len(seqs) % seqs_per_update or seqs_per_update % dp:
+    if len(seqs) % dp or seqs_per_update % dp:
         raise ValueError(
             f"{len(seqs)} sequences do not split into mini-batches of {seqs_per_update} over {dp} DP ranks"
         )
     out = []
     for lo in range(0, len(seqs), seqs_per_update):
-        mini = seqs.select(range(lo, lo + seqs_per_update))
+        mini = seqs.select(range(lo, min(lo + seqs_per_update, len(seqs))))
         lengths = [len(t) for t in mini.tokens]
         ranks = balance_dp(lengths, dp)  # equal counts, balanced tokens
         out.append(
             MiniBatch(
                 split_micro_batches(mini.select(ranks[dp_rank]), pad_id=pad_id, **plan_kw),
-                mini.num_response_tokens(),
-                len(mini),
+                # Trained rows only (algo.overlong.filter); at least 1, so an all-masked one divides 0 by 1.
+                max(mini.num_response_tokens(), 1),
+                max(mini.num_trained(), 1),
                 padding_stats(lengths, ranks, **plan_kw),
             )
         )

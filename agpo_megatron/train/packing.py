@@ -105,7 +105,7 @@ def to_packed_micro_batch(seqs: Sequences, plan: MicroBatchPlan, pad_id: int) ->
                 raise ValueError(f"row {r}: sequences of {o + n} tokens exceed the row length {seq_len}")
             tokens[r, o : o + n] = torch.tensor(toks)
             targets[r, o : o + n - 1] = torch.tensor(toks[1:])
-            loss_mask[r, o + plen - 1 : o + n - 1] = 1.0
+            loss_mask[r, o + plen - 1 : o + n - 1] = float(seqs.is_trained(i))
             advantages[r, o : o + n] = seqs.advantages[i].float()
             if seqs.rollout_logprobs is not None:
                 lp = seqs.rollout_logprobs[i]

@@ -84,7 +84,10 @@ def summarize(per_update: list[dict[str, float]]) -> dict[str, float]:
     `num_updates`, `pg_clipfrac_last_update` / `approx_kl_last_update` (the last update's, the most
     off-policy), and with 2+ updates `approx_kl_off_policy`: the mean approx_kl of updates 2.., the
     ones not at the sampling weights (update 1's is 0, or the engine mismatch with logprob_mode rollout).
+    No updates: `num_updates` 0 alone.
     """
+    if not per_update:  # a dynamic-sampling step that found no group to train (train/rollout_rounds.py)
+        return {"num_updates": 0.0}
     keys = sorted({k for m in per_update for k in m})
     row = {
         k: (per_update[-1].get(k, 0.0) if k in _LAST else sum(m.get(k, 0.0) for m in per_update) / len(per_update))

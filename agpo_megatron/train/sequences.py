@@ -20,12 +20,23 @@ class Sequences:
     """Per-sequence advantage (broadcast over its response tokens)."""
     rollout_logprobs: list[list[float]] | None = None
     """The engine's per-token log-probs of each response (for logprob_mode=rollout / TIS)."""
+    trained: list[bool] | None = None
+    """Per row: False keeps the response out of the loss (no token in `loss_mask`, not counted in the
+    loss normalisers), e.g. a truncated one under algo.overlong.filter. None = all trained."""
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def is_trained(self, i: int) -> bool:
+        return self.trained is None or self.trained[i]
+
     def num_response_tokens(self) -> int:
-        return sum(len(t) - p for t, p in zip(self.tokens, self.prompt_lens))
+        """Response tokens of the rows that are trained: the loss's token count."""
+        return sum(len(t) - p for i, (t, p) in enumerate(zip(self.tokens, self.prompt_lens)) if self.is_trained(i))
+
+    def num_trained(self) -> int:
+        """Rows that are trained: the seq-mean-* modes' sequence count."""
+        return len(self) if self.trained is None else sum(self.trained)
 
     def select(self, idx: range | list[int]) -> Sequences:
         idx = list(idx)
@@ -34,6 +45,7 @@ class Sequences:
             prompt_lens=[self.prompt_lens[i] for i in idx],
             advantages=self.advantages[idx],
             rollout_logprobs=None if self.rollout_logprobs is None else [self.rollout_logprobs[i] for i in idx],
+            trained=None if self.trained is None else [self.trained[i] for i in idx],
         )
 
 

@@ -1,7 +1,9 @@
 """The AGPO / GRPO training loop.
 
-    generate -> sleep -> reward (+ length reward) -> advantage -> old/ref log-probs -> update
-    -> (checkpoint) -> wake weights -> weight sync -> wake KV cache -> log
+    generate -> sleep -> reward (+ length reward, overlong punishment) -> advantage -> old/ref log-probs
+    -> update -> (checkpoint) -> wake weights -> weight sync -> wake KV cache -> log
+
+(one step's rollout batch, with DAPO's dynamic sampling rounds when on: train/rollout_rounds.py)
 
 (the memory hand-overs between vLLM and Megatron, and their order, live in train/colocate.py)
 
@@ -28,9 +30,7 @@ from typing import Any
 
 import torch
 
-from agpo_megatron.algo.advantages import compute_advantages
 from agpo_megatron.algo.controllers import clip_controller, kl_controller
-from agpo_megatron.algo.rewards import combine_rewards, length_reward
 from agpo_megatron.bridge.export import sync_weights
 from agpo_megatron.config.yaml_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
@@ -40,7 +40,7 @@ from agpo_megatron.runtime import preempt
 from agpo_megatron.runtime.parallel import set_collective_timeout
 from agpo_megatron.runtime.watchdog import StepWatchdog
 from agpo_megatron.train import batch as batching
-from agpo_megatron.train import ppo
+from agpo_megatron.train import ppo, rollout_rounds
 from agpo_megatron.train.colocate import Colocation
 from agpo_megatron.train.offload import ActorMemory
 from agpo_megatron.train.policy import Actor
@@ -86,37 +86,26 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     watchdog = StepWatchdog(cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank).start()
     set_collective_timeout(cfg.parallel.step_timeout_s)  # start-up is over: no collective may wait longer
 
-    for step in range(first, cfg.steps + 1):
-        prompts = next(sampler)
-        with timer("rollout"):
-            groups = s.rollout.generate([ex.prompt_ids for ex in prompts], n=G, sampling=s.train_sampling(step))
-            colo.to_train()  # GPU: vLLM's memory to training, the actor's state back
-        completions = [c for group in groups for c in group]  # [P*G], prompt-major
-
-        with timer("reward"):
-            golds = [ex.gold for ex in prompts for _ in range(G)]
-            # Each rank checks its share; all get the same verdicts (one reward, one advantage per sample).
-            r_acc, _, reward_m = score_distributed(
-                [c.text for c in completions],
-                golds,
-                timeout_s=cfg.data.reward_timeout_s,
-                budget_s=cfg.data.reward_step_budget_s,
-            )
-            r_acc = r_acc.view(-1, G)  # [P, G]
-            lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float).view(-1, G)
-            rewards, len_m = r_acc, {}
-            if cfg.algo.length_reward:  # AGPO m2: length reward first, the advantage sees the sum
-                r_len, len_m = length_reward(r_acc > 0.5, lengths)
-                rewards = combine_rewards(r_acc, r_len, cfg.algo.gamma)
-            adv_kw = dict(r_min=cfg.algo.r_min, r_max=cfg.algo.r_max) if cfg.algo.advantage == "agpo" else {}
-            advantages, adv_m = compute_advantages(rewards, cfg.algo.advantage, **adv_kw)  # [P, G]
-
-        seqs = batching.Sequences(
-            tokens=[ex.prompt_ids + c.token_ids for ex, group in zip(prompts, groups) for c in group],
-            prompt_lens=[len(ex.prompt_ids) for ex in prompts for _ in range(G)],
-            advantages=advantages.flatten(),
-            rollout_logprobs=[c.logprobs for c in completions] if completions[0].logprobs is not None else None,
+    def score(texts: list[str], golds: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        # Each rank checks its share; all get the same verdicts (one reward, one advantage per sample).
+        r_acc, _, metrics = score_distributed(
+            texts, golds, timeout_s=cfg.data.reward_timeout_s, budget_s=cfg.data.reward_step_budget_s
         )
+        return r_acc, metrics
+
+    for step in range(first, cfg.steps + 1):
+        # generate -> reward (+ length reward, overlong punishment) -> advantage; DAPO: more rounds.
+        batch = rollout_rounds.collect(
+            cfg,
+            s.rollout,
+            lambda: next(sampler),
+            s.train_sampling(step),
+            score,
+            dp=s.layout.dp,
+            timer=timer,
+            release=colo.to_train,  # GPU: vLLM's memory to training, the actor's state back
+        )
+        seqs = batch.sequences(trained_truncated=not cfg.algo.overlong.filter)
         global_tokens = seqs.num_response_tokens()
         plan_kw = dict(
             micro_batch_size=cfg.batch.micro_batch_size,
@@ -152,17 +141,12 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             colo.to_rollout()
 
         row = step_row(
-            r_acc=r_acc,
-            rewards=rewards,
-            lengths=lengths,
-            finish_reasons=[c.finish_reason for c in completions],
+            **batch.seen,  # every sampled response, kept or not
             times=timer.pop(),
             trained_tokens=cfg.algo.ppo_epochs * global_tokens,
             kl_coef=kl_coef,
             eps=eps,
-            adv=adv_m,
-            len_reward=len_m,
-            reward=reward_m,
+            **batch.metrics,
             train=train_m,
         ) | batching.padding_summary(minis)
         if cfg.eval_due(step):

@@ -1,4 +1,5 @@
-"""The AGPO paper's comparisons and A-GRPO's ablations as one nemo-run experiment, then `agpo compare`.
+"""The AGPO paper's comparisons, the baselines (DAPO, GSPO, RLOO, Dr.GRPO) and A-GRPO's ablations as one
+nemo-run experiment, then `agpo compare` (one table, one row per task).
 
     # one machine: tasks run one after another, each under torchrun
     python examples/sweeps/paper_ablation.py --executor local --nproc 8
@@ -9,6 +10,7 @@
     # the tiny CPU version (examples/tiny_cpu.yaml, 3 tasks), what CI runs against a local cluster:
     python examples/sweeps/paper_ablation.py --executor slurm --tiny --gpus-per-node 0 --nproc 2
     python examples/sweeps/paper_ablation.py --list     # print the tasks and their overrides
+    python examples/sweeps/paper_ablation.py --arms grpo,agpo,dapo,gspo,rloo,drgrpo   # AGPO and its baselines
 
 Install: the `launch` extra of pyproject.toml (nemo-run 0.11.1 with leptonai<0.47; newer leptonai
 breaks the import). NOTE: leptonai<0.47 pins starlette<1, which vLLM 0.32 refuses, so keep nemo-run
@@ -42,6 +44,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # agpo_megatron.config.arms is pure data: no training dependency needed
+from agpo_megatron.config.arms import ARMS, parse_arms  # noqa: E402
 
 # A-GRPO over AGPO: symmetric KL with adaptive beta_t, adaptive clip eps_t, entropy bonus (examples/agrpo_qwen7b.yaml).
 AGRPO = [
@@ -52,10 +56,9 @@ AGRPO = [
     "algo.adaptive_clip=true",
 ]
 TASKS: dict[str, list[str]] = {
-    # The paper's three methods.
-    "grpo": ["algo.advantage=grpo", "algo.length_reward=false"],
-    "agpo-m1": ["algo.advantage=agpo", "algo.length_reward=false"],
-    "agpo": ["algo.advantage=agpo", "algo.length_reward=true"],
+    # The paper's three methods (grpo, agpo-m1, agpo) and the baselines (dapo, gspo, rloo, drgrpo):
+    # agpo_megatron/config/arms.py, the table the CPU demo's --arms reads too.
+    **ARMS,
     # Length-reward weight (the paper's gamma = 0.1 is `agpo`).
     "agpo-gamma0.05": ["algo.gamma=0.05"],
     "agpo-gamma0.2": ["algo.gamma=0.2"],
@@ -87,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--tiny", action="store_true", help=f"examples/tiny_cpu.yaml and only {', '.join(TINY_TASKS)}")
     p.add_argument("--only", nargs="*", help="run these task names only (see --list)")
+    p.add_argument("--arms", default=None, help=f"comma-separated arms to run, e.g. grpo,agpo,dapo ({', '.join(ARMS)})")
     p.add_argument("--list", action="store_true", help="print the tasks and exit")
     p.add_argument("--title", default=None, help="experiment title (default paper_ablation[_tiny])")
     p.add_argument("--out", default=None, help="run directories go to OUT/<task> (default runs/sweeps/<title>)")
@@ -123,7 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def task_list(args: argparse.Namespace) -> dict[str, list[str]]:
     """name -> full override list (the base config is fixed by --tiny)."""
-    names = list(args.only or (TINY_TASKS if args.tiny else TASKS))
+    try:
+        arms = parse_arms(args.arms) if args.arms else []
+    except ValueError as e:
+        sys.exit(f"--arms: {e}")
+    names = list(dict.fromkeys([*(args.only or []), *arms])) or list(TINY_TASKS if args.tiny else TASKS)
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         sys.exit(f"unknown task(s) {unknown}; --list shows {list(TASKS)}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from agpo_megatron.algo.advantages import agpo_advantages, compute_advantages, grpo_advantages
+from agpo_megatron.algo.advantages import agpo_advantages, compute_advantages, grpo_advantages, rloo_advantages
 
 SQRT3_OVER_2 = math.sqrt(3.0) / 2.0  # 0.8660254...
 
@@ -131,3 +131,23 @@ def test_compute_advantages_dispatch():
 def test_invalid_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_rloo_leave_one_out_hand_values_and_jacobian():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.5], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    adv, m = rloo_advantages(rewards)
+    # r_i minus the mean of the other three.
+    expected = torch.tensor(
+        [[1.0, -1 / 3, -1 / 3, -1 / 3], [1 - 1.5 / 3, 1 - 1.5 / 3, 0 - 2.5 / 3, 0.5 - 2 / 3], [0.0, 0.0, 0.0, 0.0]]
+    )
+    assert_close(adv, expected)
+    assert adv[2].eq(0).all()  # exactly, not one ulp off
+    assert_close(m["frac_uniform_groups"], torch.tensor(1 / 3))
+    # The baseline does not depend on the sample it is subtracted from: dA_i/dr_i = 1,
+    # dA_i/dr_j = -1/(G-1) (GRPO's / Dr.GRPO's mean baseline would give 1 - 1/G = 0.75 and -1/G).
+    (grad_row,) = torch.autograd.grad(adv[1, 0], rewards)
+    assert_close(grad_row[1], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    assert grad_row[0].eq(0).all() and grad_row[2].eq(0).all()
+    assert_close(compute_advantages(rewards, "rloo")[0], adv)
+    with pytest.raises(ValueError, match="G=1"):
+        rloo_advantages(torch.zeros(3, 1))

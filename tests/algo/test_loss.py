@@ -444,3 +444,112 @@ def test_old_logprobs_none_is_on_policy_bit_for_bit():
     (l1, m1, g1), (l2, m2, g2) = out
     assert torch.equal(l1, l2) and torch.equal(g1, g2) and all(torch.equal(m1[k], m2[k]) for k in m1)
     assert m2["ratio_mean"] == 1 and m2["approx_kl"] == 0
+
+
+# ----------------------------------------------------------------------------- Dr.GRPO's constant normaliser
+
+
+def test_seq_mean_token_sum_norm_divides_by_the_budget_times_the_sequence_count():
+    # Token sums 3 and 4 over 2 sequences, budget 3: 7 / (3 * 2); with a global count of 4 sequences 7 / 12.
+    assert_close(aggregate(PER_TOKEN, MASK, "seq-mean-token-sum-norm", norm_tokens=3), torch.tensor(7 / 6))
+    got = aggregate(PER_TOKEN, MASK, "seq-mean-token-sum-norm", norm_tokens=3, global_num_seqs=4)
+    assert_close(got, torch.tensor(7 / 12))
+    # Packed: the same two sequences in one row give the same value.
+    packed = torch.tensor([[1.0, 2.0, 4.0, 9.0]])
+    ids = torch.tensor([[0, 0, 1, -1]])
+    got = aggregate(packed, ids >= 0, "seq-mean-token-sum-norm", norm_tokens=3, seq_ids=ids)
+    assert_close(got, torch.tensor(7 / 6))
+    with pytest.raises(ValueError, match="norm_tokens"):
+        aggregate(PER_TOKEN, MASK, "seq-mean-token-sum-norm")
+
+
+def test_drgrpo_norm_gradient_is_the_same_for_every_token_whatever_the_length():
+    """Dr.GRPO's point: no 1/|y_i| per sequence; every token's gradient is -A / (budget * N)."""
+    lp = _leaf([[-1.0, -2.0, -3.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, 1.0])
+    cfg = PolicyLossConfig(agg_mode="seq-mean-token-sum-norm", norm_tokens=4)
+    loss, _ = policy_loss(lp, None, adv, mask, cfg)  # on-policy: ratio 1, pg = -A per token
+    assert_close(loss, torch.tensor(-4 / (4 * 2)))  # 4 tokens of -1, budget 4, 2 sequences
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert_close(grad, torch.tensor([[-1 / 8, -1 / 8, -1 / 8], [-1 / 8, 0.0, 0.0]]))
+    # seq-mean-token-mean would give the short sequence's token 3x the weight of each long one's.
+    loss_mean, _ = policy_loss(lp, None, adv, mask, PolicyLossConfig(agg_mode="seq-mean-token-mean"))
+    (grad_mean,) = torch.autograd.grad(loss_mean, lp)
+    assert_close(grad_mean[1, 0] / grad_mean[0, 0], torch.tensor(3.0))
+    with pytest.raises(ValueError, match="norm_tokens"):
+        policy_loss(lp, None, adv, mask, PolicyLossConfig(agg_mode="seq-mean-token-sum-norm"))
+    with pytest.raises(ValueError, match="norm_tokens"):
+        PolicyLossConfig(norm_tokens=0)
+
+
+# ----------------------------------------------------------------------------- GSPO
+
+
+def _gspo_batch():
+    """Three responses (rows), on a wide-open clip except where noted. Log-ratios logp - logp_old:
+    row 0 (A=+1): [ln 1.21, 0]    -> s = 1.1,  unclipped
+    row 1 (A=-1): [ln 2]          -> s = 2,    unclipped (A < 0: max picks the larger -A*s = 2)
+    row 2 (A=+1): [ln 2, 0]       -> s = sqrt 2 > 1 + 0.2: clipped for the WHOLE response
+    """
+    old = torch.tensor([[-1.0, -2.0], [-1.0, 0.0], [-1.0, -3.0]])
+    log_ratio = torch.tensor([[math.log(1.21), 0.0], [LN2, 0.0], [LN2, 0.0]])
+    lp = (old + log_ratio).requires_grad_()
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    return lp, old, adv, mask
+
+
+def test_gspo_sequence_ratio_values_and_gradients_by_hand():
+    lp, old, adv, mask = _gspo_batch()
+    cfg = PolicyLossConfig(ratio_level="sequence", agg_mode="seq-mean-token-mean", eps_low=0.2, eps_high=0.2)
+    loss, m = policy_loss(lp, old, adv, mask, cfg)
+    # Per response: -1.1, +2, -1.2 (clipped); seq-mean over 3 responses.
+    assert_close(loss, torch.tensor((-1.1 + 2.0 - 1.2) / 3))
+    (grad,) = torch.autograd.grad(loss, lp)
+    # d(-s)/dlogp_t = -s / |y| per token; row 2 is clipped, so BOTH its tokens get 0 (a token-level
+    # ratio would leave its second token, ratio 1, unclipped with gradient -1/2 * 1/3).
+    expected = torch.tensor([[-1.1 / 2 / 3, -1.1 / 2 / 3], [2.0 / 3, 0.0], [0.0, 0.0]])
+    assert_close(grad, expected)
+    assert_close(m["pg_clipfrac"], torch.tensor(2 / 5))  # both tokens of row 2, of 5 valid tokens
+    assert_close(m["ratio_max"], torch.tensor(2.0))
+    assert_close(m["ratio_min"], torch.tensor(1.1))
+
+
+def test_gspo_token_level_differs_on_the_same_batch():
+    lp, old, adv, mask = _gspo_batch()
+    loss, _ = policy_loss(lp, old, adv, mask, PolicyLossConfig(agg_mode="seq-mean-token-mean"))
+    (grad,) = torch.autograd.grad(loss, lp)
+    # Token level: row 2's second token (ratio 1) is not clipped: -1 * 1 / 2 tokens / 3 responses.
+    assert_close(grad[2, 1], torch.tensor(-1 / 6))
+
+
+def test_gspo_packed_rows_equal_padded_rows():
+    lp, old, adv, mask = _gspo_batch()
+    cfg = PolicyLossConfig(ratio_level="sequence", agg_mode="seq-mean-token-mean")
+    ref_loss, ref_m = policy_loss(lp, old, adv, mask, cfg)
+    (ref_grad,) = torch.autograd.grad(ref_loss, lp)
+    # One row: response 0 (2 tokens), 1 (1 token), 2 (2 tokens), one padding slot.
+    flat = [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]
+    lp_p = torch.stack([lp.detach()[i, t] for i, t in flat] + [torch.tensor(0.0)])[None].requires_grad_()
+    old_p = torch.stack([old[i, t] for i, t in flat] + [torch.tensor(5.0)])[None]
+    ids = torch.tensor([[0, 0, 1, 2, 2, -1]])
+    adv_p = torch.tensor([[1.0, 1.0, -1.0, 1.0, 1.0, 0.0]])
+    loss, _ = policy_loss(lp_p, old_p, adv_p, ids >= 0, cfg, seq_ids=ids, global_num_seqs=3)
+    (grad,) = torch.autograd.grad(loss, lp_p)
+    assert_close(loss, ref_loss)
+    assert_close(grad[0, :5], torch.stack([ref_grad[i, t] for i, t in flat]))
+    assert grad[0, 5] == 0
+
+
+def test_sequence_ratio_ignores_masked_garbage():
+    lp = torch.tensor([[-1.0, float("nan"), -1e30]], requires_grad=True)
+    old = torch.tensor([[-1.5, float("inf"), 0.0]])
+    mask = torch.tensor([[1, 0, 0]], dtype=torch.bool)
+    cfg = PolicyLossConfig(ratio_level="sequence", eps_high=10.0)
+    loss, _ = policy_loss(lp, old, torch.tensor([1.0]), mask, cfg)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert_close(loss, -torch.tensor(0.5).exp())
+    assert torch.isfinite(grad).all() and grad[0, 1:].eq(0).all()
+    with pytest.raises(ValueError, match="ratio_level"):
+        PolicyLossConfig(ratio_level="seq")  # type: ignore[arg-type]

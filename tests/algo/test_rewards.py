@@ -3,7 +3,7 @@ import torch
 from torch.testing import assert_close
 
 from agpo_megatron.algo.advantages import agpo_advantages
-from agpo_megatron.algo.rewards import combine_rewards, length_reward
+from agpo_megatron.algo.rewards import combine_rewards, length_reward, overlong_penalty
 
 
 def _len_reward(correct: list[int], lengths: list[float]) -> torch.Tensor:
@@ -102,3 +102,45 @@ def test_length_reward_then_agpo_advantage_prefers_shorter_correct_answers():
 def test_invalid_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_overlong_penalty_dapo_ramp_by_hand():
+    # L_max 100, buffer 20: 0 up to 80, then -(L - 80) / 20, -1 at 100.
+    lengths = torch.tensor([[10, 80, 81, 90], [99, 100, 100, 50]])
+    r_over, m = overlong_penalty(lengths, max_new_tokens=100, buffer_tokens=20, penalty=1.0)
+    expected = torch.tensor([[0.0, 0.0, -0.05, -0.5], [-0.95, -1.0, -1.0, 0.0]])
+    assert_close(r_over, expected)
+    assert_close(m["frac_overlong_punished"], torch.tensor(5 / 8))
+    assert_close(m["overlong_penalty_mean"], expected.mean())
+    half, _ = overlong_penalty(lengths, max_new_tokens=100, buffer_tokens=20, penalty=0.5)
+    assert_close(half, 0.5 * expected)
+    with pytest.raises(ValueError, match="buffer_tokens"):
+        overlong_penalty(lengths, max_new_tokens=100, buffer_tokens=100, penalty=1.0)
+
+
+def test_length_reward_then_overlong_penalty_compose_in_that_order():
+    """r = r_acc + gamma * r_len + r_over: m2 sees accuracy and lengths only, the punishment is added after."""
+    r_acc = torch.tensor([[1.0, 1.0, 0.0]])
+    lengths = torch.tensor([[60, 95, 100]])
+    r_len, _ = length_reward(r_acc > 0.5, lengths)  # correct: 60 -> 1, 95 -> 0
+    r_over, _ = overlong_penalty(lengths, max_new_tokens=100, buffer_tokens=20, penalty=1.0)
+    total = combine_rewards(r_acc, r_len, 0.1) + r_over
+    assert_close(total, torch.tensor([[1.1, 1.0 - 0.75, 0.0 - 1.0]]))
+
+
+def test_overlong_penalty_turns_an_all_correct_group_into_a_gradient_towards_the_short_answer():
+    from agpo_megatron.algo.advantages import grpo_advantages
+    from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
+
+    r_acc = torch.tensor([[1.0, 1.0]])
+    lengths = torch.tensor([[50, 90]])  # the second is half-way down the ramp: -0.5
+    r_over, _ = overlong_penalty(lengths, max_new_tokens=100, buffer_tokens=20, penalty=1.0)
+    adv_plain, _ = grpo_advantages(r_acc)
+    adv, _ = grpo_advantages(r_acc + r_over, eps=0.0)
+    assert adv_plain.eq(0).all()
+    # rewards [1, 0.5]: mean 0.75, unbiased std sqrt(0.125) -> A = +-0.25 / 0.35355 = +-1/sqrt(2)
+    assert_close(adv, torch.tensor([[2**-0.5, -(2**-0.5)]]))
+    lp = torch.zeros(2, 1, requires_grad=True)  # one token each, on-policy
+    loss, _ = policy_loss(lp, None, adv[0], torch.ones(2, 1), PolicyLossConfig())
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert_close(grad, torch.tensor([[-(2**-0.5) / 2], [2**-0.5 / 2]]))  # descent raises the short one

@@ -193,11 +193,14 @@ def test_controller_settings_come_from_the_config(yaml_file):
 
 
 def test_drgrpo_warns_unless_its_aggregation_is_used(yaml_file, recwarn):
-    """Issue 10: Dr.GRPO is no-std advantages AND seq-mean-token-sum; the advantage alone is not Dr.GRPO."""
+    """Issues 10, 22: Dr.GRPO is no-std advantages AND the constant normaliser; the advantage alone is not Dr.GRPO."""
     with pytest.warns(UserWarning, match="algo.advantage=drgrpo with algo.loss.agg_mode=token-mean is not Dr.GRPO"):
         load_train_config(yaml_file, ["algo.advantage=drgrpo"])
+    # seq-mean-token-sum is off by the factor rollout.max_new_tokens, which optim.clip_grad sees.
+    with pytest.warns(UserWarning, match="agg_mode=seq-mean-token-sum is not Dr.GRPO"):
+        load_train_config(yaml_file, ["algo.advantage=drgrpo", "algo.loss.agg_mode=seq-mean-token-sum"])
     recwarn.clear()
-    load_train_config(yaml_file, ["algo.advantage=drgrpo", "algo.loss.agg_mode=seq-mean-token-sum"])
+    load_train_config(yaml_file, ["algo.advantage=drgrpo", "algo.loss.agg_mode=seq-mean-token-sum-norm"])
     load_train_config(yaml_file, ["algo.advantage=grpo"])
     assert not [w for w in recwarn if "drgrpo" in str(w.message)]
 
@@ -268,3 +271,45 @@ def test_adaptive_clip_needs_an_off_policy_update(yaml_file, recwarn):
     load_train_config(yaml_file, ["algo.loss.eps_high=0.28", "batch.prompts_per_update=4"])
     load_train_config(yaml_file, ["algo.loss.eps_high=0.28", "rollout.logprob_mode=rollout"])  # clips engine mismatch
     assert not [w for w in recwarn if "eps_low/eps_high" in str(w.message)]
+
+
+def test_drgrpo_norm_tokens_default_to_the_generation_budget(yaml_file):
+    over = ["algo.advantage=drgrpo", "algo.loss.agg_mode=seq-mean-token-sum-norm", "rollout.max_new_tokens=48"]
+    assert load_train_config(yaml_file, over).algo.loss.norm_tokens == 48
+    assert load_train_config(yaml_file, [*over, "algo.loss.norm_tokens=100"]).algo.loss.norm_tokens == 100
+    assert load_train_config(yaml_file, []).algo.loss.norm_tokens is None  # other modes do not use it
+    with pytest.raises(ConfigError, match="norm_tokens"):
+        load_train_config(yaml_file, [*over, "algo.loss.norm_tokens=0"])
+
+
+def test_dynamic_sampling_with_m1_is_refused_in_one_line_unless_on_purpose(yaml_file):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(yaml_file, ["algo.advantage=agpo", "algo.dynamic_sampling.enabled=true"])
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and "m1 would never act" in msg and "allow_with_m1=true" in msg
+    on_purpose = [
+        "algo.advantage=agpo",
+        "algo.dynamic_sampling.enabled=true",
+        "algo.dynamic_sampling.allow_with_m1=true",
+    ]
+    assert load_train_config(yaml_file, on_purpose).algo.dynamic_sampling.enabled
+    cfg = load_train_config(yaml_file, ["algo.advantage=grpo", "algo.dynamic_sampling.enabled=true"])
+    assert cfg.algo.dynamic_sampling.max_rollout_rounds == 3
+    with pytest.raises(ConfigError, match="algo.dynamic_sampling.max_rollout_rounds must be >= 1"):
+        load_train_config(yaml_file, ["algo.advantage=grpo", "algo.dynamic_sampling.max_rollout_rounds=0"])
+
+
+def test_overlong_settings_are_validated(yaml_file):
+    with pytest.raises(ConfigError, match=r"algo.overlong.buffer_tokens \(48\) must be below rollout.max_new_tokens"):
+        load_train_config(
+            yaml_file,
+            ["algo.overlong.soft_punishment=true", "algo.overlong.buffer_tokens=48", "rollout.max_new_tokens=48"],
+        )
+    # Unset: a fifth of the budget, DAPO's proportion (4096 of 20480).
+    assert load_train_config(yaml_file, ["rollout.max_new_tokens=48"]).algo.overlong.buffer_tokens == 9
+    with pytest.raises(ConfigError, match="algo.overlong.penalty must be >= 0"):
+        load_train_config(yaml_file, ["algo.overlong.penalty=-1"])
+    with pytest.raises(ConfigError, match="algo.loss.ratio_level"):
+        load_train_config(yaml_file, ["algo.loss.ratio_level=seq"])
+    cfg = load_train_config(yaml_file, ["algo.advantage=rloo", "algo.loss.ratio_level=sequence"])
+    assert (cfg.algo.advantage, cfg.algo.loss.ratio_level) == ("rloo", "sequence")

@@ -252,6 +252,57 @@ def test_rejects_bad_inputs(change, match):
         )
 
 
+def test_gspo_sequence_ratio_across_chunks_matches_finite_differences_and_the_plain_path():
+    """GSPO couples the tokens of a sequence; with chunks of 3 every sequence spans chunks, so a
+    per-chunk gradient (tokens of later chunks still zero) would be wrong: the two-pass design."""
+    p = problem()
+    cfg = PolicyLossConfig(ratio_level="sequence", agg_mode="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.05)
+    args = (p["targets"], p["old"], p["adv"], p["mask"], cfg)
+    kw = dict(ref_logprobs=p["ref"])
+
+    def loss_of(h):
+        return fused_policy_loss_from_hidden(h, p["weight"], *args, temperature=0.7, chunk_tokens=3, **kw)[0]
+
+    hidden = p["hidden"].clone().requires_grad_()
+    loss_of(hidden).backward()
+    # The plain path: materialised logits -> log-softmax -> policy_loss, ordinary autograd.
+    h_ref = p["hidden"].clone().requires_grad_()
+    logp = torch.log_softmax(h_ref @ p["weight"].T / 0.7, dim=-1)
+    lp = logp.gather(-1, p["targets"][..., None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    ref_loss, _ = policy_loss(lp, p["old"], p["adv"], p["mask"], cfg, entropy=ent, **kw)
+    ref_loss.backward()
+    torch.testing.assert_close(loss_of(p["hidden"]), ref_loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=1e-8, atol=1e-10)
+    eps, i = 1e-6, 4  # one central difference, on an entry of the first sequence
+    plus, minus = p["hidden"].clone(), p["hidden"].clone()
+    plus.view(-1)[i] += eps
+    minus.view(-1)[i] -= eps
+    numeric = (loss_of(plus) - loss_of(minus)) / (2 * eps)
+    torch.testing.assert_close(hidden.grad.view(-1)[i], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_gspo_packed_rows_fused_equal_plain():
+    """Packed rows (seq_ids): two sequences in row 0, one in row 1; fused (chunks of 4) vs plain."""
+    p = problem(b=2, s=8)
+    seq_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1], [2, 2, 2, 2, 2, -1, -1, -1]])
+    mask = seq_ids >= 0
+    adv = torch.tensor([[0.5] * 3 + [-1.0] * 5, [2.0] * 8], dtype=torch.float64)
+    cfg = PolicyLossConfig(ratio_level="sequence", agg_mode="seq-mean-token-mean", eps_low=0.1, eps_high=0.1)
+    common = dict(seq_ids=seq_ids, global_num_seqs=3)
+    hidden = p["hidden"].clone().requires_grad_()
+    loss, _, _, _ = fused_policy_loss_from_hidden(
+        hidden, p["weight"], p["targets"], p["old"], adv, mask, cfg, chunk_tokens=4, **common
+    )
+    loss.backward()
+    h_ref = p["hidden"].clone().requires_grad_()
+    lp = torch.log_softmax(h_ref @ p["weight"].T, dim=-1).gather(-1, p["targets"][..., None]).squeeze(-1)
+    ref, _ = policy_loss(lp, p["old"], adv, mask, cfg, **common)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=1e-8, atol=1e-10)
+
+
 # --------------------------------------------------------------------------------------------
 # 2-rank worker: TP=1 and TP=2 against vocab_parallel_logprobs + policy_loss
 

@@ -22,6 +22,9 @@ PRESETS = {
     "agpo_m1_qwen7b.yaml": ("qwen2.5-7b", [8]),
     "grpo_qwen7b.yaml": ("qwen2.5-7b", [8]),
     "agrpo_qwen7b.yaml": ("qwen2.5-7b", [8]),
+    "dapo_qwen7b.yaml": ("qwen2.5-7b", [8]),
+    "gspo_qwen7b.yaml": ("qwen2.5-7b", [8]),
+    "drgrpo_qwen7b.yaml": ("qwen2.5-7b", [8]),
     "agpo_qwen32b.yaml": ("qwen2.5-32b", [16, 32]),
     "agpo_qwen72b.yaml": ("qwen2.5-72b", [32, 64]),
     "agrpo_qwen0.5b_gsm8k.yaml": ("qwen2.5-0.5b", [2]),
@@ -158,6 +161,14 @@ def test_presets_fit_80gb(preset, capsys):
         assert agpo(["check", "--config", str(ROOT / "examples" / preset), "--world-size", str(world), *over]) == 0
         out = capsys.readouterr().out
         assert "\nok: world" in "\n" + out and "warning" not in out, out
+        assert agpo(["plan", "--config", str(ROOT / "examples" / preset), "--world-size", str(world), *over]) == 0
+        assert "DOES NOT FIT" not in capsys.readouterr().out
+
+
+def test_every_model_preset_is_checked_and_planned():
+    """A preset added to examples/ without an entry in PRESETS would skip `agpo check` and `agpo plan`."""
+    shipped = {p.name for p in (ROOT / "examples").glob("*_qwen*.yaml")}
+    assert shipped == set(PRESETS), shipped ^ set(PRESETS)
 
 
 def test_check_warns_per_phase_and_plan_says_what_to_change(capsys):

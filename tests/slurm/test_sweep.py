@@ -31,7 +31,8 @@ def test_every_task_is_a_valid_config_of_the_paper_setting(tmp_path):
     tiny_hf_config("qwen2", num_heads=4, num_kv_heads=2, num_layers=2).save_pretrained(tmp_path)
     args = sweep.parse_args(["--out", str(tmp_path / "out")])
     tasks = sweep.task_list(args)
-    assert len(tasks) == 16 and {"grpo", "agpo-m1", "agpo", "agrpo-noclip", "agrpo-G16"} <= set(tasks)
+    assert len(tasks) == 20 and {"grpo", "agpo-m1", "agpo", "agrpo-noclip", "agrpo-G16"} <= set(tasks)
+    assert {"dapo", "gspo", "rloo", "drgrpo"} <= set(tasks)
     cfgs = {}
     for name, overrides in tasks.items():
         cfgs[name] = load_train_config(
@@ -48,6 +49,17 @@ def test_every_task_is_a_valid_config_of_the_paper_setting(tmp_path):
     assert [cfgs[f"agrpo-G{g}"].algo.group_size for g in (4, 8, 16)] == [4, 8, 16]
     tiny = sweep.task_list(sweep.parse_args(["--tiny"]))
     assert list(tiny) == ["grpo", "agpo-m1", "agpo"] and all("steps=2" in o for o in tiny.values())
+    # The baselines (issue 22): each arm is its method on this base config.
+    assert cfgs["dapo"].algo.dynamic_sampling.enabled and cfgs["dapo"].algo.overlong.soft_punishment
+    assert (cfgs["dapo"].algo.loss.eps_low, cfgs["dapo"].algo.loss.eps_high) == (0.2, 0.28)
+    assert cfgs["dapo"].algo.overlong.buffer_tokens == 600  # a fifth of the preset's 3000
+    assert (cfgs["gspo"].algo.loss.ratio_level, cfgs["gspo"].algo.loss.eps_high) == ("sequence", 4e-4)
+    assert cfgs["rloo"].algo.advantage == "rloo" and not cfgs["rloo"].algo.length_reward
+    assert cfgs["drgrpo"].algo.loss.norm_tokens == 3000
+    picked = sweep.task_list(sweep.parse_args(["--tiny", "--arms", "grpo,agpo,dapo"]))
+    assert list(picked) == ["grpo", "agpo", "dapo"]
+    with pytest.raises(SystemExit, match="unknown arm 'ppo'"):
+        sweep.task_list(sweep.parse_args(["--arms", "grpo,ppo"]))
 
 
 def _run_sweep(tmp_path: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:

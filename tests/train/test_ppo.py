@@ -58,7 +58,11 @@ def test_mini_batches_are_whole_groups_with_global_counts():
                 == mini.num_response_tokens()
             )
     with pytest.raises(ValueError, match="do not split into mini-batches of 3"):
-        _split(seqs, per_update=3, dp=1, rank=0)
+        _split(seqs, per_update=3, dp=2, rank=0)
+    # Issue 22: a short rollout (dynamic sampling) ends with a shorter mini-batch, with its own counts.
+    short = _split(seqs, per_update=3, dp=1, rank=0)
+    assert [m.num_seqs for m in short] == [3, 3, 2]
+    assert short[2].num_tokens == seqs.select(range(6, 8)).num_response_tokens()
 
 
 class FakeActor:

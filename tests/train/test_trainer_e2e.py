@@ -43,6 +43,8 @@ def _demo(out: Path, *overrides: str) -> dict:
         2,
         "-m",
         "agpo_megatron.demo.run",
+        "--config",  # explicit: independent of where the demo looks for its default
+        str(ROOT / "examples" / "demo_cpu.yaml"),
         "--out",
         str(out),
         "--no-baseline",
@@ -157,3 +159,52 @@ def test_tp2_fused_loss_reference_kl_adaptive_tis_dynamic_batch_offload(tmp_path
     assert all("train/kl_ref" in r and r["train/kl_ref"] >= 0 for r in rows)
     assert all("train/tis_weight_mean" in r for r in rows)
     assert rows[1]["train/kl_coef"] != rows[0]["train/kl_coef"]  # beta_t adapted after step 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_dapo_dynamic_sampling_rounds_and_overlong_punishment_dp2(tmp_path):
+    """Issue 22 through the real loop: DAPO's rounds with vLLM awake between them, the overlong
+    punishment and filter. After 3 SFT steps the tiny model may solve nothing, so a step can keep no group:
+    it then makes no update and says so (the group arithmetic itself: tests/train/test_rollout_rounds.py)."""
+    results = _demo(
+        tmp_path,
+        "algo.advantage=grpo",
+        "algo.length_reward=false",
+        "algo.dynamic_sampling.enabled=true",
+        "algo.dynamic_sampling.max_rollout_rounds=3",
+        "algo.overlong.soft_punishment=true",
+        "algo.overlong.filter=true",
+        "batch.prompts_per_update=2",
+    )
+    rows = read_jsonl(tmp_path / "agpo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        s = {k.removeprefix("sampling/"): v for k, v in r.items() if k.startswith("sampling/")}
+        assert 1 <= s["rounds"] <= 3 and s["prompts_sampled"] == 4 * s["rounds"]
+        assert s["groups_kept"] in (0, 2, 4) and s["short_batch"] == float(s["groups_kept"] < 4)
+        assert s["rounds"] == 3 or s["groups_kept"] == 4  # stops early only when the batch is full
+        assert "overlong/frac_overlong_punished" in r
+        if s["groups_kept"]:  # every kept group is mixed: none has a zero GRPO advantage
+            assert r["adv/frac_uniform_groups"] == 0 and math.isfinite(r["train/pg_loss"])
+        assert r["train/num_updates"] == s["groups_kept"] // 2
+    assert results["eval_after"]["num_prompts"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_gspo_fused_with_overlong_punishment_dp2(tmp_path):
+    """GSPO's sequence ratio in the fused loss inside the loop (off-policy updates, so the clip can act),
+    with the overlong punishment; the entropy bonus keeps the gradient nonzero whatever the rewards."""
+    results = _demo(
+        tmp_path,
+        "algo.advantage=grpo",
+        "algo.length_reward=false",
+        "algo.loss.ratio_level=sequence",
+        "algo.loss.agg_mode=seq-mean-token-mean",
+        "algo.overlong.soft_punishment=true",
+        "algo.loss.entropy_coef=0.001",
+        "batch.prompts_per_update=2",
+    )
+    rows = _check_run(tmp_path, results)
+    assert all(r["train/num_updates"] == 2 and r["sampling/rounds"] == 1 for r in rows)

@@ -67,6 +67,19 @@ CASES = {
         temperature=0.9,
         chunk_tokens=16,
     ),
+    # GSPO (issue 22): the sequence ratio couples a sequence's tokens across chunks of 5 and 16.
+    "gspo_seq_mean": Case(
+        cfg=PolicyLossConfig(ratio_level="sequence", agg_mode="seq-mean-token-mean", eps_low=0.05, eps_high=0.05),
+        chunk_tokens=5,
+        global_counts=True,
+    ),
+    "gspo_k3_entropy_dual_clip": Case(
+        cfg=PolicyLossConfig(
+            ratio_level="sequence", kl_coef=0.05, entropy_coef=0.01, dual_clip_c=1.05, eps_low=0.05, eps_high=0.05
+        ),
+        temperature=0.8,
+        chunk_tokens=16,
+    ),
     "bf16_seq_mean_dual_clip_tis": Case(
         cfg=PolicyLossConfig(dual_clip_c=1.5, tis_cap=1.5, agg_mode="seq-mean-token-mean"),
         dtype=torch.bfloat16,
