@@ -8,7 +8,7 @@ sequence advantage `A` (GRPO / AGPO: one value per sequence, broadcast over its 
 
     pg   = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high))      PPO (Schulman 2017)
     pg   = min(pg, -A * c)                    if A < 0 and dual clip on    (Ye et al. 2020)
-    pg   = pg * min(exp(logp_old - logp_rollout), C).detach()   if TIS on  (Yao et al. 2025)
+    pg   = pg * w(logp_old, logp_rollout).detach()    rollout correction (algo/correction.py): TIS, MIS
     loss = pg + beta * KL_hat(logp, logp_ref) - alpha * H                 GRPO (Shao et al. 2024)
 
 `eps_low != eps_high` is DAPO's clip-higher (Yu et al. 2025).
@@ -64,6 +64,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from agpo_megatron.algo.aggregation import AggMode, GlobalCount, aggregate, sequence_mean
+from agpo_megatron.algo.correction import CorrectionLevel, RolloutCorrection, correction_weights
 
 __all__ = ["PolicyLossConfig", "kl_penalty", "aggregate", "sequence_mean", "policy_loss", "AggMode", "GlobalCount"]
 
@@ -118,8 +119,25 @@ class PolicyLossConfig:
 
     tis_cap: float | None = None
     """Truncated importance sampling cap `C > 0` on `exp(old_logprobs - rollout_logprobs)`.
-    When set, `rollout_logprobs` are required. None disables it. Needs `rollout.logprob_mode:
-    recompute` (the trainer config refuses `rollout`, where old == rollout log-probs and the weight is 1)."""
+    When set, `rollout_logprobs` are required, and `rollout_correction` becomes `"tis"` if it was
+    `"none"`. Needs `rollout.logprob_mode: recompute` (the trainer config refuses `rollout`, where
+    old == rollout log-probs and the weight is 1)."""
+
+    rollout_correction: RolloutCorrection = "none"
+    """Correction for the rollout engine's mismatch with the trainer (algo/correction.py): each
+    token's policy-gradient term is multiplied by a detached weight `exp(old - rollout)`,
+    truncated at `tis_cap` (`"tis"`), or zeroed outside `[mis_low, mis_high]` (`"mis"`, masked
+    importance sampling); `"none"` leaves it out. Anything but none needs `rollout_logprobs`."""
+
+    correction_level: CorrectionLevel = "token"
+    """`"token"`: each token's own weight. `"sequence"`: every token of a response gets the
+    geometric mean of its response's token weights, so a response is truncated or dropped whole."""
+
+    mis_low: float = 0.5
+    """Lower bound of the trusted weight range of `"mis"`, `>= 0`; weights below it are dropped."""
+
+    mis_high: float = 2.0
+    """Upper bound of the trusted weight range of `"mis"`, `> mis_low`; weights above it are dropped."""
 
     def __post_init__(self) -> None:
         # `not (...)` forms also reject NaN.
@@ -143,6 +161,22 @@ class PolicyLossConfig:
             raise ValueError(f"ratio_level must be one of {get_args(RatioLevel)}, got {self.ratio_level!r}")
         if self.tis_cap is not None and not self.tis_cap > 0.0:
             raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+        if self.rollout_correction not in get_args(RolloutCorrection):
+            raise ValueError(
+                f"rollout_correction must be one of {get_args(RolloutCorrection)}, got {self.rollout_correction!r}"
+            )
+        if self.correction_level not in get_args(CorrectionLevel):
+            raise ValueError(
+                f"correction_level must be one of {get_args(CorrectionLevel)}, got {self.correction_level!r}"
+            )
+        if self.tis_cap is not None and self.rollout_correction == "none":  # tis_cap alone keeps meaning TIS
+            object.__setattr__(self, "rollout_correction", "tis")
+        if self.rollout_correction == "tis" and self.tis_cap is None:
+            raise ValueError("rollout_correction='tis' needs tis_cap (the truncation C)")
+        if self.rollout_correction == "mis" and self.tis_cap is not None:
+            raise ValueError(f"tis_cap={self.tis_cap} belongs to rollout_correction='tis', not 'mis'")
+        if not (0.0 <= self.mis_low < self.mis_high):
+            raise ValueError(f"mis_low / mis_high must satisfy 0 <= low < high, got {self.mis_low} / {self.mis_high}")
 
 
 def _clamped_exp(log_ratio: torch.Tensor) -> torch.Tensor:
@@ -220,7 +254,7 @@ def policy_loss(
     policy against `old_logprobs`), `ratio_mean`, `ratio_max`, `ratio_min` (1 when there
     is no valid token; with `ratio_level="sequence"` these describe the sequence ratios, each
     counted once per token), `num_tokens` (count), and when applicable `kl_ref`, `entropy`,
-    `tis_weight_mean`.
+    `tis_weight_mean` (tis) and `rc_weight_mean`, `rc_weight_max`, `rc_masked_frac` (any rollout correction).
 
     Raises ValueError when a term is switched on but its input is missing: `kl_coef > 0`
     without `ref_logprobs`, `entropy_coef > 0` without `entropy`, `tis_cap` without
@@ -251,8 +285,8 @@ def policy_loss(
     if cfg.entropy_coef > 0 and entropy is None:
         raise ValueError(f"entropy_coef={cfg.entropy_coef} > 0 needs entropy")
     # A cap without engine log-probs would silently train without the correction it asks for.
-    if cfg.tis_cap is not None and rollout_logprobs is None:
-        raise ValueError(f"tis_cap={cfg.tis_cap} needs rollout_logprobs")
+    if cfg.rollout_correction != "none" and rollout_logprobs is None:
+        raise ValueError(f"rollout_correction={cfg.rollout_correction!r} needs rollout_logprobs")
 
     mask = mask.bool()
     if advantages.ndim == 1:
@@ -277,13 +311,22 @@ def policy_loss(
     else:
         dual_clipped = torch.zeros_like(clipped)
 
-    tis_weight = None
-    if cfg.tis_cap is not None:
+    rc_weight, rc_metrics = None, dict[str, torch.Tensor]()
+    if cfg.rollout_correction != "none":
         assert rollout_logprobs is not None  # checked with the other inputs above
-        rollout_logprobs = torch.where(mask, rollout_logprobs, 0.0)
         # A correction factor, not something to optimise: no gradient flows through it.
-        tis_weight = _clamped_exp(old_logprobs - rollout_logprobs).clamp(max=cfg.tis_cap).detach()
-        pg = pg * tis_weight
+        rc_weight, rc_metrics = correction_weights(
+            old_logprobs,
+            torch.where(mask, rollout_logprobs, 0.0),
+            mask,
+            cfg.rollout_correction,
+            level=cfg.correction_level,
+            tis_cap=cfg.tis_cap,
+            mis_low=cfg.mis_low,
+            mis_high=cfg.mis_high,
+            seq_ids=seq_ids,
+        )
+        pg = pg * rc_weight
 
     per_token = pg
     kl_ref = None
@@ -335,6 +378,8 @@ def policy_loss(
             metrics["kl_ref"] = masked_mean(kl_ref)
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy)
-        if tis_weight is not None:
-            metrics["tis_weight_mean"] = masked_mean(tis_weight)
+        if rc_weight is not None:
+            metrics.update(rc_metrics)
+            if cfg.rollout_correction == "tis":
+                metrics["tis_weight_mean"] = masked_mean(rc_weight)
     return loss, metrics

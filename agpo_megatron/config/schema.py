@@ -551,13 +551,19 @@ class TrainConfig:
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
         )
-        # With logprob_mode=rollout the old log-probs ARE the engine's, so the TIS weight
-        # min(exp(old - rollout), C) is exactly 1: TIS would be on in name only.
+        # With logprob_mode=rollout the old log-probs ARE the engine's, so the correction weight
+        # exp(old - rollout) is exactly 1: TIS or MIS would be on in name only.
+        loss = self.algo.loss
+        what = (
+            f"algo.loss.tis_cap={loss.tis_cap}"
+            if loss.tis_cap is not None
+            else f"algo.loss.rollout_correction={loss.rollout_correction}"
+        )
         _require(
-            self.algo.loss.tis_cap is None or self.rollout.logprob_mode == "recompute",
-            f"algo.loss.tis_cap={self.algo.loss.tis_cap} needs rollout.logprob_mode=recompute: with "
+            loss.rollout_correction == "none" or self.rollout.logprob_mode == "recompute",
+            f"{what} needs rollout.logprob_mode=recompute: with "
             f"rollout.logprob_mode={self.rollout.logprob_mode} the old log-probs are the engine's own, so "
-            f"the truncated importance weight is always 1",
+            f"the importance weight is always 1",
         )
         lo, hi = REWARD_RANGES[self.data.reward]
         _require(

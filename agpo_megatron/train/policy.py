@@ -175,7 +175,7 @@ class Actor:
             return dict(
                 ref_logprobs=mb.get("ref_logprobs"),
                 seq_ids=mb.get("seq_ids"),  # seq_ids: packed rows
-                rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.tis_cap else None,
+                rollout_logprobs=mb.get("rollout_logprobs") if loss_cfg.rollout_correction != "none" else None,
             )
 
         def old(mb):

@@ -79,7 +79,7 @@ class Session:
             top_k=r.top_k,
             max_new_tokens=r.max_new_tokens,
             seed=self.cfg.parallel.seed * 100_003 + step,
-            logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.tis_cap is not None,
+            logprobs=r.logprob_mode == "rollout" or self.cfg.algo.loss.rollout_correction != "none",
             stop_token_ids=self.stop_token_ids,
         )
 

@@ -366,6 +366,8 @@ def test_cases_switch_on_what_they_name(worker_out):
             assert m["pg_clipfrac_lower"] > 0, name
         if CASES[name].cfg.tis_cap is not None:
             assert abs(m["tis_weight_mean"] - 1) > 1e-3, name
+        if CASES[name].cfg.rollout_correction == "mis":
+            assert 0.1 < m["rc_masked_frac"] < 0.9, name  # both kept and dropped tokens
 
 
 @pytest.mark.slow

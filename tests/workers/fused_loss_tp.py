@@ -80,6 +80,14 @@ CASES = {
         temperature=0.8,
         chunk_tokens=16,
     ),
+    # Rollout correction (issue 21): masked importance weights per token, truncated ones per sequence.
+    "mis_token": Case(
+        cfg=PolicyLossConfig(rollout_correction="mis", mis_low=0.8, mis_high=1.25), chunk_tokens=5, global_counts=True
+    ),
+    "tis_sequence_seq_mean": Case(
+        cfg=PolicyLossConfig(tis_cap=1.02, correction_level="sequence", agg_mode="seq-mean-token-mean"),
+        chunk_tokens=16,
+    ),
     "bf16_seq_mean_dual_clip_tis": Case(
         cfg=PolicyLossConfig(dual_clip_c=1.5, tis_cap=1.5, agg_mode="seq-mean-token-mean"),
         dtype=torch.bfloat16,
@@ -117,7 +125,8 @@ def make_problem(case: Case) -> dict[str, torch.Tensor]:
 
 
 def loss_kwargs(case: Case, p: dict[str, torch.Tensor]) -> dict:
-    kw = dict(ref_logprobs=p["ref"], rollout_logprobs=p["rollout"] if case.cfg.tis_cap else None)
+    corrected = case.cfg.rollout_correction != "none"
+    kw = dict(ref_logprobs=p["ref"], rollout_logprobs=p["rollout"] if corrected else None)
     if case.global_counts:
         kw.update(global_num_tokens=p["mask"].sum() + 7, global_num_seqs=B + 2)
     return kw
