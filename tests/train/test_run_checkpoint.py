@@ -90,7 +90,7 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
     saved before the rename (batch.prompts_per_step) reads as one update per rollout."""
     from agpo_megatron.config.schema import TrainConfig
     from agpo_megatron.config.yaml_io import load_config, to_dict
-    from agpo_megatron.train.run_checkpoint import RunCheckpointer
+    from agpo_megatron.train.run_checkpoint import check_compatible
 
     def cfg(*o):
         return load_config(
@@ -106,8 +106,7 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
         )
 
     def check(saved, now):
-        me = SimpleNamespace(layout=SimpleNamespace(tp=1, pp=1), cfg=now, resume_from="ckpt/step_000001")
-        RunCheckpointer._check_compatible(me, {"layout": {"tp": 1, "pp": 1}, "config": saved})
+        check_compatible({"layout": {"tp": 1, "pp": 1}, "config": saved}, now, SimpleNamespace(tp=1, pp=1), "ckpt")
 
     old = to_dict(cfg())
     old["batch"] = {"prompts_per_step": 8, "micro_batch_size": 1, "max_tokens_per_micro_batch": None}
