@@ -74,6 +74,18 @@ def _load(args: argparse.Namespace, show_warnings: bool):
     return cfg
 
 
+def _crash_line(rank: int, e: BaseException) -> None:
+    from agpo_megatron.report.console import console, log_path
+    from agpo_megatron.runtime.launch import write_error
+
+    if log_path() is None:  # --verbose: the traceback is on the console already
+        return
+    what = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    line = f"agpo train: rank {rank} failed: {what} (traceback in {log_path()})"
+    if not write_error(line):
+        print(line, file=console(), flush=True)
+
+
 def _launch(args: argparse.Namespace) -> int:
     """`agpo train --nproc-per-node N`: validate, lock, start this node's ranks, one exit code."""
     from agpo_megatron.runtime.launch import LOCK_HELD_ENV, Supervisor
@@ -125,6 +137,11 @@ def _train(args: argparse.Namespace) -> int:
         if rank == 0:
             print(f"[agpo] {e}", file=console(), flush=True)
         exit_cleanly(EXIT_PREEMPTED)
+    except _user_errors():
+        raise  # one line, in main()
+    except Exception as e:  # a bug or a library failure: its traceback goes to the rank's log, a line here
+        _crash_line(rank, e)
+        raise
     if rank == 0:
         print(results)  # the full dict, into the log (or the terminal with --verbose)
         for key in ("eval_before", "eval_after"):

@@ -32,10 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from agpo_megatron.runtime.parallel import free_port
-from agpo_megatron.runtime.preempt import EXIT_PREEMPTED
 from agpo_megatron.runtime.watchdog import EXIT_HUNG
 
+# NOTE: not imported from runtime/preempt.py, which imports torch: a rank's error path and the
+# supervisor's tests stay light. tests/runtime/test_launch.py checks that the two agree.
+EXIT_PREEMPTED = 75
 EXIT_USER_ERROR = 2
 ERROR_DIR_ENV = "AGPO_ERROR_DIR"
 """Set by the supervisor: a rank writes its one-line error to `<dir>/rank_<RANK>.txt`."""
@@ -88,6 +89,8 @@ class Supervisor:
         """`cmd`: one rank's command line (the same for all; the rank comes from the environment)."""
         self.cmd, self.nproc, self.grace_s = cmd, nproc, grace_s
         self.nnodes, self.node_rank = nnodes, node_rank
+        from agpo_megatron.runtime.parallel import free_port
+
         self.master_addr, self.master_port = master_addr, master_port or free_port()
         self.env = {**os.environ, **(env or {})}
         self.procs: list[subprocess.Popen] = []
