@@ -11,12 +11,14 @@ schedule of the new length, so the LR jumps to that schedule's value at the save
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from agpo_megatron.config.schema import TrainConfig
 from agpo_megatron.config.yaml_io import ConfigError, to_dict
+from agpo_megatron.report.redact import redact
 from agpo_megatron.runtime.parallel import Layout
 
 
@@ -57,7 +59,8 @@ def check_compatible(st: dict[str, Any], cfg: TrainConfig, layout: Layout, path:
             f"tp={now.tp} pp={now.pp}. The optimizer state reshards over data-parallel ranks only: resume at "
             f"the saved tp/pp, or start a new run from its weights (model.init_from=megatron, checkpoint.load_dir)"
         )
-    old, new = st["config"], to_dict(cfg)
+    # As run_state.json holds it (tuples become lists, secrets masked), so equal settings compare equal.
+    old, new = st["config"], json.loads(json.dumps(redact(to_dict(cfg)), default=str))
     _check_data_order(path, old, new)
     return _check_schedule(path, cfg.optim, st, old, new)
 

@@ -144,9 +144,10 @@ def test_every_checkpoint_file_is_checksummed_and_verified(first, tmp_path):
     assert sorted(sums) == [f for f in files if f != SIDECAR]
     assert {"run_state.json", "rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(sums)
     verify_checkpoint(step, SKIP_HINT)
-    # The two silent corruptions: step_in_epoch 1 -> 3 in the run state, and one bit of an RNG file.
+    # The two silent corruptions: the sampler's position in the run state (4 prompts a step out
+    # of 256: step_in_epoch 4 after step 4), and one bit of an RNG file.
     for rel, corrupt in (
-        ("run_state.json", lambda b: b.replace(b'"step_in_epoch": 1', b'"step_in_epoch": 3')),
+        ("run_state.json", lambda b: b.replace(b'"step_in_epoch": 4', b'"step_in_epoch": 3')),
         ("rng/rank_00001.pt", lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:]),
     ):
         copy = tmp_path / rel.replace("/", "_")

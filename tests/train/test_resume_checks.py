@@ -3,6 +3,7 @@ schedule an extension continues on (train/resume_checks.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -17,11 +18,14 @@ LAYOUT = SimpleNamespace(tp=1, pp=1)
 
 def _cfg(*o: str) -> TrainConfig:
     base = ["data.train.path=x.jsonl", "data.train.answer_format=boxed", "batch.prompts_per_rollout=8"]
+    base.append("data.train.metadata_fields=[level]")  # a tuple in the config, a list in the saved JSON
     return load_config(TrainConfig, None, [*base, "batch.micro_batch_size=1", *o])
 
 
 def _check(saved: TrainConfig, now: TrainConfig, step: int = 2):
-    return check_compatible({"layout": {"tp": 1, "pp": 1}, "config": to_dict(saved), "step": step}, now, LAYOUT, "ck")
+    # The config as run_state.json holds it: JSON, so tuples (data.train.metadata_fields) come back as lists.
+    stored = json.loads(json.dumps(to_dict(saved), default=str))
+    return check_compatible({"layout": {"tp": 1, "pp": 1}, "config": stored, "step": step}, now, LAYOUT, "ck")
 
 
 @pytest.mark.parametrize(

@@ -116,3 +116,17 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
         ConfigError, match=r"different LR schedule \(batch.prompts_per_rollout / batch.prompts_per_update\)"
     ):
         check(old, cfg("batch.prompts_per_update=4"))
+
+
+def test_a_step_folder_another_run_committed_is_one_line_naming_both_runs(tmp_path):
+    """Issue 20, where the run lock cannot work (no flock): the step folder this run is about to
+    commit appeared meanwhile, written by another run."""
+    from agpo_megatron.train.run_checkpoint import RunCheckpointer
+
+    other = _step(tmp_path, 3)
+    (other / step_dirs.COMPLETE_MARKER).write_text(json.dumps({"run_id": "feedbeef0001", "step": 3}))
+    me = SimpleNamespace(save_dir=tmp_path, run_id="0123456789ab")
+    msg = RunCheckpointer._foreign(me, other)
+    assert "\n" not in msg
+    assert msg.startswith(f"{other} was written by another run (run id feedbeef0001; this run is 0123456789ab)")
+    assert f"two runs share checkpoint.save_dir={tmp_path}" in msg
