@@ -10,7 +10,8 @@ supervisor replaces torchrun for one node (or one node of several, with a static
 - it spawns `python -m agpo_megatron.cli train ...` per local rank with RANK, LOCAL_RANK,
   WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, all in one new process group;
 - SIGTERM and SIGUSR1 are forwarded to every rank (which save at the next step boundary and exit
-  75); a first SIGINT (Ctrl-C) is forwarded as SIGTERM, a second one kills the ranks;
+  75); a first SIGINT (Ctrl-C) is forwarded as SIGTERM, a second one kills the ranks; a supervisor
+  that dies (even by SIGKILL) leaves no rank behind: each gets SIGTERM (PR_SET_PDEATHSIG);
 - a rank that exits 124 (its watchdog fired: a peer is hung or stopped) gets the others killed at
   once; a rank that fails otherwise gets them killed after `GRACE_S` (peers may wait on it in a
   collective that no signal interrupts); ranks that were preempted are waited for;
@@ -71,6 +72,17 @@ def write_error(line: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (even by SIGKILL), so the ranks
+    save and stop instead of training on unsupervised (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 class Supervisor:
@@ -139,7 +151,9 @@ class Supervisor:
                 }
                 # One new process group: the terminal's Ctrl-C reaches the supervisor only, which decides.
                 group = 0 if not self.procs else self.procs[0].pid
-                self.procs.append(subprocess.Popen(self.cmd, env=env, process_group=group))
+                self.procs.append(
+                    subprocess.Popen(self.cmd, env=env, process_group=group, preexec_fn=_term_with_parent)
+                )
             codes = self._wait()
         finally:
             self._kill_all()

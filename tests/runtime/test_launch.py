@@ -119,3 +119,22 @@ def test_signals_to_the_supervisor_reach_every_rank(tmp_path, sig):
     assert proc.wait(timeout=30) == 75
     got = "SIGTERM" if sig == signal.SIGINT else sig.name
     assert sorted(p.name for p in tmp_path.glob("rank*.SIG*")) == [f"rank0.{got}", f"rank1.{got}"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_ranks_save_and_stop_when_the_supervisor_is_killed(tmp_path):
+    """kill -9 of the supervisor (OOM killer, a lost login shell) leaves no rank training unsupervised."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, RANK, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"rank{r}.ready").exists() for r in (0, 1)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while sorted(p.name for p in tmp_path.glob("rank*.SIG*")) != ["rank0.SIGTERM", "rank1.SIGTERM"]:
+        assert time.monotonic() < deadline, sorted(p.name for p in tmp_path.iterdir())
+        time.sleep(0.05)
