@@ -96,3 +96,36 @@ def test_debug_shows_the_traceback(cfg, before):
         timeout=120,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "reward_timeout_s" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_train_routes_library_logs_to_a_file_unless_verbose(cfg, tmp_path, verbose):
+    """Issue 20: `agpo train` (one process here) sends library output to out_dir/logs/rank0.log and keeps
+    its own lines on the console; `--verbose` leaves everything on the console. The error comes from
+    the start of training (the data file is checked there), after the routing."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agpo_megatron.cli",
+            "train",
+            *(["--verbose"] if verbose else []),
+            "--config",
+            str(cfg),
+            "data.train.path=/nowhere/train.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    console = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in console if line.startswith("agpo train: error:")]
+    assert len(errors) == 1 and "data.train.path='/nowhere/train.jsonl'" in errors[0]
+    assert (out / "logs" / "rank0.log").is_file() != verbose
+    if not verbose:
+        assert len(console) <= 3, console  # the config's warning and the error, no library output
