@@ -88,8 +88,11 @@ def _crash_line(rank: int, e: BaseException) -> None:
 
 def _launch(args: argparse.Namespace) -> int:
     """`agpo train --nproc-per-node N`: validate, lock, start this node's ranks, one exit code."""
+    from agpo_megatron.config.yaml_io import ConfigError
     from agpo_megatron.runtime.launch import LOCK_HELD_ENV, Supervisor
 
+    if args.nnodes > 1 and (args.master_port is None or args.master_addr == "127.0.0.1"):
+        raise ConfigError("--nnodes > 1 needs --master-addr and --master-port: every node must meet at node 0")
     cfg = _load(args, show_warnings=args.node_rank == 0)  # a bad config: one line, no rank started
     cfg.check_world(args.nproc_per_node * args.nnodes)
     if args.node_rank == 0:
@@ -122,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load(args, show_warnings=rank == 0 and not os.environ.get(LOCK_HELD_ENV))
     if rank == 0 and not os.environ.get(LOCK_HELD_ENV):
         _take_lock(cfg)
-    if not args.verbose:  # before the libraries load: their logs and warnings go to the rank's file
+    if not (args.verbose or args.debug):  # before the libraries load: their logs and warnings go to the rank's file
         route_to_file(Path(cfg.logging.out_dir) / "logs" / f"rank{rank}.log")
 
     from agpo_megatron.runtime.parallel import at_exit, exit_cleanly
@@ -147,7 +150,10 @@ def _train(args: argparse.Namespace) -> int:
         for key in ("eval_before", "eval_after"):
             if isinstance(results.get(key), dict):
                 shown = {k: v for k, v in results[key].items() if "/" not in k}
-                print(f"[agpo] {key}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()), file=console())
+                text = "  ".join(
+                    f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in shown.items()
+                )
+                print(f"[agpo] {key}: {text}", file=console())
         # `agpo compare` reads the final eval and the wall time from here.
         Path(cfg.logging.out_dir, "results.json").write_text(
             json.dumps({**results, "wall_time_s": time.time() - t0}, indent=2, default=str)
@@ -250,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--verbose",
                 action="store_true",
-                help="library logs (vLLM, Megatron, torch, warnings) on the console, not in out_dir/logs/rank*.log",
+                help="library logs (vLLM, Megatron, torch, warnings) on the console, not in out_dir/logs/rank*.log "
+                "(--debug too)",
             )
         if name in ("check", "plan"):
             p.add_argument("--world-size", type=int, required=name == "plan", default=0)
