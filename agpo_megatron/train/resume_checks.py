@@ -60,7 +60,8 @@ def check_compatible(st: dict[str, Any], cfg: TrainConfig, layout: Layout, path:
             f"the saved tp/pp, or start a new run from its weights (model.init_from=megatron, checkpoint.load_dir)"
         )
     # As run_state.json holds it (tuples become lists, secrets masked), so equal settings compare equal.
-    old, new = st["config"], json.loads(json.dumps(redact(to_dict(cfg)), default=str))
+    old = json.loads(json.dumps(st["config"], default=str))
+    new = json.loads(json.dumps(redact(to_dict(cfg)), default=str))
     _check_data_order(path, old, new)
     return _check_schedule(path, cfg.optim, st, old, new)
 
