@@ -89,8 +89,14 @@ def complete(root: Path, entries: dict[str, dict[str, Any]], skip: set[str]) -> 
     return dict(sorted(out.items()))
 
 
-def check(root: Path, rel: str, entry: dict[str, Any], sidecar: str) -> str | None:
-    """None if `root/rel` matches `entry`, else a one-line reason naming the file."""
+SKIP_CONVERTER = "--no-verify"
+"""How a converter (and `load_checkpoint(verify=False)`) skips the check; `agpo train`'s is
+`checkpoint.verify=false`."""
+
+
+def check(root: Path, rel: str, entry: dict[str, Any], sidecar: str, skip_hint: str = SKIP_CONVERTER) -> str | None:
+    """None if `root/rel` matches `entry`, else a one-line reason naming the file and how to skip
+    the check (`skip_hint`: the flag or config field of the program that loads it)."""
     path = root / rel
     if not path.is_file():
         return f"{path}: missing ({sidecar} lists it)"
@@ -102,10 +108,10 @@ def check(root: Path, rel: str, entry: dict[str, Any], sidecar: str) -> str | No
     try:
         got = file_entry(path, algo)[algo]
     except ValueError as e:
-        return f"{path}: cannot verify its {algo} checksum: {e}; or skip verification (--no-verify / verify=False)"
+        return f"{path}: cannot verify its {algo} checksum: {e}; or skip verification ({skip_hint})"
     if got != entry[algo]:
         return (
             f"{path}: checksum mismatch ({algo}): the file is corrupt or changed since it was saved; "
-            "--no-verify / verify=False loads it anyway"
+            f"{skip_hint} loads it anyway"
         )
     return None

@@ -124,23 +124,23 @@ def stored_tensors(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.d
 # ---- integrity: checksums from the sidecar, data file sizes from .metadata -----------------------
 
 
-def verify_checkpoint(path: str | Path) -> None:
+def verify_checkpoint(path: str | Path, skip_hint: str = checksums.SKIP_CONVERTER) -> None:
     """Check every file of the checkpoint against the checksums in its sidecar, in this process.
 
     A mismatch raises a one-line CheckpointError naming the file. A checkpoint saved without
     checksums (or by another tool) passes, with a one-line note on stderr.
     """
-    problems, note = _verify_share(Path(path), 0, 1)
+    problems, note = _verify_share(Path(path), 0, 1, skip_hint)
     if note:
         print(note, file=sys.stderr, flush=True)
     if problems:
         raise CheckpointError(problems[0])
 
 
-def verify_collective(path: Path) -> None:
+def verify_collective(path: Path, skip_hint: str = checksums.SKIP_CONVERTER) -> None:
     """`verify_checkpoint` over the world: each rank hashes every world-th file; all ranks raise alike."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    problems, note = _verify_share(path, rank, world)
+    problems, note = _verify_share(path, rank, world, skip_hint)
     gathered: list[list[str]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, problems)
     bad = sorted(p for g in gathered for p in g)
@@ -150,13 +150,28 @@ def verify_collective(path: Path) -> None:
         raise CheckpointError(bad[0] + (f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""))
 
 
-def _verify_share(path: Path, rank: int, world: int) -> tuple[list[str], str | None]:
+def _verify_share(path: Path, rank: int, world: int, skip_hint: str) -> tuple[list[str], str | None]:
     meta = read_meta(path)
     if meta is None or not meta.checksums:
         why = f"it has no {SIDECAR}" if meta is None else "it was saved before checksums existed"
         return [], f"note: {path}: loading without checksum verification ({why})"
     files = sorted(meta.checksums)[rank::world]
-    return [p for rel in files if (p := checksums.check(path, rel, meta.checksums[rel], SIDECAR))], None
+    return [p for rel in files if (p := checksums.check(path, rel, meta.checksums[rel], SIDECAR, skip_hint))], None
+
+
+def add_checksums(path: Path, files: list[str]) -> None:
+    """Hash `files` (relative to the checkpoint `path`, written after the sidecar: a run checkpoint's
+    RNG states and run state) into its sidecar, which is rewritten atomically. Rank 0 only."""
+    meta = read_meta(path)
+    if meta is None:
+        raise CheckpointError(f"{path}: no {SIDECAR} to add checksums to")
+    sums = dict(meta.checksums)
+    for rel in files:
+        try:
+            sums[rel] = checksums.file_entry(path / rel)
+        except OSError as e:
+            raise CheckpointError(f"{path / rel}: cannot read it back to checksum it: {e.strerror or e}") from None
+    write_meta(path, dataclasses.replace(meta, checksums=dict(sorted(sums.items()))))
 
 
 def check_sizes(path: Path, reader: FileSystemReader | None = None) -> None:

@@ -152,6 +152,12 @@ def clean_stale(save_dir: str | Path) -> list[str]:
     return removed
 
 
+def remove_tree(path: str | Path) -> None:
+    """Delete a folder this process wrote (an abandoned save); what cannot be deleted is left for
+    `clean_stale` at the next start."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def commit(tmp: str | Path, step: int, keep_last: int = 0) -> Path:
     """Steps 2-4 of the protocol for a fully written and fsynced `tmp` folder; returns step_N."""
     tmp = Path(tmp)

@@ -105,7 +105,15 @@ def save_checkpoint(
 
 
 @torch.no_grad()  # the optimizer copies into fp32 main params, which for fp32 models are the params
-def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=None, *, verify: bool = True) -> Restored:
+def load_checkpoint(
+    path: str | Path,
+    model_chunks,
+    optimizer=None,
+    scheduler=None,
+    *,
+    verify: bool = True,
+    skip_hint: str = "checkpoint.verify=false",
+) -> Restored:
     """Load `path` into this rank's model (+ optimizer, scheduler), at whatever TP/PP it runs.
 
     Collective. With `optimizer=None`, only the weights are loaded: use this for checkpoints
@@ -113,11 +121,12 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     the optimizer after loading, since Megatron's optimizer copies the weights into its fp32
     main params when it is constructed. Returns the saved `extra_state` and `step` ({} and 0 for
     a converted checkpoint). `verify`: check every file against the checksums in the sidecar
-    first (each rank hashes a share of the files); a mismatch is a CheckpointError naming the file.
+    first (each rank hashes a share of the files); a mismatch is a CheckpointError naming the file
+    and `skip_hint`, the way the caller's user skips the check.
     """
     path = require_checkpoint(path)
     if verify:
-        verify_collective(path)
+        verify_collective(path, skip_hint)
     check_sizes(path)
     if not (path / "common.pt").is_file() and _MCORE_VERSION < (0, 17):
         raise CheckpointError(

@@ -9,6 +9,7 @@ before any process group, model or vLLM engine exists.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -21,6 +22,9 @@ from agpo_megatron.data.datasets import DatasetConfig
 REWARD_RANGES: dict[str, tuple[float, float]] = {"math": (0.0, 1.0)}
 """(lowest, highest) accuracy reward of each `data.reward`. With the length reward on, an all-correct
 group still scores exactly r_max: its length reward is 0 (AGPO m2)."""
+
+FP32_MAX = 3.4028234663852886e38
+"""torch.finfo(torch.float32).max, without importing torch here."""
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -319,8 +323,19 @@ class OptimConfig:
     """fp16 only: a static loss scale; None = dynamic loss scaling."""
     initial_loss_scale: float = 65536.0
     """fp16 only: the dynamic loss scale's start (halved on every overflow, which skips that step)."""
+    override_schedule: bool = False
+    """On resume, take the LR schedule from this config (e.g. a larger `steps`) and continue it from the saved
+    optimizer step, instead of refusing a schedule that differs from the checkpoint's (Megatron-LM's
+    --override-opt_param-scheduler). A longer run whose LR does not depend on the horizon (constant) needs no flag."""
 
     def __post_init__(self) -> None:
+        # The optimizer's state and main params are fp32: a larger value is inf inside Adam (step 1's NaN).
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad", "loss_scale", "initial_loss_scale"):
+            v = getattr(self, name)
+            _require(
+                v is None or (math.isfinite(v) and abs(v) <= FP32_MAX),
+                f"optim.{name}={v} overflows float32, the optimizer's dtype (largest {FP32_MAX:.4g})",
+            )
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, lr], got {self.min_lr}")
         _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {self.clip_grad}")
@@ -491,6 +506,9 @@ class CheckpointConfig:
     'never' = always start fresh, or a path: a step folder, or a save_dir (its `latest`)."""
     keep_last: int = 0
     """Keep only the newest K step checkpoints, deleting older ones once a new one is complete (0 = keep all)."""
+    verify: bool = True
+    """Check every file of a checkpoint (weights, optimizer, RNG states, run state) against the checksums
+    in its agpo_meta.json before loading it (resume, model.init_from=megatron); false skips the check."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")

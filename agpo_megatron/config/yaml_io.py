@@ -160,4 +160,14 @@ def load_config(
             prepare(data)
         return from_dict(cls, data)
     except (ConfigError, ValueError) as e:
-        raise ConfigError(f"{path or '<overrides>'}: {e}") from None
+        raise ConfigError(_blame(str(e), path, overrides or [])) from None
+
+
+def _blame(msg: str, path: str | Path | None, overrides: list[str]) -> str:
+    """`msg` prefixed with what the bad value came from: the override that set the field it names
+    (the last one, if several did), else the file."""
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if key and (any(m in msg for m in (f"'{key}'", f"{key}=")) or msg.startswith((f"{key}:", f"{key} "))):
+            return f"override {item!r}: {msg}"
+    return f"{path or '<overrides>'}: {msg}"

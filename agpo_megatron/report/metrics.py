@@ -32,8 +32,8 @@ class PhaseTimer:
     def __init__(self, cuda: bool | None = None) -> None:
         self.cuda = torch.cuda.is_available() if cuda is None else cuda
         self.times: dict[str, float] = {}
-        self.current = "between phases"
-        """The phase running now (the hung-rank watchdog names it)."""
+        self.current = "start-up"
+        """The phase running now, or the last one finished (the hung-rank watchdog names it)."""
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -52,7 +52,11 @@ class PhaseTimer:
             self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
             # This process's CPU time (all threads): steadier than wall time on a shared CPU machine.
             self.times[f"cpu_time/{name}"] = self.times.get(f"cpu_time/{name}", 0.0) + time.process_time() - c0
-            self.current = "between phases"
+            self.current = f"after {name}"
+
+    def mark(self, name: str) -> None:
+        """Name what runs now without timing it (evaluation, checkpoint save), for the watchdog."""
+        self.current = name
 
     def pop(self) -> dict[str, float]:
         out, self.times = self.times, {}
@@ -99,6 +103,10 @@ def step_row(
     return row
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -111,11 +119,15 @@ class MetricsLogger:
         progress_bar: bool = True,
         filename: str = "metrics.jsonl",
         start_step: int = 1,
+        step_lines: bool = False,
     ):
         """`start_step`: the first step this run logs. A fresh run (1) moves an earlier run's file
         aside; a resumed one (> 1) keeps the rows of the steps before it and drops the rest, which it
-        is about to log again (they came after the checkpoint it resumes from)."""
+        is about to log again (they came after the checkpoint it resumes from). `step_lines`: without
+        a progress bar, one short line per step on the console (`agpo train`)."""
         self.enabled = enabled
+        self.total_steps = total_steps
+        self._step_lines = step_lines and not progress_bar
         self.path = Path(out_dir) / filename
         self._wandb = None
         self._bar = None
@@ -148,10 +160,23 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=step)
+        short = {k: row[k] for k in ("reward/mean", "acc/mean", "len/mean") if isinstance(row.get(k), (int, float))}
+        # One line per evaluation: its headline numbers (per-level breakdowns stay in the file).
+        evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1}
+        eval_line = f"step {step} eval: " + "  ".join(f"{k} {v:.4g}" for k, v in evals.items() if _num(v))
         if self._bar is not None:
             self._bar.update(1)
-            short = {k: row[k] for k in ("reward/mean", "acc/mean", "len/mean") if k in row}
             self._bar.set_postfix({k.split("/")[0]: f"{v:.3g}" for k, v in short.items()})
+            if evals:
+                self._bar.write(eval_line, file=self._bar.fp)
+        elif self._step_lines:
+            from agpo_megatron.report.console import console
+
+            took = sum(v for k, v in row.items() if k.startswith("time/") and _num(v))
+            parts = [f"{k.split('/')[0]} {v:.3g}" for k, v in short.items()]
+            print(f"step {step}/{self.total_steps}  " + "  ".join(parts) + f"  ({took:.1f} s)", file=console())
+            if evals:
+                print(eval_line, file=console(), flush=True)
 
     def close(self) -> None:
         if not self.enabled:

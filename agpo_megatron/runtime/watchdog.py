@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 EXIT_HUNG = 124
 """Exit code of a rank the watchdog ended (the same as `timeout(1)`'s)."""
@@ -25,12 +26,23 @@ EXIT_HUNG = 124
 
 class StepWatchdog:
     def __init__(
-        self, timeout_s: float, *, phase: Callable[[], str] = lambda: "?", rank: int = 0, poll_s: float | None = None
+        self,
+        timeout_s: float,
+        *,
+        phase: Callable[[], str] = lambda: "?",
+        rank: int = 0,
+        poll_s: float | None = None,
+        first_step: int = 1,
+        echo: TextIO | None = None,
     ):
-        """`phase()` names what the rank is doing (e.g. `PhaseTimer.current`), read when it fires."""
+        """`phase()` names what the rank is doing (e.g. `PhaseTimer.current`), read when it fires.
+        `first_step`: the step running at `start()`; each `beat()` moves to the next. `echo`: a
+        second stream for the line (the console, when stderr goes to a log file)."""
         self.timeout_s = timeout_s
         self.phase = phase
         self.rank = rank
+        self.step = first_step
+        self.echo = echo
         self.poll_s = poll_s if poll_s is not None else min(5.0, max(timeout_s / 20, 0.05))
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -46,6 +58,7 @@ class StepWatchdog:
     def beat(self) -> None:
         """A step finished: the clock restarts."""
         self._last = time.monotonic()
+        self.step += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -54,11 +67,20 @@ class StepWatchdog:
         while not self._stop.wait(self.poll_s):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
-                sys.stderr.write(
+                line = (
                     f"rank {self.rank}: no training step finished in {idle:.0f} s "
-                    f"(parallel.step_timeout_s={self.timeout_s:g}) while in phase '{self.phase()}'; "
+                    f"(parallel.step_timeout_s={self.timeout_s:g}); stuck in {self._where()}: "
                     f"a peer rank is likely hung or stopped. Exiting with code {EXIT_HUNG}.\n"
                 )
-                sys.stderr.flush()
+                # Exit now, before the peer's failure can surface here as a gloo/NCCL traceback.
+                for stream in (sys.stderr, self.echo):
+                    if stream is not None:
+                        stream.write(line)
+                        stream.flush()
                 sys.stdout.flush()
                 os._exit(EXIT_HUNG)
+
+    def _where(self) -> str:
+        """E.g. "'update' at step 7"; a phase that names its own step (a save after the beat) keeps it."""
+        phase = self.phase()
+        return f"'{phase}'" if "step" in phase else f"'{phase}' at step {self.step}"

@@ -43,7 +43,7 @@ def _build(arch: ModelArch, cfg, layout: Layout):
     elif cfg.model.init_from == "megatron":  # e.g. written by hf_to_megatron, at any TP/PP
         from agpo_megatron.checkpoint.train_state import load_checkpoint
 
-        load_checkpoint(cfg.checkpoint.load_dir, [model])
+        load_checkpoint(cfg.checkpoint.load_dir, [model], verify=cfg.checkpoint.verify)
     return model
 
 

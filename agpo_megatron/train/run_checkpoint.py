@@ -22,9 +22,14 @@ this source, never from the resumed actor.
 Departures / limits:
 - Resuming needs the saving run's TP and PP (the distributed optimizer's 'dp_reshardable' state
   reshards over DP only; see docs/checkpoints.md). RNG states are restored only at the same world size.
-- The LR schedule (optim.*, steps, algo.ppo_epochs, optimizer steps per rollout) must match:
-  Megatron's scheduler refuses a checkpoint whose schedule differs. A step is one rollout, however
-  many optimizer steps it makes (batch.prompts_per_update).
+- The LR schedule (optim.*, algo.ppo_epochs, optimizer steps per rollout) must match: Megatron's
+  scheduler refuses a checkpoint whose schedule differs. `steps` may grow (extending a finished
+  run): freely when the LR does not depend on the horizon (constant after warm-up), with
+  `optim.override_schedule=true` when it does (Megatron-LM's --override-opt_param-scheduler: the
+  schedule continues from the saved optimizer step with the new length). A step is one rollout,
+  however many optimizer steps it makes (batch.prompts_per_update).
+- A changed seed, training data or rollout size is refused (the saved data position would mean
+  other prompts).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import contextlib
 import dataclasses
 import json
 import random
-import sys
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
@@ -44,27 +49,26 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.controllers import ClipController, KLController
-from agpo_megatron.checkpoint import step_dirs
+from agpo_megatron.checkpoint import CheckpointError, step_dirs
+from agpo_megatron.checkpoint.metadata import add_checksums, verify_collective
 from agpo_megatron.config.schema import TrainConfig
 from agpo_megatron.config.yaml_io import ConfigError, to_dict
+from agpo_megatron.report.console import console
 from agpo_megatron.report.redact import redact
 from agpo_megatron.runtime import cpu_platform
 from agpo_megatron.runtime.parallel import Layout
+from agpo_megatron.train.resume_checks import check_compatible
 
 FORMAT = 1
 RNG_DIR = "rng"
-
-
-def _updates_per_rollout(batch: dict[str, Any]) -> int:
-    """From a saved config's batch section; configs saved before the rename have prompts_per_step (1)."""
-    rollout = batch.get("prompts_per_rollout", batch.get("prompts_per_step"))
-    return rollout // (batch.get("prompts_per_update") or rollout)
+SKIP_HINT = "checkpoint.verify=false"
+"""How a user of `agpo train` loads a checkpoint whose checksums do not match."""
 
 
 def say(msg: str) -> None:
-    """One line from rank 0."""
+    """One line from rank 0, on the console (also when library output goes to a log file)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[agpo] {msg}", file=sys.stderr, flush=True)
+        print(f"[agpo] {msg}", file=console(), flush=True)
 
 
 def _broadcast(obj: Any) -> Any:
@@ -112,6 +116,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _rng_file(folder: Path, rank: int) -> Path:
     return folder / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+def _read_run_state(folder: Path) -> dict[str, Any]:
+    file = folder / step_dirs.COMPLETE_MARKER
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{file}: unreadable ({e}); resume from an earlier step folder (checkpoint.resume=<path>)"
+        ) from None
 
 
 # ---- choosing what to resume from --------------------------------------------------------------
@@ -166,10 +180,16 @@ class RunCheckpointer:
         error, resume = _broadcast(plan)
         if error:
             raise ConfigError(error)
+        # Which run wrote a step folder: one that appears under save_dir while this run is going was
+        # written by another run (where the run lock cannot work, e.g. some network filesystems).
+        self.run_id: str = _broadcast(uuid.uuid4().hex[:12])
+        self._present = {p.name for p in step_dirs.complete_steps(self.save_dir)} if self.save_dir else set()
         self.resume_from = Path(resume) if resume else None
-        self.state: dict[str, Any] = (
-            json.loads((self.resume_from / step_dirs.COMPLETE_MARKER).read_text()) if self.resume_from else {}
-        )
+        self.state: dict[str, Any] = {}
+        if self.resume_from is not None:
+            if cfg.checkpoint.verify:  # every file, run state and RNG included, before any is read
+                verify_collective(self.resume_from, SKIP_HINT)
+            self.state = _read_run_state(self.resume_from)
 
     def _plan(self) -> tuple[str | None, str | None]:
         """(error, folder to resume from), decided on rank 0 and shared."""
@@ -259,9 +279,20 @@ class RunCheckpointer:
         from agpo_megatron.checkpoint.train_state import load_checkpoint
 
         st, path = self.state, self.resume_from
-        self._check_compatible(st)
-        load_checkpoint(path, self.actor.chunks, self.actor.optimizer, self.actor.scheduler)
-        self.sampler.load_state_dict(st["sampler"])
+        override, note = check_compatible(st, self.cfg, self.layout, path)
+        if note:
+            say(note)
+        if override:  # Megatron's scheduler refuses another horizon unless told to take the new one
+            self.actor.scheduler.override_opt_param_scheduler = True
+        # Verified in __init__ (with checkpoint.verify); `check_sizes` still names a truncated file.
+        load_checkpoint(path, self.actor.chunks, self.actor.optimizer, self.actor.scheduler, verify=False)
+        try:
+            self.sampler.load_state_dict(st["sampler"])
+        except ValueError as e:  # what the saved config did not pin down, e.g. the file's contents changed
+            raise ConfigError(
+                f"checkpoint.resume: {path}: the saved data position does not fit this run's data ({e}); "
+                f"resume with the saved data, or start fresh (checkpoint.resume=never, a new checkpoint.save_dir)"
+            ) from None
         for name, ctl in (("kl_ctl", self.kl_ctl), ("clip_ctl", self.clip_ctl)):
             if ctl.stateful and not st.get(name):  # a fixed controller saves {} (older runs: None)
                 raise ConfigError(f"checkpoint.resume: {path} has no adaptive {name} state (the run did not use it)")
@@ -279,26 +310,6 @@ class RunCheckpointer:
             _trim_metrics(Path(self.cfg.logging.out_dir) / "metrics.jsonl", st["step"])
         return st["step"] + 1, float(st["kl_coef"]), (float(st["eps"][0]), float(st["eps"][1]))
 
-    def _check_compatible(self, st: dict[str, Any]) -> None:
-        saved, now = st["layout"], self.layout
-        if (saved["tp"], saved["pp"]) != (now.tp, now.pp):
-            raise ConfigError(
-                f"checkpoint.resume: {self.resume_from} was saved at tp={saved['tp']} pp={saved['pp']}; this run has "
-                f"tp={now.tp} pp={now.pp}. The optimizer state reshards over data-parallel ranks only: resume at "
-                f"the saved tp/pp, or start a new run from its weights (model.init_from=megatron, checkpoint.load_dir)"
-            )
-        old, new = st["config"], to_dict(self.cfg)
-        changed = [f"optim.{k}" for k in new["optim"] if old["optim"].get(k) != new["optim"][k]]
-        changed += [k for k in ("steps",) if old[k] != new[k]]
-        changed += ["algo.ppo_epochs"] if old["algo"]["ppo_epochs"] != new["algo"]["ppo_epochs"] else []
-        if _updates_per_rollout(old["batch"]) != _updates_per_rollout(new["batch"]):
-            changed += ["batch.prompts_per_rollout / batch.prompts_per_update"]
-        if changed:
-            raise ConfigError(
-                f"checkpoint.resume: {self.resume_from} was saved with a different LR schedule "
-                f"({', '.join(changed)}); resume with the saved values"
-            )
-
     # ---- save --------------------------------------------------------------------------------
 
     def maybe_save(self, step: int, kl_coef: float, eps: tuple[float, float], *, force: bool = False) -> Path | None:
@@ -311,14 +322,19 @@ class RunCheckpointer:
         from agpo_megatron.checkpoint.train_state import save_checkpoint
 
         final = self.save_dir / step_dirs.step_name(step)
-        name = None
+        name, error = None, None
         if self.layout.rank == 0:
-            if final.exists():
+            if final.exists() and final.name not in self._present:
+                error = self._foreign(final)
+            elif final.exists():
                 say(f"{final} already exists and is never written into again: not saving step {step}")
             else:
                 name = step_dirs.tmp_name(final.name)
-                (self.save_dir / name / RNG_DIR).mkdir(parents=True)
-        name = _broadcast(name)
+                # Empty: Megatron warns "Overwriting old incomplete / corrupted checkpoint" into a non-empty one.
+                (self.save_dir / name).mkdir(parents=True)
+        name, error = _broadcast((name, error))
+        if error:
+            raise CheckpointError(error)
         if name is None:
             return final
         tmp = self.save_dir / name
@@ -333,6 +349,7 @@ class RunCheckpointer:
                 hf_dir=self.cfg.model.hf_path,
             )
         rng_file = _rng_file(tmp, self.layout.rank)
+        rng_file.parent.mkdir(exist_ok=True)  # every rank: whoever comes first creates it
         torch.save(rng_state(), rng_file)
         step_dirs.fsync_file(rng_file)
         step_dirs.kill_point("shards", step, self.layout.rank)
@@ -340,15 +357,37 @@ class RunCheckpointer:
         if self.layout.rank == 0:
             state = self._run_state(step, kl_coef, eps)
             (tmp / step_dirs.COMPLETE_MARKER).write_text(json.dumps(state, indent=1, default=str) + "\n")
+            # The sidecar covers every file: RNG states and the run state too (verified on resume).
+            rng = sorted(f"{RNG_DIR}/{f.name}" for f in (tmp / RNG_DIR).iterdir())
+            add_checksums(tmp, [*rng, step_dirs.COMPLETE_MARKER])
             step_dirs.fsync_tree(tmp)
-            step_dirs.commit(tmp, step, self.cfg.checkpoint.keep_last)
-        dist.barrier()
+            try:
+                step_dirs.commit(tmp, step, self.cfg.checkpoint.keep_last)
+                self._present.add(final.name)
+            except FileExistsError:  # another run committed this step meanwhile
+                error = self._foreign(final)
+                step_dirs.remove_tree(tmp)
+        error = _broadcast(error)  # every rank raises alike; none waits in a barrier for rank 0
+        if error:
+            raise CheckpointError(error)
         return final
+
+    def _foreign(self, folder: Path) -> str:
+        """One line for a step folder another run wrote into this run's save_dir."""
+        other = "?"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            other = json.loads((folder / step_dirs.COMPLETE_MARKER).read_text()).get("run_id", "?")
+        return (
+            f"{folder} was written by another run (run id {other}; this run is {self.run_id}) while this run "
+            f"was going: two runs share checkpoint.save_dir={self.save_dir}. Stop one; give each run its own "
+            f"save_dir and logging.out_dir"
+        )
 
     def _run_state(self, step: int, kl_coef: float, eps: tuple[float, float]) -> dict[str, Any]:
         lay = self.layout
         return {
             "format": FORMAT,
+            "run_id": self.run_id,
             "step": step,
             "sampler": self.sampler.state_dict(),
             "kl_coef": kl_coef,

@@ -35,6 +35,7 @@ from agpo_megatron.bridge.export import sync_weights
 from agpo_megatron.config.yaml_io import to_dict
 from agpo_megatron.data.datasets import PromptSampler
 from agpo_megatron.data.reward_dist import score_distributed
+from agpo_megatron.report.console import console
 from agpo_megatron.report.metrics import MetricsLogger, PhaseTimer, step_row
 from agpo_megatron.runtime import preempt
 from agpo_megatron.runtime.parallel import set_collective_timeout
@@ -80,10 +81,13 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         wandb_project=cfg.logging.wandb_project,
         progress_bar=cfg.logging.progress_bar,
         start_step=first,
+        step_lines=True,
     )
     timer, G, T = PhaseTimer(), cfg.algo.group_size, cfg.rollout.temperature
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
-    watchdog = StepWatchdog(cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank).start()
+    watchdog = StepWatchdog(
+        cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank, first_step=first, echo=console()
+    ).start()
     set_collective_timeout(cfg.parallel.step_timeout_s)  # start-up is over: no collective may wait longer
 
     def score(texts: list[str], golds: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -135,6 +139,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         next_kl = kl_ctl.update(train_m.get("kl_ref", 0.0))
         next_eps = clip_ctl.update(train_m.get("approx_kl_off_policy", 0.0))  # adaptive: config ensures 2+ updates
         stop = preempt.requested()  # collective: every rank stops after the same step
+        timer.mark(f"checkpoint save of step {step}")  # what a hang here is named by the watchdog
         saved = ckpt.maybe_save(step, next_kl, next_eps, force=stop)
 
         with timer("weight_sync"):
@@ -150,6 +155,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             train=train_m,
         ) | batching.padding_summary(minis)
         if cfg.eval_due(step):
+            timer.mark("evaluate")
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
         log.log(step, row)  # the beta and eps this step used
         kl_coef, eps = next_kl, next_eps

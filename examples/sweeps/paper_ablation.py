@@ -1,7 +1,7 @@
 """The AGPO paper's comparisons, the baselines (DAPO, GSPO, RLOO, Dr.GRPO) and A-GRPO's ablations as one
 nemo-run experiment, then `agpo compare` (one table, one row per task).
 
-    # one machine: tasks run one after another, each under torchrun
+    # one machine: tasks run one after another, each `agpo train --nproc-per-node N` (its exit code kept)
     python examples/sweeps/paper_ablation.py --executor local --nproc 8
     # a Slurm cluster, from a login node (LocalTunnel) or from a laptop (SSH tunnel):
     python examples/sweeps/paper_ablation.py --executor slurm --account ACCT --partition PART
@@ -18,7 +18,9 @@ in its own venv: scripts/setup_cpu.sh makes .venv-launch with only that extra's 
 script with that venv's python and point --python at the training venv.
 
 Every task is `PYTHON -m agpo_megatron.cli train --config BASE <overrides>` over one base config
-(examples/agpo_qwen7b.yaml, or examples/tiny_cpu.yaml with --tiny). On Slurm each task is one
+(examples/agpo_qwen7b.yaml, or examples/tiny_cpu.yaml with --tiny). Locally it runs with
+`--nproc-per-node N`: agpo's own launcher starts the ranks, forwards signals and exits 75/124/2
+(torchrun would exit 1 for all of them). On Slurm each task is one
 sbatch job, one srun task per GPU, ranks mapped from SLURM_* by agpo_megatron/runtime/parallel.py; the job
 asks for `--signal=USR1@120` and `--requeue`, and nemo-run requeues it on a non-zero exit while
 `--retries` allows (a preempted trainer exits 75 after saving; checkpoint.resume defaults to auto).
@@ -153,9 +155,8 @@ def executor(args: argparse.Namespace, run):
     if args.gpus_per_node == 0:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if args.executor == "local":
-        # torchrun comes from the training venv (the launcher runs `torchrun` from PATH).
-        env["PATH"] = f"{Path(args.python).parent}{os.pathsep}{os.environ['PATH']}"
-        return run.LocalExecutor(ntasks_per_node=args.nproc, launcher="torchrun", env_vars=env)
+        # One process per task: `agpo train --nproc-per-node` (main) starts the ranks itself.
+        return run.LocalExecutor(ntasks_per_node=1, env_vars=env)
     if args.ssh_host:
         # Submits from this machine over SSH; REPO and PYTHON must be paths on the cluster.
         tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.remote_dir or "nemo_run")
@@ -192,10 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with run.Experiment(args.title, log_level="WARN") as exp:
         for name, overrides in tasks.items():
-            # Under torchrun the launcher supplies `python -m`; under srun the interpreter is explicit.
-            entry = "python" if args.executor == "local" else args.python
+            # Locally agpo's launcher starts the ranks; on Slurm srun does (one task per GPU).
+            launch = ["--nproc-per-node", str(args.nproc)] if args.executor == "local" else []
             script = run.Script(
-                path="agpo_megatron.cli", args=["train", "--config", base, *overrides], m=True, entrypoint=entry
+                path="agpo_megatron.cli",
+                args=["train", *launch, "--config", base, *overrides],
+                m=True,
+                entrypoint=args.python,
             )
             exp.add(script, executor=executor(args, run), name=name)
         # Local: one task at a time (they share the machine). Slurm: all queued at once, no afterok

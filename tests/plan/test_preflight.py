@@ -60,6 +60,10 @@ def test_a_good_config_reports_its_data(capsys, cfg):
         ("data.reward_step_budget_s=0", "data.reward_step_budget_s must be > 0"),
         ("data.train.max_prompt_tokens=5", "data.train (.*): 0 of 8 prompts kept; dropped 8 longer"),
         ("model.init_from=megatron", "checkpoint.load_dir"),
+        # issue 20: a float the optimizer's fp32 cannot hold; an override is blamed, not the file
+        ("optim.lr=1e39", r"override 'optim.lr=1e39': optim.lr=1e\+39 overflows float32"),
+        ("optim.clip_grad=.inf", "override 'optim.clip_grad=.inf': optim.clip_grad=inf overflows float32"),
+        ("optim.lrr=1e-5", r"override 'optim.lrr=1e-5': unknown config field\(s\) \['optim.lrr'\]"),
     ],
 )
 def test_bad_settings_fail_in_one_line(capsys, cfg, override, needle):
@@ -80,21 +84,48 @@ def test_unwritable_save_dir_is_found_before_training(capsys, cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_debug_shows_the_traceback(cfg):
+@pytest.mark.parametrize("before", [True, False], ids=["before", "after"])
+def test_debug_shows_the_traceback(cfg, before):
+    """`--debug` before the subcommand and after it (issue 20)."""
+    args = ["check", "--config", str(cfg), "data.reward_timeout_s=-1"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agpo_megatron.cli",
-            "--debug",
-            "check",
-            "--config",
-            str(cfg),
-            "data.reward_timeout_s=-1",
-        ],
+        [sys.executable, "-m", "agpo_megatron.cli", *(["--debug", *args] if before else [*args, "--debug"])],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "reward_timeout_s" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_train_routes_library_logs_to_a_file_unless_verbose(cfg, tmp_path, verbose):
+    """Issue 20: `agpo train` (one process here) sends library output to out_dir/logs/rank0.log and keeps
+    its own lines on the console; `--verbose` leaves everything on the console. The error comes from
+    the start of training (the data file is checked there), after the routing."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agpo_megatron.cli",
+            "train",
+            *(["--verbose"] if verbose else []),
+            "--config",
+            str(cfg),
+            "data.train.path=/nowhere/train.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    console = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in console if line.startswith("agpo train: error:")]
+    assert len(errors) == 1 and "data.train.path='/nowhere/train.jsonl'" in errors[0]
+    assert (out / "logs" / "rank0.log").is_file() != verbose
+    if not verbose:
+        assert len(console) <= 3, console  # the config's warning and the error, no library output

@@ -61,6 +61,7 @@ def test_checkpoint_run_state_config_is_redacted(monkeypatch, tmp_path):
         kl_ctl=FixedKLController(0.0),
         clip_ctl=FixedClipController(0.2, 0.2),
         reference_source=None,
+        run_id="0123456789ab",
         layout=Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0),
     )
     state = RunCheckpointer._run_state(fake, 3, 0.0, (0.2, 0.2))

@@ -226,6 +226,18 @@ def straight(tiny, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+def test_a_finished_run_extends_exactly(tiny, straight, tmp_path):
+    """Issue 20: a run trained to steps=2 continues to steps=4 (a constant LR needs no flag) exactly as
+    the run planned at 4 steps: the same metrics, weights, optimizer state and RNG."""
+    _train(tiny, tmp_path, "steps=2")
+    ranks = Ranks(tiny, tmp_path, f"steps={STEPS}")
+    assert ranks.wait() == [0, 0], ranks.log()[-6000:]
+    assert f"extending the run from steps=2 to steps={STEPS} (the LR schedule is unchanged)" in ranks.log()
+    assert_same_run(tmp_path, straight)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_preempted_run_saves_exits_75_and_resumes_exactly(tiny, straight, tmp_path):
     # save_interval=0: only the last step is a save step, so the checkpoint below is the preemption's.
     ranks = Ranks(tiny, tmp_path)

@@ -90,7 +90,7 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
     saved before the rename (batch.prompts_per_step) reads as one update per rollout."""
     from agpo_megatron.config.schema import TrainConfig
     from agpo_megatron.config.yaml_io import load_config, to_dict
-    from agpo_megatron.train.run_checkpoint import RunCheckpointer
+    from agpo_megatron.train.run_checkpoint import check_compatible
 
     def cfg(*o):
         return load_config(
@@ -106,8 +106,7 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
         )
 
     def check(saved, now):
-        me = SimpleNamespace(layout=SimpleNamespace(tp=1, pp=1), cfg=now, resume_from="ckpt/step_000001")
-        RunCheckpointer._check_compatible(me, {"layout": {"tp": 1, "pp": 1}, "config": saved})
+        check_compatible({"layout": {"tp": 1, "pp": 1}, "config": saved}, now, SimpleNamespace(tp=1, pp=1), "ckpt")
 
     old = to_dict(cfg())
     old["batch"] = {"prompts_per_step": 8, "micro_batch_size": 1, "max_tokens_per_micro_batch": None}
@@ -117,3 +116,17 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
         ConfigError, match=r"different LR schedule \(batch.prompts_per_rollout / batch.prompts_per_update\)"
     ):
         check(old, cfg("batch.prompts_per_update=4"))
+
+
+def test_a_step_folder_another_run_committed_is_one_line_naming_both_runs(tmp_path):
+    """Issue 20, where the run lock cannot work (no flock): the step folder this run is about to
+    commit appeared meanwhile, written by another run."""
+    from agpo_megatron.train.run_checkpoint import RunCheckpointer
+
+    other = _step(tmp_path, 3)
+    (other / step_dirs.COMPLETE_MARKER).write_text(json.dumps({"run_id": "feedbeef0001", "step": 3}))
+    me = SimpleNamespace(save_dir=tmp_path, run_id="0123456789ab")
+    msg = RunCheckpointer._foreign(me, other)
+    assert "\n" not in msg
+    assert msg.startswith(f"{other} was written by another run (run id feedbeef0001; this run is 0123456789ab)")
+    assert f"two runs share checkpoint.save_dir={tmp_path}" in msg
