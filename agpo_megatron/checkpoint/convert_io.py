@@ -36,7 +36,7 @@ from agpo_megatron.checkpoint.storage import (
     sharded_sd_metadata,
     view_of,
 )
-from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.runtime import cpu_platform
 

@@ -17,7 +17,8 @@ from agpo_megatron.models.hf_config import ModelArch, llama3_inv_freq
 from agpo_megatron.runtime import cpu_platform
 
 if TYPE_CHECKING:
-    from agpo_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
+    from agpo_megatron.config.model import ModelConfig, ParallelConfig
+    from agpo_megatron.config.schema import OptimConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """`ModelConfig.params_dtype` names -> torch dtypes (also the rollout engine's `dtype`)."""

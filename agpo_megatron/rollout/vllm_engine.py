@@ -57,7 +57,8 @@ from agpo_megatron.rollout.base import Completion, SamplingConfig
 from agpo_megatron.rollout.replicas import ReplicaLayout, gather_completions, request_seed, split_prompts
 
 if TYPE_CHECKING:
-    from agpo_megatron.config.schema import ModelConfig, RolloutConfig
+    from agpo_megatron.config.model import ModelConfig
+    from agpo_megatron.config.schema import RolloutConfig
 
 LogprobMode = Literal["recompute", "rollout"]
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from agpo_megatron.config.schema import OffloadConfig
+from agpo_megatron.config.model import OffloadConfig
 from agpo_megatron.runtime import pinned
 
 

@@ -92,9 +92,10 @@ def test_every_field_has_a_docstring():
     import ast
     import inspect
 
-    from agpo_megatron.config import schema as config
+    from agpo_megatron.config import algo, model, schema
 
-    tree = ast.parse(inspect.getsource(config))
+    tree = ast.Module(body=[n for m in (schema, model, algo) for n in ast.parse(inspect.getsource(m)).body])
+    assert {"TrainConfig", "ModelConfig", "AlgoConfig"} <= {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         body = cls.body
         for i, node in enumerate(body):

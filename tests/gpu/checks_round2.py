@@ -75,7 +75,7 @@ def run_save_peak_memory(ctx: Ctx) -> None:
 
     from agpo_megatron.algo.loss import PolicyLossConfig
     from agpo_megatron.checkpoint.train_state import save_checkpoint
-    from agpo_megatron.config.schema import OffloadConfig
+    from agpo_megatron.config.model import OffloadConfig
     from agpo_megatron.runtime import parallel
     from agpo_megatron.train.colocate import Colocation
     from agpo_megatron.train.offload import ActorMemory

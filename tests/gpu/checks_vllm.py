@@ -103,7 +103,7 @@ def run_vllm(ctx: Ctx) -> None:
     from agpo_megatron.bridge.export import sync_weights
     from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
     from agpo_megatron.bridge.names import hf_names
-    from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+    from agpo_megatron.config.model import ModelConfig, ParallelConfig
     from agpo_megatron.data.synthetic import build_tokenizer
     from agpo_megatron.models import build
     from agpo_megatron.models.hf_config import read_arch

@@ -194,7 +194,9 @@ def tiny_cfg(ctx: Ctx, *, spec: str = "local", fp8: str | None = None, fused_los
     (so a renamed or newly required field fails here, in the dry-run)."""
     from types import SimpleNamespace
 
-    from agpo_megatron.config.schema import AlgoConfig, ModelConfig, OptimConfig, ParallelConfig
+    from agpo_megatron.config.algo import AlgoConfig
+    from agpo_megatron.config.model import ModelConfig, ParallelConfig
+    from agpo_megatron.config.schema import OptimConfig
 
     return SimpleNamespace(
         model=ModelConfig(init_from="random", spec=spec, params_dtype=ctx.dtype_name, fp8=fp8, max_seq_len=256),

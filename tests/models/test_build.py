@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from agpo_megatron.config.schema import ModelConfig
+from agpo_megatron.config.model import ModelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import UnsupportedModelError, arch_from_hf_dict
 from agpo_megatron.models.tiny import tiny_hf_config

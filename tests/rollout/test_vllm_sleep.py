@@ -10,7 +10,8 @@ import types
 
 import pytest
 
-from agpo_megatron.config.schema import ModelConfig, RolloutConfig
+from agpo_megatron.config.model import ModelConfig
+from agpo_megatron.config.schema import RolloutConfig
 from agpo_megatron.rollout import vllm_engine
 from agpo_megatron.rollout.base import SamplingConfig
 from agpo_megatron.rollout.vllm_engine import VLLMEngine

@@ -192,7 +192,8 @@ def test_sampling_config_validates():
 
 
 def test_from_config_maps_the_rollout_and_model_sections(monkeypatch):
-    from agpo_megatron.config.schema import ModelConfig, RolloutConfig
+    from agpo_megatron.config.model import ModelConfig
+    from agpo_megatron.config.schema import RolloutConfig
     from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
     seen = {}

@@ -3,16 +3,9 @@
 import torch
 from torch.testing import assert_close
 
-from agpo_megatron.config.schema import (
-    AlgoConfig,
-    BatchConfig,
-    DataConfig,
-    DynamicSamplingConfig,
-    ModelConfig,
-    OverlongConfig,
-    RolloutConfig,
-    TrainConfig,
-)
+from agpo_megatron.config.algo import AlgoConfig, DynamicSamplingConfig, OverlongConfig
+from agpo_megatron.config.model import ModelConfig
+from agpo_megatron.config.schema import BatchConfig, DataConfig, RolloutConfig, TrainConfig
 from agpo_megatron.data.datasets import DatasetConfig, Example
 from agpo_megatron.rollout.base import Completion, SamplingConfig
 from agpo_megatron.train.batch import split_mini_batches

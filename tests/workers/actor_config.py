@@ -2,16 +2,9 @@
 
 from pathlib import Path
 
-from agpo_megatron.config.schema import (
-    AlgoConfig,
-    BatchConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    RolloutConfig,
-    TrainConfig,
-)
+from agpo_megatron.config.algo import AlgoConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
+from agpo_megatron.config.schema import BatchConfig, DataConfig, OptimConfig, RolloutConfig, TrainConfig
 from agpo_megatron.data.datasets import DatasetConfig
 
 

@@ -28,7 +28,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from agpo_megatron.bridge.hf_io import HFCheckpointReader
 from agpo_megatron.checkpoint.metadata import SIDECAR, read_meta, stored_tensors
 from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
-from agpo_megatron.config.schema import OptimConfig, ParallelConfig
+from agpo_megatron.config.model import ParallelConfig
+from agpo_megatron.config.schema import OptimConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.cpu_platform import megatron_scope

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
-from agpo_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
+from agpo_megatron.config.schema import OptimConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.cpu_platform import megatron_scope

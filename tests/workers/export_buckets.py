@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from agpo_megatron.bridge.export import iter_hf_buckets
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
-from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel

@@ -22,7 +22,7 @@ from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
 from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.checkpoint.storage import sharded_sd_metadata
 from agpo_megatron.checkpoint.train_state import load_checkpoint, save_checkpoint
-from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel

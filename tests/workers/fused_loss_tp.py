@@ -205,7 +205,7 @@ def run_capture(tie: bool, tp: int) -> dict:
     """Reference (model logits -> vocab_parallel_logprobs -> policy_loss) vs fused on captured
     hidden states, on one randomly initialised tiny GPTModel: logits and every parameter's grad."""
     from agpo_megatron.algo.loss import policy_loss
-    from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+    from agpo_megatron.config.model import ModelConfig, ParallelConfig
     from agpo_megatron.models import build
     from agpo_megatron.models.forward import causal_mask, vocab_parallel_logprobs
     from agpo_megatron.models.hf_config import arch_from_hf_dict

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from agpo_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
+from agpo_megatron.config.schema import OptimConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.cpu_platform import megatron_scope

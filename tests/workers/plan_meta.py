@@ -16,7 +16,7 @@ import sys
 import torch
 from megatron.core import parallel_state as mpu
 
-from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
-from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
 from agpo_megatron.models import build
 from agpo_megatron.models.forward import causal_mask, packed_causal_mask
 from agpo_megatron.models.sdpa_attention import SDPADotProductAttention

@@ -8,7 +8,7 @@ mask (on CUDA: the memory-efficient kernel instead of flash, issue 18). Prints
 
 import torch
 
-from agpo_megatron.config.schema import ModelConfig, ParallelConfig
+from agpo_megatron.config.model import ModelConfig, ParallelConfig
 from agpo_megatron.models import build, forward
 from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 from tests.gpu.common import tiny_arch

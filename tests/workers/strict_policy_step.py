@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from agpo_megatron.algo.loss import PolicyLossConfig
-from agpo_megatron.config.schema import AlgoConfig
+from agpo_megatron.config.algo import AlgoConfig
 from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 from agpo_megatron.train.policy import Actor
