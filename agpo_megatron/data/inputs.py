@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-GENERATOR_VERSION = 1
-"""Bump when a generator's output changes, so stale cache entries are not reused."""
+GENERATOR_VERSION = 2
+"""Bump when a generator's output changes, so stale cache entries are not reused (2: the tiny
+model's tokenizer moved into its own folder, `tokenizer/`)."""
 
 SYNTHETIC_TASKS = ("arith",)
 _ARITH_DEFAULTS = {"n": 4000, "seed": 0, "max_difficulty": 1}

@@ -55,11 +55,10 @@ def shortest_format_tokens(run_dir: Path) -> float:
     import random
     import re
 
-    from transformers import AutoTokenizer
-
     from agpo_megatron.data.synthetic import Problem, make_solution
+    from agpo_megatron.models.hf_config import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    tok = load_tokenizer(run_dir / "model")
     counts = []
     for line in (run_dir / "eval.jsonl").read_text().splitlines():
         question = json.loads(line)["question"].removesuffix("=")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from agpo_megatron.config.schema import TrainConfig
 from agpo_megatron.data.datasets import Example, load_examples, report_drops
 from agpo_megatron.evals.evaluate import evaluate
-from agpo_megatron.models.hf_config import ModelArch, read_arch
+from agpo_megatron.models.hf_config import ModelArch, load_tokenizer, read_arch
 from agpo_megatron.plan.preflight import check_paths
 from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig, model_stop_token_ids
 from agpo_megatron.runtime.parallel import Layout, init_distributed, init_model_parallel
@@ -35,8 +35,6 @@ class Session:
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> Session:
-        from transformers import AutoTokenizer
-
         from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
         check_paths(cfg)  # missing files / unwritable dirs: one line now, not an error after start-up
@@ -46,7 +44,7 @@ class Session:
         layout = init_model_parallel(
             cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s
         )
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        tokenizer = load_tokenizer(cfg.model.hf_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train, stats = load_examples(cfg.data.train, tokenizer)
         report = [report_drops(stats, "data.train", cfg.data.train, cfg.data.max_drop_frac)]
