@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo_cpu.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo_cpu.yaml"
 
 
 def prepare(out: Path, *, seed: int, n_train: int, n_eval: int, max_difficulty: int) -> None:
