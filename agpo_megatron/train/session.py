@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from agpo_megatron.config.schema import TrainConfig
 from agpo_megatron.data.datasets import Example, load_examples, report_drops
-from agpo_megatron.evals.evaluate import evaluate
+from agpo_megatron.evals.evaluate import Analyze, EvalMode, evaluate_modes
 from agpo_megatron.models.hf_config import ModelArch, load_tokenizer, read_arch
 from agpo_megatron.plan.preflight import check_paths
 from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig, model_stop_token_ids
@@ -32,6 +32,12 @@ class Session:
     rollout: RolloutEngine
     stop_token_ids: tuple[int, ...] = ()
     """Every token that ends a response (the tokenizer's EOS and all generation_config eos ids)."""
+    eval_modes: tuple[EvalMode, ...] = ()
+    """How `evaluate` samples the held-out set; empty: once, as `rollout.eval_temperature/eval_n` say
+    (the demo sets greedy and sampled)."""
+    analyze: Analyze | None = None
+    """The task's per-response measures (e.g. the steps task's reasoning and waste tokens): logged per
+    step as `task/<name>` (mean over the step's responses) and in every evaluation."""
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> Session:
@@ -92,11 +98,19 @@ class Session:
             logprobs=False,
             stop_token_ids=self.stop_token_ids,
         )
-        return evaluate(
+        return evaluate_modes(
             self.rollout,
             self.eval_examples,
+            self.eval_modes or (EvalMode("", r.eval_temperature, r.eval_n),),
             sampling,
-            n=r.eval_n,
             timeout_s=self.cfg.data.reward_timeout_s,
             budget_s=self.cfg.data.reward_step_budget_s,
+            analyze=self.analyze,
         )
+
+    def task_metrics(self, texts: list[str]) -> dict[str, float]:
+        """Means of `analyze` over one step's responses (empty without a task analyzer)."""
+        if self.analyze is None or not texts:
+            return {}
+        per = [self.analyze(t) for t in texts]
+        return {k: sum(m[k] for m in per) / len(per) for k in per[0]}
