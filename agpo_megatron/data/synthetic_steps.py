@@ -30,6 +30,7 @@ from agpo_megatron.data.synthetic import Problem, count_tokens, make_problem
 
 __all__ = [
     "COMBINATIONS",
+    "OPERANDS",
     "WASTE_LEVELS",
     "analyze",
     "forced_prefix",
@@ -45,7 +46,8 @@ COMBINATIONS = tuple((steps, waste) for steps in (True, False) for waste in WAST
 """(steps present, waste units): the 8 cells the warm start sees in equal shares."""
 _PHRASES = ("ok let me see", "hmm let me think", "well now")
 _RESTATE = "restate"
-_DIFFICULTIES = (1, 2)  # 3 or 4 operands (synthetic.make_problem: difficulty d has d + 2)
+OPERANDS = (3,)
+"""Operands per problem (2-4; `make_split(operands=...)`)."""
 
 _EQUATION = re.compile(r"\d+[+-]\d+=\d+")
 """A step: computed (it carries a result)."""
@@ -73,20 +75,20 @@ def forced_prefix(problem: Problem, *, steps: bool, waste: list[str]) -> str:
     return " ".join([*waste, head])
 
 
-def _problems(rng: random.Random, n: int, exclude: set[str]) -> list[Problem]:
+def _problems(rng: random.Random, n: int, exclude: set[str], operands: tuple[int, ...]) -> list[Problem]:
     out = []
     while len(out) < n:
-        p = make_problem(rng, rng.choice(_DIFFICULTIES))
+        p = make_problem(rng, rng.choice(operands) - 2)
         if p.question not in exclude:
             out.append(p)
     return out
 
 
-def _held_out(seed: int, n: int) -> list[Problem]:
+def _held_out(seed: int, n: int, operands: tuple[int, ...]) -> list[Problem]:
     """The first `n` distinct questions of the held-out stream of `seed` (a prefix is a subset)."""
     rng, seen, out = random.Random(f"steps-held-out-{seed}"), set(), []
     while len(out) < n:
-        p = make_problem(rng, rng.choice(_DIFFICULTIES))
+        p = make_problem(rng, rng.choice(operands) - 2)
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)
@@ -107,7 +109,7 @@ def _row(problem: Problem, rng: random.Random, steps: bool, waste: int) -> dict[
 
 
 def make_split(
-    n_train: int, n_eval: int, seed: int, *, n_held_out: int | None = None
+    n_train: int, n_eval: int, seed: int, *, n_held_out: int | None = None, operands: tuple[int, ...] = OPERANDS
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training rows and held-out rows, deterministic in `seed`; no question is in both.
 
@@ -120,9 +122,11 @@ def make_split(
     n_held_out = n_eval if n_held_out is None else n_held_out
     if n_eval > n_held_out:
         raise ValueError(f"n_eval ({n_eval}) must be <= n_held_out ({n_held_out})")
-    held = _held_out(seed, n_held_out)
+    if not operands or any(not 2 <= k <= 4 for k in operands):
+        raise ValueError(f"operands must be in [2, 4], got {operands}")
+    held = _held_out(seed, n_held_out, operands)
     rng = random.Random(f"steps-train-{seed}")
-    train_problems = _problems(rng, n_train, {p.question for p in held})
+    train_problems = _problems(rng, n_train, {p.question for p in held}, operands)
     rows = []
     for problems in (train_problems, held[:n_eval]):
         cells = [COMBINATIONS[i % len(COMBINATIONS)] for i in range(len(problems))]

@@ -46,14 +46,16 @@ EVAL_MODES = (("greedy", 0.0, 1), ("sampled", 1.0, 4))
 (pass@1 = the mean over samples, which does not flip all or nothing like greedy)."""
 
 
-def prepare(out: Path, *, task: str, seed: int, n_train: int, n_eval: int, max_difficulty: int) -> None:
+def prepare(
+    out: Path, *, task: str, seed: int, n_train: int, n_eval: int, max_difficulty: int, operands: tuple[int, ...]
+) -> None:
     """Rank 0 writes tokenizer + random model + synthetic data (the other ranks wait)."""
     from agpo_megatron.data import synthetic, synthetic_steps
     from agpo_megatron.models.inputs import write_tiny_model
 
     write_tiny_model(out / "model", "qwen2", seed=seed)  # the model `tiny:qwen2` names in a config
     if task == "steps":
-        train, held = synthetic_steps.make_split(n_train, n_eval, seed)
+        train, held = synthetic_steps.make_split(n_train, n_eval, seed, operands=operands)
         synthetic.write_jsonl(train, out / "train.jsonl")
         synthetic.write_jsonl(held, out / "eval.jsonl")
         return
@@ -117,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arms", default="grpo,agpo", help=f"RL runs from the same warm start, in order ({sorted(ARMS)})")
     p.add_argument("--max-difficulty", type=int, default=1, help="arith: 0: a+b, 1: up to 3 operands, 2: up to 4")
+    p.add_argument("--operands", default="3", help="steps: operands per problem, e.g. 3 or 3,4")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -162,6 +165,7 @@ def _run(args: argparse.Namespace, out: Path) -> None:
             n_train=args.n_train,
             n_eval=args.n_eval,
             max_difficulty=args.max_difficulty,
+            operands=tuple(int(k) for k in args.operands.split(",")),
         )
     dist.barrier()
     paths = [
