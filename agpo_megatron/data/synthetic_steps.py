@@ -47,12 +47,12 @@ COMBINATIONS = tuple((steps, waste) for steps in (True, False) for waste in WAST
 _PHRASES = ("ok let me see", "hmm let me think", "well now")
 _RESTATE = "restate"
 OPERANDS = (3,)
-"""Operands per problem (2-4; `make_split(operands=...)`)."""
+"""Operands per problem (3 or 4; `make_split(operands=...)`)."""
 
 _EQUATION = re.compile(r"\d+[+-]\d+=\d+")
 """A step: computed (it carries a result)."""
-_RESTATED = re.compile(r"\d+(?:[+-]\d+)+=")
-"""A restated question: copied (no result after `=`)."""
+_RESTATED = re.compile(r"\d+(?:[+-]\d+){2,}=")
+"""A restated question (3+ operands): copied, no result after `=`; an unfinished step (`7+5=`) is not."""
 _FILLER = frozenset(w for phrase in _PHRASES for w in phrase.split())
 
 
@@ -122,8 +122,8 @@ def make_split(
     n_held_out = n_eval if n_held_out is None else n_held_out
     if n_eval > n_held_out:
         raise ValueError(f"n_eval ({n_eval}) must be <= n_held_out ({n_held_out})")
-    if not operands or any(not 2 <= k <= 4 for k in operands):
-        raise ValueError(f"operands must be in [2, 4], got {operands}")
+    if not operands or any(not 3 <= k <= 4 for k in operands):
+        raise ValueError(f"operands must be 3 or 4 (a restated 2-operand question reads as a step), got {operands}")
     held = _held_out(seed, n_held_out, operands)
     rng = random.Random(f"steps-train-{seed}")
     train_problems = _problems(rng, n_train, {p.question for p in held}, operands)

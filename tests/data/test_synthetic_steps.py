@@ -1,0 +1,57 @@
+"""The steps task: balanced cells, held-out disjoint from training, and the reasoning/waste split."""
+
+import collections
+
+import pytest
+
+from agpo_megatron.data.answer_match import score
+from agpo_megatron.data.synthetic import build_tokenizer, count_tokens
+from agpo_megatron.data.synthetic_steps import COMBINATIONS, analyze, forced_prefix, make_split, problem_of
+
+
+def test_split_is_balanced_disjoint_and_deterministic():
+    train, held = make_split(800, 64, seed=3, operands=(3, 4))
+    assert collections.Counter((r["steps"], r["waste"]) for r in train) == {c: 100 for c in COMBINATIONS}
+    assert not {r["question"] for r in train} & {r["question"] for r in held}
+    assert len({r["question"] for r in held}) == 64
+    assert (train, held) == make_split(800, 64, seed=3, operands=(3, 4))
+    # A smaller held-out set at the same seed is a prefix: still disjoint from this training set.
+    _, small = make_split(8, 16, seed=3, operands=(3, 4), n_held_out=64)
+    assert [r["question"] for r in small] == [r["question"] for r in held[:16]]
+    assert {r["level"] for r in held} == {2, 3}
+
+
+def test_every_solution_is_correct_and_holds_its_cell():
+    train, _ = make_split(64, 8, seed=0, operands=(3, 4))
+    for r in train:
+        assert score(r["solution"], r["answer"]).correct
+        a = analyze(r["solution"])
+        assert a["steps_present"] == float(r["steps"])
+        assert (a["waste_tokens"] > 0) == (r["waste"] > 0)
+        assert a["reasoning_tokens"] + a["waste_tokens"] + a["other_tokens"] == count_tokens(r["solution"])
+
+
+def test_analyze_hand_worked():
+    # "ok let me see " = 4 words + 4 spaces = 8 tokens; "7+5-3= " restated = 7; "7+5=12 " = 7;
+    # "12-3=9 " = 7; "\boxed{9}" = 3 (other).
+    a = analyze("ok let me see 7+5-3= 7+5=12 12-3=9 \\boxed{9}")
+    assert a == {"reasoning_tokens": 14.0, "waste_tokens": 15.0, "other_tokens": 3.0, "steps_present": 1.0}
+    assert analyze("\\boxed{9}") == {
+        "reasoning_tokens": 0.0,
+        "waste_tokens": 0.0,
+        "other_tokens": 3.0,
+        "steps_present": 0.0,
+    }
+    assert analyze("zzz 7+5=")["other_tokens"] == 8.0  # made-up text and an unfinished step: neither
+
+
+def test_forced_prefixes():
+    p = problem_of("7+5-3=")
+    assert forced_prefix(p, steps=True, waste=["well now"]) == "well now 7+5="
+    assert forced_prefix(p, steps=False, waste=[]) == "\\boxed{"
+
+
+@pytest.mark.parametrize("text", ["hmm let me think 7+5-3= 7+5=12 12-3=9 \\boxed{9}", "ok well now see think"])
+def test_count_tokens_is_the_tokenizer(tmp_path, text):
+    tok = build_tokenizer(tmp_path)
+    assert count_tokens(text) == len(tok.encode(text, add_special_tokens=False))
