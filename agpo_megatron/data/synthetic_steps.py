@@ -46,7 +46,7 @@ COMBINATIONS = tuple((steps, waste) for steps in (True, False) for waste in WAST
 """(steps present, waste units): the 8 cells the warm start sees in equal shares."""
 _PHRASES = ("ok let me see", "hmm let me think", "well now")
 _RESTATE = "restate"
-OPERANDS = (3,)
+OPERANDS = (3, 4)
 """Operands per problem (3 or 4; `make_split(operands=...)`)."""
 
 _EQUATION = re.compile(r"\d+[+-]\d+=\d+")

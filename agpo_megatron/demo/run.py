@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=str(EXAMPLE))
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=None, help="warm-start steps (default: steps 600, arith 300)")
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument(
@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arms", default="grpo,agpo", help=f"RL runs from the same warm start, in order ({sorted(ARMS)})")
     p.add_argument("--max-difficulty", type=int, default=1, help="arith: 0: a+b, 1: up to 3 operands, 2: up to 4")
-    p.add_argument("--operands", default="3", help="steps: operands per problem, e.g. 3 or 3,4")
+    p.add_argument("--operands", default="3,4", help="steps: operands per problem, 3 and/or 4")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -155,6 +155,8 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     from agpo_megatron.train.trainer import train
 
     arms = parse_arms(args.arms) if args.baseline else ["agpo"]
+    if args.sft_steps is None:  # the steps task's design check needs 600 (docs/demo.md)
+        args.sft_steps = 600 if args.task == "steps" else 300
     t0 = time.time()
     init_distributed()
     if dist.get_rank() == 0:
