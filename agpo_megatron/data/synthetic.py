@@ -248,7 +248,9 @@ def build_tokenizer(out_dir: str | Path) -> "PreTrainedTokenizerFast":
 
     Files written: `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`,
     so `AutoTokenizer.from_pretrained(out_dir)` and vLLM load it with transformers 4.x or 5.x
-    (hence `tokenizer_class: PreTrainedTokenizerFast`, the name both understand). Encoding
+    (hence `tokenizer_class: PreTrainedTokenizerFast`, the name both understand), as long as
+    `out_dir` holds no model config.json: transformers 5 replaces the tokenizer of a qwen2
+    folder by Qwen2Tokenizer. A model keeps it in `tokenizer/` (`models.hf_config.tokenizer_path`). Encoding
     prepends `<bos>`; EOS is `<|endoftext|>` and is never added automatically.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors

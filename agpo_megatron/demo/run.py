@@ -1,22 +1,26 @@
-"""The CPU demo: a tiny model learns arithmetic, then AGPO makes its answers shorter.
+"""The CPU demo: a tiny model learns a task, then AGPO and a GRPO baseline train it from the same start.
 
-    torchrun --nproc-per-node 2 -m agpo_megatron.demo.run [--out runs/demo] [dotted.key=value ...]
+    torchrun --nproc-per-node 2 -m agpo_megatron.demo.run [--out runs/demo] [--task steps|arith]
+        [--arms grpo,agpo] [dotted.key=value ...]
 
-1. Build a tiny Qwen2-shaped model (head dim 32, vLLM's CPU minimum) and an offline tokenizer.
+1. Build a tiny Qwen2-shaped model (head dim 32, vLLM's CPU minimum) with the task's word-level
+   tokenizer in its own folder (`model/tokenizer/`, see `models.hf_config.tokenizer_path`).
 2. Warm-start it with a short supervised phase (`train/sft.py`, this package's loop on the Megatron
-   actor) on correct solutions of deliberately varied verbosity: some answer in two steps, some
-   re-check every step. So the warm policy writes correct answers of very different lengths.
-3. RL with AGPO (m1 + m2) through vLLM rollouts and Megatron updates. The length reward only
-   fires in groups that mix right and wrong answers; at the warm start's 80-90% accuracy a group
-   of 16 is mixed far more often than a group of 8, hence G=16 x 8 prompts (a weaker warm start
-   would mix groups too, but then most groups are all wrong and m1's -1 derails AGPO;
-   docs/demo.md). A GRPO run from the same warm start, on the same prompts, is the baseline:
-   shorter answers also err less, so some shortening comes from accuracy alone.
-4. Print the table: greedy pass@1 and mean response tokens on 512 held-out problems, before RL
-   and after each run, and the fraction of AGPO's groups where the length reward fired.
+   actor). The default task, `steps` (`data/synthetic_steps.py`), trains on solutions that hold the
+   intermediate steps (reasoning that helps) or not, and 0-3 units of waste (copied, never
+   computed), all 8 combinations in equal shares. A design check follows on the warm start
+   (`demo/design.py`): accuracy with every cell forced, to show that the steps matter and the
+   waste does not, before any RL. `--task arith` is the earlier task (verbosity by repeated
+   arithmetic), kept as an option.
+3. RL, one run per arm (`ARMS`: label and config overrides), each from the same warm-start weights
+   on the same prompts: GRPO (the baseline) and AGPO (m1 + m2). vLLM rollouts, Megatron updates.
+   The trainer logs the steps task's reasoning tokens, waste tokens and step presence per step.
+4. Print the tables: held-out pass@1 and tokens (split into reasoning and waste), greedy and
+   sampled (T=1, n=4; pass@1 = the mean over samples), before RL and after each arm, and the
+   fraction of AGPO's groups where the length reward fired.
 
-Library logs go to OUT/logs/rank*.log (`--verbose`: on the console); `agpo demo --seeds 0-4`
-runs several seeds (`demo/seeds.py`).
+Library logs go to OUT/logs/rank*.log (`--verbose`: on the console); `agpo demo --seeds 0-7`
+runs several seeds (`demo/seeds.py`, statistics in `demo/summary.py`).
 """
 
 from __future__ import annotations
