@@ -18,6 +18,7 @@ def test_short_steps_demo_logs_the_token_split(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "agpo_megatron.cli", "demo", "--out", str(out), "--sft-steps", "4"]
     cmd += ["--n-train", "64", "--n-eval", "8", "steps=2", "batch.prompts_per_rollout=2", "algo.group_size=4"]
+    cmd += ["batch.micro_batch_size=4"]
     proc = subprocess.run(cmd, env=env, timeout=900, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
