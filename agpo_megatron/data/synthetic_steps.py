@@ -140,13 +140,18 @@ def problem_of(question: str) -> Problem:
     return Problem(tuple(int(x) for x in re.findall(r"\d+", question)), tuple(re.findall(r"[+-]", question)))
 
 
-def analyze(text: str) -> dict[str, float]:
+def analyze(text: str, num_tokens: int | None = None) -> dict[str, float]:
     """Split a response (decoded text, EOS excluded) into reasoning, waste and other tokens.
 
     A whitespace-separated chunk is reasoning when it is an equation with a result (`12-3=9`),
     waste when it is a filler word or a restated expression without a result (`7+5-3=`), and
     other otherwise (the box, or anything the model made up). A chunk's trailing whitespace counts
     with it. `steps_present`: 1.0 when the response holds at least one equation.
+
+    `num_tokens`: the response's generated length (EOS included); then other = the rest, so the
+    three add up to it exactly. Re-tokenizing decoded text can differ from what was generated
+    (a word token glued to letters, `xme`, re-reads as letters), but never inside an equation or a
+    filler word written as such.
     """
     out = {"reasoning_tokens": 0.0, "waste_tokens": 0.0, "other_tokens": 0.0, "steps_present": 0.0}
     lead = len(text) - len(text.lstrip())
@@ -160,4 +165,6 @@ def analyze(text: str) -> dict[str, float]:
             out["waste_tokens"] += n
         else:
             out["other_tokens"] += n
+    if num_tokens is not None:
+        out["other_tokens"] = num_tokens - out["reasoning_tokens"] - out["waste_tokens"]
     return out

@@ -20,8 +20,9 @@ from agpo_megatron.data.datasets import Example
 from agpo_megatron.data.reward_dist import score_distributed
 from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig
 
-Analyze = Callable[[str], dict[str, float]]
-"""A task's per-response measures: decoded response text -> named numbers (averaged over responses)."""
+Analyze = Callable[[str, int], dict[str, float]]
+"""A task's per-response measures: (decoded response text, generated tokens) -> named numbers
+(averaged over responses)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def evaluate(
         [c.text for _, _, c in flat], [ex.gold for _, ex, _ in flat], timeout_s=timeout_s, budget_s=budget_s
     )
     rows = [
-        (p, r, len(c.token_ids), c.finish_reason == "length", analyze(c.text) if analyze else {})
+        (p, r, len(c.token_ids), c.finish_reason == "length", analyze(c.text, len(c.token_ids)) if analyze else {})
         for (p, _, c), r in zip(flat, r_acc.tolist())
     ]
     levels = [ex.metadata.get(level_field) for ex in examples]

@@ -108,9 +108,9 @@ class Session:
             analyze=self.analyze,
         )
 
-    def task_metrics(self, texts: list[str]) -> dict[str, float]:
+    def task_metrics(self, completions: list[Any]) -> dict[str, float]:
         """Means of `analyze` over one step's responses (empty without a task analyzer)."""
-        if self.analyze is None or not texts:
+        if self.analyze is None or not completions:
             return {}
-        per = [self.analyze(t) for t in texts]
+        per = [self.analyze(c.text, len(c.token_ids)) for c in completions]
         return {k: sum(m[k] for m in per) / len(per) for k in per[0]}

@@ -43,6 +43,8 @@ def test_analyze_hand_worked():
         "steps_present": 0.0,
     }
     assert analyze("zzz 7+5=")["other_tokens"] == 8.0  # made-up text and an unfinished step: neither
+    # With the generated length (here 2 more: a glued word re-read as letters, say), other is the rest.
+    assert analyze("well now 7+5=12 \\boxed{12}", 21)["other_tokens"] == 21 - 7 - 4
 
 
 def test_forced_prefixes():
