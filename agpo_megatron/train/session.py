@@ -108,9 +108,28 @@ class Session:
             analyze=self.analyze,
         )
 
-    def task_metrics(self, completions: list[Any]) -> dict[str, float]:
-        """Means of `analyze` over one step's responses (empty without a task analyzer)."""
+    def task_metrics(self, completions: list[Any], correct: list[bool] | None = None) -> dict[str, float]:
+        """Means of `analyze` over one step's responses (empty without a task analyzer).
+
+        With `correct` (one verdict per completion) and a task that measures steps and waste, also
+        the accuracy of three kinds of response: with steps and waste (`acc_steps_waste`), with steps
+        and no waste (`acc_steps_no_waste`), without steps (`acc_no_steps`); a kind absent from the
+        step is left out. Whether waste changes correctness while sampling is then measured, not assumed.
+        """
         if self.analyze is None or not completions:
             return {}
         per = [self.analyze(c.text, len(c.token_ids)) for c in completions]
-        return {k: sum(m[k] for m in per) / len(per) for k in per[0]}
+        out = {k: sum(m[k] for m in per) / len(per) for k in per[0]}
+        if correct is not None and {"waste_tokens", "steps_present"} <= set(per[0]):
+            kinds: dict[str, list[bool]] = {"acc_steps_waste": [], "acc_steps_no_waste": [], "acc_no_steps": []}
+            for m, ok in zip(per, correct, strict=True):
+                kind = (
+                    "acc_no_steps"
+                    if not m["steps_present"]
+                    else "acc_steps_waste"
+                    if m["waste_tokens"]
+                    else "acc_steps_no_waste"
+                )
+                kinds[kind].append(ok)
+            out |= {k: sum(v) / len(v) for k, v in kinds.items() if v}
+        return out

@@ -157,7 +157,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             len_reward=len_m,
             reward=reward_m,
             train=train_m,
-            task=s.task_metrics(completions),  # e.g. reasoning vs waste tokens (the demo's steps task)
+            task=s.task_metrics(completions, (r_acc.flatten() > 0.5).tolist()),  # the demo's steps task
         ) | batching.padding_summary(minis)
         if cfg.eval_due(step):
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
