@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if task == "steps":
         from agpo_megatron.demo.summary import summarize_steps, verdict_steps
 
-        table, summary = summarize_steps(results)
+        table, summary = summarize_steps(results, {s: out / f"seed{s}" for s in seeds})
         stats, lines = summary["stats"], verdict_steps(summary["stats"])
         per_seed = summary["per_seed"]
     else:

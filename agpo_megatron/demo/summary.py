@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 # t(0.975, df) for df = 1..30: the 95% two-sided Student quantiles (any statistics table).
@@ -37,7 +38,21 @@ def stats(vals: list[float]) -> dict[str, float]:
     }
 
 
-def _seed_row(r: dict[str, Any]) -> dict[str, float]:
+def waste_accuracy_gap(run_dir: Path) -> float:
+    """Mean over training steps of (accuracy of responses with steps and no waste) minus (with steps
+    and waste), in points, from a run's metrics.jsonl; NaN when not logged. Positive: waste costs
+    accuracy while sampling, so accuracy alone rewards cutting it."""
+    from agpo_megatron.report.jsonl import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return float("nan")
+    keys = ("task/acc_steps_no_waste", "task/acc_steps_waste")
+    gaps = [100 * (r[keys[0]] - r[keys[1]]) for r in read_jsonl(path) if all(k in r for k in keys)]
+    return sum(gaps) / len(gaps) if gaps else float("nan")
+
+
+def _seed_row(r: dict[str, Any], run_dir: Path | None = None) -> dict[str, float]:
     runs = r["runs"]
     warm, grpo, agpo = runs["AGPO"]["eval_before"], runs["GRPO"]["eval_after"], runs["AGPO"]["eval_after"]
     row: dict[str, float] = {"m2_groups": r.get("frac_m2_groups") or float("nan")}
@@ -47,6 +62,8 @@ def _seed_row(r: dict[str, Any]) -> dict[str, float]:
                 row[f"{mode}/{name}/{k}"] = ev[f"{mode}/{k}"]
         row[f"{mode}/ratio"] = row[f"{mode}/agpo/mean_tokens"] / row[f"{mode}/grpo/mean_tokens"]
         row[f"{mode}/diff"] = 100 * (row[f"{mode}/agpo/pass@1"] - row[f"{mode}/grpo/pass@1"])
+    for arm in ("grpo", "agpo"):
+        row[f"{arm}/waste_acc_gap"] = waste_accuracy_gap(run_dir / arm) if run_dir else float("nan")
     d = r.get("design") or {}
     row["design/steps_effect"] = d.get("steps_effect", float("nan"))
     row["design/waste_effect"] = max(d.get("waste_effect", {"-": float("nan")}).values())
@@ -68,9 +85,13 @@ HEAD = (
 )
 
 
-def summarize_steps(results: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """The Markdown table (sampled evaluation; greedy beside) and the statistics over seeds."""
-    rows = {seed: _seed_row(r) for seed, r in sorted(results.items())}
+def summarize_steps(
+    results: dict[int, dict[str, Any]], dirs: dict[int, Path] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The Markdown table (sampled evaluation; greedy beside) and the statistics over seeds.
+    `dirs`: each seed's run folder, for what only the metrics hold (the waste accuracy gap)."""
+    dirs = dirs or {}
+    rows = {seed: _seed_row(r, dirs.get(seed)) for seed, r in sorted(results.items())}
     lines = ["| " + " | ".join(HEAD) + " |", "|---:|" + "---:|" * (len(HEAD) - 1)]
 
     def toks(x: dict[str, float], arm: str) -> str:
@@ -131,6 +152,16 @@ def verdict_steps(st: dict[str, Any]) -> list[str]:
     def ok(cond: bool) -> str:
         return "met" if cond else "NOT met"
 
+    gap = st.get("grpo/waste_acc_gap")
+    gap_line = (
+        [
+            f"- waste while sampling (GRPO's training rollouts with steps, mean over steps): accuracy without "
+            f"waste minus with waste {gap['mean']:+.1f} points (seeds with the metric: {gap['n']}, min "
+            f"{gap['min']:+.1f}, max {gap['max']:+.1f}); positive means accuracy alone rewards cutting waste"
+        ]
+        if gap
+        else []
+    )
     return [
         f"- mean token ratio <= 0.75 with the CI's upper end < 0.90: {r['mean']:.3f}, 95% CI (t) "
         f"[{r['ci95_t'][0]:.3f}, {r['ci95_t'][1]:.3f}] ({ok(r['mean'] <= 0.75 and r['ci95_t'][1] < 0.90)})",
@@ -142,4 +173,5 @@ def verdict_steps(st: dict[str, Any]) -> list[str]:
         f"- design check (warm start, greedy, forced cells): steps effect {st['design/steps_effect']['mean']:+.1f} "
         f"points (min {st['design/steps_effect']['min']:+.1f}; target >= 30), largest waste effect "
         f"{st['design/waste_effect']['mean']:.1f} points (max {st['design/waste_effect']['max']:.1f})",
+        *gap_line,
     ]
