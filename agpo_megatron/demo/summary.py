@@ -38,17 +38,19 @@ def stats(vals: list[float]) -> dict[str, float]:
     }
 
 
-def waste_accuracy_gap(run_dir: Path) -> float:
-    """Mean over training steps of (accuracy of responses with steps and no waste) minus (with steps
-    and waste), in points, from a run's metrics.jsonl; NaN when not logged. Positive: waste costs
-    accuracy while sampling, so accuracy alone rewards cutting it."""
+def waste_accuracy_gap(run_dir: Path, steps: int = 10) -> float:
+    """Mean over the first `steps` training steps of (accuracy of responses with steps and no waste)
+    minus (with steps and waste), in points, from a run's metrics.jsonl; NaN when not logged.
+    Positive: waste costs accuracy while sampling, so accuracy alone rewards cutting it. Only the
+    first steps: later, few responses carry waste and the step's figure is a handful of samples."""
     from agpo_megatron.report.jsonl import read_jsonl
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return float("nan")
     keys = ("task/acc_steps_no_waste", "task/acc_steps_waste")
-    gaps = [100 * (r[keys[0]] - r[keys[1]]) for r in read_jsonl(path) if all(k in r for k in keys)]
+    rows = [r for r in read_jsonl(path) if "step" in r and r["step"] <= steps]
+    gaps = [100 * (r[keys[0]] - r[keys[1]]) for r in rows if all(k in r for k in keys)]
     return sum(gaps) / len(gaps) if gaps else float("nan")
 
 
@@ -155,7 +157,7 @@ def verdict_steps(st: dict[str, Any]) -> list[str]:
     gap = st.get("grpo/waste_acc_gap")
     gap_line = (
         [
-            f"- waste while sampling (GRPO's training rollouts with steps, mean over steps): accuracy without "
+            f"- waste while sampling (GRPO's training rollouts with steps, mean over steps 1-10): accuracy without "
             f"waste minus with waste {gap['mean']:+.1f} points (seeds with the metric: {gap['n']}, min "
             f"{gap['min']:+.1f}, max {gap['max']:+.1f}); positive means accuracy alone rewards cutting waste"
         ]

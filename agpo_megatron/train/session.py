@@ -132,4 +132,10 @@ class Session:
                 )
                 kinds[kind].append(ok)
             out |= {k: sum(v) / len(v) for k, v in kinds.items() if v}
+            # How often responses carry waste, with and without steps: waste that goes with skipping
+            # the steps costs accuracy through that choice, even when a forced cell shows none.
+            for steps, key in ((1.0, "waste_frac_with_steps"), (0.0, "waste_frac_without_steps")):
+                had = [m["waste_tokens"] > 0 for m in per if m["steps_present"] == steps]
+                if had:
+                    out[key] = sum(had) / len(had)
         return out
