@@ -38,20 +38,29 @@ def stats(vals: list[float]) -> dict[str, float]:
     }
 
 
-def waste_accuracy_gap(run_dir: Path, steps: int = 10) -> float:
-    """Mean over the first `steps` training steps of (accuracy of responses with steps and no waste)
-    minus (with steps and waste), in points, from a run's metrics.jsonl; NaN when not logged.
-    Positive: waste costs accuracy while sampling, so accuracy alone rewards cutting it. Only the
-    first steps: later, few responses carry waste and the step's figure is a handful of samples."""
+def early_gap(run_dir: Path, a: str, b: str, steps: int = 10) -> float:
+    """Mean over the first `steps` training steps of metric `a` minus metric `b`, in points, from a
+    run's metrics.jsonl; NaN when not logged. Only the first steps: later, few responses carry
+    waste, and a figure about them is a handful of samples."""
     from agpo_megatron.report.jsonl import read_jsonl
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return float("nan")
-    keys = ("task/acc_steps_no_waste", "task/acc_steps_waste")
-    rows = [r for r in read_jsonl(path) if "step" in r and r["step"] <= steps]
-    gaps = [100 * (r[keys[0]] - r[keys[1]]) for r in rows if all(k in r for k in keys)]
-    return sum(gaps) / len(gaps) if gaps else float("nan")
+    rows = [r for r in read_jsonl(path) if "step" in r and r["step"] <= steps and a in r and b in r]
+    return sum(100 * (r[a] - r[b]) for r in rows) / len(rows) if rows else float("nan")
+
+
+def waste_accuracy_gap(run_dir: Path, steps: int = 10) -> float:
+    """Accuracy of responses with steps and no waste minus with steps and waste (steps 1-10, points).
+    Positive: waste costs accuracy while sampling, so accuracy alone rewards cutting it."""
+    return early_gap(run_dir, "task/acc_steps_no_waste", "task/acc_steps_waste", steps)
+
+
+def waste_steps_gap(run_dir: Path, steps: int = 10) -> float:
+    """Share of responses with waste among those without steps minus among those with steps (steps
+    1-10, points). Positive: waste goes with skipping the steps, which costs accuracy."""
+    return early_gap(run_dir, "task/waste_frac_without_steps", "task/waste_frac_with_steps", steps)
 
 
 def _seed_row(r: dict[str, Any], run_dir: Path | None = None) -> dict[str, float]:
@@ -66,6 +75,7 @@ def _seed_row(r: dict[str, Any], run_dir: Path | None = None) -> dict[str, float
         row[f"{mode}/diff"] = 100 * (row[f"{mode}/agpo/pass@1"] - row[f"{mode}/grpo/pass@1"])
     for arm in ("grpo", "agpo"):
         row[f"{arm}/waste_acc_gap"] = waste_accuracy_gap(run_dir / arm) if run_dir else float("nan")
+        row[f"{arm}/waste_steps_gap"] = waste_steps_gap(run_dir / arm) if run_dir else float("nan")
     d = r.get("design") or {}
     row["design/steps_effect"] = d.get("steps_effect", float("nan"))
     row["design/waste_effect"] = max(d.get("waste_effect", {"-": float("nan")}).values())
@@ -164,6 +174,13 @@ def verdict_steps(st: dict[str, Any]) -> list[str]:
         if gap
         else []
     )
+    ws = st.get("grpo/waste_steps_gap")
+    if ws:
+        gap_line.append(
+            f"- waste and skipping the steps (GRPO, steps 1-10): share of responses with waste among those "
+            f"without steps minus among those with steps {ws['mean']:+.1f} points (seeds with the metric: "
+            f"{ws['n']}, min {ws['min']:+.1f}, max {ws['max']:+.1f})"
+        )
     return [
         f"- mean token ratio <= 0.75 with the CI's upper end < 0.90: {r['mean']:.3f}, 95% CI (t) "
         f"[{r['ci95_t'][0]:.3f}, {r['ci95_t'][1]:.3f}] ({ok(r['mean'] <= 0.75 and r['ci95_t'][1] < 0.90)})",
