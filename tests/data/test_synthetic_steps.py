@@ -57,3 +57,19 @@ def test_forced_prefixes():
 def test_count_tokens_is_the_tokenizer(tmp_path, text):
     tok = build_tokenizer(tmp_path)
     assert count_tokens(text) == len(tok.encode(text, add_special_tokens=False))
+
+
+def test_synthetic_steps_spec_is_disjoint_and_checked(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from agpo_megatron.data.inputs import resolve_dataset
+
+    monkeypatch.setenv("AGPO_CACHE_DIR", str(tmp_path))
+    train = Path(resolve_dataset("synthetic:steps?n=80&seed=2&n_held_out=16"))
+    held = Path(resolve_dataset("synthetic:steps?n=16&seed=2&held_out=1&n_held_out=16"))
+    rows = {p: [json.loads(line) for line in p.read_text().splitlines()] for p in (train, held)}
+    assert len(rows[train]) == 80 and len(rows[held]) == 16
+    assert not {r["question"] for r in rows[train]} & {r["question"] for r in rows[held]}
+    with pytest.raises(ValueError, match="n <= n_held_out"):
+        resolve_dataset("synthetic:steps?n=32&held_out=1&n_held_out=16", "data.eval.path")
