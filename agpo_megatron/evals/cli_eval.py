@@ -10,7 +10,8 @@ Several models give one side-by-side table, with the % change of tokens (and the
 points) against the first model: OUT/eval.md and OUT/eval.json. Every input is checked before any
 engine starts (a missing model, an unreadable data file, a level field absent when asked for:
 one line naming it). Each model runs in its own torchrun job on `--tp` ranks (`evals/run_one.py`),
-so one engine's memory is gone before the next starts.
+so one engine's memory is gone before the next starts; every sample lands in
+OUT/models/<i>.responses.jsonl (text, tokens, reward, gold).
 """
 
 from __future__ import annotations

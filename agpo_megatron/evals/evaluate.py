@@ -88,8 +88,11 @@ def evaluate(
     budget_s: float | None = None,
     analyze: Analyze | None = None,
     level_field: str = "level",
+    responses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Generate `n` samples per example, grade them with the training grader, and `summarize`.
+
+    `responses`: a list to append every sample to (prompt index, text, tokens, reward, finish reason).
 
     Collective when a process group exists (every rank calls it with the same examples): the ranks
     split the answer checks and all report the same numbers.
@@ -105,6 +108,11 @@ def evaluate(
         (p, r, len(c.token_ids), c.finish_reason == "length", analyze(c.text, len(c.token_ids)) if analyze else {})
         for (p, _, c), r in zip(flat, r_acc.tolist())
     ]
+    if responses is not None:
+        responses += [
+            {"prompt": p, "text": c.text, "tokens": len(c.token_ids), "reward": r, "finish": c.finish_reason}
+            for (p, _, c), r in zip(flat, r_acc.tolist())
+        ]
     levels = [ex.metadata.get(level_field) for ex in examples]
     out = summarize(rows, n, levels if any(lv is not None for lv in levels) else None)
     out["formatted"] = formatted.float().mean().item()

@@ -49,9 +49,12 @@ def main(argv: list[str] | None = None) -> None:
         stop_token_ids=model_stop_token_ids(hf_dir, tok.eos_token_id),
     )
     level = job["data"]["metadata_fields"][0] if job["data"]["metadata_fields"] else "level"
-    metrics = evaluate(engine, examples, sampling, n=job["n"], level_field=level)
+    responses: list[dict] = []
+    metrics = evaluate(engine, examples, sampling, n=job["n"], level_field=level, responses=responses)
     if layout.rank == 0:
         Path(job["out"]).write_text(json.dumps({"metrics": metrics, "dropped": dropped}, indent=2))
+        with Path(job["out"]).with_suffix(".responses.jsonl").open("w") as f:  # every sample, to read
+            f.writelines(json.dumps({**r, "gold": examples[r["prompt"]].gold}) + "\n" for r in responses)
     exit_cleanly(0)
 
 

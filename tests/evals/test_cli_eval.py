@@ -103,5 +103,8 @@ def test_agpo_eval_hf_folder_and_megatron_checkpoint(tmp_path):
     assert {"pass@1", "pass@2", "mean_tokens_wrong", "truncated", "level2/pass@1", "level3/mean_tokens"} <= set(a)
     for k in ("pass@1", "mean_tokens", "truncated", "level2/mean_tokens", "level3/mean_tokens"):
         assert a[k] == b[k], k  # same weights, same per-request seeds: identical, so the checkpoint loaded whole
+    # The samples themselves: the same text, token for token, from the folder and from the checkpoint.
+    texts = [[json.loads(line)["text"] for line in (out / "models" / f"{i}.responses.jsonl").open()] for i in (0, 1)]
+    assert len(texts[0]) == 12 and texts[0] == texts[1]
     md = (out / "eval.md").read_text()
     assert "| hf |" in md and "| mcore |" in md and "Level 2 acc" in md and "(+0%)" in md
