@@ -8,6 +8,7 @@ agpo demo [--nproc 2] [demo args]                                      # the CPU
 agpo demo --seeds 0-4 [--out runs/demo_seeds] [demo args]              # the demo at several seeds + table
 agpo plot runs/x/metrics.jsonl [-o out.png]
 agpo plot GRPO=runs/demo/grpo AGPO=runs/demo/agpo [-o overlay.png]   # several runs in one figure
+agpo eval --model <HF dir | step folder> [--model ...] --data FILE     # Table 1 for any checkpoint (vLLM)
 agpo compare runs/a runs/b ... [-o compare]                            # compare.md table + compare.png
 """
 
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 default=None,
                 help="reserve for CUDA context, NCCL and fragmentation (default 4 GiB + 5%%)",
             )
+    sub.add_parser("eval", help="pass@1, pass@n, tokens, per level, side by side (agpo eval --help)", add_help=False)
     p = sub.add_parser("demo", help="the CPU demo; extra args go to agpo_megatron.demo.run")
     p.add_argument("--nproc", type=int, default=2)
     p = sub.add_parser(
@@ -287,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False)
     if args.cmd == "demo":
         return _demo(args, rest)
+    if args.cmd == "eval":
+        from agpo_megatron.evals.cli_eval import main as eval_main
+
+        return eval_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {rest}")
     USER_ERRORS = _user_errors()

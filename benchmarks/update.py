@@ -295,9 +295,9 @@ def main() -> None:
     dist.barrier()
     cfg = load_train_config(str(EXAMPLE), [f"model.hf_path={work / 'model'}", *args.overrides])
     layout = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.parallel.seed)
-    from transformers import AutoTokenizer
+    from agpo_megatron.models.hf_config import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(work / "model")
+    tok = load_tokenizer(work / "model")
     arch = read_arch(work / "model")
     actor = Actor(arch, cfg, layout, total_steps=1000)
     mbs, global_tokens, global_seqs = demo_micro_batches(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from agpo_megatron.models.hf_config import TOKENIZER_SUBDIR
+
 # Weight files and their indexes: never copied as "assets" (other formats of the same weights).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".partial")
 
@@ -14,12 +16,18 @@ def copy_hf_assets(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     """Copy the source model's non-weight files (tokenizer, generation_config, chat template, ...).
 
     Skips config.json (written by `bridge.hf_writer.write_hf_config`), weight files and their indexes,
-    hidden files and subdirectories (e.g. Llama's `original/` with .pth weights). Returns copied names.
+    hidden files and subdirectories (e.g. Llama's `original/` with .pth weights), except a model's own
+    tokenizer folder (`tokenizer/`, see `models.hf_config.tokenizer_path`), which is copied whole.
+    Returns copied names.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for f in sorted(src.iterdir()):
+        if f.is_dir() and f.name == TOKENIZER_SUBDIR:
+            shutil.copytree(f, dst / f.name, dirs_exist_ok=True)
+            copied.append(f.name)
+            continue
         if (
             not f.is_file()
             or f.name.startswith(".")

@@ -2,6 +2,8 @@
 
     data.train.path: synthetic:arith?n=512&seed=0    # the demo's synthetic arithmetic rows
     data.eval.path: synthetic:arith?n=16&seed=1
+    data.train.path: synthetic:steps?n=4000&seed=0   # the steps task (data/synthetic_steps.py)
+    data.eval.path: synthetic:steps?n=512&seed=0&held_out=1   # no question shared with training
 
 `resolve_dataset(spec)` turns such a spec into a .jsonl under a cache (`$AGPO_CACHE_DIR`, else
 `$XDG_CACHE_HOME/agpo`, else `~/.cache/agpo`), so a config with them runs from a fresh clone with no
@@ -30,11 +32,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-GENERATOR_VERSION = 1
-"""Bump when a generator's output changes, so stale cache entries are not reused."""
+GENERATOR_VERSION = 2
+"""Bump when a generator's output changes, so stale cache entries are not reused (2: the tiny
+model's tokenizer moved into its own folder, `tokenizer/`)."""
 
-SYNTHETIC_TASKS = ("arith",)
-_ARITH_DEFAULTS = {"n": 4000, "seed": 0, "max_difficulty": 1}
+SYNTHETIC_TASKS = ("arith", "steps")
+_DEFAULTS = {
+    "arith": {"n": 4000, "seed": 0, "max_difficulty": 1},
+    # held_out=1: the held-out rows; training rows exclude the first n_held_out held-out questions.
+    "steps": {"n": 4000, "seed": 0, "held_out": 0, "n_held_out": 512},
+}
 
 
 def cache_root() -> Path:
@@ -49,6 +56,13 @@ def write_arith(path: Path, *, n: int, seed: int, max_difficulty: int) -> Path:
 
     rows = synthetic.make_dataset(n, seed=seed, max_difficulty=max_difficulty)
     return synthetic.write_jsonl(({**r, "level": r["difficulty"] + 1} for r in rows), path)
+
+
+def write_steps(path: Path, *, n: int, seed: int, held_out: int, n_held_out: int) -> Path:
+    from agpo_megatron.data import synthetic, synthetic_steps
+
+    train, held = synthetic_steps.make_split(0 if held_out else n, n if held_out else 0, seed, n_held_out=n_held_out)
+    return synthetic.write_jsonl(held if held_out else train, path)
 
 
 @contextlib.contextmanager
@@ -91,13 +105,14 @@ def cache_key(*parts: Any) -> str:
 
 
 def resolve_dataset(spec: str, field: str = "data.train.path") -> str:
-    """`synthetic:arith[?n=..&seed=..&max_difficulty=..]` -> a cached .jsonl; others unchanged."""
+    """`synthetic:arith[?n=..&seed=..&max_difficulty=..]` or `synthetic:steps[?n=..&seed=..&held_out=0|1&
+    n_held_out=..]` -> a cached .jsonl; others unchanged."""
     if not spec.startswith("synthetic:"):
         return spec
     task, _, query = spec.removeprefix("synthetic:").partition("?")
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f"{field}: {spec!r}: unknown synthetic task (one of {list(SYNTHETIC_TASKS)})")
-    params = dict(_ARITH_DEFAULTS)
+    params = dict(_DEFAULTS[task])
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
         if key not in params:
             raise ValueError(f"{field}: {spec!r}: unknown parameter {key!r} (accepted: {sorted(params)})")
@@ -105,6 +120,18 @@ def resolve_dataset(spec: str, field: str = "data.train.path") -> str:
             params[key] = int(value)
         except ValueError:
             raise ValueError(f"{field}: {spec!r}: {key} must be an integer, got {value!r}") from None
+    if task == "steps":
+        if (
+            params["n"] < 1
+            or params["held_out"] not in (0, 1)
+            or (params["held_out"] and params["n"] > params["n_held_out"])
+        ):
+            raise ValueError(f"{field}: {spec!r}: needs n >= 1, held_out 0 or 1, and n <= n_held_out when held_out=1")
+        name = (
+            f"{task}-n{params['n']}-s{params['seed']}-h{params['held_out']}-{cache_key(task, sorted(params.items()))}"
+        )
+        entry = materialize(name, lambda d: write_steps(d / "data.jsonl", **params))
+        return str(entry / "data.jsonl")
     if params["n"] < 1 or not 0 <= params["max_difficulty"] <= 2:
         raise ValueError(f"{field}: {spec!r}: needs n >= 1 and max_difficulty in [0, 2]")
     name = (

@@ -18,6 +18,7 @@ It has no chat template, so prompts use the plain format of
 
 import json
 import random
+import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,12 +33,15 @@ if TYPE_CHECKING:
 __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
+    "FILLER_WORDS",
     "MAX_DIFFICULTY",
     "MAX_VERBOSITY",
     "PAD_TOKEN",
+    "PIECE_PATTERN",
     "UNK_TOKEN",
     "Problem",
     "build_tokenizer",
+    "count_tokens",
     "dataset_config",
     "make_dataset",
     "make_problem",
@@ -54,6 +58,8 @@ _SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2, 3
 # Multi-character tokens: one token each, so solutions (and the length reward) count them as
 # one step of generation rather than as their letters.
 _WORDS = ("step", "check", "again", "so", "answer", "is")
+# The filler words of the steps task (`data/synthetic_steps.py`): waste, one token each.
+FILLER_WORDS = ("ok", "well", "hmm", "now", "let", "me", "see", "think")
 _BOXED = "\\boxed{"
 
 MAX_DIFFICULTY = 2
@@ -220,11 +226,21 @@ def dataset_config(path: str | Path, **overrides: Any) -> DatasetConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+PIECE_PATTERN = rf"\\boxed\{{|\b(?:{'|'.join((*_WORDS, *FILLER_WORDS))})\b|[\s\S]"
+"""The tokenizer's pieces: `\\boxed{`, a whole word (word boundaries, so "this" stays four letters),
+or any single character, whitespace included. Every piece is one token."""
+
+
+def count_tokens(text: str) -> int:
+    """How many tokens the task tokenizer makes of `text` (no BOS/EOS), without loading it."""
+    return len(re.findall(PIECE_PATTERN, text))
+
+
 def vocabulary() -> list[str]:
     """All tokens in id order: the special tokens (ids 0-3), `\\boxed{` and the words, then
     digits, letters, punctuation, space and newline."""
     chars = string.digits + string.ascii_letters + string.punctuation + " \n"
-    return [*_SPECIAL_TOKENS, _BOXED, *_WORDS, *chars]
+    return [*_SPECIAL_TOKENS, _BOXED, *_WORDS, *FILLER_WORDS, *chars]
 
 
 def build_tokenizer(out_dir: str | Path) -> "PreTrainedTokenizerFast":
@@ -232,7 +248,9 @@ def build_tokenizer(out_dir: str | Path) -> "PreTrainedTokenizerFast":
 
     Files written: `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`,
     so `AutoTokenizer.from_pretrained(out_dir)` and vLLM load it with transformers 4.x or 5.x
-    (hence `tokenizer_class: PreTrainedTokenizerFast`, the name both understand). Encoding
+    (hence `tokenizer_class: PreTrainedTokenizerFast`, the name both understand), as long as
+    `out_dir` holds no model config.json: transformers 5 replaces the tokenizer of a qwen2
+    folder by Qwen2Tokenizer. A model keeps it in `tokenizer/` (`models.hf_config.tokenizer_path`). Encoding
     prepends `<bos>`; EOS is `<|endoftext|>` and is never added automatically.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -240,11 +258,9 @@ def build_tokenizer(out_dir: str | Path) -> "PreTrainedTokenizerFast":
 
     vocab = {token: i for i, token in enumerate(vocabulary())}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    # Pieces: `\boxed{`, a whole filler word (word boundaries, so "this" stays four letters), or
-    # any single character, whitespace included. Every character is its own piece, so nothing
-    # is lost and the Fuse decoder (plain concatenation) restores the exact text.
-    words = "|".join(_WORDS)
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(rf"\\boxed\{{|\b(?:{words})\b|[\s\S]"), behavior="isolated")
+    # Every character outside a word is its own piece (PIECE_PATTERN), so nothing is lost and the
+    # Fuse decoder (plain concatenation) restores the exact text.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(list(_SPECIAL_TOKENS))
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -1,27 +1,32 @@
-"""The CPU demo: a tiny model learns arithmetic, then AGPO makes its answers shorter.
+"""The CPU demo: a tiny model learns a task, then AGPO and a GRPO baseline train it from the same start.
 
-    torchrun --nproc-per-node 2 -m agpo_megatron.demo.run [--out runs/demo] [dotted.key=value ...]
+    torchrun --nproc-per-node 2 -m agpo_megatron.demo.run [--out runs/demo] [--task steps|arith]
+        [--arms grpo,agpo] [dotted.key=value ...]
 
-1. Build a tiny Qwen2-shaped model (head dim 32, vLLM's CPU minimum) and an offline tokenizer.
+1. Build a tiny Qwen2-shaped model (head dim 32, vLLM's CPU minimum) with the task's word-level
+   tokenizer in its own folder (`model/tokenizer/`, see `models.hf_config.tokenizer_path`).
 2. Warm-start it with a short supervised phase (`train/sft.py`, this package's loop on the Megatron
-   actor) on correct solutions of deliberately varied verbosity: some answer in two steps, some
-   re-check every step. So the warm policy writes correct answers of very different lengths.
-3. RL with AGPO (m1 + m2) through vLLM rollouts and Megatron updates. The length reward only
-   fires in groups that mix right and wrong answers; at the warm start's 80-90% accuracy a group
-   of 16 is mixed far more often than a group of 8, hence G=16 x 8 prompts (a weaker warm start
-   would mix groups too, but then most groups are all wrong and m1's -1 derails AGPO;
-   docs/demo.md). A GRPO run from the same warm start, on the same prompts, is the baseline:
-   shorter answers also err less, so some shortening comes from accuracy alone.
-4. Print the table: greedy pass@1 and mean response tokens on 512 held-out problems, before RL
-   and after each run, and the fraction of AGPO's groups where the length reward fired.
+   actor). The default task, `steps` (`data/synthetic_steps.py`), trains on solutions that hold the
+   intermediate steps (reasoning that helps) or not, and 0-3 units of waste (copied, never
+   computed), all 8 combinations in equal shares. A design check follows on the warm start
+   (`demo/design.py`): accuracy with every cell forced, to show that the steps matter and the
+   waste does not, before any RL. `--task arith` is the earlier task (verbosity by repeated
+   arithmetic), kept as an option.
+3. RL, one run per arm (`ARMS`: label and config overrides), each from the same warm-start weights
+   on the same prompts: GRPO (the baseline) and AGPO (m1 + m2). vLLM rollouts, Megatron updates.
+   The trainer logs the steps task's reasoning tokens, waste tokens and step presence per step.
+4. Print the tables: held-out pass@1 and tokens (split into reasoning and waste), greedy and
+   sampled (T=1, n=4; pass@1 = the mean over samples), before RL and after each arm, and the
+   fraction of AGPO's groups where the length reward fired.
 
-Library logs go to OUT/logs/rank*.log (`--verbose`: on the console); `agpo demo --seeds 0-4`
-runs several seeds (`demo/seeds.py`).
+Library logs go to OUT/logs/rank*.log (`--verbose`: on the console); `agpo demo --seeds 0-7`
+runs several seeds (`demo/seeds.py`, statistics in `demo/summary.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -31,14 +36,44 @@ from pathlib import Path
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo_cpu.yaml"
 
 
-def prepare(out: Path, *, seed: int, n_train: int, n_eval: int, max_difficulty: int) -> None:
+TASKS = ("steps", "arith")
+
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "grpo": ("GRPO", ["algo.advantage=grpo", "algo.length_reward=false"]),
+    "agpo": ("AGPO", []),  # the config as written: AGPO m1 + m2
+}
+"""`--arms` names -> (label, dotted overrides on the demo config). Every arm starts from the same
+warm-start weights and sees the same prompts; a new baseline is one more entry."""
+
+EVAL_MODES = (("greedy", 0.0, 1), ("sampled", 1.0, 4))
+"""The held-out evaluation: greedy, and sampled at temperature 1 with 4 samples per problem
+(pass@1 = the mean over samples, which does not flip all or nothing like greedy)."""
+
+
+def prepare(
+    out: Path, *, task: str, seed: int, n_train: int, n_eval: int, max_difficulty: int, operands: tuple[int, ...]
+) -> None:
     """Rank 0 writes tokenizer + random model + synthetic data (the other ranks wait)."""
-    from agpo_megatron.data import synthetic
+    from agpo_megatron.data import synthetic, synthetic_steps
     from agpo_megatron.models.inputs import write_tiny_model
 
     write_tiny_model(out / "model", "qwen2", seed=seed)  # the model `tiny:qwen2` names in a config
+    if task == "steps":
+        train, held = synthetic_steps.make_split(n_train, n_eval, seed, operands=operands)
+        synthetic.write_jsonl(train, out / "train.jsonl")
+        synthetic.write_jsonl(held, out / "eval.jsonl")
+        return
     for name, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
         synthetic.write_jsonl(synthetic.make_dataset(n, seed=s, max_difficulty=max_difficulty), out / f"{name}.jsonl")
+
+
+def parse_arms(text: str) -> list[str]:
+    """`grpo,agpo` -> ["grpo", "agpo"] (known names, no repeats)."""
+    arms = [a.strip().lower() for a in text.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms or len(set(arms)) != len(arms):
+        raise ValueError(f"--arms: expected distinct names from {sorted(ARMS)}, got {text!r}")
+    return arms
 
 
 def _mean_over_steps(metrics_path: Path, key: str) -> float | None:
@@ -72,10 +107,23 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=str(EXAMPLE))
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=None, help="warm-start steps (default: steps 600, arith 300)")
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-lr", type=float, default=1e-3)
-    p.add_argument("--max-difficulty", type=int, default=1, help="0: a+b, 1: up to 3 operands, 2: up to 4")
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="steps",
+        help="steps: reasoning that helps vs waste that cannot (default); arith: the earlier verbosity task",
+    )
+    p.add_argument(
+        "--design-only",
+        action="store_true",
+        help="steps task: warm start + design check, then stop (writes OUT/design.json; no RL)",
+    )
+    p.add_argument("--arms", default="grpo,agpo", help=f"RL runs from the same warm start, in order ({sorted(ARMS)})")
+    p.add_argument("--max-difficulty", type=int, default=1, help="arith: 0: a+b, 1: up to 3 operands, 2: up to 4")
+    p.add_argument("--operands", default="3,4", help="steps: operands per problem, 3 and/or 4")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -83,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-baseline",
         dest="baseline",
         action="store_false",
-        help="skip the GRPO run from the same warm start (it shows what the length reward adds)",
+        help="only the AGPO arm (same as --arms agpo)",
     )
     p.add_argument(
         "--verbose",
@@ -97,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, out: Path) -> None:
     import torch.distributed as dist
 
-    from agpo_megatron.evals.evaluate import format_table
+    from agpo_megatron.bridge.export import sync_weights
+    from agpo_megatron.data import synthetic_steps
+    from agpo_megatron.demo.design import design_check, format_design
+    from agpo_megatron.evals.evaluate import EvalMode, format_table
     from agpo_megatron.plan.load import load_train_config
     from agpo_megatron.report.console import console, log_path
     from agpo_megatron.report.plot import parse_runs, plot_runs
@@ -107,10 +158,21 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     from agpo_megatron.train.sft import sft
     from agpo_megatron.train.trainer import train
 
+    arms = parse_arms(args.arms) if args.baseline else ["agpo"]
+    if args.sft_steps is None:  # the steps task's design check needs 600 (docs/demo.md)
+        args.sft_steps = 600 if args.task == "steps" else 300
     t0 = time.time()
     init_distributed()
     if dist.get_rank() == 0:
-        prepare(out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval, max_difficulty=args.max_difficulty)
+        prepare(
+            out,
+            task=args.task,
+            seed=args.seed,
+            n_train=args.n_train,
+            n_eval=args.n_eval,
+            max_difficulty=args.max_difficulty,
+            operands=tuple(int(k) for k in args.operands.split(",")),
+        )
     dist.barrier()
     paths = [
         f"model.hf_path={out / 'model'}",
@@ -118,7 +180,11 @@ def _run(args: argparse.Namespace, out: Path) -> None:
         f"data.eval.path={out / 'eval.jsonl'}",
     ]
     cfg = load_train_config(args.config, [*paths, f"logging.out_dir={out / 'agpo'}", *args.overrides])
-    session = Session.create(cfg)
+    session = dataclasses.replace(
+        Session.create(cfg),
+        eval_modes=tuple(EvalMode(*m) for m in EVAL_MODES),
+        analyze=synthetic_steps.analyze if args.task == "steps" else None,
+    )
     rank0 = session.layout.rank == 0
 
     # 1. Warm start on its own actor (its own LR), NLL on (prompt, solution + eos).
@@ -127,7 +193,7 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     # load_examples keeps file order (no shuffle_seed), so rows and examples line up.
     pairs = [
         (ex.prompt_ids, session.tokenizer.encode(row["solution"], add_special_tokens=False) + [eos])
-        for ex, row in zip(session.train_examples, rows)
+        for ex, row in zip(session.train_examples, rows, strict=True)
     ]
     t_sft = time.time()
     warm = Actor(
@@ -144,31 +210,31 @@ def _run(args: argparse.Namespace, out: Path) -> None:
         seed=args.seed,
         progress_bar=cfg.logging.progress_bar,
     )
+    design = None
+    if args.task == "steps":  # the design check, on the warm start, before any RL
+        session.rollout.wake_weights()
+        sync_weights(warm.chunks, session.arch, session.rollout)
+        session.rollout.wake_kv_cache()
+        design = design_check(session, seed=args.seed)
+        session.rollout.sleep()  # as Session.create left it: the trainer wakes and syncs it
+        if args.design_only:
+            if rank0:
+                (out / "design.json").write_text(json.dumps(design, indent=2))
+                print(f"\nDesign check (warm start):\n{format_design(design)}", file=console(), flush=True)
+            exit_cleanly(0)
     start = warm.local_weights()
     del warm
     t_sft = time.time() - t_sft
 
-    # 2. RL from the same warm start: AGPO (the config), and optionally the GRPO baseline.
-    runs = {"AGPO": cfg}
-    if args.baseline:
-        # Its own save_dir: with resume=auto the AGPO run would otherwise continue from GRPO's checkpoints.
-        own = [f"checkpoint.save_dir={Path(cfg.checkpoint.save_dir) / 'grpo'}"] if cfg.checkpoint.save_dir else []
-        runs = {
-            "GRPO": load_train_config(
-                args.config,
-                [
-                    *paths,
-                    f"logging.out_dir={out / 'grpo'}",
-                    *args.overrides,
-                    "algo.advantage=grpo",
-                    "algo.length_reward=false",
-                    *own,
-                ],
-            ),
-            **runs,
-        }
+    # 2. RL from the same warm start, one run per arm, on the same prompts.
     results, times = {}, {}
-    for label, run_cfg in runs.items():
+    for arm in arms:
+        label, arm_overrides = ARMS[arm]
+        # Its own save_dir: with resume=auto a run would otherwise continue from another's checkpoints.
+        own = [f"checkpoint.save_dir={Path(cfg.checkpoint.save_dir) / arm}"] if cfg.checkpoint.save_dir else []
+        run_cfg = load_train_config(
+            args.config, [*paths, f"logging.out_dir={out / arm}", *args.overrides, *arm_overrides, *own]
+        )
         t = time.time()
         actor = Actor(session.arch, run_cfg, session.layout, total_steps=run_cfg.optimizer_steps(), init_weights=start)
         results[label] = train(session.for_run(run_cfg), actor=actor)
@@ -177,20 +243,25 @@ def _run(args: argparse.Namespace, out: Path) -> None:
 
     if rank0:
         first = next(iter(results.values()))
-        table = format_table(
-            {
-                "warm start (before RL)": first["eval_before"],
-                **{f"{label}, {cfg.steps} steps": r["eval_after"] for label, r in results.items()},
-            }
-        )
+        rows_by_run = {
+            "warm start (before RL)": first["eval_before"],
+            **{f"{label}, {cfg.steps} steps": r["eval_after"] for label, r in results.items()},
+        }
+        tables = {name: format_table(rows_by_run, prefix=f"{name}/") for name, *_ in EVAL_MODES}
         # Where m2 can act: groups with some correct and some wrong answers (mean over steps).
         m2 = _mean_over_steps(out / "agpo" / "metrics.jsonl", "len_reward/frac_len_reward_groups")
         note = f"AGPO's length reward fired in {100 * m2:.0f}% of groups (mean over steps)." if m2 is not None else ""
         total = time.time() - t0  # the curves below are not part of the demo's time
-        specs = [f"{k}={out / k.lower()}" for k in results]
-        curves = plot_runs(parse_runs(specs), out / "curves.png")
+        specs = [f"{label}={out / arm}" for arm, (label, _) in zip(arms, (ARMS[a] for a in arms))]
+        curves = plot_runs(parse_runs(specs), out / "curves.png", PLOT_KEYS[args.task])
         print(
-            f"\n{table}\n\n{note}\nwarm-start {t_sft:.0f}s, "
+            (
+                f"\nDesign check (warm start, {design['num_problems']} held-out problems):\n{format_design(design)}\n"
+                if design
+                else ""
+            )
+            + "".join(f"\nHeld-out, {name} (T={temp}, n={n}):\n{tables[name]}\n" for name, temp, n in EVAL_MODES)
+            + f"\n{note}\nwarm-start {t_sft:.0f}s, "
             + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
             + f", total {total:.0f}s.\nCurves: {curves} (agpo plot {' '.join(specs)})"
             + (f"\nLibrary logs: {log_path().parent}/" if log_path() else ""),
@@ -200,11 +271,13 @@ def _run(args: argparse.Namespace, out: Path) -> None:
         (out / "results.json").write_text(
             json.dumps(
                 {
+                    "task": args.task,
                     "runs": results,
+                    "design": design,
                     "time_sft_s": t_sft,
                     "time_rl_s": times,
                     "time_total_s": total,
-                    "table": table,
+                    "tables": tables,
                     "frac_m2_groups": m2,
                     "args": {k: v for k, v in vars(args).items() if k != "verbose"},
                 },
@@ -212,6 +285,12 @@ def _run(args: argparse.Namespace, out: Path) -> None:
             )
         )
     exit_cleanly(0)
+
+
+PLOT_KEYS = {
+    "steps": ("acc/mean", "len/mean", "task/reasoning_tokens", "task/waste_tokens", "task/steps_present"),
+    "arith": ("reward/mean", "acc/mean", "len/mean", "len/correct_mean"),
+}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PLOT_KEYS = ("acc/mean", "len/mean", "len/correct_mean", "adv/frac_uniform_groups")
+PLOT_KEYS = {
+    "arith": ("acc/mean", "len/mean", "len/correct_mean", "adv/frac_uniform_groups"),
+    "steps": ("acc/mean", "len/mean", "task/reasoning_tokens", "task/waste_tokens", "task/steps_present"),
+}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -55,11 +58,10 @@ def shortest_format_tokens(run_dir: Path) -> float:
     import random
     import re
 
-    from transformers import AutoTokenizer
-
     from agpo_megatron.data.synthetic import Problem, make_solution
+    from agpo_megatron.models.hf_config import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    tok = load_tokenizer(run_dir / "model")
     counts = []
     for line in (run_dir / "eval.jsonl").read_text().splitlines():
         question = json.loads(line)["question"].removesuffix("=")
@@ -190,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== seed {seed}: reusing {res}", flush=True)
         results[seed] = json.loads(res.read_text())
 
-    table, stats = summarize(results, {s: shortest_format_tokens(out / f"seed{s}") for s in seeds})
+    task = results[seeds[0]].get("task", "arith")
+    if task == "steps":
+        from agpo_megatron.demo.summary import summarize_steps, verdict_steps
+
+        table, summary = summarize_steps(results, {s: out / f"seed{s}" for s in seeds})
+        stats, lines = summary["stats"], verdict_steps(summary["stats"])
+        per_seed = summary["per_seed"]
+    else:
+        table, stats = summarize(results, {s: shortest_format_tokens(out / f"seed{s}") for s in seeds})
+        lines, per_seed = verdict(stats), {}
     command = (
         "agpo demo --seeds "
         + args.seeds
@@ -200,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     from agpo_megatron.report.plot import parse_runs, plot_runs
 
     runs = parse_runs([f"{label}={out / f'seed{s}' / label.lower()}" for label in ("GRPO", "AGPO") for s in seeds])
-    png = plot_runs(runs, out / "seeds.png", PLOT_KEYS)
-    md = "\n".join([f"`{command}`", "", table, "", *verdict(stats), ""])
+    png = plot_runs(runs, out / "seeds.png", PLOT_KEYS[task])
+    md = "\n".join([f"`{command}`", "", table, "", *lines, ""])
     (out / "seeds.md").write_text(md)
-    (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "stats": stats, "command": command}, indent=2))
+    (out / "seeds.json").write_text(
+        json.dumps({"seeds": seeds, "task": task, "stats": stats, "per_seed": per_seed, "command": command}, indent=2)
+    )
     print(f"\n{md}\nwrote {out / 'seeds.md'} and {png}")
     return 0
 

@@ -126,6 +126,31 @@ def read_arch(hf_dir: str | Path) -> ModelArch:
     return arch_from_hf_dict(data, str(path))
 
 
+TOKENIZER_SUBDIR = "tokenizer"
+"""A model folder's own tokenizer folder (`tokenizer_path`)."""
+
+
+def tokenizer_path(hf_dir: str | Path) -> str:
+    """Where a model's tokenizer is: the folder's `tokenizer/` sub-folder when it has one, else the folder.
+
+    Why a folder of its own: transformers 5 picks the tokenizer class from config.json's `model_type`
+    for some types (qwen2 among them: `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`), whatever
+    tokenizer_config.json says, and vLLM 0.32 does the same; a custom `tokenizer.json` beside a
+    qwen2 config.json is then silently read as a byte-level BPE (spaces vanish, words become
+    letters). A folder without config.json is loaded as its own tokenizer_config.json says. The
+    trainer, vLLM (`tokenizer=`), preflight and the evaluator all load through this path.
+    """
+    sub = Path(hf_dir) / TOKENIZER_SUBDIR
+    return str(sub) if (sub / "tokenizer_config.json").is_file() else str(hf_dir)
+
+
+def load_tokenizer(hf_dir: str | Path) -> Any:
+    """The model's tokenizer, from `tokenizer_path(hf_dir)` (every loader in the package uses this)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path(hf_dir))
+
+
 def llama3_inv_freq(arch: ModelArch) -> torch.Tensor:  # [head_dim/2]
     """Exact HF 'llama3' RoPE frequencies.
 

@@ -1,6 +1,6 @@
 """Generated models a config can name instead of a path.
 
-    model.hf_path: tiny:qwen2        # the CPU demo's tiny model + arithmetic tokenizer
+    model.hf_path: tiny:qwen2        # the CPU demo's tiny model + word-level tokenizer (in model/tokenizer/)
 
 `resolve_model(spec)` builds the model once into the cache of `data/inputs.py` (same rank-safe
 rename, same lock) and returns its directory; any other value is returned unchanged.
@@ -16,16 +16,17 @@ TINY_TYPES = ("qwen2", "qwen3", "llama")
 
 
 def write_tiny_model(out: Path, model_type: str = "qwen2", *, seed: int = 0) -> Path:
-    """The demo's tiny model (4 layers, hidden 128, head dim 32) with the arithmetic tokenizer."""
+    """The demo's tiny model (4 layers, hidden 128, head dim 32) with the demo's word-level tokenizer
+    in its own folder, `out/tokenizer/` (`models.hf_config.tokenizer_path` says why)."""
     from agpo_megatron.data import synthetic
+    from agpo_megatron.models.hf_config import TOKENIZER_SUBDIR
     from agpo_megatron.models.tiny import save_tiny_hf_model
 
-    tok = synthetic.build_tokenizer(out)
+    tok = synthetic.build_tokenizer(Path(out) / TOKENIZER_SUBDIR)
     return save_tiny_hf_model(
         out,
         model_type,
         seed=seed,
-        tokenizer=tok,
         vocab_size=128,
         hidden_size=128,
         intermediate_size=384,

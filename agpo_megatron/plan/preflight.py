@@ -73,9 +73,8 @@ def check_data(cfg: TrainConfig) -> list[str]:
 
     Raises `DatasetError` when a set ends up empty or over `data.max_drop_frac` is dropped.
     """
-    from transformers import AutoTokenizer
-
     from agpo_megatron.data.datasets import load_examples, report_drops
+    from agpo_megatron.models.hf_config import load_tokenizer
 
     if _generated(cfg.model.hf_path):
         return [f"data: not checked (model.hf_path={cfg.model.hf_path!r} is generated at train time)"]
@@ -87,7 +86,7 @@ def check_data(cfg: TrainConfig) -> list[str]:
         if _generated(ds.path) or not _looks_local(ds.path):
             lines.append(f"{field} ({ds.path}): not checked here (generated, or a hub dataset)")
             continue
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        tokenizer = tokenizer or load_tokenizer(cfg.model.hf_path)
         _, stats = load_examples(ds, tokenizer)
         lines.append(report_drops(stats, field, ds, cfg.data.max_drop_frac))
     return lines

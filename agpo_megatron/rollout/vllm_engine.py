@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.models.build import DTYPES
+from agpo_megatron.models.hf_config import tokenizer_path
 from agpo_megatron.rollout.base import Completion, SamplingConfig
 from agpo_megatron.rollout.replicas import ReplicaLayout, gather_completions, request_seed, split_prompts
 
@@ -144,6 +145,7 @@ class VLLMEngine:
 
         kwargs: dict[str, Any] = dict(
             model=model_path,
+            tokenizer=tokenizer_path(model_path),  # a model's own tokenizer folder, as the trainer loads it
             dtype=dtype,
             tensor_parallel_size=rollout_tp,
             distributed_executor_backend="external_launcher",

@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from agpo_megatron.config.schema import TrainConfig
 from agpo_megatron.data.datasets import Example, load_examples, report_drops
-from agpo_megatron.evals.evaluate import evaluate
-from agpo_megatron.models.hf_config import ModelArch, read_arch
+from agpo_megatron.evals.evaluate import Analyze, EvalMode, evaluate_modes
+from agpo_megatron.models.hf_config import ModelArch, load_tokenizer, read_arch
 from agpo_megatron.plan.preflight import check_paths
 from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig, model_stop_token_ids
 from agpo_megatron.runtime.parallel import Layout, init_distributed, init_model_parallel
@@ -32,11 +32,15 @@ class Session:
     rollout: RolloutEngine
     stop_token_ids: tuple[int, ...] = ()
     """Every token that ends a response (the tokenizer's EOS and all generation_config eos ids)."""
+    eval_modes: tuple[EvalMode, ...] = ()
+    """How `evaluate` samples the held-out set; empty: once, as `rollout.eval_temperature/eval_n` say
+    (the demo sets greedy and sampled)."""
+    analyze: Analyze | None = None
+    """The task's per-response measures (e.g. the steps task's reasoning and waste tokens): logged per
+    step as `task/<name>` (mean over the step's responses) and in every evaluation."""
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> Session:
-        from transformers import AutoTokenizer
-
         from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
         check_paths(cfg)  # missing files / unwritable dirs: one line now, not an error after start-up
@@ -46,7 +50,7 @@ class Session:
         layout = init_model_parallel(
             cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s
         )
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        tokenizer = load_tokenizer(cfg.model.hf_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train, stats = load_examples(cfg.data.train, tokenizer)
         report = [report_drops(stats, "data.train", cfg.data.train, cfg.data.max_drop_frac)]
@@ -94,11 +98,44 @@ class Session:
             logprobs=False,
             stop_token_ids=self.stop_token_ids,
         )
-        return evaluate(
+        return evaluate_modes(
             self.rollout,
             self.eval_examples,
+            self.eval_modes or (EvalMode("", r.eval_temperature, r.eval_n),),
             sampling,
-            n=r.eval_n,
             timeout_s=self.cfg.data.reward_timeout_s,
             budget_s=self.cfg.data.reward_step_budget_s,
+            analyze=self.analyze,
         )
+
+    def task_metrics(self, completions: list[Any], correct: list[bool] | None = None) -> dict[str, float]:
+        """Means of `analyze` over one step's responses (empty without a task analyzer).
+
+        With `correct` (one verdict per completion) and a task that measures steps and waste, also
+        the accuracy of three kinds of response: with steps and waste (`acc_steps_waste`), with steps
+        and no waste (`acc_steps_no_waste`), without steps (`acc_no_steps`); a kind absent from the
+        step is left out. Whether waste changes correctness while sampling is then measured, not assumed.
+        """
+        if self.analyze is None or not completions:
+            return {}
+        per = [self.analyze(c.text, len(c.token_ids)) for c in completions]
+        out = {k: sum(m[k] for m in per) / len(per) for k in per[0]}
+        if correct is not None and {"waste_tokens", "steps_present"} <= set(per[0]):
+            kinds: dict[str, list[bool]] = {"acc_steps_waste": [], "acc_steps_no_waste": [], "acc_no_steps": []}
+            for m, ok in zip(per, correct, strict=True):
+                kind = (
+                    "acc_no_steps"
+                    if not m["steps_present"]
+                    else "acc_steps_waste"
+                    if m["waste_tokens"]
+                    else "acc_steps_no_waste"
+                )
+                kinds[kind].append(ok)
+            out |= {k: sum(v) / len(v) for k, v in kinds.items() if v}
+            # How often responses carry waste, with and without steps: waste that goes with skipping
+            # the steps costs accuracy through that choice, even when a forced cell shows none.
+            for steps, key in ((1.0, "waste_frac_with_steps"), (0.0, "waste_frac_without_steps")):
+                had = [m["waste_tokens"] > 0 for m in per if m["steps_present"] == steps]
+                if had:
+                    out[key] = sum(had) / len(had)
+        return out

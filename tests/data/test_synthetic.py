@@ -80,7 +80,7 @@ def test_verbose_solutions_are_longer_in_tokens(tokenizer):
 
 
 def test_tokenizer_special_tokens_and_vocab(tokenizer):
-    assert len(tokenizer) == len(vocabulary()) == 107
+    assert len(tokenizer) == len(vocabulary()) == 115  # 107 + the steps task's 8 filler words
     assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     assert tokenizer.chat_template is None

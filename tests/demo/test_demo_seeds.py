@@ -52,3 +52,43 @@ def test_shortest_format_tokens(tmp_path):
     synthetic.build_tokenizer(tmp_path / "model")
     (tmp_path / "eval.jsonl").write_text('{"question": "2+3="}\n{"question": "9-4+1="}\n')
     assert shortest_format_tokens(tmp_path) == pytest.approx((10 + 16) / 2)
+
+
+def test_steps_summary_intervals_and_targets():
+    from agpo_megatron.demo.summary import stats, summarize_steps, verdict_steps
+
+    s = stats([0.6, 0.7, 0.8])  # mean 0.7, sample std 0.1, t(0.975, 2) = 4.303
+    assert s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(0.1)
+    assert s["ci95_t"] == pytest.approx([0.7 - 4.303 * 0.1 / 3**0.5, 0.7 + 4.303 * 0.1 / 3**0.5])
+    assert 0.6 - 1e-9 <= s["ci95_bootstrap"][0] <= s["ci95_bootstrap"][1] <= 0.8 + 1e-9
+
+    def ev(p, tokens, reasoning, waste, steps):
+        return {
+            f"{m}/{k}": v
+            for m in ("greedy", "sampled")
+            for k, v in (
+                ("pass@1", p),
+                ("mean_tokens", tokens),
+                ("reasoning_tokens", reasoning),
+                ("waste_tokens", waste),
+                ("steps_present", steps),
+            )
+        }
+
+    def run(agpo_tokens, agpo_waste):
+        warm = ev(0.5, 40.0, 10.0, 20.0, 0.5)
+        return {
+            "runs": {
+                "GRPO": {"eval_before": warm, "eval_after": ev(0.8, 40.0, 15.0, 20.0, 1.0)},
+                "AGPO": {"eval_before": warm, "eval_after": ev(0.8, agpo_tokens, 15.0, agpo_waste, 1.0)},
+            },
+            "frac_m2_groups": 0.5,
+            "design": {"steps_effect": 40.0, "waste_effect": {"steps=1": 2.0, "steps=0": 3.0}},
+        }
+
+    table, summary = summarize_steps({0: run(20.0, 0.0), 1: run(24.0, 4.0), 2: run(28.0, 8.0)})
+    st = summary["stats"]
+    assert st["sampled/ratio"]["mean"] == pytest.approx(0.6) and st["sampled/diff"]["mean"] == 0.0
+    assert "| 1 | 50.0 | 80.0 | 80.0 | 40.0 (15.0 + 20.0) | 24.0 (15.0 + 4.0) | 100% / 100% | 0.600 | +0.0 |" in table
+    lines = verdict_steps(st)
+    assert "(met)" in lines[0] and "max 0.700 (met)" in lines[1] and "0.20x (met)" in lines[3]

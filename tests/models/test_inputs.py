@@ -71,7 +71,8 @@ def test_bad_specs_name_the_field(cache, field, spec, needle):
 
 def test_tiny_cpu_example_validates_from_nothing(cache):
     cfg = load_train_config(ROOT / "examples" / "tiny_cpu.yaml")
-    assert Path(cfg.model.hf_path, "config.json").is_file() and Path(cfg.model.hf_path, "tokenizer.json").is_file()
+    assert Path(cfg.model.hf_path, "config.json").is_file()
+    assert Path(cfg.model.hf_path, "tokenizer", "tokenizer.json").is_file()
     assert Path(cfg.data.train.path).is_file() and Path(cfg.data.eval.path).is_file()
     assert cfg.check_world(2) == 2
     assert resolve_model("tiny:qwen2") == cfg.model.hf_path

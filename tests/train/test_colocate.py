@@ -201,6 +201,9 @@ class FakeSession:
     def train_sampling(self, step):
         return None
 
+    def task_metrics(self, completions, correct=None):
+        return {}
+
     def evaluate(self, step):
         self.rec.calls.append("evaluate")
         assert self.rollout  # the fake engine's generate is what an evaluation calls first
