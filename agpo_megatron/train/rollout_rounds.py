@@ -66,6 +66,10 @@ class RolloutBatch:
     seen: dict[str, Any]
     """`step_row`'s r_acc, rewards, lengths ([S, G]) and finish_reasons ([S*G]) of all S sampled groups."""
 
+    def completions(self) -> list[Completion]:
+        """The kept completions, flat and prompt-major (`[P*G]`, the order of `r_acc.flatten()`)."""
+        return [c for group in self.groups for c in group]
+
     def sequences(self, trained_truncated: bool = True) -> Sequences:
         """The kept completions as a flat, prompt-major batch. `trained_truncated=False`
         (algo.overlong.filter) keeps responses that hit max_new_tokens out of the loss."""

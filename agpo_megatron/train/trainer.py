@@ -153,7 +153,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             eps=eps,
             **batch.metrics,
             train=train_m,
-            task=s.task_metrics(completions, (r_acc.flatten() > 0.5).tolist()),  # the demo's steps task
+            task=s.task_metrics(batch.completions(), (batch.r_acc.flatten() > 0.5).tolist()),  # the demo's steps task
         ) | batching.padding_summary(minis)
         if cfg.eval_due(step):
             timer.mark("evaluate")
