@@ -33,17 +33,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from agpo_megatron.config import arms as arm_table
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo_cpu.yaml"
 
 
 TASKS = ("steps", "arith")
 
+_LABELS = {"agpo-m1": "AGPO-m1", "drgrpo": "Dr.GRPO"}
+
 ARMS: dict[str, tuple[str, list[str]]] = {
-    "grpo": ("GRPO", ["algo.advantage=grpo", "algo.length_reward=false"]),
-    "agpo": ("AGPO", []),  # the config as written: AGPO m1 + m2
+    name: (_LABELS.get(name, name.upper()), arm_table.arm_overrides(name)) for name in arm_table.ARMS
 }
-"""`--arms` names -> (label, dotted overrides on the demo config). Every arm starts from the same
-warm-start weights and sees the same prompts; a new baseline is one more entry."""
+"""`--arms` names -> (label, dotted overrides on the demo config): the arms of config/arms.py (grpo,
+agpo-m1, agpo, dapo, gspo, rloo, drgrpo), so the demo and the sweep mean the same method by the same
+name. Every arm starts from the same warm-start weights and sees the same prompts."""
 
 EVAL_MODES = (("greedy", 0.0, 1), ("sampled", 1.0, 4))
 """The held-out evaluation: greedy, and sampled at temperature 1 with 4 samples per problem
