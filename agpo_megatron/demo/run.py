@@ -43,11 +43,15 @@ TASKS = ("steps", "arith")
 _LABELS = {"agpo-m1": "AGPO-m1", "drgrpo": "Dr.GRPO"}
 
 ARMS: dict[str, tuple[str, list[str]]] = {
-    name: (_LABELS.get(name, name.upper()), arm_table.arm_overrides(name)) for name in arm_table.ARMS
+    **{name: (_LABELS.get(name, name.upper()), arm_table.arm_overrides(name)) for name in arm_table.ARMS},
+    # The demo's own two keep its config as written (AGPO m1 + m2) and change only what GRPO changes,
+    # so overrides given to the demo (e.g. algo.loss.ratio_level) still reach them.
+    "grpo": ("GRPO", ["algo.advantage=grpo", "algo.length_reward=false"]),
+    "agpo": ("AGPO", []),
 }
-"""`--arms` names -> (label, dotted overrides on the demo config): the arms of config/arms.py (grpo,
-agpo-m1, agpo, dapo, gspo, rloo, drgrpo), so the demo and the sweep mean the same method by the same
-name. Every arm starts from the same warm-start weights and sees the same prompts."""
+"""`--arms` names -> (label, dotted overrides on the demo config): the arms of config/arms.py (agpo-m1,
+dapo, gspo, rloo, drgrpo), so the demo and the sweep mean the same method by the same name, and the
+demo's GRPO and AGPO. Every arm starts from the same warm-start weights and sees the same prompts."""
 
 EVAL_MODES = (("greedy", 0.0, 1), ("sampled", 1.0, 4))
 """The held-out evaluation: greedy, and sampled at temperature 1 with 4 samples per problem
