@@ -1,7 +1,7 @@
 """The AGPO / GRPO training loop.
 
     generate -> sleep -> reward (+ length reward, overlong punishment) -> advantage -> old/ref log-probs
-    -> update -> (checkpoint) -> wake weights -> weight sync -> wake KV cache -> log
+    -> update -> wake weights -> weight sync -> wake KV cache -> log -> (checkpoint, vLLM asleep)
 
 (one step's rollout batch, with DAPO's dynamic sampling rounds when on: train/rollout_rounds.py)
 
@@ -134,14 +134,6 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         with timer("update"):
             train_m = ppo.update(actor, minis, loss_cfg, temperature=T, kl_coef=kl_coef, eps=eps, **ppo_kw)
 
-        # The controllers choose the next step's beta and eps (a save records them); the save, forced
-        # on preemption, runs here in the train phase: the actor resident, vLLM asleep.
-        next_kl = kl_ctl.update(train_m.get("kl_ref", 0.0))
-        next_eps = clip_ctl.update(train_m.get("approx_kl_off_policy", 0.0))  # adaptive: config ensures 2+ updates
-        stop = preempt.requested()  # collective: every rank stops after the same step
-        timer.mark(f"checkpoint save of step {step}")  # what a hang here is named by the watchdog
-        saved = ckpt.maybe_save(step, next_kl, next_eps, force=stop)
-
         with timer("weight_sync"):
             colo.to_rollout()
 
@@ -158,9 +150,16 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
         if cfg.eval_due(step):
             timer.mark("evaluate")
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
-        log.log(step, row)  # the beta and eps this step used
-        kl_coef, eps = next_kl, next_eps
+        log.log(step, row)  # the beta and eps this step used; the controllers now choose the next step's
+        kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0))
+        eps = clip_ctl.update(train_m.get("approx_kl_off_policy", 0.0))  # adaptive: config ensures 2+ updates
         watchdog.beat()
+        stop = preempt.requested()  # collective: every rank stops after the same step
+        timer.mark(f"checkpoint save of step {step}")  # what a hang here is named by the watchdog
+        # After the step's row is logged, so a crash after the commit never loses it. The save's
+        # residency puts vLLM to sleep first and reloads the actor without its grads (issue 18;
+        # train/colocate.py `actor_resident`), then hands the weights back to vLLM.
+        saved = ckpt.maybe_save(step, kl_coef, eps, force=stop)
         if stop:
             log.close()
             raise preempt.Preempted(step, str(saved) if saved else None)

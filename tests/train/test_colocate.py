@@ -277,8 +277,10 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     trainer.train(session, actor=actor)
 
     # One update per rollout: it is on-policy, so the actor needs no log-prob pass of its own (train/ppo.py).
-    # The save runs in the train phase (issue 18): nothing is moved for it.
-    step = ["generate", *ROLLOUT_TO_TRAIN, "ref.logprobs", "actor.policy_step", "save_checkpoint", *TRAIN_TO_ROLLOUT]
+    # The save runs after the step's row is logged: vLLM sleeps for it first and the actor comes back
+    # without its grads (issue 18), then the weights go back to vLLM.
+    step = ["generate", *ROLLOUT_TO_TRAIN, "ref.logprobs", "actor.policy_step", *TRAIN_TO_ROLLOUT]
+    save = ["engine.sleep", "actor.reload_without_grads", "save_checkpoint", *TRAIN_TO_ROLLOUT]
     assert rec.calls == [
         "build.actor",
         "build.reference",
@@ -286,7 +288,9 @@ def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
         "evaluate",
         *step,
         "evaluate",  # eval_interval=1 (not at the last step)
+        *save,
         *step,
+        *save,
         "evaluate",
         *ROLLOUT_TO_TRAIN,
     ]  # eval_after, then asleep as it was found
@@ -324,8 +328,8 @@ def test_every_save_sees_vllm_asleep_and_the_actor_resident_also_the_forced_one(
         trainer.train(FakeSession(cfg, rec), actor=FakeActor(rec))
     saves = [(i, c) for i, c in enumerate(rec.calls) if c.startswith("save_checkpoint")]
     assert [c for _, c in saves] == ["save_checkpoint", "save_checkpoint (forced)"]
-    for i, _ in saves:
-        assert residency(rec.calls[:i]) == (set(), {"params", "grads", "optimizer"}), rec.calls[:i]
+    for i, _ in saves:  # vLLM asleep, the actor's params and optimizer state back; its grads stay on host
+        assert residency(rec.calls[:i]) == (set(), {"params", "optimizer"}), rec.calls[:i]
     check_order(rec.calls)
 
 
