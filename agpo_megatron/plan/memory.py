@@ -8,8 +8,9 @@ module decides which of them are on the GPU in each phase of a step, following t
   logprobs  vLLM asleep (both levels free its GPU memory); no-grad forwards of actor (+ reference);
   update    the whole training state, activations (1F1B, recompute or not) and the loss;
   sync      vLLM's weights woken (not its KV cache) plus the export's buckets in flight;
-  save      a checkpoint save, in the train phase after the update: vLLM asleep, the training state
-            resident, one tensor's save buffers in flight (issue 18: it ran with vLLM awake).
+  save      a checkpoint save between steps: vLLM asleep, the training state resident (its grads
+            stay on host; counted anyway), one tensor's save buffers in flight (issue 18: it ran
+            with vLLM awake).
 Without sleep mode vLLM keeps its whole share throughout. NCCL/cuBLAS workspaces, the CUDA
 context and fragmentation are not modelled; a stated safety margin covers them.
 """

@@ -20,10 +20,11 @@ The engine is asleep when the trainer gets it (train/session.py); `start()` is t
 `rollout.load_format=dummy`), and `finish()` puts it back to sleep with the actor resident, so a
 second `train()` on the same session (the demo's baseline run) builds its actor while vLLM sleeps.
 
-Checkpoints are saved in the train phase, after the update and before `to_rollout()` (issue 18):
-a save reads the params and the optimizer state, which must not share the GPU with vLLM's
-weights and KV cache (at 32B and DP=2 Adam state alone leaves no room for them). A save asked for
-in the rollout phase (`actor_resident`) puts vLLM to sleep first and leaves the grads on host.
+A checkpoint save reads the params and the optimizer state, which must not share the GPU with
+vLLM's weights and KV cache (at 32B and DP=2 Adam state alone leaves no room for them; issue 18).
+The trainer saves between steps, after the step's metrics row is logged (so a crash after the
+commit never loses that row): `actor_resident` puts vLLM to sleep first, brings the actor back
+without its grads, and hands the weights back to vLLM afterwards, one extra weight sync per save.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ code path, so the CPU tests check it (storage freed, restored bit-exact, trainin
 
 NOTE: while offloaded, a tensor's storage has 0 bytes and reading it is undefined (on CPU it
 segfaults; nothing checks the bounds). Whatever reads Megatron state must run in the train phase:
-the trainer saves checkpoints in the train phase, before the hand-over to vLLM (train/colocate.py).
+a checkpoint save brings the actor back first, with vLLM asleep (train/colocate.py `actor_resident`).
 
 Not handled (refused with an error, or left in place):
 - storages PyTorch cannot resize (memory it did not allocate, e.g. NCCL user-buffer registration,
