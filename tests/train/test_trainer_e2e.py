@@ -101,7 +101,9 @@ def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
     assert all(r["train/num_updates"] == 2 and r["train/approx_kl_off_policy"] >= 0 for r in rows)
 
     # The trainer's checkpoints are the converter's format: export the last one back to HF.
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000001", "step_000002"]
+    ckpt = tmp_path / "ckpt" / "agpo"  # the demo gives each arm its own save_dir
+    saved = sorted(p.name for p in ckpt.iterdir() if not p.name.startswith("."))  # the run lock's file aside
+    assert saved == ["latest", "step_000001", "step_000002"]
     hf_out = tmp_path / "hf_out"
     proc = subprocess.run(
         [
@@ -109,7 +111,7 @@ def test_agpo_dp2_reference_loss_path_checkpoint_to_hf(tmp_path):
             "-m",
             "checkpoints_conversion.megatron_to_hf",
             "--ckpt",
-            str(tmp_path / "ckpt" / "step_000002"),
+            str(ckpt / "step_000002"),
             "--out",
             str(hf_out),
         ],
