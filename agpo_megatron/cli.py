@@ -121,7 +121,10 @@ def _train(args: argparse.Namespace) -> int:
     from agpo_megatron.runtime.launch import LOCK_HELD_ENV
 
     t0 = time.time()
-    rank = int(os.environ.get("RANK", "0"))
+    # An srun task has no RANK yet (runtime/parallel.py maps SLURM_* later): its SLURM_PROCID decides
+    # which task takes the run lock, or every task of the job would try to.
+    srun_rank = os.environ.get("SLURM_PROCID", "0") if "SLURM_STEP_ID" in os.environ else "0"
+    rank = int(os.environ.get("RANK") or srun_rank)
     # The supervisor has shown the config's warnings; under torchrun/srun, rank 0 shows them.
     cfg = _load(args, show_warnings=rank == 0 and not os.environ.get(LOCK_HELD_ENV))
     if rank == 0 and not os.environ.get(LOCK_HELD_ENV):
