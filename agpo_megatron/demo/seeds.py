@@ -143,6 +143,15 @@ def verdict(stats: dict[str, dict[str, float]]) -> list[str]:
     ]
 
 
+def arm_folders(result: dict[str, Any]) -> dict[str, str]:
+    """Run label -> its folder name in a seed's run folder (`GRPO` -> `grpo`, `Dr.GRPO` -> `drgrpo`),
+    for the arms a seed's results.json holds, from the demo's arm table."""
+    from agpo_megatron.demo.run import ARMS
+
+    by_label = {label: name for name, (label, _) in ARMS.items()}
+    return {label: by_label.get(label, label.lower()) for label in result["runs"]}
+
+
 def _same_args(results_path: Path, seed: int, demo_args: list[str]) -> bool:
     if not results_path.is_file():
         return False
@@ -193,12 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         results[seed] = json.loads(res.read_text())
 
     task = results[seeds[0]].get("task", "arith")
+    arm_dirs = arm_folders(results[seeds[0]])
+    pairs: dict[str, Any] = {}
     if task == "steps":
-        from agpo_megatron.demo.summary import summarize_steps, verdict_steps
+        from agpo_megatron.demo.summary import summarize_pair, summarize_steps, verdict_steps
 
         table, summary = summarize_steps(results, {s: out / f"seed{s}" for s in seeds})
         stats, lines = summary["stats"], verdict_steps(summary["stats"])
         per_seed = summary["per_seed"]
+        # Every further arm (`--arms grpo,agpo,dapo`) against AGPO, over the same seeds.
+        for label in arm_dirs:
+            if label in ("GRPO", "AGPO"):
+                continue
+            dirs = {s: out / f"seed{s}" for s in seeds}
+            pair_table, pair = summarize_pair(results, "AGPO", label, dirs, folders=arm_dirs)
+            pairs[label] = pair
+            lines += ["", f"AGPO against {label} (same seeds, same warm starts):", "", pair_table]
     else:
         table, stats = summarize(results, {s: shortest_format_tokens(out / f"seed{s}") for s in seeds})
         lines, per_seed = verdict(stats), {}
@@ -210,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     from agpo_megatron.report.plot import parse_runs, plot_runs
 
-    runs = parse_runs([f"{label}={out / f'seed{s}' / label.lower()}" for label in ("GRPO", "AGPO") for s in seeds])
+    runs = parse_runs([f"{label}={out / f'seed{s}' / folder}" for label, folder in arm_dirs.items() for s in seeds])
     png = plot_runs(runs, out / "seeds.png", PLOT_KEYS[task])
     md = "\n".join([f"`{command}`", "", table, "", *lines, ""])
     (out / "seeds.md").write_text(md)
     (out / "seeds.json").write_text(
-        json.dumps({"seeds": seeds, "task": task, "stats": stats, "per_seed": per_seed, "command": command}, indent=2)
+        json.dumps(
+            {"seeds": seeds, "task": task, "stats": stats, "per_seed": per_seed, "pairs": pairs, "command": command},
+            indent=2,
+        )
     )
     print(f"\n{md}\nwrote {out / 'seeds.md'} and {png}")
     return 0

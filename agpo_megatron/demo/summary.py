@@ -194,3 +194,100 @@ def verdict_steps(st: dict[str, Any]) -> list[str]:
         f"{st['design/waste_effect']['mean']:.1f} points (max {st['design/waste_effect']['max']:.1f})",
         *gap_line,
     ]
+
+
+def mean_metric(run_dir: Path, key: str) -> float:
+    """Mean over training steps of one metric of a run's metrics.jsonl; NaN when not logged."""
+    from agpo_megatron.report.jsonl import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    vals = [r[key] for r in read_jsonl(path) if "step" in r and key in r] if path.is_file() else []
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+PAIR_SAMPLING = ("rounds", "prompts_sampled", "frac_kept", "short_batch")
+"""Dynamic sampling's per-step metrics (train/rollout_rounds.py), averaged over steps, per arm."""
+
+
+def summarize_pair(
+    results: dict[int, dict[str, Any]],
+    a: str,
+    b: str,
+    dirs: dict[int, Path] | None = None,
+    folders: dict[str, str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Arm `a` against arm `b` (labels, e.g. "AGPO" and "DAPO"; both runs start from the same warm
+    start of each seed): the Markdown table of the sampled evaluation (greedy beside) and the
+    statistics over seeds of the token ratio a/b and the pass@1 difference a - b. `dirs` adds what
+    only the metrics hold: dynamic sampling's rounds, prompts sampled per step and kept fraction;
+    `folders` names each label's run folder in a seed's folder (default: the label in lower case)."""
+    dirs, folders = dirs or {}, folders or {}
+    rows: dict[int, dict[str, float]] = {}
+    for seed, r in sorted(results.items()):
+        ev = {arm: r["runs"][arm]["eval_after"] for arm in (a, b)}
+        row: dict[str, float] = {}
+        for mode in ("sampled", "greedy"):
+            for arm in (a, b):
+                for k in ("pass@1", "mean_tokens", "reasoning_tokens", "waste_tokens", "steps_present"):
+                    row[f"{mode}/{arm}/{k}"] = ev[arm][f"{mode}/{k}"]
+            row[f"{mode}/ratio"] = row[f"{mode}/{a}/mean_tokens"] / row[f"{mode}/{b}/mean_tokens"]
+            row[f"{mode}/diff"] = 100 * (row[f"{mode}/{a}/pass@1"] - row[f"{mode}/{b}/pass@1"])
+        for arm in (a, b):
+            for k in PAIR_SAMPLING:
+                run = dirs[seed] / folders.get(arm, arm.lower()) if seed in dirs else None
+                row[f"{arm}/sampling/{k}"] = mean_metric(run, f"sampling/{k}") if run else float("nan")
+        rows[seed] = row
+    values = {k: [x[k] for x in rows.values() if not math.isnan(x[k])] for k in next(iter(rows.values()))}
+    st = {k: stats(v) for k, v in values.items() if v}
+
+    def toks(x: dict[str, Any], arm: str) -> str:
+        p = f"sampled/{arm}/"
+        return f"{x[p + 'mean_tokens']:.1f} ({x[p + 'reasoning_tokens']:.1f} + {x[p + 'waste_tokens']:.1f})"
+
+    def rounds(x: dict[str, Any], arm: str) -> str:
+        r = x[f"{arm}/sampling/rounds"]
+        return "-" if math.isnan(r) else f"{r:.2f}, {x[f'{arm}/sampling/prompts_sampled']:.1f}"
+
+    head = (
+        "seed",
+        f"{a} pass@1",
+        f"{b} pass@1",
+        f"{a} tokens (reasoning + waste)",
+        f"{b} tokens (reasoning + waste)",
+        f"steps {a} / {b}",
+        f"{a}/{b} tokens",
+        f"pass@1 {a}-{b} (pts)",
+        "greedy: ratio, diff",
+        f"{b} rounds, prompts per step",
+    )
+    lines = ["| " + " | ".join(head) + " |", "|---:|" + "---:|" * (len(head) - 1)]
+    for seed, x in rows.items():
+        cells = [
+            str(seed),
+            f"{100 * x[f'sampled/{a}/pass@1']:.1f}",
+            f"{100 * x[f'sampled/{b}/pass@1']:.1f}",
+            toks(x, a),
+            toks(x, b),
+            f"{100 * x[f'sampled/{a}/steps_present']:.0f}% / {100 * x[f'sampled/{b}/steps_present']:.0f}%",
+            f"{x['sampled/ratio']:.3f}",
+            f"{x['sampled/diff']:+.1f}",
+            f"{x['greedy/ratio']:.3f}, {x['greedy/diff']:+.1f}",
+            rounds(x, b),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = {k: v["mean"] for k, v in st.items()}
+    r, d = st["sampled/ratio"], st["sampled/diff"]
+    lines.append(
+        f"| **mean** | {100 * mean[f'sampled/{a}/pass@1']:.1f} | {100 * mean[f'sampled/{b}/pass@1']:.1f} | "
+        f"{toks(mean, a)} | {toks(mean, b)} | {100 * mean[f'sampled/{a}/steps_present']:.0f}% / "
+        f"{100 * mean[f'sampled/{b}/steps_present']:.0f}% | {r['mean']:.3f} | {d['mean']:+.1f} | "
+        f"{mean['greedy/ratio']:.3f}, {mean['greedy/diff']:+.1f} | "
+        + ("-" if f"{b}/sampling/rounds" not in mean else rounds(mean, b))
+        + " |"
+    )
+    lines.append(f"| **std** | | | | | | {r['std']:.3f} | {d['std']:.1f} | | |")
+    for name, key in (("95% CI (t)", "ci95_t"), ("95% CI (bootstrap)", "ci95_bootstrap")):
+        lines.append(
+            f"| **{name}** | | | | | | [{r[key][0]:.3f}, {r[key][1]:.3f}] | [{d[key][0]:+.1f}, {d[key][1]:+.1f}] | | |"
+        )
+    return "\n".join(lines), {"per_seed": rows, "stats": st}

@@ -6,6 +6,7 @@ score, take optimizer steps, and export its weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -246,23 +247,37 @@ class Actor:
 
 
 def reduce_token_weighted(per_mb: list[dict[str, Any]], layout: Layout) -> dict[str, float]:
-    """Average metrics over micro-batches and DP ranks, weighted by each one's `num_tokens`.
+    """Average metrics over micro-batches and DP ranks, weighted by each one's `num_tokens`; a metric
+    named `*_max` takes the maximum and `*_min` the minimum instead (a token-weighted mean of
+    per-micro-batch maxima would be neither the max nor a mean).
 
     Only the last pipeline stage has loss metrics, and TP ranks hold copies, so only
-    (last stage, tp_rank 0) ranks contribute; one world all-reduce leaves the result everywhere.
+    (last stage, tp_rank 0) ranks contribute; two world all-reduces (SUM, MAX) leave the result
+    everywhere.
     """
     keys = sorted({k for m in per_mb for k in m if k != "num_tokens"})
     names_t = [keys]
     dist.broadcast_object_list(names_t, src=dist.get_world_size() - 1)  # the last rank is a last-stage rank
     keys = names_t[0]
-    vec = torch.zeros(len(keys) + 1, dtype=torch.float64, device=comm_device())  # NCCL takes no CPU tensor
+    # Extremes as one MAX reduction: a minimum is the negated maximum of the negated values.
+    sign = {k: 1.0 if k.endswith("_max") else -1.0 for k in keys if k.endswith(("_max", "_min"))}
+    means = [k for k in keys if k not in sign]
+    vec = torch.zeros(len(means) + 1, dtype=torch.float64, device=comm_device())  # NCCL takes no CPU tensor
+    ext = torch.full((max(len(sign), 1),), -math.inf, dtype=torch.float64, device=comm_device())
     if layout.is_last_stage and layout.tp_rank == 0:
         for m in per_mb:
             w = float(m.get("num_tokens", 1.0))
             vec[-1] += w
-            for i, k in enumerate(keys):
+            for i, k in enumerate(means):
                 vec[i] += w * float(m.get(k, 0.0))
+            for i, (k, sg) in enumerate(sign.items()):
+                if k in m:
+                    ext[i] = max(float(ext[i]), sg * float(m[k]))
     dist.all_reduce(vec)
-    vals = vec.tolist()  # one device->host copy, not one .item() sync per metric
+    dist.all_reduce(ext, op=dist.ReduceOp.MAX)
+    vals, ext_vals = vec.tolist(), ext.tolist()  # one device->host copy each, not one .item() per metric
     total = max(vals[-1], 1.0)
-    return {k: vals[i] / total for i, k in enumerate(keys)}
+    out = {k: vals[i] / total for i, k in enumerate(means)}
+    # No rank had the metric: NaN, not an invented extreme.
+    out.update({k: sg * v if math.isfinite(v) else math.nan for (k, sg), v in zip(sign.items(), ext_vals)})
+    return {k: out[k] for k in keys}

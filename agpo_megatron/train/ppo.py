@@ -80,7 +80,8 @@ def update(
 def summarize(per_update: list[dict[str, float]]) -> dict[str, float]:
     """One row per rollout from the metrics of its updates.
 
-    Every key: the mean over updates (lr and nonfinite_steps_total: the last update's). Plus
+    Every key: the mean over updates (lr and nonfinite_steps_total: the last update's; `*_max` the
+    largest and `*_min` the smallest over updates, as within one update). Plus
     `num_updates`, `pg_clipfrac_last_update` / `approx_kl_last_update` (the last update's, the most
     off-policy), and with 2+ updates `approx_kl_off_policy`: the mean approx_kl of updates 2.., the
     ones not at the sampling weights (update 1's is 0, or the engine mismatch with logprob_mode rollout).
@@ -89,10 +90,17 @@ def summarize(per_update: list[dict[str, float]]) -> dict[str, float]:
     if not per_update:  # a dynamic-sampling step that found no group to train (train/rollout_rounds.py)
         return {"num_updates": 0.0}
     keys = sorted({k for m in per_update for k in m})
-    row = {
-        k: (per_update[-1].get(k, 0.0) if k in _LAST else sum(m.get(k, 0.0) for m in per_update) / len(per_update))
-        for k in keys
-    }
+    row = {}
+    for k in keys:
+        vals = [m[k] for m in per_update if k in m]
+        if k in _LAST:
+            row[k] = per_update[-1].get(k, 0.0)
+        elif k.endswith("_max"):
+            row[k] = max(vals)
+        elif k.endswith("_min"):
+            row[k] = min(vals)
+        else:
+            row[k] = sum(m.get(k, 0.0) for m in per_update) / len(per_update)
     row["num_updates"] = float(len(per_update))
     for k in ("pg_clipfrac", "approx_kl"):
         if k in per_update[-1]:

@@ -92,3 +92,34 @@ def test_steps_summary_intervals_and_targets():
     assert "| 1 | 50.0 | 80.0 | 80.0 | 40.0 (15.0 + 20.0) | 24.0 (15.0 + 4.0) | 100% / 100% | 0.600 | +0.0 |" in table
     lines = verdict_steps(st)
     assert "(met)" in lines[0] and "max 0.700 (met)" in lines[1] and "0.20x (met)" in lines[3]
+
+
+def test_pair_summary_compares_two_arms_and_reads_dynamic_sampling(tmp_path):
+    """AGPO against DAPO: ratio AGPO/DAPO and difference AGPO - DAPO per seed, and DAPO's rounds and
+    prompts per step averaged over its metrics rows."""
+    import json
+
+    from agpo_megatron.demo.seeds import arm_folders
+    from agpo_megatron.demo.summary import summarize_pair
+
+    def ev(p, tokens, waste):
+        keys = (("pass@1", p), ("mean_tokens", tokens), ("reasoning_tokens", 16.0), ("waste_tokens", waste))
+        return {f"{m}/{k}": v for m in ("greedy", "sampled") for k, v in (*keys, ("steps_present", 1.0))}
+
+    def run(agpo, dapo):
+        return {"runs": {"AGPO": {"eval_after": ev(*agpo)}, "DAPO": {"eval_after": ev(*dapo)}}}
+
+    results = {0: run((0.80, 20.0, 1.0), (0.75, 25.0, 6.0)), 1: run((0.70, 30.0, 2.0), (0.80, 20.0, 1.0))}
+    for seed, rows in ((0, [(1, 8), (3, 24)]), (1, [(2, 16)])):
+        (tmp_path / f"seed{seed}" / "dapo").mkdir(parents=True)
+        lines = [{"step": i + 1, "sampling/rounds": r, "sampling/prompts_sampled": p} for i, (r, p) in enumerate(rows)]
+        (tmp_path / f"seed{seed}" / "dapo" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    folders = arm_folders({"runs": {"AGPO": {}, "DAPO": {}, "Dr.GRPO": {}}})
+    assert folders == {"AGPO": "agpo", "DAPO": "dapo", "Dr.GRPO": "drgrpo"}
+    table, pair = summarize_pair(results, "AGPO", "DAPO", {s: tmp_path / f"seed{s}" for s in results}, folders)
+    st = pair["stats"]
+    assert st["sampled/ratio"]["mean"] == pytest.approx((0.8 + 1.5) / 2)
+    assert st["sampled/diff"]["mean"] == pytest.approx((5.0 - 10.0) / 2)
+    assert pair["per_seed"][0]["DAPO/sampling/rounds"] == 2.0 and pair["per_seed"][1]["DAPO/sampling/rounds"] == 2.0
+    assert "| 0 | 80.0 | 75.0 | 20.0 (16.0 + 1.0) | 25.0 (16.0 + 6.0) | 100% / 100% | 0.800 | +5.0 |" in table
+    assert "| 2.00, 16.0 |" in table and "AGPO/DAPO tokens" in table

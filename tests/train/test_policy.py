@@ -51,3 +51,25 @@ def test_ppo_minibatches_shortcut_is_bit_exact_and_later_updates_are_off_policy(
     )
     out = torchrun("ppo_updates.py", hf_dir, loss, timeout=300)
     assert sorted(l.split()[1] for l in out.splitlines() if l.startswith("RESULT") and " ok " in l) == ["0", "1"], out
+
+
+def test_metric_reduction_weights_means_by_tokens_and_takes_true_extremes():
+    """`*_max` is the largest value any micro-batch saw and `*_min` the smallest; the rest is the
+    token-weighted mean. (Before: the maxima were averaged too, 0.75 * 3 + 0.25 * 9 = 4.5 here.)"""
+    import math
+
+    from agpo_megatron.runtime.parallel import Layout
+    from agpo_megatron.train.policy import reduce_token_weighted
+
+    init_distributed()  # a world of one on gloo
+    layout = Layout(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0)
+    per_mb = [
+        {"num_tokens": 6.0, "pg_loss": torch.tensor(1.0), "ratio_max": 3.0, "ratio_min": 0.5},
+        {"num_tokens": 2.0, "pg_loss": 3.0, "ratio_max": 9.0, "ratio_min": 0.8, "only_here_max": 2.0},
+    ]
+    out = reduce_token_weighted(per_mb, layout)
+    assert out == {"only_here_max": 2.0, "pg_loss": 1.5, "ratio_max": 9.0, "ratio_min": 0.5}
+    # A rank that holds no loss metrics (not the last stage) contributes nothing, not a made-up extreme.
+    off = Layout(rank=0, world_size=1, tp=1, pp=2, dp=1, tp_rank=0, pp_rank=0, dp_rank=0)
+    out = reduce_token_weighted(per_mb, off)
+    assert out["pg_loss"] == 0.0 and math.isnan(out["ratio_max"]) and math.isnan(out["ratio_min"])

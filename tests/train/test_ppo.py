@@ -158,3 +158,16 @@ def test_offloaded_reference_is_resident_once_per_rollout_and_copied_to_host_onc
     w = model[0].weight
     with ref.resident():
         assert torch.equal(w, w.clone())  # restored from the one host copy (readable, not freed)
+
+
+def test_rollout_row_means_updates_but_keeps_extremes_and_last_values():
+    rows = [
+        {"pg_loss": 1.0, "ratio_max": 1.0, "ratio_min": 1.0, "lr": 1e-3, "approx_kl": 0.0},
+        {"pg_loss": 3.0, "ratio_max": 1.5, "ratio_min": 0.7, "lr": 2e-3, "approx_kl": 0.2},
+        {"pg_loss": 2.0, "ratio_max": 1.2, "ratio_min": 0.9, "lr": 3e-3, "approx_kl": 0.4},
+    ]
+    row = ppo.summarize(rows)
+    assert row["pg_loss"] == 2.0 and row["ratio_max"] == 1.5 and row["ratio_min"] == 0.7 and row["lr"] == 3e-3
+    assert row["num_updates"] == 3.0 and row["approx_kl_last_update"] == 0.4
+    assert row["approx_kl_off_policy"] == pytest.approx(0.3)
+    assert ppo.summarize([]) == {"num_updates": 0.0}
