@@ -218,10 +218,9 @@ def run_d1_reduce_token_weighted(ctx: Ctx) -> None:
 def run_policy_step(ctx: Ctx) -> None:
     """One real `Actor.policy_step` (fused loss, DDP, distributed optimizer) on a tiny model."""
     prepare(ctx)
-    from agpo_megatron.algo.loss import PolicyLossConfig
     from agpo_megatron.runtime import parallel
     from agpo_megatron.train.policy import Actor
-    from tests.gpu.common import micro_batches, tiny_sequences
+    from tests.gpu.common import micro_batches, policy_step, tiny_sequences
 
     with check(ctx, "policy_step"):
         lay = parallel.init_model_parallel(1, 1, seed=1234)
@@ -233,15 +232,7 @@ def run_policy_step(ctx: Ctx) -> None:
             mb["old_logprobs"] = out["logprobs"]
         before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
         with CollectiveRecorder().active() as rec:
-            m = actor.policy_step(
-                mbs,
-                PolicyLossConfig(),
-                temperature=1.0,
-                global_num_tokens=seqs.num_response_tokens(),
-                global_num_seqs=len(seqs),
-                kl_coef=0.0,
-                eps=(0.2, 0.2),
-            )
+            m = policy_step(actor, mbs, seqs)
         changed = sum(int(not p.detach().equal(before[n])) for n, p in actor.model.named_parameters())
         finite = all(math.isfinite(v) for v in m.values())
         status, why = judge(

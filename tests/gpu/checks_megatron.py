@@ -14,6 +14,7 @@ from tests.gpu.common import (
     check,
     judge,
     micro_batches,
+    policy_step,
     require_attrs,
     require_params,
     tiny_arch,
@@ -108,7 +109,6 @@ def run_ddp_step(ctx: Ctx) -> None:
     prepare(ctx)
     import torch
 
-    from agpo_megatron.algo.loss import PolicyLossConfig
     from agpo_megatron.train.policy import Actor
 
     with check(ctx, "ddp_distopt_step"):
@@ -120,15 +120,7 @@ def run_ddp_step(ctx: Ctx) -> None:
         for mb, out in zip(mbs, actor.logprobs(mbs, temperature=1.0), strict=True):
             mb["old_logprobs"] = out["logprobs"] - 0.01  # off-policy by a little: ratio != 1
         before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
-        m = actor.policy_step(
-            mbs,
-            PolicyLossConfig(),
-            temperature=1.0,
-            global_num_tokens=seqs.num_response_tokens(),
-            global_num_seqs=len(seqs),
-            kl_coef=0.0,
-            eps=(0.2, 0.2),
-        )
+        m = policy_step(actor, mbs, seqs)
         params = dict(actor.model.named_parameters())
         changed = sum(int(not p.detach().equal(before[n])) for n, p in params.items())
         grad_dtypes = {str(p.main_grad.dtype) for p in params.values() if hasattr(p, "main_grad")}

@@ -73,14 +73,13 @@ def run_save_peak_memory(ctx: Ctx) -> None:
 
     import torch
 
-    from agpo_megatron.algo.loss import PolicyLossConfig
     from agpo_megatron.checkpoint.train_state import save_checkpoint
     from agpo_megatron.config.model import OffloadConfig
     from agpo_megatron.runtime import parallel
     from agpo_megatron.train.colocate import Colocation
     from agpo_megatron.train.offload import ActorMemory
     from agpo_megatron.train.policy import Actor
-    from tests.gpu.common import micro_batches, tiny_sequences
+    from tests.gpu.common import micro_batches, policy_step, tiny_sequences
 
     with check(ctx, "save_peak_memory"):
         lay = parallel.init_model_parallel(1, 1, seed=1234)
@@ -97,15 +96,7 @@ def run_save_peak_memory(ctx: Ctx) -> None:
         colo = Colocation(engine, memory, sync=lambda: None)
         colo.start()
         colo.to_train()
-        actor.policy_step(
-            mbs,
-            PolicyLossConfig(),
-            temperature=1.0,
-            global_num_tokens=seqs.num_response_tokens(),
-            global_num_seqs=len(seqs),
-            kl_coef=0.0,
-            eps=(0.2, 0.2),
-        )
+        policy_step(actor, mbs, seqs)
         seen = []
 
         def save(tag: str) -> float:

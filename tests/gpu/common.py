@@ -227,6 +227,22 @@ def micro_batches(seqs):
     return batching.split_micro_batches(seqs, micro_batch_size=2, max_tokens=None, pad_id=0, uniform_length=False)
 
 
+def policy_step(actor, mbs, seqs):
+    """One `Actor.policy_step` with the default loss, no KL and eps 0.2, normalised by the batch's own
+    counts: the plain update the smoke checks time, measure or watch."""
+    from agpo_megatron.algo.loss import PolicyLossConfig
+
+    return actor.policy_step(
+        mbs,
+        PolicyLossConfig(),
+        temperature=1.0,
+        global_num_tokens=seqs.num_response_tokens(),
+        global_num_seqs=len(seqs),
+        kl_coef=0.0,
+        eps=(0.2, 0.2),
+    )
+
+
 # ---- numbers -------------------------------------------------------------------------------------
 
 

@@ -126,6 +126,23 @@ def residency(calls: list[str]) -> tuple[set[str], set[str]]:
     return awake, resident
 
 
+def saving_every_step(tmp_path, *overrides: str) -> TrainConfig:
+    """A fake-run config that saves a checkpoint after every step (for the save-time checks)."""
+    base = [
+        "data.train.path=unused.jsonl",
+        "data.train.answer_format=boxed",
+        "batch.prompts_per_rollout=2",
+        "batch.micro_batch_size=4",
+        "algo.group_size=2",
+        "algo.loss.kl_coef=0.01",
+        f"logging.out_dir={tmp_path}",
+        "logging.progress_bar=false",
+        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+        "checkpoint.save_interval=1",
+    ]
+    return load_config(TrainConfig, None, [*base, *overrides])
+
+
 def test_colocation_transitions_in_order():
     rec = Recorder()
     colo = Colocation(FakeEngine(rec), FakeActorState(rec), sync=rec("sync"), empty_cache=rec("empty_cache"))
@@ -254,24 +271,7 @@ def patch_trainer(monkeypatch, rec: Recorder) -> None:
 def test_train_loop_runs_the_phases_in_order(tmp_path, monkeypatch):
     rec = Recorder()
     patch_trainer(monkeypatch, rec)
-    cfg = load_config(
-        TrainConfig,
-        None,
-        [
-            "data.train.path=unused.jsonl",
-            "data.train.answer_format=boxed",
-            "steps=2",
-            "eval_interval=1",
-            "batch.prompts_per_rollout=2",
-            "batch.micro_batch_size=4",
-            "algo.group_size=2",
-            "algo.loss.kl_coef=0.01",
-            f"logging.out_dir={tmp_path}",
-            "logging.progress_bar=false",
-            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-            "checkpoint.save_interval=1",
-        ],
-    )
+    cfg = saving_every_step(tmp_path, "steps=2", "eval_interval=1")
     session = FakeSession(cfg, rec)
     actor = FakeActor(rec)
     trainer.train(session, actor=actor)
@@ -307,23 +307,7 @@ def test_every_save_sees_vllm_asleep_and_the_actor_resident_also_the_forced_one(
     patch_trainer(monkeypatch, rec)
     asks = iter([False, True])
     monkeypatch.setattr(trainer.preempt, "requested", lambda: next(asks))
-    cfg = load_config(
-        TrainConfig,
-        None,
-        [
-            "data.train.path=unused.jsonl",
-            "data.train.answer_format=boxed",
-            "steps=5",
-            "batch.prompts_per_rollout=2",
-            "batch.micro_batch_size=4",
-            "algo.group_size=2",
-            "algo.loss.kl_coef=0.01",
-            f"logging.out_dir={tmp_path}",
-            "logging.progress_bar=false",
-            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-            "checkpoint.save_interval=1",
-        ],
-    )
+    cfg = saving_every_step(tmp_path, "steps=5")
     with pytest.raises(preempt.Preempted):
         trainer.train(FakeSession(cfg, rec), actor=FakeActor(rec))
     saves = [(i, c) for i, c in enumerate(rec.calls) if c.startswith("save_checkpoint")]
