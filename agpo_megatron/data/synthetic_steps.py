@@ -1,14 +1,18 @@
 """The steps task (issue 17): solutions hold reasoning that helps and waste that cannot change correctness.
 
     question:  7+5-3+4=
-    solution:  [waste] [steps] \\boxed{13}
+    solution:  [waste] [steps] \\boxed{13}                 (waste_at="before", the default)
     e.g.       hmm let me think 7+5-3+4= 7+5=12 12-3=9 9+4=13 \\boxed{13}
+    or:        [steps] \\boxed{13} [waste]                 (waste_at="after")
 
 * **Steps** (reasoning that helps): one equation per operation, left to right. Without them the
   tiny model must produce the sum of 3 or 4 numbers in one go, which it mostly cannot.
 * **Waste** (copied, never computed): 0-3 units before the steps, each a filler phrase
   (`ok let me see`, `hmm let me think`, `well now`) or the question restated verbatim. No waste
   token carries a result, so waste cannot make an answer right or wrong.
+* `waste_at="after"` puts the same waste after the box instead: the answer is written before any
+  waste token, so waste is inert by construction, also while sampling (where waste before the steps
+  was measured to go with skipping them: docs/demo.md).
 
 The warm start (`make_split`'s training rows) sees all 8 combinations (steps yes/no x 0-3 waste
 units) in exactly equal shares, so the warm policy writes every combination and RL can move
@@ -32,6 +36,7 @@ __all__ = [
     "COMBINATIONS",
     "OPERANDS",
     "WASTE_LEVELS",
+    "WASTE_POSITIONS",
     "analyze",
     "forced_prefix",
     "make_solution",
@@ -44,6 +49,8 @@ WASTE_LEVELS = (0, 1, 2, 3)
 """Waste units a training solution carries."""
 COMBINATIONS = tuple((steps, waste) for steps in (True, False) for waste in WASTE_LEVELS)
 """(steps present, waste units): the 8 cells the warm start sees in equal shares."""
+WASTE_POSITIONS = ("before", "after")
+"""Where a solution's waste goes: before the steps, or after the box."""
 _PHRASES = ("ok let me see", "hmm let me think", "well now")
 _RESTATE = "restate"
 OPERANDS = (3, 4)
@@ -61,18 +68,21 @@ def waste_units(problem: Problem, rng: random.Random, n: int) -> list[str]:
     return [problem.question if (u := rng.choice((*_PHRASES, _RESTATE))) == _RESTATE else u for _ in range(n)]
 
 
-def make_solution(problem: Problem, *, steps: bool, waste: list[str]) -> str:
-    """`[waste] [steps] \\boxed{answer}`, single spaces between the parts."""
-    return " ".join([*waste, *(problem.steps() if steps else []), f"\\boxed{{{problem.answer}}}"])
+def make_solution(problem: Problem, *, steps: bool, waste: list[str], waste_at: str = "before") -> str:
+    """`[waste] [steps] \\boxed{answer}` (or `[steps] \\boxed{answer} [waste]` with waste_at="after"),
+    single spaces between the parts."""
+    answer = [*(problem.steps() if steps else []), f"\\boxed{{{problem.answer}}}"]
+    return " ".join([*answer, *waste] if waste_at == "after" else [*waste, *answer])
 
 
-def forced_prefix(problem: Problem, *, steps: bool, waste: list[str]) -> str:
+def forced_prefix(problem: Problem, *, steps: bool, waste: list[str], waste_at: str = "before") -> str:
     """The start of a solution that fixes its cell for the design check: the waste, then either the
     first step's left side (`7+5=`: the model computes from there on) or the box (`\\boxed{`: the
-    model must answer without steps)."""
+    model must answer without steps). With waste_at="after" the waste cannot be forced before the
+    answer: the prefix fixes the steps alone."""
     first = problem.steps()[0]
     head = first[: first.index("=") + 1] if steps else "\\boxed{"
-    return " ".join([*waste, head])
+    return " ".join([*waste, head] if waste_at == "before" else [head])
 
 
 def _problems(rng: random.Random, n: int, exclude: set[str], operands: tuple[int, ...]) -> list[Problem]:
@@ -95,12 +105,12 @@ def _held_out(seed: int, n: int, operands: tuple[int, ...]) -> list[Problem]:
     return out
 
 
-def _row(problem: Problem, rng: random.Random, steps: bool, waste: int) -> dict[str, Any]:
+def _row(problem: Problem, rng: random.Random, steps: bool, waste: int, waste_at: str) -> dict[str, Any]:
     units = waste_units(problem, rng, waste)
     return {
         "question": problem.question,
         "answer": str(problem.answer),
-        "solution": make_solution(problem, steps=steps, waste=units),
+        "solution": make_solution(problem, steps=steps, waste=units, waste_at=waste_at),
         "steps": steps,
         "waste": waste,
         "waste_text": units,
@@ -109,7 +119,13 @@ def _row(problem: Problem, rng: random.Random, steps: bool, waste: int) -> dict[
 
 
 def make_split(
-    n_train: int, n_eval: int, seed: int, *, n_held_out: int | None = None, operands: tuple[int, ...] = OPERANDS
+    n_train: int,
+    n_eval: int,
+    seed: int,
+    *,
+    n_held_out: int | None = None,
+    operands: tuple[int, ...] = OPERANDS,
+    waste_at: str = "before",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training rows and held-out rows, deterministic in `seed`; no question is in both.
 
@@ -124,6 +140,8 @@ def make_split(
         raise ValueError(f"n_eval ({n_eval}) must be <= n_held_out ({n_held_out})")
     if not operands or any(not 3 <= k <= 4 for k in operands):
         raise ValueError(f"operands must be 3 or 4 (a restated 2-operand question reads as a step), got {operands}")
+    if waste_at not in WASTE_POSITIONS:
+        raise ValueError(f"waste_at must be one of {WASTE_POSITIONS}, got {waste_at!r}")
     held = _held_out(seed, n_held_out, operands)
     rng = random.Random(f"steps-train-{seed}")
     train_problems = _problems(rng, n_train, {p.question for p in held}, operands)
@@ -131,7 +149,7 @@ def make_split(
     for problems in (train_problems, held[:n_eval]):
         cells = [COMBINATIONS[i % len(COMBINATIONS)] for i in range(len(problems))]
         rng.shuffle(cells)
-        rows.append([_row(p, rng, s, w) for p, (s, w) in zip(problems, cells, strict=True)])
+        rows.append([_row(p, rng, s, w, waste_at) for p, (s, w) in zip(problems, cells, strict=True)])
     return rows[0], rows[1]
 
 

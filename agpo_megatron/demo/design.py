@@ -5,6 +5,10 @@ cell forced by a prefix (`synthetic_steps.forced_prefix`): the waste, then eithe
 left side (`7+5=`) or the box (`\\boxed{`). Greedy decoding from there, graded with the training
 grader on prefix + continuation. The design holds when accuracy depends on the steps (the issue
 asks for at least 30 points) and not on the waste.
+
+With the waste after the box (`--waste-at after`) a prefix cannot force it before the answer: the
+prefix fixes the steps alone, every waste level of a problem is the same generation (run once), and
+the waste effect is 0 by construction; the check then measures the steps.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from agpo_megatron.data.synthetic_steps import COMBINATIONS, WASTE_LEVELS, force
 from agpo_megatron.rollout.base import SamplingConfig
 
 
-def design_check(session: Any, *, seed: int) -> dict[str, Any]:
+def design_check(session: Any, *, seed: int, waste_at: str = "before") -> dict[str, Any]:
     """Greedy accuracy per cell on the session's held-out set; collective (every rank calls it).
 
     Returns `cells` ({"steps=1,waste=2": accuracy}), `steps_effect` (mean accuracy with steps minus
@@ -25,15 +29,19 @@ def design_check(session: Any, *, seed: int) -> dict[str, Any]:
     accuracy over the waste levels, in points).
     """
     tok, examples = session.tokenizer, session.eval_examples
-    prompts, golds, prefixes, cells = [], [], [], []
+    prompts, golds, prefixes, cells, which = [], [], [], [], []
+    index: dict[tuple[int, str], int] = {}  # (problem, prefix) -> its generation: each is run once
     for i, ex in enumerate(examples):
         problem = problem_of(ex.prompt_text)
         for steps, waste in COMBINATIONS:
             units = waste_units(problem, random.Random(f"design-{seed}-{i}-{waste}"), waste)
-            prefix = forced_prefix(problem, steps=steps, waste=units)
-            prompts.append(ex.prompt_ids + tok.encode(prefix, add_special_tokens=False))
-            golds.append(ex.gold)
-            prefixes.append(prefix)
+            prefix = forced_prefix(problem, steps=steps, waste=units, waste_at=waste_at)
+            if (i, prefix) not in index:
+                index[(i, prefix)] = len(prompts)
+                prompts.append(ex.prompt_ids + tok.encode(prefix, add_special_tokens=False))
+                golds.append(ex.gold)
+                prefixes.append(prefix)
+            which.append(index[(i, prefix)])
             cells.append((steps, waste))
     r = session.cfg.rollout
     sampling = SamplingConfig(
@@ -48,9 +56,10 @@ def design_check(session: Any, *, seed: int) -> dict[str, Any]:
     outs = session.rollout.generate(prompts, n=1, sampling=sampling)
     texts = [p + group[0].text for p, group in zip(prefixes, outs)]
     r_acc, _, _ = score_distributed(texts, golds, timeout_s=session.cfg.data.reward_timeout_s)
+    right = r_acc.tolist()
     acc: dict[tuple[bool, int], list[float]] = {c: [] for c in COMBINATIONS}
-    for cell, ok in zip(cells, r_acc.tolist()):
-        acc[cell].append(ok)
+    for cell, k in zip(cells, which, strict=True):
+        acc[cell].append(right[k])
     mean = {c: 100 * sum(v) / len(v) for c, v in acc.items()}
     with_steps = sum(mean[(True, w)] for w in WASTE_LEVELS) / len(WASTE_LEVELS)
     without = sum(mean[(False, w)] for w in WASTE_LEVELS) / len(WASTE_LEVELS)

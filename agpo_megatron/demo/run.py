@@ -59,7 +59,15 @@ EVAL_MODES = (("greedy", 0.0, 1), ("sampled", 1.0, 4))
 
 
 def prepare(
-    out: Path, *, task: str, seed: int, n_train: int, n_eval: int, max_difficulty: int, operands: tuple[int, ...]
+    out: Path,
+    *,
+    task: str,
+    seed: int,
+    n_train: int,
+    n_eval: int,
+    max_difficulty: int,
+    operands: tuple[int, ...],
+    waste_at: str = "before",
 ) -> None:
     """Rank 0 writes tokenizer + random model + synthetic data (the other ranks wait)."""
     from agpo_megatron.data import synthetic, synthetic_steps
@@ -67,7 +75,7 @@ def prepare(
 
     write_tiny_model(out / "model", "qwen2", seed=seed)  # the model `tiny:qwen2` names in a config
     if task == "steps":
-        train, held = synthetic_steps.make_split(n_train, n_eval, seed, operands=operands)
+        train, held = synthetic_steps.make_split(n_train, n_eval, seed, operands=operands, waste_at=waste_at)
         synthetic.write_jsonl(train, out / "train.jsonl")
         synthetic.write_jsonl(held, out / "eval.jsonl")
         return
@@ -132,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default="grpo,agpo", help=f"RL runs from the same warm start, in order ({sorted(ARMS)})")
     p.add_argument("--max-difficulty", type=int, default=1, help="arith: 0: a+b, 1: up to 3 operands, 2: up to 4")
     p.add_argument("--operands", default="3,4", help="steps: operands per problem, 3 and/or 4")
+    p.add_argument(
+        "--waste-at",
+        choices=("before", "after"),
+        default="before",
+        help="steps: waste before the steps (default) or after the box, where it cannot touch the answer",
+    )
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -180,6 +194,7 @@ def _run(args: argparse.Namespace, out: Path) -> None:
             n_eval=args.n_eval,
             max_difficulty=args.max_difficulty,
             operands=tuple(int(k) for k in args.operands.split(",")),
+            waste_at=args.waste_at,
         )
     dist.barrier()
     paths = [
@@ -223,7 +238,7 @@ def _run(args: argparse.Namespace, out: Path) -> None:
         session.rollout.wake_weights()
         sync_weights(warm.chunks, session.arch, session.rollout)
         session.rollout.wake_kv_cache()
-        design = design_check(session, seed=args.seed)
+        design = design_check(session, seed=args.seed, waste_at=args.waste_at)
         session.rollout.sleep()  # as Session.create left it: the trainer wakes and syncs it
         if args.design_only:
             if rank0:

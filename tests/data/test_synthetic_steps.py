@@ -53,6 +53,33 @@ def test_forced_prefixes():
     assert forced_prefix(p, steps=False, waste=[]) == "\\boxed{"
 
 
+def test_waste_after_the_box_is_the_same_waste_placed_after_the_answer():
+    """`waste_at="after"`: the same questions, cells and waste units as the default, moved behind the
+    box; each solution still grades right, the split counts the same tokens, and the design check's
+    prefix cannot force the waste (it comes after the answer)."""
+    before, held_b = make_split(64, 8, seed=0, operands=(3, 4))
+    after, held_a = make_split(64, 8, seed=0, operands=(3, 4), waste_at="after")
+    assert (before, held_b) == make_split(64, 8, seed=0, operands=(3, 4), waste_at="before")
+    for b, a in zip([*before, *held_b], [*after, *held_a], strict=True):
+        assert (b["question"], b["steps"], b["waste_text"]) == (a["question"], a["steps"], a["waste_text"])
+        assert a["solution"].startswith(b["solution"].removeprefix(" ".join(b["waste_text"])).strip())
+        if b["waste"]:
+            assert a["solution"].endswith(" ".join(a["waste_text"])) and "}" not in a["solution"].split("}")[-1]
+        assert score(a["solution"], a["answer"]).correct
+        x, y = analyze(a["solution"]), analyze(b["solution"])
+        # The same pieces; only the space between waste and answer changes owner (waste before, box after).
+        assert x["reasoning_tokens"] == y["reasoning_tokens"] and x["steps_present"] == y["steps_present"]
+        assert x["waste_tokens"] == y["waste_tokens"] - (1 if b["waste"] else 0)
+        assert sum(x.values()) == sum(y.values())
+    # "ok let me see " = 8 tokens, "7+5-3=" = 6 (the last chunk: no trailing space)
+    assert analyze("7+5=12 12-3=9 \\boxed{9} ok let me see 7+5-3=")["waste_tokens"] == 14.0
+    p = problem_of("7+5-3=")
+    assert forced_prefix(p, steps=True, waste=["well now"], waste_at="after") == "7+5="
+    assert forced_prefix(p, steps=False, waste=["well now"], waste_at="after") == "\\boxed{"
+    with pytest.raises(ValueError, match="waste_at"):
+        make_split(8, 8, seed=0, waste_at="middle")
+
+
 @pytest.mark.parametrize("text", ["hmm let me think 7+5-3= 7+5=12 12-3=9 \\boxed{9}", "ok well now see think"])
 def test_count_tokens_is_the_tokenizer(tmp_path, text):
     tok = build_tokenizer(tmp_path)

@@ -41,3 +41,22 @@ def test_short_steps_demo_logs_the_token_split(tmp_path):
             split = r["task/reasoning_tokens"] + r["task/waste_tokens"] + r["task/other_tokens"]
             assert r["len/mean"] == pytest.approx(split) and 0 <= r["task/steps_present"] <= 1
     assert "Design check" in proc.stdout and "sampled (T=1.0, n=4)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_waste_after_the_box_reaches_the_data_and_the_design_check(tmp_path):
+    """`--waste-at after`: the training solutions carry their waste behind the box, and the design
+    check forces the steps alone, so every waste level of a problem is one generation (effect 0)."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "agpo_megatron.cli", "demo", "--out", str(out), "--sft-steps", "4", "--design-only"]
+    cmd += ["--waste-at", "after", "--n-train", "64", "--n-eval", "8"]
+    proc = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    wasteful = [r for r in rows if r["waste"]]
+    assert wasteful and all(r["solution"].endswith(" ".join(r["waste_text"])) for r in wasteful)
+    design = json.loads((out / "design.json").read_text())
+    for s in (0, 1):
+        assert len({design["cells"][f"steps={s},waste={w}"] for w in range(4)}) == 1
+    assert design["waste_effect"] == {"steps=1": 0.0, "steps=0": 0.0}
