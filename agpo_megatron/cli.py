@@ -139,7 +139,12 @@ def _train(args: argparse.Namespace) -> int:
 
     at_exit(_release_lock)
     try:
-        results = train(Session.create(cfg))
+        if cfg.rollout.placement == "disaggregated":
+            from agpo_megatron.train import disaggregated
+
+            results = disaggregated.run(cfg)  # a rollout rank returns {} when the trainer is done
+        else:
+            results = train(Session.create(cfg))
     except Preempted as e:  # SIGTERM/SIGUSR1: stopped at a step boundary; rerun with resume=auto
         if rank == 0:
             print(f"[agpo] {e}", file=console(), flush=True)
