@@ -160,7 +160,8 @@ class Requests:
         out = self.remote.collect()
         versions = {c.weight_version for group in out for c in group}
         assert len(versions) == 1 and None not in versions, f"one request, one weight version: got {versions}"
-        self.queue.push([Group(ex, group, int(versions.pop() or 0)) for ex, group in zip(self.in_flight, out)])
+        version = int(versions.pop() or 0)
+        self.queue.push([Group(ex, group, version) for ex, group in zip(self.in_flight, out, strict=True)])
         self.in_flight = None
 
 
@@ -259,6 +260,8 @@ def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             task=s.task_metrics(batch.completions(), (batch.r_acc.flatten() > 0.5).tolist()),
             **{"async": async_m},
         ) | batching.padding_summary(minis)
+        # Generation overlapped the update: no phase of this step measures it on its own.
+        row.pop("throughput/rollout_tokens_per_s", None)
         if cfg.eval_due(step):
             timer.mark("evaluate")
             row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})

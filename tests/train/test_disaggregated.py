@@ -133,3 +133,34 @@ def test_disaggregated_at_staleness_0_reproduces_the_colocated_run(tiny, tmp_pat
     assert sorted(a) == sorted(b) and any("exp_avg_sq" in k for k in a)
     for key in b:
         assert torch.equal(a[key], b[key]), f"{key} differs between the placements"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_one_step_off_policy_overlaps_and_versions_advance(tiny, tmp_path):
+    rows = run_train(
+        tiny,
+        tmp_path / "async",
+        2,
+        "rollout.placement=disaggregated",
+        "rollout.num_ranks=1",
+        "rollout.max_staleness=1",
+        "steps=3",
+        "algo.loss.rollout_correction=tis",
+        "algo.loss.tis_cap=2",  # the stale groups' behaviour log-probs reach the loss
+    )
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # The trainer's weights advance one version per step; step 1 trains on the starting weights'
+    # samples (age 0), steps 2 and 3 on samples of the version before theirs (age 1): all 4 groups reused.
+    assert [r["async/weights_version"] for r in rows] == [0, 1, 2]
+    assert [r["async/age_max"] for r in rows] == [0, 1, 1]
+    assert [r["async/age_mean"] for r in rows] == [0, 1, 1]
+    assert [r["async/reused_groups"] for r in rows] == [0, 4, 4]
+    assert [r["async/dropped_groups"] for r in rows] == [0, 0, 0]
+    sampled = [r["async/weights_version"] - r["async/age_max"] for r in rows]
+    assert sampled == [0, 0, 1]  # the sampling versions advance too
+    assert all(r["train/grad_norm"] > 0 and "time/rollout_wait" in r for r in rows)
+    # The correction sees the staleness: on policy (step 1) vLLM's and Megatron's fp32 log-probs agree,
+    # one version off they do not.
+    assert rows[0]["train/rc_weight_max"] == pytest.approx(1.0, abs=1e-3)
+    assert rows[1]["train/rc_weight_max"] > 1.01 and rows[2]["train/rc_weight_max"] > 1.01

@@ -1,6 +1,7 @@
 """3-rank worker: world ranks 0-1 train (a trainer world of 2), world rank 2 rolls out (a fake engine).
 
-argv: OUT_DIR MODE   (MODE: ok | dead: the rollout rank dies after its first answer)
+argv: OUT_DIR MODE   (MODE: ok | dead: the rollout rank dies after its first answer | hung: it
+stops answering after its first answer, alive)
 
 No Megatron, no vLLM: the link's protocol alone (runtime/placement.py, rollout/remote.py). Each
 rank writes OUT_DIR/rank{r}.json with what it saw; the test compares.
@@ -47,6 +48,8 @@ class FakeEngine:
     def generate(self, prompts, n, sampling):
         if mode == "dead" and getattr(self, "answered", False):
             os._exit(3)  # dies holding the trainer's next request
+        if mode == "hung" and getattr(self, "answered", False):
+            time.sleep(120)  # alive, silent: only the link's step timeout can tell
         self.answered = True
         return [
             [Completion(prompt_index=i, token_ids=[*p, sampling.seed + j], logprobs=None, text="", finish_reason="")]
@@ -70,7 +73,7 @@ else:
     remote.weights_version = 1
     remote.update_weights(iter(weights(2.0)))
     remote.update_weights(iter(weights(3.0)))  # same version again (a save's hand-back): nothing is sent
-    if mode == "dead":
+    if mode in ("dead", "hung"):
         t0 = time.monotonic()
         try:
             remote.generate([[5]], 1, s)
