@@ -36,3 +36,9 @@ def test_bad_inputs_are_refused():
         PhaseTimes(devices=8, generate=1, reward=0, train=1, sync=0, tail=2)
     with pytest.raises(ValueError, match="staleness"):
         disaggregated_step(T, rollout_devices=4, staleness=-1)
+
+
+def test_when_training_is_the_longer_side_it_sets_the_pace():
+    # 6 rollout + 2 trainer devices: gen = 60 x (0.75 x 8/6 + 0.25) = 75, reward + train = 2 + 30 x 8/2 = 122.
+    assert disaggregated_step(T, rollout_devices=6, staleness=1) == pytest.approx(122 + 4)
+    assert disaggregated_step(T, rollout_devices=6, staleness=0) == pytest.approx(75 + 122 + 4)
