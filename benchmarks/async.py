@@ -1,6 +1,6 @@
 """Colocated synchronous vs disaggregated at staleness 0, 1 and 2, side by side in one run (CPU).
 
-    OMP_NUM_THREADS=1 python benchmarks/async.py --out /tmp/async_bench --steps 5
+    OMP_NUM_THREADS=1 python benchmarks/async.py --out /tmp/async_bench --steps 8 --rounds 2
 
 Each setting is a real `agpo train` run of the same world size (2 processes) on the same tiny random
 Qwen2-shaped model, prompts and seeds: colocated (2 ranks, each Megatron + vLLM, DP=2, 2 replicas),
@@ -8,10 +8,14 @@ and 1 trainer rank + 1 rollout rank (DP=1, 1 replica) at rollout.max_staleness 0
 
 Step time: the trainer leader's phases are sequential, so a step's wall time is the sum of its
 `time/*` row (in the async loop `time/rollout_wait` is the generation left over after the update it
-overlapped). The table gives the median over the steps after the first (warm-up), trajectories/s and
+overlapped). The table gives the median over the steps after each run's first (warm-up; with
+`--rounds` the settings run in turn, so the machine's load drift spreads over them), trajectories/s and
 response tokens/s from it, and each side's busy fraction: the trainer's (log-probs + update + sync
 over the step) and the rollout side's (its generation time over the step: `time/rollout` colocated; in
 the async loop it is not measured on the trainer, so it is estimated from the staleness-0 run's).
+"train wall / CPU s": the log-prob and update phases' wall time and the trainer process's CPU time in
+them; wall well above CPU means the trainer waited for a core (on CPU the overlapped generation
+competes for the same cores).
 
 Lengths: sampled by the random model until EOS (p about 1/vocab per token) or `--max-new-tokens`: a
 geometric spread with a capped tail, not step.py's log-normal (which needs a stub engine; this
@@ -73,10 +77,10 @@ def make_inputs(work: Path, hidden: int, layers: int) -> Path:
     return work
 
 
-def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace) -> list[dict]:
+def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, round_: int) -> list[dict]:
     from agpo_megatron.runtime.parallel import free_port
 
-    out = work / name.replace(" ", "_").replace("=", "")
+    out = work / f"{name.replace(' ', '_').replace('=', '')}_r{round_}"
     cmd = [
         sys.executable,
         "-m",
@@ -115,8 +119,8 @@ def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace) -
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def summarize(rows: list[dict], group: int, gen_estimate: float | None) -> dict[str, float]:
-    warm = rows[1:] or rows
+def summarize(runs: list[list[dict]], group: int, gen_estimate: float | None) -> dict[str, float]:
+    warm = [r for rows in runs for r in (rows[1:] or rows)]  # each run's steps after its first
     step = statistics.median(sum(v for k, v in r.items() if k.startswith("time/")) for r in warm)
     trajectories = statistics.median(r["sampling/prompts_sampled"] for r in warm) * group
     tokens = statistics.median(r["len/mean"] for r in warm) * trajectories
@@ -131,6 +135,8 @@ def summarize(rows: list[dict], group: int, gen_estimate: float | None) -> dict[
         "generate_s": statistics.median(r["time/rollout"] for r in warm),
         "reward_s": statistics.median(r["time/reward"] for r in warm),
         "train_s": statistics.median(r["time/logprobs"] + r["time/update"] for r in warm),
+        # The trainer process's own CPU seconds in the same phases: wall above it is waiting for a core.
+        "train_cpu_s": statistics.median(r["cpu_time/logprobs"] + r["cpu_time/update"] for r in warm),
         "sync_s": statistics.median(r["time/weight_sync"] for r in warm),
     }
 
@@ -146,28 +152,35 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the settings in turn this many times (ABCD ABCD): load drift spreads"
+    )
     args = p.parse_args()
     from agpo_megatron.plan.schedule import PhaseTimes, speedups
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = make_inputs(args.out, args.hidden, args.layers)
+    runs: dict[str, list[list[dict]]] = {name: [] for name in args.settings}
+    for round_ in range(args.rounds):
+        for name in args.settings:
+            runs[name].append(run(work, name, SETTINGS[name], args, round_))
+            print(f"round {round_}: {name} done", flush=True)
     results: dict[str, dict[str, float]] = {}
     gen_s0 = None
     for name in args.settings:
-        rows = run(work, name, SETTINGS[name], args)
         async_run = name in ("disagg s=1", "disagg s=2")
-        results[name] = summarize(rows, 4, gen_s0 if async_run else None)
+        results[name] = summarize(runs[name], 4, gen_s0 if async_run else None)
         if name == "disagg s=0":
             gen_s0 = results[name]["generate_s"]
         print(name, json.dumps(results[name]), flush=True)
     base = results.get("colocated")
-    print("\n| setting | step s | traj/s | tokens/s | vs colocated | trainer busy | rollout busy |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| setting | step s | traj/s | tokens/s | vs colocated | trainer busy | rollout busy | train wall / CPU |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
         print(
             f"| {name} | {r['step_s']:.2f} | {r['traj_per_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} "
-            f"| {r['trainer_busy']:.0%} | {r['rollout_busy']:.0%} |"
+            f"| {r['trainer_busy']:.0%} | {r['rollout_busy']:.0%} | {r['train_s']:.2f} / {r['train_cpu_s']:.2f} |"
         )
     if base:
         t = PhaseTimes(

@@ -81,3 +81,20 @@ def test_rollout_benchmark_runs_both_generators(tmp_path):
     for row in ("| vLLM (VLLMEngine.generate) |", "| HF transformers generate |"):
         assert row in proc.stdout, out[-3000:]
     assert "32 completion tokens" in proc.stdout  # 2 prompts x G=2 x 8 tokens, as asked
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_async_benchmark_runs_a_disaggregated_setting(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "async.py"), "--out", str(tmp_path), "--steps", "2"]
+        + ["--prompts", "4", "--micro-batch", "4", "--max-new-tokens", "16", "--hidden", "128", "--layers", "2"]
+        + ["--settings", "disagg s=1"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "| disagg s=1 |" in proc.stdout

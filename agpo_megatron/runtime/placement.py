@@ -63,9 +63,10 @@ class Link:
             self.pg.broadcast([tensor], opts).wait()
         except RuntimeError as e:  # gloo/NCCL: a peer closed the connection, or the timeout passed
             peers = [w for i, w in enumerate(self.world_ranks) if i != self.rank]
+            side = "rollout" if self.rank == 0 else "trainer"
             raise LinkError(
-                f"the link to world rank(s) {peers} failed within {self.timeout_s:g}s (a dead or hung "
-                f"{'rollout' if self.rank == 0 else 'trainer'} rank): {str(e).splitlines()[0][:200]}"
+                f"the link to world rank(s) {peers} failed: a dead {side} rank, or a hung one (silent for over "
+                f"{self.timeout_s:g} s): {' '.join(str(e).split())[:200]}"
             ) from None
         return tensor
 

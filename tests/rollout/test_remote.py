@@ -79,7 +79,7 @@ def test_a_dead_or_hung_rollout_rank_fails_the_trainer_in_one_line_naming_it(tmp
     assert proc.returncode != 0  # the rollout rank died: torchrun reports the job failed
     err = json.loads((tmp_path / "rank0.json").read_text())["error"]
     assert err is not None and "\n" not in err
-    assert "world rank(s) [2]" in err and "dead or hung rollout rank" in err
+    assert "world rank(s) [2] failed: a dead rollout rank, or a hung one (silent for over 5 s)" in err
     # A dead peer closes its sockets: the trainer hears of it at once; a hung one after the link's step
     # timeout (5 s here), not the start-up one (60 s) nor the rollout rank's 120 s sleep.
     assert json.loads((tmp_path / "rank0.json").read_text())["waited_s"] < 40
