@@ -31,8 +31,9 @@ Departures and limits (issue 21):
 - With this schedule no group ever gets older than S, so nothing is dropped in practice; the
   queue's drop rule is what guarantees it (tests/train/test_async_loop.py).
 - DAPO's dynamic sampling is refused with S > 0 (one round per step here).
-- Resume with S > 0: groups in flight or queued at the save are not saved; the resumed run samples
-  new ones from the saved weights (whose version is the saved step).
+- Resume with S > 0: groups queued at the save are not saved, and their prompts are not drawn again
+  (the saved sampler is past them); the resumed run fills its queue from the saved weights (version:
+  the saved step). Not covered by a test yet.
 """
 
 from __future__ import annotations
