@@ -98,3 +98,18 @@ def test_async_benchmark_runs_a_disaggregated_setting(tmp_path):
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "| disagg s=1 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_async_projection_prints_every_split():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "async_model.py"), "--devices", "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "+" in line.split("|")[1]]
+    assert [r.split("|")[1].strip() for r in rows] == ["1 + 3", "2 + 2", "3 + 1"]
