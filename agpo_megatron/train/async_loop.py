@@ -33,7 +33,7 @@ Departures and limits (issue 21):
 - DAPO's dynamic sampling is refused with S > 0 (one round per step here).
 - Resume with S > 0: groups queued at the save are not saved, and their prompts are not drawn again
   (the saved sampler is past them); the resumed run fills its queue from the saved weights (version:
-  the saved step). Not covered by a test yet.
+  the saved step): tests/train/test_disaggregated.py.
 """
 
 from __future__ import annotations

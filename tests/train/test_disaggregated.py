@@ -69,13 +69,15 @@ def tiny(tmp_path_factory) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     synthetic.write_jsonl(synthetic.make_dataset(32, seed=0, max_difficulty=1), d / "train.jsonl")
-    (d / "train.yaml").write_text(
-        f"data: {{train: {{path: {d / 'train.jsonl'}, answer_format: raw, prompt_template: '{{prompt}}'}}}}\n"
-    )
+    data = f"{{path: {d / 'train.jsonl'}, answer_format: raw, prompt_template: '{{prompt}}'}}"
+    (d / "train.yaml").write_text(f"data: {{train: {data}}}\n")
+    (d / "train_eval.yaml").write_text(f"data: {{train: {data}, eval: {data}}}\n")
     return d
 
 
-def run_train(tiny: Path, run: Path, nproc: int, *overrides: str, timeout: float = 240) -> list[dict]:
+def run_train(
+    tiny: Path, run: Path, nproc: int, *overrides: str, timeout: float = 240, config: str = "train.yaml"
+) -> list[dict]:
     """`agpo train` on `nproc` rank processes (none: a plain world of one); the metrics rows."""
     args = [
         sys.executable,
@@ -83,14 +85,14 @@ def run_train(tiny: Path, run: Path, nproc: int, *overrides: str, timeout: float
         "agpo_megatron.cli",
         "train",
         "--config",
-        str(tiny / "train.yaml"),
+        str(tiny / config),
         *TRAIN,
         f"model.hf_path={tiny / 'model'}",
         f"logging.out_dir={run / 'out'}",
         f"checkpoint.save_dir={run / 'ckpt'}",
         *overrides,
     ]
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     procs = []
@@ -164,3 +166,21 @@ def test_one_step_off_policy_overlaps_and_versions_advance(tiny, tmp_path):
     # one version off they do not.
     assert rows[0]["train/rc_weight_max"] == pytest.approx(1.0, abs=1e-3)
     assert rows[1]["train/rc_weight_max"] > 1.01 and rows[2]["train/rc_weight_max"] > 1.01
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_async_resume_refills_the_queue_from_the_saved_weights(tiny, tmp_path):
+    """Staleness > 0 resumes as defined (train/async_loop.py): the saved step is the weights' version,
+    nothing queued is saved, and the resumed run samples its first batch from the saved weights
+    (age 0), then runs one step off again. Evaluation goes through the rollout rank too."""
+    run = tmp_path / "async"
+    split = ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=1"]
+    first = run_train(tiny, run, 2, *split, "steps=2", config="train_eval.yaml")
+    results = json.loads((run / "out" / "results.json").read_text())
+    assert results["eval_before"]["num_prompts"] == results["eval_after"]["num_prompts"] == 32
+    rows = run_train(tiny, run, 2, *split, "steps=4", config="train_eval.yaml")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == first
+    assert json.loads((run / "out" / "results.json").read_text())["resumed_at_step"] == 2
+    assert [r["async/weights_version"] for r in rows] == [0, 1, 2, 3]
+    assert [r["async/age_max"] for r in rows] == [0, 1, 0, 1]  # step 3: sampled from the saved weights
