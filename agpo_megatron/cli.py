@@ -182,7 +182,15 @@ def _check(args: argparse.Namespace) -> int:
         print(line)
     if args.world_size:
         dp = cfg.check_world(args.world_size)
-        print(f"ok: world {args.world_size} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}")
+        r = cfg.rollout
+        if r.placement == "disaggregated":
+            trainers = r.trainer_ranks(args.world_size)
+            print(
+                f"ok: world {args.world_size} = {trainers} trainer ranks (tp {cfg.parallel.tp} x pp {cfg.parallel.pp} "
+                f"x dp {dp}) + {r.num_ranks} rollout ranks ({r.num_ranks // r.tp} vLLM replicas at tp {r.tp})"
+            )
+        else:
+            print(f"ok: world {args.world_size} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}")
         if cfg.model.hf_path:  # the memory plan needs config.json; warnings only, exit code stays 0
             from agpo_megatron.plan.memory import plan_memory
             from agpo_megatron.plan.report import warnings
