@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,10 +76,10 @@ def tiny(tmp_path_factory) -> Path:
     return d
 
 
-def run_train(
-    tiny: Path, run: Path, nproc: int, *overrides: str, timeout: float = 240, config: str = "train.yaml"
-) -> list[dict]:
-    """`agpo train` on `nproc` rank processes (none: a plain world of one); the metrics rows."""
+def start_ranks(
+    tiny: Path, run: Path, nproc: int, *overrides: str, config: str = "train.yaml"
+) -> list[subprocess.Popen]:
+    """`agpo train` on `nproc` rank processes (1: a plain world of one), logging to run/rank{r}.log."""
     args = [
         sys.executable,
         "-m",
@@ -103,6 +104,14 @@ def run_train(
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         with open(run / f"rank{rank}.log", "wb") as log:
             procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+    return procs
+
+
+def run_train(
+    tiny: Path, run: Path, nproc: int, *overrides: str, timeout: float = 240, config: str = "train.yaml"
+) -> list[dict]:
+    """`start_ranks`, waited for; the metrics rows."""
+    procs = start_ranks(tiny, run, nproc, *overrides, config=config)
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
@@ -184,3 +193,31 @@ def test_async_resume_refills_the_queue_from_the_saved_weights(tiny, tmp_path):
     assert json.loads((run / "out" / "results.json").read_text())["resumed_at_step"] == 2
     assert [r["async/weights_version"] for r in rows] == [0, 1, 2, 3]
     assert [r["async/age_max"] for r in rows] == [0, 1, 0, 1]  # step 3: sampled from the saved weights
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_killed_trainer_leaves_no_orphan_rollout_rank(tiny, tmp_path):
+    """The trainer leader dies mid-run (SIGKILL: no goodbye): the rollout rank notices on the link and
+    exits by itself, with one line naming the trainer rank, instead of serving nobody forever."""
+    run = tmp_path / "killed"
+    split = ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=1", "steps=200"]
+    trainer, rollout = start_ranks(tiny, run, 2, *split)
+    metrics = run / "out" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert time.monotonic() < deadline and trainer.poll() is None, (run / "rank0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        trainer.kill()
+        trainer.wait()
+        code = rollout.wait(timeout=120)  # a hang here fails the test (TimeoutExpired)
+    finally:
+        for p in (trainer, rollout):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    log = (run / "rank1.log").read_text(errors="replace")
+    assert code != 0
+    line = next(x for x in log.splitlines() if x.startswith("agpo train: rank 1 failed"))
+    assert "LinkError: the link to world rank(s) [0] failed: a dead trainer rank" in line, log[-3000:]
