@@ -116,8 +116,9 @@ class RolloutConfig:
     max_staleness: int = 0
     """How many weight versions older than the trainer's a trained group may be sampled from: 0 =
     synchronous; 1 = one step off policy (generating step k+1 overlaps training step k); k > 1 = a bounded
-    queue of whole groups, each tagged with its weight version, older ones dropped (train/async_loop.py).
-    Above 0 needs placement=disaggregated."""
+    queue of whole groups, each tagged with its weight version, older ones dropped (train/async_loop.py;
+    one request is in flight at a time, so k > 1 deepens the queue, not the overlap). Above 0 needs
+    placement=disaggregated."""
     partial: bool = False
     """Partial rollouts (pause unfinished sequences at a weight update, continue under the new weights).
     Not implemented yet: true is refused."""
