@@ -139,7 +139,12 @@ def _train(args: argparse.Namespace) -> int:
 
     at_exit(_release_lock)
     try:
-        results = train(Session.create(cfg))
+        if cfg.rollout.placement == "disaggregated":
+            from agpo_megatron.train import disaggregated
+
+            results = disaggregated.run(cfg)  # a rollout rank returns {} when the trainer is done
+        else:
+            results = train(Session.create(cfg))
     except Preempted as e:  # SIGTERM/SIGUSR1: stopped at a step boundary; rerun with resume=auto
         if rank == 0:
             print(f"[agpo] {e}", file=console(), flush=True)
@@ -177,7 +182,15 @@ def _check(args: argparse.Namespace) -> int:
         print(line)
     if args.world_size:
         dp = cfg.check_world(args.world_size)
-        print(f"ok: world {args.world_size} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}")
+        r = cfg.rollout
+        if r.placement == "disaggregated":
+            trainers = r.trainer_ranks(args.world_size)
+            print(
+                f"ok: world {args.world_size} = {trainers} trainer ranks (tp {cfg.parallel.tp} x pp {cfg.parallel.pp} "
+                f"x dp {dp}) + {r.num_ranks} rollout ranks ({r.num_ranks // r.tp} vLLM replicas at tp {r.tp})"
+            )
+        else:
+            print(f"ok: world {args.world_size} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}")
         if cfg.model.hf_path:  # the memory plan needs config.json; warnings only, exit code stays 0
             from agpo_megatron.plan.memory import plan_memory
             from agpo_megatron.plan.report import warnings

@@ -81,3 +81,35 @@ def test_rollout_benchmark_runs_both_generators(tmp_path):
     for row in ("| vLLM (VLLMEngine.generate) |", "| HF transformers generate |"):
         assert row in proc.stdout, out[-3000:]
     assert "32 completion tokens" in proc.stdout  # 2 prompts x G=2 x 8 tokens, as asked
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_async_benchmark_runs_a_disaggregated_setting(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "async.py"), "--out", str(tmp_path), "--steps", "2"]
+        + ["--prompts", "4", "--micro-batch", "4", "--max-new-tokens", "16", "--hidden", "128", "--layers", "2"]
+        + ["--settings", "disagg s=1"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "| disagg s=1 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_async_projection_prints_every_split():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "async_model.py"), "--devices", "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first_cells = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [c for c in first_cells if c[0].isdigit()] == ["1 + 3", "2 + 2", "3 + 1"]

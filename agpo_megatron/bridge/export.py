@@ -157,8 +157,12 @@ def sync_weights(
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     dtype: torch.dtype | None = None,
+    version: int | None = None,
 ) -> SyncStats:
     """Push the actor's current weights into `engine` (collective: call on every rank).
+
+    `version`: the trainer step these weights come from, recorded as the engine's `weights_version`
+    (every completion it samples then carries it).
 
     The buckets are flattened into one lazy iterator and given to a single
     `engine.update_weights` call (vLLM needs every tensor of a module in the same reload call,
@@ -181,6 +185,8 @@ def sync_weights(
                 yield name, t
 
     start = time.perf_counter()
+    if version is not None:
+        engine.weights_version = version  # type: ignore[attr-defined]  # before: a remote engine sends it along
     it = stream()
     engine.update_weights(it)
     # NOTE: the stream runs collectives, so every rank must pull it to the end. An engine that

@@ -106,12 +106,63 @@ class RolloutConfig:
     """Samples per prompt at evaluation (pass@1 is averaged over them)."""
     eval_temperature: float = 0.0
     """Evaluation temperature (0 = greedy)."""
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    """'colocated': every rank runs Megatron and a vLLM engine, one phase at a time. 'disaggregated':
+    the world splits into trainer ranks (Megatron, the first world_size - num_ranks ranks) and rollout
+    ranks (vLLM only, the last num_ranks); the weights go trainer -> rollout over their own process group
+    (train/disaggregated.py)."""
+    num_ranks: int = 0
+    """Rollout ranks when disaggregated (a multiple of rollout.tp, fewer than the world size); 0 when colocated."""
+    max_staleness: int = 0
+    """How many weight versions older than the trainer's a trained group may be sampled from: 0 =
+    synchronous; 1 = one step off policy (generating step k+1 overlaps training step k); k > 1 = a bounded
+    queue of whole groups, each tagged with its weight version, older ones dropped (train/async_loop.py;
+    one request is in flight at a time, so k > 1 deepens the queue, not the overlap). Above 0 needs
+    placement=disaggregated."""
+    partial: bool = False
+    """Partial rollouts (pause unfinished sequences at a weight update, continue under the new weights).
+    Not implemented yet: true is refused."""
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1, f"rollout.tp must be >= 1, got {self.tp}")
+        self._check_placement()
         _require(self.temperature > 0, f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def _check_placement(self) -> None:
+        _require(
+            self.placement in ("colocated", "disaggregated"),
+            f"rollout.placement must be colocated or disaggregated, got {self.placement!r}",
+        )
+        _require(
+            isinstance(self.max_staleness, int) and self.max_staleness >= 0,
+            f"rollout.max_staleness must be an integer >= 0, got {self.max_staleness!r}",
+        )
+        _require(isinstance(self.partial, bool), f"rollout.partial must be true or false, got {self.partial!r}")
+        if self.placement == "colocated":
+            _require(
+                self.num_ranks == 0,
+                f"rollout.num_ranks={self.num_ranks} needs rollout.placement=disaggregated "
+                "(colocated: every rank rolls out)",
+            )
+            _require(
+                self.max_staleness == 0,
+                f"rollout.max_staleness={self.max_staleness} needs rollout.placement=disaggregated: colocated vLLM and "
+                "Megatron take turns on the same devices, so nothing overlaps",
+            )
+            _require(not self.partial, "rollout.partial needs rollout.placement=disaggregated")
+            return
+        _require(
+            self.num_ranks >= 1 and self.num_ranks % self.tp == 0,
+            f"rollout.num_ranks ({self.num_ranks}) must be >= 1 and a multiple of rollout.tp ({self.tp}) "
+            "with rollout.placement=disaggregated",
+        )
+        _require(not self.partial, "rollout.partial: partial rollouts are not implemented yet (set it false)")
+
+    def trainer_ranks(self, world_size: int) -> int:
+        """Ranks that run Megatron in a world of `world_size`."""
+        return world_size - self.num_ranks if self.placement == "disaggregated" else world_size
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -298,6 +349,11 @@ class TrainConfig:
             f"rollout.logprob_mode={self.rollout.logprob_mode} the old log-probs are the engine's own, so "
             f"the importance weight is always 1",
         )
+        _require(
+            self.rollout.max_staleness == 0 or not self.algo.dynamic_sampling.enabled,
+            f"rollout.max_staleness={self.rollout.max_staleness} with algo.dynamic_sampling.enabled: the "
+            "asynchronous loop generates one round per step (set max_staleness 0 or turn dynamic sampling off)",
+        )
         lo, hi = REWARD_RANGES[self.data.reward]
         _require(
             self.algo.advantage != "agpo" or (self.algo.r_min, self.algo.r_max) == (lo, hi),
@@ -333,8 +389,8 @@ class TrainConfig:
 
     def _check_off_policy(self) -> None:
         """With one update per rollout every update runs at the weights that sampled it: the ratio is 1."""
-        if self.batch.updates_per_rollout * self.algo.ppo_epochs > 1:
-            return
+        if self.batch.updates_per_rollout * self.algo.ppo_epochs > 1 or self.rollout.max_staleness > 0:
+            return  # (stale groups: even the first update runs at newer weights than sampled them)
         why = (
             f"batch.prompts_per_update = batch.prompts_per_rollout ({self.batch.prompts_per_rollout}) and "
             f"algo.ppo_epochs=1 make one update per rollout, at the weights that sampled it, where the clip never acts"
@@ -354,11 +410,21 @@ class TrainConfig:
             )
 
     def check_world(self, world_size: int) -> int:
-        """Checks that need the world size; returns the data-parallel size."""
+        """Checks that need the (whole) world size; returns the trainer's data-parallel size."""
+        r = self.rollout
+        if r.placement == "disaggregated":
+            _require(
+                r.num_ranks < world_size,
+                f"rollout.num_ranks ({r.num_ranks}) must be below the world size {world_size}: "
+                "at least one rank must train",
+            )
+        else:
+            _require(world_size % r.tp == 0, f"world size {world_size} is not a multiple of rollout.tp")
+        trainers = r.trainer_ranks(world_size)
+        what = f"trainer ranks {trainers} (world {world_size} - rollout.num_ranks)" if trainers != world_size else ""
         mp = self.parallel.tp * self.parallel.pp
-        _require(world_size % mp == 0, f"world size {world_size} is not a multiple of tp x pp = {mp}")
-        _require(world_size % self.rollout.tp == 0, f"world size {world_size} is not a multiple of rollout.tp")
-        dp = world_size // mp
+        _require(trainers % mp == 0, f"{what or f'world size {world_size}'} is not a multiple of tp x pp = {mp}")
+        dp = trainers // mp
         prompts = self.batch.update_prompts  # each mini-batch is split over the DP ranks, whole groups each
         seqs = prompts * self.algo.group_size
         _require(

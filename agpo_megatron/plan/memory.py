@@ -129,7 +129,10 @@ def plan_memory(
     vllm_w = vllm_weight_bytes(arch, r.tp)
     vllm_total = int(r.gpu_memory_utilization * gpu)
     # Both sleep levels free vLLM's weights and KV cache on the GPU; without sleep mode it keeps all.
-    idle = {} if r.enable_sleep_mode else {"vLLM (no sleep mode)": vllm_total}
+    # Disaggregated: the trainer ranks hold no vLLM at all and offload nothing (nothing shares their
+    # devices, train/colocate.py); the rollout ranks hold vLLM only: its weights must fit its share.
+    disagg = r.placement == "disaggregated"
+    idle = {} if r.enable_sleep_mode or disagg else {"vLLM (no sleep mode)": vllm_total}
     # Sync: one byte-bounded bucket plus one full tensor in flight, ~3x at worst (bridge/export.py).
     largest = max(p.nbytes for p in stage_params(arch, tp=1, pp=1, pp_rank=0, params_dtype="bfloat16"))
     sync_buf = DEFAULT_BUCKET_BYTES + 3 * largest
@@ -167,9 +170,11 @@ def plan_memory(
                 "optimizer Adam m, v": 0 if offloaded and off.optimizer else st.adam,
             }
 
-        ref_resident = 0 if off.reference else ref
+        ref_resident = ref if disagg else 0 if off.reference else ref
         phases = {
-            "rollout": {
+            "rollout": {**megatron(False), "reference params": ref}  # the trainer ranks wait for the rollout ranks
+            if disagg
+            else {
                 **megatron(True),
                 "reference params": ref_resident,
                 "vLLM weights": vllm_w,
@@ -195,7 +200,7 @@ def plan_memory(
                 **megatron(False),
                 "reference params": ref_resident,
                 "weight-sync buffers": sync_buf,
-                **({"vLLM weights": vllm_w} if r.enable_sleep_mode else idle),
+                **({"vLLM weights": vllm_w} if r.enable_sleep_mode and not disagg else idle),
             },
             "save": {
                 **megatron(False),
@@ -210,7 +215,7 @@ def plan_memory(
             st.adam if off.optimizer else 0,
             ref if off.reference else 0,
         ]
-        pinned = sum(pinned_bytes(n) for n in stashes)
-        host = pinned + (vllm_w if r.enable_sleep_mode and r.sleep_level == 1 else 0)
+        pinned = 0 if disagg else sum(pinned_bytes(n) for n in stashes)
+        host = pinned + (vllm_w if r.enable_sleep_mode and r.sleep_level == 1 and not disagg else 0)
         stages.append(StagePlan(pp_rank, st, ref, act, loss, phases, host, pinned))
     return MemoryPlan(arch, cfg, world_size, dp, gpu, margin, vllm_w, vllm_total, sync_buf, stages)

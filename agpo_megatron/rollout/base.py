@@ -63,6 +63,8 @@ class Completion:
     """Detokenized `token_ids` (may be empty if the engine does not detokenize)."""
     finish_reason: str
     """'stop' (EOS or a stop token) or 'length' (hit max_new_tokens)."""
+    weight_version: int | None = None
+    """The trainer step the sampling weights come from (None where the engine does not track it)."""
 
 
 @runtime_checkable

@@ -132,6 +132,8 @@ class VLLMEngine:
         """Tags asleep, tracked on every platform (see the module docstring)."""
         self._weights_lost = False
         """Level-2 sleep discarded the weights: update_weights must come before generate."""
+        self.weights_version = 0
+        """The trainer step the weights come from (the sync sets it; completions carry it)."""
 
         # NOTE: external_launcher requires in-process engine cores: every rank must own a
         # deterministic scheduler in its own process (vLLM asserts this), and tensors given to
@@ -231,7 +233,8 @@ class VLLMEngine:
                 use_tqdm=False,
             )
             for i, out in zip(mine, outputs, strict=True):
-                local.append([_completion(i, o) for o in sorted(out.outputs, key=lambda o: o.index)])
+                samples = sorted(out.outputs, key=lambda o: o.index)
+                local.append([_completion(i, o, self.weights_version) for o in samples])
         return gather_completions(local, self.layout)
 
     # ---- weights and memory -------------------------------------------------------------------
@@ -323,7 +326,7 @@ def _rotary_reload_filter(record: logging.LogRecord) -> bool:
     return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
 
 
-def _completion(prompt_index: int, out: Any) -> Completion:
+def _completion(prompt_index: int, out: Any, version: int) -> Completion:
     """vLLM's CompletionOutput -> Completion."""
     token_ids = list(out.token_ids)
     logprobs = None
@@ -336,4 +339,5 @@ def _completion(prompt_index: int, out: Any) -> Completion:
         logprobs=logprobs,
         text=out.text,
         finish_reason=str(out.finish_reason),
+        weight_version=version,
     )

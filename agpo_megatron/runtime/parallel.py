@@ -158,7 +158,10 @@ def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
     ("No backend type associated with device type cpu"); on CPU the world is gloo. A group created
     with several backends (e.g. "cpu:gloo,cuda:nccl") takes the CUDA device when CUDA is present.
     """
-    backend = str(dist.get_backend(group)).lower()
+    try:
+        backend = str(dist.get_backend(group)).lower()
+    except ValueError:  # a standalone group outside the default world (runtime/placement.py's link)
+        backend = str(group.name()).lower() if group is not None else ""
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -25,6 +25,10 @@ vLLM's weights and KV cache (at 32B and DP=2 Adam state alone leaves no room for
 The trainer saves between steps, after the step's metrics row is logged (so a crash after the
 commit never loses that row): `actor_resident` puts vLLM to sleep first, brings the actor back
 without its grads, and hands the weights back to vLLM afterwards, one extra weight sync per save.
+
+Disaggregated (rollout.placement=disaggregated): the engine is a `rollout.remote.RemoteRollout`
+on other ranks' devices (`shares_device = False`), so nothing moves: each hand-over to the rollout
+phase is only the versioned weight sync (and a save's second sync of the same version sends nothing).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def _empty_cache() -> None:
 class Colocation:
     """The memory hand-overs between the rollout phase and the train phase.
 
-    `sync` pushes the actor's current weights into the engine (bridge.export.sync_weights).
+    `sync` pushes the actor's current weights into the engine (bridge.export.sync_weights), as
+    version `self.version`.
     """
 
     def __init__(
@@ -68,21 +73,31 @@ class Colocation:
     ):
         self.engine, self.actor_state, self.sync, self.empty_cache = engine, actor_state, sync, empty_cache
         self.training = True  # the session hands over a sleeping engine; the actor is built on the device
+        self.version = 0
+        """The trainer step the actor's current weights come from (what the next sync tells the engine)."""
+        self.shared = getattr(engine, "shares_device", True)
+        """False for an engine on other devices (disaggregated): no memory changes hands."""
 
     def to_train(self) -> None:
         """After generate: vLLM frees its memory, Megatron's state comes back."""
         self.engine.sleep()
-        self.actor_state.reload()
+        if self.shared:
+            self.actor_state.reload()
         self.training = True
 
-    def to_rollout(self) -> None:
-        """After the update: weights first, synced, then the KV cache."""
-        self.actor_state.offload_train_state()
-        self.empty_cache()
+    def to_rollout(self, version: int | None = None) -> None:
+        """After the update of step `version` (None: the current one again): weights first, synced, then
+        the KV cache."""
+        if version is not None:
+            self.version = version
+        if self.shared:
+            self.actor_state.offload_train_state()
+            self.empty_cache()
         self.engine.wake_weights()
         self.sync()
-        self.actor_state.offload_params()
-        self.empty_cache()
+        if self.shared:
+            self.actor_state.offload_params()
+            self.empty_cache()
         self.engine.wake_kv_cache()
         self.training = False
 
@@ -97,16 +112,18 @@ class Colocation:
             yield
             return
         self.engine.sleep()
-        self.actor_state.reload(grads=False)
+        if self.shared:
+            self.actor_state.reload(grads=False)
         self.training = True
         try:
             yield
         finally:
             self.to_rollout()
 
-    def start(self) -> None:
-        """The engine sleeps, the actor is built: serve the actor's weights."""
-        self.to_rollout()
+    def start(self, version: int = 0) -> None:
+        """The engine sleeps, the actor is built: serve the actor's weights (those of step `version`:
+        0 on a fresh run, the resumed step otherwise)."""
+        self.to_rollout(version)
 
     def finish(self) -> None:
         """Leave as found: the engine asleep, the actor resident."""

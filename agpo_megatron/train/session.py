@@ -17,7 +17,9 @@ from agpo_megatron.evals.evaluate import Analyze, EvalMode, evaluate_modes
 from agpo_megatron.models.hf_config import ModelArch, load_tokenizer, read_arch
 from agpo_megatron.plan.preflight import check_paths
 from agpo_megatron.rollout.base import RolloutEngine, SamplingConfig, model_stop_token_ids
+from agpo_megatron.rollout.remote import RemoteRollout
 from agpo_megatron.runtime.parallel import Layout, init_distributed, init_model_parallel
+from agpo_megatron.runtime.placement import Placement
 
 
 @dataclasses.dataclass
@@ -40,12 +42,14 @@ class Session:
     step as `task/<name>` (mean over the step's responses) and in every evaluation."""
 
     @classmethod
-    def create(cls, cfg: TrainConfig) -> Session:
+    def create(cls, cfg: TrainConfig, placement: Placement | None = None) -> Session:
+        """The session of a colocated run, or of a disaggregated run's trainer ranks (`placement`, from
+        `runtime.placement.split_world`: the engine is then the rollout ranks', reached over the link)."""
         from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
         check_paths(cfg)  # missing files / unwritable dirs: one line now, not an error after start-up
         init_distributed(timeout_s=cfg.parallel.timeout_s)
-        cfg.check_world(dist.get_world_size())  # before any model or engine exists
+        cfg.check_world(placement.world_size if placement else dist.get_world_size())  # before any model or engine
         arch = read_arch(cfg.model.hf_path)
         layout = init_model_parallel(
             cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s
@@ -60,10 +64,14 @@ class Session:
             report.append(report_drops(stats, "data.eval", cfg.data.eval, cfg.data.max_drop_frac))
         if dist.get_rank() == 0:
             print("\n".join(report), flush=True)
-        engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
-        # Asleep from the start: the actor (and reference) are built in the memory vLLM frees;
-        # the trainer wakes it and syncs the actor's weights before the first generate.
-        engine.sleep()
+        engine: RolloutEngine
+        if placement is not None:
+            engine = RemoteRollout(placement.link, step_timeout_s=cfg.parallel.step_timeout_s)
+        else:
+            engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
+            # Asleep from the start: the actor (and reference) are built in the memory vLLM frees;
+            # the trainer wakes it and syncs the actor's weights before the first generate.
+            engine.sleep()
         stop_ids = model_stop_token_ids(cfg.model.hf_path, tokenizer.eos_token_id)
         return cls(cfg, arch, layout, tokenizer, pad_id, train, evals, engine, stop_ids)
 

@@ -65,14 +65,14 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     colo = Colocation(
         s.rollout,
         ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
-        sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout),
+        sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout, version=colo.version),
     )
     ckpt = RunCheckpointer(cfg, s.layout, actor, sampler, kl_ctl, clip_ctl, resident=colo.actor_resident)
     # The reference is the policy RL starts from, rebuilt from its recorded source on resume.
     reference = ckpt.reference(s.arch, warm_start=warm_start) if needs_ref else None
     # Step 1 runs at the controllers' starting values; on resume, at the values the saved step chose.
     first, kl_coef, eps = ckpt.resume()
-    colo.start()  # vLLM serves exactly the actor's weights from the start
+    colo.start(version=first - 1)  # vLLM serves exactly the actor's weights from the start
     log = MetricsLogger(
         cfg.logging.out_dir,
         enabled=s.layout.rank == 0,
@@ -135,7 +135,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             train_m = ppo.update(actor, minis, loss_cfg, temperature=T, kl_coef=kl_coef, eps=eps, **ppo_kw)
 
         with timer("weight_sync"):
-            colo.to_rollout()
+            colo.to_rollout(version=step)  # every completion sampled from now on carries `step`
 
         row = step_row(
             **batch.seen,  # every sampled response, kept or not

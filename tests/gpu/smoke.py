@@ -138,6 +138,8 @@ SECTIONS: tuple[Section, ...] = (
         60,
         cpu_logic=False,
     ),
+    # issue 21 (asynchronous RL)
+    Section("disaggregated_link", "checks_async", "run_disaggregated_link", ("disaggregated_link",), 300),
     Section(
         "vllm",
         "checks_vllm",

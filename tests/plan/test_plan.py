@@ -237,3 +237,22 @@ def test_save_phase_has_vllm_asleep_and_host_line_states_the_pinned_bytes(capsys
     assert agpo(["plan", "--config", str(config), "--world-size", "8", *shape, *offl]) == 0
     out = capsys.readouterr().out
     assert f"of which {want / GiB:.2f} GiB pinned by offload.*" in out, out
+
+
+def test_disaggregated_trainer_ranks_hold_no_vllm_and_offload_nothing():
+    """Issue 21: the planner accounts for each side: the trainer ranks (here 4 of 8, DP=2) keep their
+    whole state through the rollout and hold no vLLM; the rollout ranks hold vLLM only."""
+    shape = [f"model.hf_path={SHAPES / 'qwen2.5-7b'}", "offload.optimizer=true", "offload.grads=true"]
+    config = ROOT / "examples" / "agpo_qwen7b.yaml"
+    split = ["rollout.placement=disaggregated", "rollout.num_ranks=4"]
+    colo = plan_memory(load_train_config(config, shape), 8)
+    plan = plan_memory(load_train_config(config, shape + split), 8)
+    assert (colo.dp, plan.dp) == (4, 2)
+    st = plan.stages[0]
+    assert not any(k.startswith("vLLM") for ph in PHASES for k in st.phases[ph]), st.phases
+    # Nothing offloaded while the rollout ranks generate: the Adam state and grads stay resident.
+    assert st.phases["rollout"]["optimizer Adam m, v"] == st.state.adam > 0
+    assert st.phases["rollout"]["actor grad buffer"] == st.state.grads > 0
+    assert st.pinned == 0 and st.host == 0
+    # The distributed optimizer shards over DP: half the data-parallel ranks, twice the Adam state each.
+    assert st.state.adam == 2 * colo.stages[0].state.adam

@@ -51,6 +51,13 @@ def test_a_good_config_reports_its_data(capsys, cfg):
     assert "data.train" in out and "8 of 8 prompts kept" in out and "ok: world 2" in out
 
 
+def test_check_shows_a_disaggregated_split(capsys, cfg):
+    split = ["rollout.placement=disaggregated", "rollout.num_ranks=2", "--world-size", "3"]
+    rc, out, err = _check(capsys, cfg, *split)
+    assert rc == 0, err
+    assert "ok: world 3 = 1 trainer ranks (tp 1 x pp 1 x dp 1) + 2 rollout ranks (2 vLLM replicas at tp 1)" in out
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [

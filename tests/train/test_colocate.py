@@ -229,7 +229,7 @@ class FakeSession:
 
 def patch_trainer(monkeypatch, rec: Recorder) -> None:
     """Replace what train() builds around the actor (weight sync, memory, reward, checkpoints) with fakes."""
-    monkeypatch.setattr(trainer, "sync_weights", lambda chunks, arch, engine: rec.calls.append("sync"))
+    monkeypatch.setattr(trainer, "sync_weights", lambda chunks, arch, engine, **kw: rec.calls.append("sync"))
     monkeypatch.setattr(trainer, "ActorMemory", lambda chunks, opt, cfg: FakeActorState(rec))
     monkeypatch.setattr(
         trainer,

@@ -1,0 +1,285 @@
+"""The asynchronous loop: rollout ranks generate the next batch while the trainer trains on this one.
+
+    rollout.max_staleness = S >= 1, rollout.placement = disaggregated (train/disaggregated.py)
+
+    start:   S batches sampled with the starting weights, into the queue (nothing to overlap yet)
+    step k:  pop one batch of whole groups from the queue (too old ones dropped)
+             submit the next request to the rollout ranks, at the weights of step k-1  --+
+             reward -> advantage -> log-probs -> update  (the trainer)                   | overlap
+             collect that request's groups into the queue                              --+
+             weight sync (version k) -> log -> (evaluate, checkpoint)
+
+So a group trained at step k was sampled from the weights of step k-1-S at the oldest: at S = 1,
+generating step k+1 overlaps training step k (one step off policy). Every group carries the weight
+version that sampled it (`Completion.weight_version`); `StalenessQueue` keeps whole groups, drops
+any older than S and reports what it dropped and reused, and the ages (`async/` metrics). The
+groups stay whole: the batch's rewards and advantages are computed by `rollout_rounds.collect` on
+complete groups, exactly as in the synchronous loop.
+
+Seeds: request i draws the i-th prompt batch of the sampler and the sampling seed of the step that
+will train it (`Session.train_sampling`), as the synchronous loop does, so only the weights that
+sample differ between staleness settings.
+
+The loss sees stale groups through the old log-probs: with `rollout.logprob_mode=recompute` they
+are the proximal policy's (the trainer's weights before this update); `algo.loss.rollout_correction`
+(tis / mis) weighs them by proximal over behaviour (the engine's sampling log-probs), algo/correction.py.
+
+Departures and limits (issue 21):
+- The link carries one conversation at a time (rollout/remote.py), so one request is in flight per
+  step; S > 1 deepens the queue (the prefill) but overlaps no more than S = 1. A continuously
+  generating rollout side (fully asynchronous, partial rollouts) is not built.
+- With this schedule no group ever gets older than S, so nothing is dropped in practice; the
+  queue's drop rule is what guarantees it (tests/train/test_async_loop.py).
+- DAPO's dynamic sampling is refused with S > 0 (one round per step here).
+- Resume with S > 0: groups queued at the save are not saved, and their prompts are not drawn again
+  (the saved sampler is past them); the resumed run fills its queue from the saved weights (version:
+  the saved step): tests/train/test_disaggregated.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import torch
+
+from agpo_megatron.algo.controllers import clip_controller, kl_controller
+from agpo_megatron.bridge.export import sync_weights
+from agpo_megatron.config.yaml_io import to_dict
+from agpo_megatron.data.datasets import Example, PromptSampler
+from agpo_megatron.data.reward_dist import score_distributed
+from agpo_megatron.report.console import console
+from agpo_megatron.report.metrics import MetricsLogger, PhaseTimer, step_row
+from agpo_megatron.rollout.base import Completion, SamplingConfig
+from agpo_megatron.rollout.remote import RemoteRollout
+from agpo_megatron.runtime import preempt
+from agpo_megatron.runtime.parallel import set_collective_timeout
+from agpo_megatron.runtime.watchdog import StepWatchdog
+from agpo_megatron.train import batch as batching
+from agpo_megatron.train import ppo, rollout_rounds
+from agpo_megatron.train.colocate import Colocation
+from agpo_megatron.train.offload import ActorMemory
+from agpo_megatron.train.policy import Actor
+from agpo_megatron.train.run_checkpoint import RunCheckpointer
+from agpo_megatron.train.session import Session
+
+
+@dataclasses.dataclass
+class Group:
+    """One prompt and its G completions, sampled together from one weight version."""
+
+    example: Example
+    completions: list[Completion]
+    version: int
+    """The trainer step whose weights sampled it."""
+
+
+class StalenessQueue:
+    """A bounded FIFO of whole groups tagged with their weight version.
+
+    `pop(n, version)` first drops every group older than `max_staleness` versions (counted), then
+    takes the n oldest. `push` beyond `capacity` groups drops the oldest (counted too).
+    """
+
+    def __init__(self, max_staleness: int, capacity: int):
+        if max_staleness < 0 or capacity < 1:
+            raise ValueError(f"max_staleness must be >= 0 and capacity >= 1, got {max_staleness}, {capacity}")
+        self.max_staleness, self.capacity = max_staleness, capacity
+        self.groups: collections.deque[Group] = collections.deque()
+        self.dropped = 0
+        """Groups dropped since the last `pop` (too old, or pushed out by a full queue)."""
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def push(self, groups: list[Group]) -> None:
+        for g in groups:
+            if len(self.groups) == self.capacity:
+                self.groups.popleft()
+                self.dropped += 1
+            self.groups.append(g)
+
+    def pop(self, n: int, version: int) -> tuple[list[Group], dict[str, float]]:
+        """Up to `n` groups for a trainer at `version`, and the step's `async/` metrics:
+        `dropped_groups`, `reused_groups` (trained at a newer version than sampled them: off policy),
+        `age_mean` / `age_max` (versions between sampling and training), `queued_groups` (left)."""
+        while self.groups and version - self.groups[0].version > self.max_staleness:
+            self.groups.popleft()
+            self.dropped += 1
+        # FIFO and versions never decrease: once the head is fresh enough, all are.
+        out = [self.groups.popleft() for _ in range(min(n, len(self.groups)))]
+        ages = [version - g.version for g in out]
+        metrics = {
+            "dropped_groups": float(self.dropped),
+            "reused_groups": float(sum(a > 0 for a in ages)),
+            "age_mean": sum(ages) / len(ages) if ages else 0.0,
+            "age_max": float(max(ages, default=0)),
+            "queued_groups": float(len(self.groups)),
+            "weights_version": float(version),
+        }
+        self.dropped = 0
+        return out, metrics
+
+
+class _Sampled:
+    """A `RolloutEngine` stand-in that hands `rollout_rounds.collect` groups sampled earlier."""
+
+    def __init__(self, groups: list[Group]):
+        self.groups = groups
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        assert prompts == [g.example.prompt_ids for g in self.groups]
+        assert all(len(g.completions) == n for g in self.groups)
+        return [g.completions for g in self.groups]
+
+
+class Requests:
+    """The trainer's side of the rollout requests: prompt batches in sampler order, each with the
+    sampling seed of the step that will train it, answered into the queue."""
+
+    def __init__(self, session: Session, sampler: PromptSampler, queue: StalenessQueue, first: int, total: int):
+        assert isinstance(session.rollout, RemoteRollout)
+        self.s, self.remote, self.sampler, self.queue = session, session.rollout, sampler, queue
+        self.next_step, self.last_step = first, first + total - 1
+        self.in_flight: list[Example] | None = None
+
+    def submit(self) -> bool:
+        """Ask for the next batch (False: every step's batch was asked for already)."""
+        if self.next_step > self.last_step:
+            return False
+        batch = next(self.sampler)
+        G = self.s.cfg.algo.group_size
+        self.remote.submit([ex.prompt_ids for ex in batch], G, self.s.train_sampling(self.next_step))
+        self.in_flight, self.next_step = batch, self.next_step + 1
+        return True
+
+    def collect(self) -> None:
+        """The submitted batch's groups into the queue (blocks until the rollout ranks are done)."""
+        if self.in_flight is None:
+            return
+        out = self.remote.collect()
+        versions = {c.weight_version for group in out for c in group}
+        assert len(versions) == 1 and None not in versions, f"one request, one weight version: got {versions}"
+        version = int(versions.pop() or 0)
+        self.queue.push([Group(ex, group, version) for ex, group in zip(self.in_flight, out, strict=True)])
+        self.in_flight = None
+
+
+def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
+    """`trainer.train` with the rollout of the next steps overlapping training (module doc)."""
+    preempt.install()
+    s, cfg = session, session.cfg
+    S, P, G, T = cfg.rollout.max_staleness, cfg.batch.prompts_per_rollout, cfg.algo.group_size, cfg.rollout.temperature
+    warm_start = actor is not None
+    actor = actor or Actor(s.arch, cfg, s.layout, total_steps=cfg.optimizer_steps())
+    loss_cfg = cfg.algo.loss
+    needs_ref = loss_cfg.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
+    kl_ctl = kl_controller(cfg.algo.kl_settings(), loss_cfg.kl_coef)
+    clip_ctl = clip_controller(cfg.algo.clip_settings(), (loss_cfg.eps_low, loss_cfg.eps_high))
+    sampler = PromptSampler(s.train_examples, batch_size=P, seed=cfg.parallel.seed)
+    colo = Colocation(  # the engine is remote: each hand-over is only the versioned sync
+        s.rollout,
+        ActorMemory(actor.chunks, actor.optimizer, cfg.offload),
+        sync=lambda: sync_weights(actor.chunks, s.arch, s.rollout, version=colo.version),
+    )
+    ckpt = RunCheckpointer(cfg, s.layout, actor, sampler, kl_ctl, clip_ctl, resident=colo.actor_resident)
+    reference = ckpt.reference(s.arch, warm_start=warm_start) if needs_ref else None
+    first, kl_coef, eps = ckpt.resume()
+    colo.start(version=first - 1)
+    log = MetricsLogger(
+        cfg.logging.out_dir,
+        enabled=s.layout.rank == 0,
+        total_steps=cfg.steps,
+        config=to_dict(cfg),
+        wandb_project=cfg.logging.wandb_project,
+        progress_bar=cfg.logging.progress_bar,
+        start_step=first,
+        step_lines=True,
+    )
+    timer = PhaseTimer()
+    results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
+    queue = StalenessQueue(S, capacity=(S + 1) * P)
+    requests = Requests(s, sampler, queue, first, cfg.steps - first + 1)
+    with timer("rollout"):  # the prefill: S batches at the starting weights
+        for _ in range(S):
+            requests.submit()
+            requests.collect()
+    watchdog = StepWatchdog(
+        cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank, first_step=first, echo=console()
+    ).start()
+    set_collective_timeout(cfg.parallel.step_timeout_s)
+
+    def score(texts: list[str], golds: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        r_acc, _, metrics = score_distributed(
+            texts, golds, timeout_s=cfg.data.reward_timeout_s, budget_s=cfg.data.reward_step_budget_s
+        )
+        return r_acc, metrics
+
+    for step in range(first, cfg.steps + 1):
+        if len(queue) < P:  # (S = 0, or groups dropped): sample this step's batch now, not overlapped
+            with timer("rollout"):
+                requests.submit()
+                requests.collect()
+        groups, async_m = queue.pop(P, version=step - 1)
+        requests.submit()  # the rollout ranks generate a later step's batch while this one trains
+        examples = [g.example for g in groups]
+        batch = rollout_rounds.collect(
+            cfg, _Sampled(groups), examples.copy, s.train_sampling(step), score, dp=s.layout.dp, timer=timer
+        )
+        seqs = batch.sequences(trained_truncated=not cfg.algo.overlong.filter)
+        global_tokens = seqs.num_response_tokens()
+        minis = batching.split_mini_batches(
+            seqs,
+            seqs_per_update=cfg.batch.update_prompts * G,
+            dp=s.layout.dp,
+            dp_rank=s.layout.dp_rank,
+            pad_id=s.pad_id,
+            micro_batch_size=cfg.batch.micro_batch_size,
+            max_tokens=cfg.batch.max_tokens_per_micro_batch,
+            uniform_length=s.layout.pp > 1,
+            pad_to_multiple=actor.pad_multiple,
+            packing=cfg.batch.packing,
+        )
+        ppo_kw = {"mode": cfg.rollout.logprob_mode, "epochs": cfg.algo.ppo_epochs}
+        with timer("logprobs"):  # the proximal policy: the weights before this update
+            ppo.attach_logprobs(actor, reference, minis, temperature=T, **ppo_kw)
+        with timer("update"):
+            train_m = ppo.update(actor, minis, loss_cfg, temperature=T, kl_coef=kl_coef, eps=eps, **ppo_kw)
+        with timer("rollout_wait"):  # what the generation took beyond the training it overlapped
+            requests.collect()
+        with timer("weight_sync"):
+            colo.to_rollout(version=step)
+        row = step_row(
+            **batch.seen,
+            times=timer.pop(),
+            trained_tokens=cfg.algo.ppo_epochs * global_tokens,
+            kl_coef=kl_coef,
+            eps=eps,
+            **batch.metrics,
+            train=train_m,
+            task=s.task_metrics(batch.completions(), (batch.r_acc.flatten() > 0.5).tolist()),
+            **{"async": async_m},
+        ) | batching.padding_summary(minis)
+        # Generation overlapped the update: no phase of this step measures it on its own.
+        row.pop("throughput/rollout_tokens_per_s", None)
+        if cfg.eval_due(step):
+            timer.mark("evaluate")
+            row.update({f"eval/{k}": v for k, v in s.evaluate(step=step).items()})
+        log.log(step, row)
+        kl_coef = kl_ctl.update(train_m.get("kl_ref", 0.0))
+        eps = clip_ctl.update(train_m.get("approx_kl_off_policy", 0.0))
+        watchdog.beat()
+        stop = preempt.requested()
+        timer.mark(f"checkpoint save of step {step}")
+        saved = ckpt.maybe_save(step, kl_coef, eps, force=stop)  # nothing in flight here: queued groups are lost
+        if stop:
+            log.close()
+            raise preempt.Preempted(step, str(saved) if saved else None)
+
+    watchdog.stop()
+    set_collective_timeout(cfg.parallel.timeout_s)
+    results["eval_after"] = s.evaluate(step=cfg.steps)
+    colo.finish()
+    log.close()
+    return results

@@ -1,0 +1,199 @@
+"""Colocated synchronous vs disaggregated at staleness 0, 1 and 2, side by side in one run (CPU).
+
+    OMP_NUM_THREADS=1 python benchmarks/async.py --out /tmp/async_bench --steps 8 --rounds 2
+
+Each setting is a real `agpo train` run of the same world size (2 processes) on the same tiny random
+Qwen2-shaped model, prompts and seeds: colocated (2 ranks, each Megatron + vLLM, DP=2, 2 replicas),
+and 1 trainer rank + 1 rollout rank (DP=1, 1 replica) at rollout.max_staleness 0, 1 and 2.
+
+Step time: the trainer leader's phases are sequential, so a step's wall time is the sum of its
+`time/*` row (in the async loop `time/rollout_wait` is the generation left over after the update it
+overlapped). The table gives the median over the steps after each run's first (warm-up; with
+`--rounds` the settings run in turn, so the machine's load drift spreads over them), trajectories/s and
+response tokens/s from it, and each side's busy fraction: the trainer's (log-probs + update + sync
+over the step) and the rollout side's (its generation time over the step: `time/rollout` colocated; in
+the async loop it is not measured on the trainer, so it is estimated from the staleness-0 run's).
+"train wall / CPU s": the log-prob and update phases' wall time and the trainer process's CPU time in
+them; wall well above CPU means the trainer waited for a core (on CPU the overlapped generation
+competes for the same cores).
+
+Lengths: sampled by the random model until EOS (p about 1/vocab per token) or `--max-new-tokens`: a
+geometric spread with a capped tail, not step.py's log-normal (which needs a stub engine; this
+benchmark needs real generation to overlap).
+
+The projection (plan/schedule.py) is fed the colocated run's own phase times (tail 0: not measured)
+and its predicted speed-ups are printed beside the measured ones.
+
+NOTE: on a shared 2-core machine the two sides compete for the same cores, so what overlap gains
+depends on the load; read the busy fractions and the projection's assumptions with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SETTINGS = {
+    "colocated": [],
+    "disagg s=0": ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=0"],
+    "disagg s=1": ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=1"],
+    "disagg s=2": ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=2"],
+}
+
+
+def make_inputs(work: Path, hidden: int, layers: int) -> Path:
+    from agpo_megatron.data import synthetic
+    from agpo_megatron.models.tiny import save_tiny_hf_model
+
+    tok = synthetic.build_tokenizer(work / "model")
+    save_tiny_hf_model(
+        work / "model",
+        "qwen2",
+        seed=0,
+        tokenizer=tok,
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    synthetic.write_jsonl(synthetic.make_dataset(64, seed=0, max_difficulty=1), work / "train.jsonl")
+    (work / "train.yaml").write_text(
+        f"data: {{train: {{path: {work / 'train.jsonl'}, answer_format: raw, prompt_template: '{{prompt}}'}}}}\n"
+    )
+    return work
+
+
+def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, round_: int) -> list[dict]:
+    from agpo_megatron.runtime.parallel import free_port
+
+    out = work / f"{name.replace(' ', '_').replace('=', '')}_r{round_}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "agpo_megatron.cli",
+        "train",
+        "--config",
+        str(work / "train.yaml"),
+        "model.params_dtype=float32",
+        "model.spec=local",
+        f"model.max_seq_len={32 + args.max_new_tokens}",
+        f"model.hf_path={work / 'model'}",
+        "algo.group_size=4",
+        f"batch.prompts_per_rollout={args.prompts}",
+        f"batch.micro_batch_size={args.micro_batch}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        "rollout.kv_cache_memory_bytes=67108864",
+        "rollout.enforce_eager=true",
+        "rollout.enable_sleep_mode=false",
+        "data.train.max_prompt_tokens=32",
+        "logging.progress_bar=false",
+        f"logging.out_dir={out}",
+        f"steps={args.steps}",
+        *overrides,
+    ]
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank)}
+        env.update(LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"rank{rank}.out", "wb") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+    codes = [p.wait(timeout=args.timeout) for p in procs]
+    if codes != [0, 0]:
+        raise SystemExit(f"{name}: exit codes {codes}; see {out}/rank*.out")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def summarize(runs: list[list[dict]], group: int, gen_estimate: float | None) -> dict[str, float]:
+    warm = [r for rows in runs for r in (rows[1:] or rows)]  # each run's steps after its first
+    step = statistics.median(sum(v for k, v in r.items() if k.startswith("time/")) for r in warm)
+    trajectories = statistics.median(r["sampling/prompts_sampled"] for r in warm) * group
+    tokens = statistics.median(r["len/mean"] for r in warm) * trajectories
+    train = statistics.median(r["time/logprobs"] + r["time/update"] + r["time/weight_sync"] for r in warm)
+    gen = statistics.median(r["time/rollout"] for r in warm) if gen_estimate is None else gen_estimate
+    return {
+        "step_s": step,
+        "traj_per_s": trajectories / step,
+        "tokens_per_s": tokens / step,
+        "trainer_busy": min(train / step, 1.0),
+        "rollout_busy": min(gen / step, 1.0),
+        "generate_s": statistics.median(r["time/rollout"] for r in warm),
+        "reward_s": statistics.median(r["time/reward"] for r in warm),
+        "train_s": statistics.median(r["time/logprobs"] + r["time/update"] for r in warm),
+        # The trainer process's own CPU seconds in the same phases: wall above it is waiting for a core.
+        "train_cpu_s": statistics.median(r["cpu_time/logprobs"] + r["cpu_time/update"] for r in warm),
+        "sync_s": statistics.median(r["time/weight_sync"] for r in warm),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the settings in turn this many times (ABCD ABCD): load drift spreads"
+    )
+    args = p.parse_args()
+    from agpo_megatron.plan.schedule import PhaseTimes, speedups
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = make_inputs(args.out, args.hidden, args.layers)
+    runs: dict[str, list[list[dict]]] = {name: [] for name in args.settings}
+    for round_ in range(args.rounds):
+        for name in args.settings:
+            runs[name].append(run(work, name, SETTINGS[name], args, round_))
+            print(f"round {round_}: {name} done", flush=True)
+    results: dict[str, dict[str, float]] = {}
+    gen_s0 = None
+    for name in args.settings:
+        async_run = name in ("disagg s=1", "disagg s=2")
+        results[name] = summarize(runs[name], 4, gen_s0 if async_run else None)
+        if name == "disagg s=0":
+            gen_s0 = results[name]["generate_s"]
+        print(name, json.dumps(results[name]), flush=True)
+    base = results.get("colocated")
+    print("\n| setting | step s | traj/s | tokens/s | vs colocated | trainer busy | rollout busy | train wall / CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        ratio = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
+        print(
+            f"| {name} | {r['step_s']:.2f} | {r['traj_per_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} "
+            f"| {r['trainer_busy']:.0%} | {r['rollout_busy']:.0%} | {r['train_s']:.2f} / {r['train_cpu_s']:.2f} |"
+        )
+    if base:
+        t = PhaseTimes(
+            devices=2, generate=base["generate_s"], reward=base["reward_s"], train=base["train_s"], sync=base["sync_s"]
+        )
+        predicted = speedups(t, rollout_devices=1)
+        print("\nprojection (plan/schedule.py, fed the colocated run's phase times, tail 0):")
+        for s, x in predicted.items():
+            name = f"disagg s={s}"
+            measured = base["step_s"] / results[name]["step_s"] if name in results else float("nan")
+            print(f"  {name}: predicted {x:.2f}x, measured {measured:.2f}x")
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
