@@ -6,8 +6,10 @@
 Each seed is a full `agpo demo --seed S --out OUT/seedS` (warm start, GRPO, AGPO from the same
 warm start), run one after the other. A seed whose `OUT/seedS/results.json` was written with the
 same demo arguments is reused, so an interrupted sweep continues where it stopped; any other
-argument reruns it. Writes OUT/seeds.md (the table and the command) and OUT/seeds.png (GRPO and
-AGPO training curves, every seed thin, the mean thick; `agpo_megatron.report.plot`).
+argument reruns it. Writes OUT/seeds.md (the table and the command) and OUT/seeds.png (every arm's
+training curves, every seed thin, the mean thick; `agpo_megatron.report.plot`). With more arms than
+GRPO and AGPO (`--arms grpo,agpo,dapo`), each further arm gets its own table against AGPO
+(`summary.summarize_pair`), in seeds.md and under `pairs` in seeds.json.
 
 The summary reports, over seeds, the AGPO/GRPO ratio of mean response tokens on the held-out
 set and the pass@1 difference AGPO - GRPO in points, each as mean, sample std, min and max.
