@@ -359,6 +359,12 @@ class TrainConfig:
         _require(world_size % mp == 0, f"world size {world_size} is not a multiple of tp x pp = {mp}")
         _require(world_size % self.rollout.tp == 0, f"world size {world_size} is not a multiple of rollout.tp")
         dp = world_size // mp
+        # Megatron folds the expert grid (etp x ep x expert-dp x pp) onto the same ranks as the dense one.
+        emp = self.parallel.etp * self.parallel.ep * self.parallel.pp
+        _require(
+            world_size % emp == 0,
+            f"parallel.ep={self.parallel.ep}: world size {world_size} is not a multiple of etp x ep x pp = {emp}",
+        )
         prompts = self.batch.update_prompts  # each mini-batch is split over the DP ranks, whole groups each
         seqs = prompts * self.algo.group_size
         _require(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from agpo_megatron.models import moe
 from agpo_megatron.runtime import cpu_platform
 
 MicroBatch = dict[str, torch.Tensor]  # "tokens" [B, S] plus per-token / per-seq extras
@@ -208,10 +209,13 @@ def forward_backward(
 
         return logits, loss_func
 
+    scope = contextlib.ExitStack()
     if not forward_only:
         config = chunks[0].config
         config.finalize_model_grads_func = _finalize_without_token_scaling
-    with cpu_platform.megatron_scope():
+        if moe.is_moe(_gpt(chunks[0])):
+            scope.enter_context(moe.aux_loss_scale(sum(mb["tokens"].numel() for mb in micro_batches)))
+    with scope, cpu_platform.megatron_scope():
         out = get_forward_backward_func()(
             forward_step_func=step,
             data_iterator=iter(micro_batches),

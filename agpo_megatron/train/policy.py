@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
-from agpo_megatron.models import build, forward
+from agpo_megatron.models import build, forward, moe
 from agpo_megatron.models.hf_config import ModelArch
 from agpo_megatron.models.lm_head import capture_lm_head_input
 from agpo_megatron.ops.fused_loss import fused_policy_loss_from_hidden
@@ -39,6 +39,10 @@ def _build(arch: ModelArch, cfg, layout: Layout):
             tp=layout.tp,
             pp_rank=layout.pp_rank,
             pp=layout.pp,
+            ep_rank=layout.ep_rank,
+            ep=layout.ep,
+            etp_rank=layout.etp_rank,
+            etp=layout.etp,
         )
     elif cfg.model.init_from == "megatron":  # e.g. written by hf_to_megatron, at any TP/PP
         from agpo_megatron.checkpoint.train_state import load_checkpoint
@@ -218,6 +222,8 @@ class Actor:
         self.optimizer.zero_grad()
         per_mb = forward.forward_backward(self.chunks, micro_batches, loss_fn, forward_only=False)
         metrics = reduce_token_weighted(per_mb, self.layout)
+        if moe.is_moe(self.model):
+            metrics["moe_aux_loss"] = moe.pop_aux_loss(self.model.config.num_layers, len(micro_batches))
         finite = step_is_finite(self.model.parameters(), per_mb)
         # A non-finite step makes no update on any rank: no optimizer or scheduler step.
         if finite:
