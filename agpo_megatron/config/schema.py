@@ -280,6 +280,7 @@ class TrainConfig:
             f"{self.batch.update_field} x algo.group_size = {seqs} sequences",
         )
         self._check_off_policy()
+        self._check_routing_replay()
         _require(
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
@@ -352,6 +353,25 @@ class TrainConfig:
             warnings.warn(
                 f"algo.loss.eps_low/eps_high ({loss.eps_low:g}/{loss.eps_high:g}) have no effect: {why}", stacklevel=2
             )
+
+    def _check_routing_replay(self) -> None:
+        replay = self.algo.routing_replay
+        if replay == "none":
+            return
+        field = f"algo.routing_replay={replay}"
+        _require(replay != "r3", f"{field}: replaying vLLM's routing is not implemented yet; use r2 or none")
+        _require(
+            self.rollout.logprob_mode == "recompute",
+            f"{field} replays the trainer's own old-log-prob forward: it needs rollout.logprob_mode=recompute",
+        )
+        _require(
+            not self.model.recompute_activations,
+            f"{field} needs model.recompute_activations=false (a recomputed forward would route afresh)",
+        )
+        _require(
+            not self.parallel.sequence_parallel,
+            f"{field} needs parallel.sequence_parallel=false (each router sees only a sequence shard)",
+        )
 
     def check_world(self, world_size: int) -> int:
         """Checks that need the world size; returns the data-parallel size."""

@@ -52,6 +52,10 @@ def check_model_shape(cfg: TrainConfig) -> None:
             ep == 1 and etp == 1,
             f"parallel.ep={ep} / parallel.etp={etp} need an MoE model ({arch.model_type} is dense)",
         )
+        _require(
+            cfg.algo.routing_replay == "none",
+            f"algo.routing_replay={cfg.algo.routing_replay} needs an MoE model ({arch.model_type} is dense)",
+        )
     else:
         _require(arch.num_experts % ep == 0, f"parallel.ep={ep} must divide the {arch.num_experts} experts")
         _require(

@@ -259,7 +259,8 @@ class VLLMEngine:
         if "weights" in self._asleep:
             raise RuntimeError("VLLMEngine.update_weights while the weights sleep: call wake_weights() first")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.collective_rpc(repack_cpu_moe_experts)
+        if not self.on_gpu:
+            self.llm.collective_rpc(repack_cpu_moe_experts)
         # Cached prefixes hold K/V computed with the old weights.
         self.llm.reset_prefix_cache()
         self._weights_lost = False

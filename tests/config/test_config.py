@@ -53,6 +53,9 @@ def test_yaml_and_dotted_overrides(yaml_file):
         ("parallel.etp=0", "parallel.etp must be >= 1"),
         ("parallel.ep=2", "parallel.ep=2 / parallel.etp=1 need an MoE model (qwen2 is dense)"),
         ("model.moe_aux_loss_coef=-1", "model.moe_aux_loss_coef must be >= 0"),
+        ("algo.routing_replay=r2", "algo.routing_replay=r2 needs an MoE model (qwen2 is dense)"),
+        ("algo.routing_replay=r3", "replaying vLLM's routing is not implemented yet"),
+        ("algo.routing_replay=r1", "algo.routing_replay: 'r1' is not one of"),
         ("algo.group_size=1", "algo.group_size must be >= 2"),
         ("algo.loss.eps_low=1.5", "eps_low"),
         ("algo.loss.eps_high=-0.1", "eps_high"),
@@ -106,6 +109,13 @@ def test_moe_layout_checks(tmp_path, yaml_file):
         load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=4"])
     with pytest.raises(ConfigError, match="parallel.etp=5 must divide the experts' 48 ffn width"):
         load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.etp=5"])
+    assert load_train_config(yaml_file, [f"model.hf_path={moe}", "algo.routing_replay=r2"]).algo.routing_replay == "r2"
+    for extra, needle in [
+        ("rollout.logprob_mode=rollout", "needs rollout.logprob_mode=recompute"),
+        ("model.recompute_activations=true", "needs model.recompute_activations=false"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_train_config(yaml_file, [f"model.hf_path={moe}", "algo.routing_replay=r2", extra])
 
 
 def test_every_field_has_a_docstring():
