@@ -282,6 +282,11 @@ class TrainConfig:
         self._check_off_policy()
         self._check_routing_replay()
         _require(
+            self.parallel.ep == 1 or not self.batch.packing,
+            f"parallel.ep={self.parallel.ep} needs batch.packing=false: every expert-parallel rank must run "
+            "the same number of micro-batches of one shape, and packed plans differ per rank",
+        )
+        _require(
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
         )

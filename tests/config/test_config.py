@@ -51,7 +51,7 @@ def test_yaml_and_dotted_overrides(yaml_file):
         ("parallel.pp=4", "must divide the 2 layers"),
         ("parallel.ep=0", "parallel.ep must be >= 1"),
         ("parallel.etp=0", "parallel.etp must be >= 1"),
-        ("parallel.ep=2", "parallel.ep=2 / parallel.etp=1 need an MoE model (qwen2 is dense)"),
+        ("parallel.etp=2", "parallel.ep=1 / parallel.etp=2 need an MoE model (qwen2 is dense)"),
         ("model.moe_aux_loss_coef=-1", "model.moe_aux_loss_coef must be >= 0"),
         ("algo.routing_replay=r2", "algo.routing_replay=r2 needs an MoE model (qwen2 is dense)"),
         ("algo.routing_replay=r3", "replaying vLLM's routing is not implemented yet"),
@@ -101,12 +101,14 @@ def test_moe_layout_checks(tmp_path, yaml_file):
     tiny_hf_config("qwen3_moe", num_heads=4, num_kv_heads=2, num_experts=6, moe_intermediate_size=48).save_pretrained(
         moe
     )
-    cfg = load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=2"])
+    with pytest.raises(ConfigError, match="parallel.ep=2 needs batch.packing=false"):
+        load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=2"])
+    cfg = load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=2", "batch.packing=false"])
     assert cfg.check_world(4) == 4
     with pytest.raises(ConfigError, match="parallel.ep=2: world size 3 is not a multiple of etp x ep x pp = 2"):
         cfg.check_world(3)
     with pytest.raises(ConfigError, match="parallel.ep=4 must divide the 6 experts"):
-        load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=4"])
+        load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=4", "batch.packing=false"])
     with pytest.raises(ConfigError, match="parallel.etp=5 must divide the experts' 48 ffn width"):
         load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.etp=5"])
     assert load_train_config(yaml_file, [f"model.hf_path={moe}", "algo.routing_replay=r2"]).algo.routing_replay == "r2"
