@@ -99,6 +99,12 @@ def save_tiny_hf_model(
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+    # NOTE: transformers 5 writes weights and config only on torch.distributed rank 0 when a process
+    # group exists (`should_save_on_this_rank`). A `tiny:` model is built by whichever rank takes the
+    # cache lock first (models/inputs.py); built on rank 1, the folder held only the tokenizer and was
+    # renamed into the cache as if complete (both ranks then failed: "no config.json"). This model is
+    # this process's own, so this process writes it.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -220,10 +220,7 @@ def test_qwen3_moe_ep2_routing_replay_r2(tmp_path, monkeypatch):
     """Issue 23 through the real loop: the tiny Qwen3-MoE (8 experts, top-2) with expert parallelism
     over the 2 ranks, vLLM rollouts synced from EP-sharded experts, the load-balancing loss, and r2
     routing replay (the 2nd mini-batch of a rollout replays its old-log-prob forward's routing)."""
-    from agpo_megatron.models.inputs import resolve_model
-
-    monkeypatch.setenv("AGPO_CACHE_DIR", str(tmp_path / "cache"))
-    resolve_model("tiny:qwen3_moe")  # built here, before the ranks start (see the report of issue 23)
+    monkeypatch.setenv("AGPO_CACHE_DIR", str(tmp_path / "cache"))  # tiny:qwen3_moe built by the ranks
     results = _demo(
         tmp_path,
         "model.hf_path=tiny:qwen3_moe",
