@@ -177,11 +177,12 @@ def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
     model = convert_io.abstract_model(arch, store_dtype)
     rules = {r.megatron: r for r in names.param_rules(arch, "local")}
     offset = names.layer_range(arch, lay.pp_rank, lay.pp).start
+    first_expert = names.expert_offset(arch, lay.ep_rank, lay.ep)
     consumed: set[str] = set()
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
 
     def materialize(name: str) -> torch.Tensor:
-        gname = names.to_global_name(name, offset)
+        gname = names.to_global_name(name, offset, first_expert)
         if gname == "output_layer.weight" and arch.tie_word_embeddings:
             # The last stage's copy of a tied head (PP > 1) is the embedding.
             rule = names.ParamRule(gname, ("model.embed_tokens.weight",), "copy", 0)
@@ -192,7 +193,9 @@ def _convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
         full = names.hf_to_megatron(rule, [reader.get(n) for n in rule.hf], arch)
         reader.close()  # unmap: what stays mapped is only what `full` still references
         # The parameter's own dtype: Megatron's local-spec norms stay fp32 in a bf16 model.
-        local = names.shard(rule, full, lay.tp_rank, lay.tp).to(dtypes[name])
+        # A routed expert's weight splits over the expert-tensor-parallel group, the rest over TP.
+        tp_rank, tp = (lay.etp_rank, lay.etp) if rule.expert is not None else (lay.tp_rank, lay.tp)
+        local = names.shard(rule, full, tp_rank, tp).to(dtypes[name])
         if not local.is_contiguous() or local.untyped_storage().nbytes() != local.nbytes:
             local = local.clone(memory_format=torch.contiguous_format)  # and let `full` go
         consumed.update(rule.hf)
@@ -304,7 +307,8 @@ def check_supported(config: dict[str, Any], source: Path) -> None:
     if problems:
         raise UnsupportedModelError(
             f"{source}: not supported: {'; '.join(problems)}. Supported: qwen2 (q/k/v bias, tied or "
-            "untied), llama (rope_scaling llama3), qwen3 (qk-norm), dense SwiGLU, full attention"
+            "untied), llama (rope_scaling llama3), qwen3 (qk-norm), qwen3_moe (routed SwiGLU experts), "
+            "full attention"
         )
 
 
@@ -317,7 +321,8 @@ def check_layout(arch, tp: int, pp: int, source: Path) -> None:
         for what, n, by_name, by in [
             ("num_attention_heads", arch.num_attention_heads, "tp", tp),
             ("num_key_value_heads", arch.num_query_groups, "tp", tp),
-            ("intermediate_size", arch.ffn_hidden_size, "tp", tp),
+            # An MoE model has no dense MLP: its experts split over ETP, set in the trainer's layout.
+            ("intermediate_size", 0 if arch.is_moe else arch.ffn_hidden_size, "tp", tp),
             ("vocab_size", arch.vocab_size, "tp", tp),
             ("num_hidden_layers", arch.num_layers, "pp", pp),
         ]
@@ -452,7 +457,7 @@ def check_stored(ckpt: Path, expected: dict[str, tuple[tuple[int, ...], Any]], w
     """The checkpoint holds exactly the model tensors `expected` (key -> (global shape, dtype)),
     besides optimizer state."""
     from agpo_megatron.checkpoint import CheckpointError
-    from agpo_megatron.checkpoint.metadata import stored_tensors
+    from agpo_megatron.checkpoint.metadata import is_optimizer_key, stored_tensors
 
     stored = stored_tensors(ckpt)
     for key, (shape, _dtype) in expected.items():
@@ -462,7 +467,7 @@ def check_stored(ckpt: Path, expected: dict[str, tuple[tuple[int, ...], Any]], w
             raise CheckpointError(
                 f"{ckpt}: tensor {key!r} has global shape {stored[key][0]}, {what} expects {tuple(shape)}"
             )
-    leftover = sorted(k for k in stored if k not in expected and not k.startswith("optimizer."))
+    leftover = sorted(k for k in stored if k not in expected and not is_optimizer_key(k))
     if leftover:
         raise CheckpointError(
             f"{ckpt}: tensor {leftover[0]!r} is not part of {what} ({len(leftover)} such: {leftover[:5]})"

@@ -10,6 +10,10 @@ order, so the collectives line up without any name or shape exchange:
    receivers allocate it from `names.full_shape`, known on every rank.
 3. `names.megatron_to_hf` splits it into HF tensors (q/k/v, gate/up), which are yielded.
 
+MoE (issue 23): a routed expert's weight lives on one expert-parallel (EP) rank of the owning
+stage, split over its expert-tensor-parallel (ETP) group. That rank's ETP group gathers it, and it
+broadcasts the full tensor over the EP group before the PP broadcast; the router is replicated.
+
 So every rank ends up with every full HF tensor: what a colocated vLLM needs, whatever its own
 TP layout (each vLLM rank slices its shard out of the full tensor). Tied embeddings export no
 lm_head (the HF config ties it); with PP > 1 the last stage's `output_layer.weight` is
@@ -84,21 +88,33 @@ def iter_hf_tensors(
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [dist.get_rank()]  # global rank per stage
     offset = names.layer_range(arch, pp_rank, pp).start
 
+    ep, ep_rank = mpu.get_expert_model_parallel_world_size(), mpu.get_expert_model_parallel_rank()
+    etp, etp_group = mpu.get_expert_tensor_parallel_world_size(), mpu.get_expert_tensor_parallel_group()
+    ep_group = mpu.get_expert_model_parallel_group() if ep > 1 else None
+    ep_ranks = dist.get_process_group_ranks(ep_group) if ep > 1 else [dist.get_rank()]  # global rank per EP rank
+    first_expert = names.expert_offset(arch, ep_rank, ep)
+
     for rule in names.param_rules(arch, spec_of(model)):
         owner = names.stage_of(rule, arch, pp)[0]
-        if pp_rank == owner:
-            local_name = names.to_local_name(rule.megatron, offset)
+        expert_owner = names.ep_owner(rule, arch, ep)  # None: not a routed expert's weight
+        if pp_rank == owner and expert_owner in (None, ep_rank):
+            local_name = names.to_local_name(rule.megatron, offset, first_expert)
             if local_name not in params:
                 raise KeyError(f"stage {pp_rank} should hold {rule.megatron} (local {local_name!r}) but does not")
             local = params[local_name].detach().to(out_dtype)
-            if rule.tp_dim is not None and tp > 1:
-                shards = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(shards, local.contiguous(), group=tp_group)
+            group, size = (etp_group, etp) if rule.expert is not None else (tp_group, tp)
+            if rule.tp_dim is not None and size > 1:
+                shards = [torch.empty_like(local) for _ in range(size)]
+                dist.all_gather(shards, local.contiguous(), group=group)
                 full = names.unshard(rule, shards)
             else:
                 full = local
         else:
             full = torch.empty(names.full_shape(rule, arch), dtype=out_dtype, device=device)
+        if pp_rank == owner and expert_owner is not None and ep > 1:
+            # The owning EP rank (after its ETP gather) sends the expert to the rest of its EP group.
+            full = full.contiguous()
+            dist.broadcast(full, src=ep_ranks[expert_owner], group=ep_group)
         if pp > 1:
             full = full.contiguous()
             dist.broadcast(full, src=pp_ranks[owner], group=pp_group)

@@ -92,13 +92,27 @@ def spec_of(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def load_hf_weights(
-    model: torch.nn.Module, arch: ModelArch, reader: HFCheckpointReader, *, tp_rank: int, tp: int, pp_rank: int, pp: int
+    model: torch.nn.Module,
+    arch: ModelArch,
+    reader: HFCheckpointReader,
+    *,
+    tp_rank: int,
+    tp: int,
+    pp_rank: int,
+    pp: int,
+    ep_rank: int = 0,
+    ep: int = 1,
+    etp_rank: int = 0,
+    etp: int = 1,
 ) -> None:
-    """Fill this rank's shard of `model` from HF tensors; every local parameter must be covered."""
+    """Fill this rank's shard of `model` from HF tensors; every local parameter must be covered.
+
+    MoE: this rank reads only its own experts (EP rank `ep_rank` of `ep`), each split over ETP."""
     rules = {r.megatron: r for r in names.param_rules(arch, spec_of(model))}
     offset = names.layer_range(arch, pp_rank, pp).start
+    first_expert = names.expert_offset(arch, ep_rank, ep)
     for local_name, param in model.named_parameters():
-        gname = names.to_global_name(local_name, offset)
+        gname = names.to_global_name(local_name, offset, first_expert)
         if gname == "output_layer.weight" and arch.tie_word_embeddings:
             # Tied head on a PP>1 last stage: Megatron keeps a copy of the embedding there.
             rule = names.ParamRule("output_layer.weight", ("model.embed_tokens.weight",), "copy", 0)
@@ -112,7 +126,9 @@ def load_hf_weights(
             raise CheckpointError(
                 f"{reader.dir}: {rule.hf} give shape {tuple(full.shape)} for {gname}, but config.json implies {expect}"
             )
-        local = names.shard(rule, full, tp_rank, tp)
+        local = (
+            names.shard(rule, full, etp_rank, etp) if rule.expert is not None else names.shard(rule, full, tp_rank, tp)
+        )
         if local.shape != param.shape:
             raise CheckpointError(f"{gname}: shard shape {tuple(local.shape)} != parameter shape {tuple(param.shape)}")
         param.copy_(local.to(param.dtype))

@@ -14,6 +14,13 @@ canonical layout:
 
 Layer indices in `ParamRule.megatron` are *global*; a PP stage's module holds local indices
 (`offset = pp_rank * num_layers / pp`).
+
+Mixture-of-experts layers (`arch.is_moe`, issue 23) replace the MLP by a router
+(`mlp.router.weight` <- HF `mlp.gate.weight`, replicated) and routed experts
+(`mlp.experts.local_experts.{e}.linear_fc1/2.weight`, Megatron's SequentialMLP). Expert indices in
+`ParamRule.megatron` are *global* too: expert-parallel rank `r` holds experts
+`[r * E/ep, (r + 1) * E/ep)` as local indices `0 .. E/ep - 1` (`expert_offset`). An expert's fc1/fc2
+split over the expert-tensor-parallel (ETP) group on the same dims as the dense MLP over TP.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ class ParamRule:
     kind: Kind
     """How the HF tensors combine: one-to-one, fused QKV, or fused gate/up."""
     tp_dim: int | None
-    """Dim split across TP ranks (None = replicated)."""
+    """Dim split across TP ranks (None = replicated); for a routed expert, across ETP ranks."""
+    expert: int | None = None
+    """Global index of the routed expert this weight belongs to (one EP rank owns it); None otherwise."""
 
 
 def _layer_rules(arch: ModelArch, i: int, spec: str) -> list[ParamRule]:
@@ -48,6 +57,8 @@ def _layer_rules(arch: ModelArch, i: int, spec: str) -> list[ParamRule]:
     # TE fuses the pre-norms into the following linear layer.
     in_norm = m + ("self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight")
     mlp_norm = m + ("mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight")
+    if arch.is_moe:  # the MoE layer's norm is a separate module on both specs (no fused fc1)
+        mlp_norm = m + "pre_mlp_layernorm.weight"
     rules = [
         ParamRule(in_norm, (h + "input_layernorm.weight",), "copy", None),
         ParamRule(
@@ -55,8 +66,7 @@ def _layer_rules(arch: ModelArch, i: int, spec: str) -> list[ParamRule]:
         ),
         ParamRule(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "copy", 1),
         ParamRule(mlp_norm, (h + "post_attention_layernorm.weight",), "copy", None),
-        ParamRule(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up", 0),
-        ParamRule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy", 1),
+        *(_moe_rules(arch, m, h) if arch.is_moe else _mlp_rules(m + "mlp.", h + "mlp.")),
     ]
     if arch.qkv_bias:
         rules.insert(
@@ -73,6 +83,21 @@ def _layer_rules(arch: ModelArch, i: int, spec: str) -> list[ParamRule]:
     return rules
 
 
+def _mlp_rules(m: str, h: str, expert: int | None = None) -> list[ParamRule]:
+    """A SwiGLU MLP: Megatron prefix `m` (fc1 = [gate; up], fc2) <- HF prefix `h` (gate/up/down_proj)."""
+    return [
+        ParamRule(m + "linear_fc1.weight", (h + "gate_proj.weight", h + "up_proj.weight"), "gate_up", 0, expert),
+        ParamRule(m + "linear_fc2.weight", (h + "down_proj.weight",), "copy", 1, expert),
+    ]
+
+
+def _moe_rules(arch: ModelArch, m: str, h: str) -> list[ParamRule]:
+    rules = [ParamRule(m + "mlp.router.weight", (h + "mlp.gate.weight",), "copy", None)]
+    for e in range(arch.num_experts):
+        rules += _mlp_rules(m + f"mlp.experts.local_experts.{e}.", h + f"mlp.experts.{e}.", expert=e)
+    return rules
+
+
 def param_rules(arch: ModelArch, spec: str = "local") -> list[ParamRule]:
     """Every parameter of the model, in HF checkpoint order (embedding, layers, norm, head)."""
     rules = [ParamRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "copy", 0)]
@@ -85,15 +110,32 @@ def param_rules(arch: ModelArch, spec: str = "local") -> list[ParamRule]:
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
-def to_global_name(local_name: str, layer_offset: int) -> str:
-    """`decoder.layers.3.x` on a stage starting at layer 8 -> `decoder.layers.11.x`."""
-    return _LAYER.sub(lambda mt: f"decoder.layers.{int(mt.group(1)) + layer_offset}.", local_name, count=1)
+def _shift(name: str, layer_offset: int, expert_offset: int) -> str:
+    name = _LAYER.sub(lambda mt: f"decoder.layers.{int(mt.group(1)) + layer_offset}.", name, count=1)
+    return _EXPERT.sub(lambda mt: f".local_experts.{int(mt.group(1)) + expert_offset}.", name, count=1)
 
 
-def to_local_name(global_name: str, layer_offset: int) -> str:
-    return _LAYER.sub(lambda mt: f"decoder.layers.{int(mt.group(1)) - layer_offset}.", global_name, count=1)
+def to_global_name(local_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """`decoder.layers.3.x` on a stage starting at layer 8 -> `decoder.layers.11.x`; a local expert
+    index on an EP rank whose first expert is `expert_offset` -> the global index."""
+    return _shift(local_name, layer_offset, expert_offset)
+
+
+def to_local_name(global_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    return _shift(global_name, -layer_offset, -expert_offset)
+
+
+def expert_offset(arch: ModelArch, ep_rank: int, ep: int) -> int:
+    """Global index of expert-parallel rank `ep_rank`'s first expert."""
+    return ep_rank * (arch.num_experts // ep) if arch.is_moe else 0
+
+
+def ep_owner(rule: ParamRule, arch: ModelArch, ep: int) -> int | None:
+    """The expert-parallel rank holding this routed expert's weight (None: not an expert weight)."""
+    return None if rule.expert is None else rule.expert // (arch.num_experts // ep)
 
 
 def layer_range(arch: ModelArch, pp_rank: int, pp: int) -> range:
@@ -171,6 +213,11 @@ def full_shape(rule: ParamRule, arch: ModelArch) -> tuple[int, ...]:
     """Shape of the full Megatron tensor, computable on every rank without communication."""
     H, hd = arch.hidden_size, arch.head_dim
     name = rule.megatron
+    if rule.expert is not None:
+        f = arch.moe_ffn_hidden_size
+        return (2 * f, H) if name.endswith("linear_fc1.weight") else (H, f)
+    if name.endswith("mlp.router.weight"):
+        return (arch.num_experts, H)
     if name.endswith("word_embeddings.weight") or name == "output_layer.weight":
         return (arch.vocab_size, H)
     if name.endswith("linear_qkv.weight"):

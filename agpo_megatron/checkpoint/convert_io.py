@@ -52,7 +52,12 @@ def abstract_model(arch, params_dtype: str):
     if cpu_platform.cuda_present():
         raise RuntimeError("abstract_model runs on CPU only: set CUDA_VISIBLE_DEVICES='' for conversion")
     model_cfg = ModelConfig(params_dtype=params_dtype, spec="local", max_seq_len=1)
-    par = ParallelConfig(tp=mpu.get_tensor_model_parallel_world_size(), pp=mpu.get_pipeline_model_parallel_world_size())
+    par = ParallelConfig(
+        tp=mpu.get_tensor_model_parallel_world_size(),
+        pp=mpu.get_pipeline_model_parallel_world_size(),
+        ep=mpu.get_expert_model_parallel_world_size(),
+        etp=mpu.get_expert_tensor_parallel_world_size(),
+    )
     # NOTE: RoPE scaling only changes the non-persistent `inv_freq` buffer, which no checkpoint
     # holds. build_gpt overwrites that buffer with a table computed for the CPU, which
     # cannot be copied from the meta device, so the scaling is left out of the abstract model.

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -108,6 +109,15 @@ def require_checkpoint(path: str | Path) -> Path:
             "an interrupted save leaves neither"
         )
     return path
+
+
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+
+
+def is_optimizer_key(key: str) -> bool:
+    """A stored tensor of optimizer state, not a weight. An MoE model's Megatron optimizer is a
+    chain (dense params, expert params: their DP groups differ), stored as `chained_<i>.optimizer.*`."""
+    return _OPTIMIZER_KEY.match(key) is not None
 
 
 def stored_tensors(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -28,6 +28,7 @@ from agpo_megatron.checkpoint import CheckpointError
 from agpo_megatron.checkpoint.metadata import (
     CheckpointMeta,
     check_sizes,
+    is_optimizer_key,
     require_checkpoint,
     stored_tensors,
     verify_collective,
@@ -149,7 +150,7 @@ def load_checkpoint(
     absent = {k for k in absent if not _is_extra_state(k)}
     if absent:
         hint = ""
-        if any(k.startswith("optimizer.") for k in absent):
+        if any(is_optimizer_key(k) for k in absent):
             hint = " It holds no (compatible) optimizer state: load it with optimizer=None."
         raise CheckpointError(
             f"{path}: {len(absent)} tensor(s) the model needs are not in the checkpoint, e.g. "
@@ -158,7 +159,7 @@ def load_checkpoint(
     # Stored weights the model has no place for (optimizer state may be left out on purpose;
     # objects such as another tool's RNG state are not weights).
     weights = stored_tensors(path)
-    extra = {k for k in stored_only if k in weights and not k.startswith("optimizer.") and not _is_extra_state(k)}
+    extra = {k for k in stored_only if k in weights and not is_optimizer_key(k) and not _is_extra_state(k)}
     if extra:
         raise CheckpointError(
             f"{path}: {len(extra)} stored tensor(s) have no place in the model, e.g. {sorted(extra)[:6]}; "

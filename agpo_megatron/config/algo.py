@@ -134,6 +134,13 @@ class AlgoConfig:
     """A-GRPO: adapt the clip range eps_t from the moving-average KL."""
     clip_controller: ClipControllerConfig = dataclasses.field(default_factory=ClipControllerConfig)
     """Settings of the adaptive eps_t (used only with adaptive_clip)."""
+    routing_replay: Literal["none", "r2", "r3"] = "none"
+    """Mixture-of-experts only: which expert choices the update's forward replays (models/routing.py).
+    'none': the update routes freely; 'r2': it replays the routing of the old-log-prob forward
+    (needs rollout.logprob_mode=recompute); 'r3': the routing vLLM used while sampling (not
+    implemented yet, refused: vLLM 0.32 returns it only with Model Runner V2, docs/moe.md).
+    Either way `train/moe_routing_mismatch` reports the fraction of (response token, MoE layer)
+    pairs the update routes, or would route, differently."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (each skipped: no update) before the run
     stops with an error."""

@@ -40,8 +40,13 @@ class ModelConfig:
     """Longest prompt+response the trainer will ever feed (sets RoPE cache and checks)."""
     recompute_activations: bool = False
     """Full activation recomputation per layer (saves memory at ~30% more compute)."""
+    moe_aux_loss_coef: float = 0.001
+    """MoE models only: weight of the router's load-balancing loss (Switch-style aux loss, Megatron's
+    `moe_aux_loss_coeff`; 0.001 is Qwen3-MoE's `router_aux_loss_coef`). The loss is averaged over
+    micro-batches and data-parallel ranks and logged as `train/moe_aux_loss`; 0 = off."""
 
     def __post_init__(self) -> None:
+        _require(self.moe_aux_loss_coef >= 0, f"model.moe_aux_loss_coef must be >= 0, got {self.moe_aux_loss_coef}")
         _require(
             self.fp8_amax_history_len >= 1, f"model.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}"
         )
@@ -56,6 +61,12 @@ class ParallelConfig:
     """Pipeline-parallel size (Megatron); the trainer uses 1F1B."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1)."""
+    ep: int = 1
+    """Expert-parallel size (MoE models): each rank of an expert-parallel group holds
+    num_experts / ep experts; must divide the expert count, and etp x ep x pp must divide the world."""
+    etp: int = 1
+    """Expert tensor-parallel size (MoE models): each expert's weights split over this many ranks
+    (Megatron's `expert_tensor_parallel_size`, independent of `tp`)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
     seed: int = 1234
@@ -71,6 +82,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _require(self.tp >= 1, f"parallel.tp must be >= 1, got {self.tp}")
         _require(self.pp >= 1, f"parallel.pp must be >= 1, got {self.pp}")
+        _require(self.ep >= 1, f"parallel.ep must be >= 1, got {self.ep}")
+        _require(self.etp >= 1, f"parallel.etp must be >= 1, got {self.etp}")
         _require(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
         _require(self.timeout_s > 0, f"parallel.timeout_s must be > 0, got {self.timeout_s}")
         _require(self.step_timeout_s >= 0, f"parallel.step_timeout_s must be >= 0 (0 = off), got {self.step_timeout_s}")

@@ -331,6 +331,12 @@ class TrainConfig:
             f"{self.batch.update_field} x algo.group_size = {seqs} sequences",
         )
         self._check_off_policy()
+        self._check_routing_replay()
+        _require(
+            self.parallel.ep == 1 or not self.batch.packing,
+            f"parallel.ep={self.parallel.ep} needs batch.packing=false: every expert-parallel rank must run "
+            "the same number of micro-batches of one shape, and packed plans differ per rank",
+        )
         _require(
             self.model.fp8 is None or self.model.spec != "local",
             "model.fp8 needs the Transformer Engine spec (model.spec te/auto on GPU)",
@@ -409,6 +415,25 @@ class TrainConfig:
                 f"algo.loss.eps_low/eps_high ({loss.eps_low:g}/{loss.eps_high:g}) have no effect: {why}", stacklevel=2
             )
 
+    def _check_routing_replay(self) -> None:
+        replay = self.algo.routing_replay
+        if replay == "none":
+            return
+        field = f"algo.routing_replay={replay}"
+        _require(replay != "r3", f"{field}: replaying vLLM's routing is not implemented yet; use r2 or none")
+        _require(
+            self.rollout.logprob_mode == "recompute",
+            f"{field} replays the trainer's own old-log-prob forward: it needs rollout.logprob_mode=recompute",
+        )
+        _require(
+            not self.model.recompute_activations,
+            f"{field} needs model.recompute_activations=false (a recomputed forward would route afresh)",
+        )
+        _require(
+            not self.parallel.sequence_parallel,
+            f"{field} needs parallel.sequence_parallel=false (each router sees only a sequence shard)",
+        )
+
     def check_world(self, world_size: int) -> int:
         """Checks that need the (whole) world size; returns the trainer's data-parallel size."""
         r = self.rollout
@@ -425,6 +450,13 @@ class TrainConfig:
         mp = self.parallel.tp * self.parallel.pp
         _require(trainers % mp == 0, f"{what or f'world size {world_size}'} is not a multiple of tp x pp = {mp}")
         dp = trainers // mp
+        # Megatron folds the expert grid (etp x ep x expert-dp x pp) onto the same ranks as the dense one.
+        emp = self.parallel.etp * self.parallel.ep * self.parallel.pp
+        _require(
+            trainers % emp == 0,
+            f"parallel.ep={self.parallel.ep}: {what or f'world size {world_size}'} is not a multiple of "
+            f"etp x ep x pp = {emp}",
+        )
         prompts = self.batch.update_prompts  # each mini-batch is split over the DP ranks, whole groups each
         seqs = prompts * self.algo.group_size
         _require(

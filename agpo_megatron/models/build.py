@@ -114,6 +114,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
         else {}
     )
     fp8 = fp8_kwargs(model_cfg)
+    moe = moe_kwargs(arch, model_cfg, parallel_cfg, on_gpu=not on_cpu)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -144,6 +145,41 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: Pa
         **fusion_flags(on_gpu=not on_cpu, spec="local" if on_cpu else resolve_spec(model_cfg)),
         **recompute,
         **fp8,
+        **moe,
+    )
+
+
+def moe_kwargs(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, on_gpu: bool) -> dict:
+    """TransformerConfig's MoE fields for an MoE architecture ({} for a dense one).
+
+    Routing as HF Qwen3-MoE: softmax over all experts, top-k. With `norm_topk_prob` HF renormalises
+    the k probabilities, which equals a softmax over the k chosen logits (Megatron's
+    `moe_router_pre_softmax=False`: top-k on the logits, then softmax); without it the k
+    probabilities stay as the full softmax gave them (`pre_softmax=True`). Both forms are checked
+    against transformers (tests/models/test_moe_parity.py).
+
+    Token dispatcher: all-to-all on GPU (what Megatron recommends with EP); all-gather on CPU:
+    Megatron's all-to-all dispatcher calls `all_to_all_single` with uneven split sizes, which gloo
+    rejects at EP > 1, while the all-gather dispatcher runs forward and backward on gloo at EP=1 and 2.
+    Experts are Megatron's SequentialMLP (one SwiGLU per local expert, `moe_grouped_gemm=False`),
+    on both specs, so both share one set of parameter names (bridge/names.py).
+    """
+    if not arch.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if model_cfg.moe_aux_loss_coef > 0 else "none",
+        moe_aux_loss_coeff=model_cfg.moe_aux_loss_coef,
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_shared_expert_intermediate_size=None,
+        expert_model_parallel_size=parallel_cfg.ep,
+        expert_tensor_parallel_size=parallel_cfg.etp,
     )
 
 
@@ -165,10 +201,13 @@ def build_gpt(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCon
     logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_not_the_gptmodel_deprecation)
     spec_name = resolve_spec(model_cfg)
     tf_config = transformer_config(arch, model_cfg, parallel_cfg)
+    experts = dict(num_experts=arch.num_experts, moe_grouped_gemm=False) if arch.is_moe else {}
     if spec_name == "te":
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, **experts)
     else:
-        spec = _arbitrary_mask(get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"))
+        spec = _arbitrary_mask(
+            get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm", **experts)
+        )
         if model_cfg.local_attention == "sdpa":
             from agpo_megatron.models.sdpa_attention import with_sdpa_attention
 

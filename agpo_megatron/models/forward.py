@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from agpo_megatron.models import moe, routing
 from agpo_megatron.runtime import cpu_platform
 
 MicroBatch = dict[str, torch.Tensor]  # "tokens" [B, S] plus per-token / per-seq extras
@@ -198,9 +199,12 @@ def forward_backward(
     device = next(chunks[0].parameters()).device
 
     def step(data_iter, module):
-        mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data_iter).items()}
+        source = next(data_iter)  # the caller's dict: a routing record (models/routing.py) is kept in it
+        mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in source.items()}
         b, s = mb["tokens"].shape
-        logits = run_model(module, mb)
+        control = routing.control_of(module)
+        with contextlib.nullcontext() if control is None else control.micro_batch(source, thd):
+            logits = run_model(module, mb)
 
         def loss_func(output: torch.Tensor):  # [B, S, *], or [1, B * S, *] from THD
             loss, metrics = loss_fn(output.reshape(b, s, -1) if thd else output, mb)
@@ -208,10 +212,13 @@ def forward_backward(
 
         return logits, loss_func
 
+    scope = contextlib.ExitStack()
     if not forward_only:
         config = chunks[0].config
         config.finalize_model_grads_func = _finalize_without_token_scaling
-    with cpu_platform.megatron_scope():
+        if moe.is_moe(_gpt(chunks[0])):
+            scope.enter_context(moe.aux_loss_scale(sum(mb["tokens"].numel() for mb in micro_batches)))
+    with scope, cpu_platform.megatron_scope():
         out = get_forward_backward_func()(
             forward_step_func=step,
             data_iterator=iter(micro_batches),

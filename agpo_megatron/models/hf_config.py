@@ -1,7 +1,9 @@
 """HF `config.json` -> one architecture record -> Megatron `TransformerConfig` + GPTModel kwargs.
 
 Supported: Qwen2 / Qwen2.5 (`qwen2`: qkv bias, tied or untied embeddings), Llama-3.x (`llama`:
-rope scaling "llama3"), Qwen3 (`qwen3`: qk-layernorm, explicit `head_dim` -> `kv_channels`).
+rope scaling "llama3"), Qwen3 (`qwen3`: qk-layernorm, explicit `head_dim` -> `kv_channels`), and
+Qwen3-MoE (`qwen3_moe`: Qwen3 attention, every layer's MLP a softmax top-k mixture of SwiGLU
+experts, no shared expert; `num_experts > 0` in the record).
 Anything else is refused with the list of what is supported; a half-mapped model is worse than none.
 
 This module reads JSON only (no megatron import at module level) so configs can be validated
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3", "qwen3_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -60,6 +62,18 @@ class ModelArch:
     """lm_head shares the embedding matrix."""
     torch_dtype: str
     """Checkpoint dtype ('bfloat16', 'float32', ...); exports keep it."""
+    num_experts: int = 0
+    """Routed experts per MoE layer (HF `num_experts`); 0 = a dense model."""
+    moe_topk: int = 0
+    """Experts each token is routed to (HF `num_experts_per_tok`)."""
+    moe_ffn_hidden_size: int = 0
+    """Each expert's SwiGLU inner width (HF `moe_intermediate_size`)."""
+    norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to 1 (HF `norm_topk_prob`)."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def kv_channels(self) -> int:
@@ -75,8 +89,12 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> Model
     for key in ("hidden_act",):
         if cfg.get(key, "silu") != "silu":
             raise UnsupportedModelError(f"{source}: {key}={cfg[key]!r}; only 'silu' (SwiGLU) is supported")
-    if cfg.get("num_experts") or cfg.get("num_local_experts"):
-        raise UnsupportedModelError(f"{source}: MoE models are not supported")
+    # transformers 5 writes `num_local_experts` where the released Qwen3-MoE configs say `num_experts`.
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if num_experts and model_type != "qwen3_moe":
+        raise UnsupportedModelError(f"{source}: model_type {model_type!r} with experts is not supported")
+    if model_type == "qwen3_moe":
+        _check_all_layers_moe(cfg, source)
     rope_scaling = cfg.get("rope_scaling")
     if rope_scaling is not None:
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
@@ -109,10 +127,30 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> Model
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         # Qwen2 always has qkv bias; Llama/Qwen3 expose `attention_bias` (False for released models).
         qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        num_experts=num_experts,
+        moe_topk=int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0,
+        moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or 0) if num_experts else 0,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) if num_experts else False,
     )
+
+
+def _check_all_layers_moe(cfg: dict[str, Any], source: str) -> None:
+    """Every released Qwen3-MoE makes every layer sparse; a mix of dense and MoE layers is refused
+    rather than half-mapped (it would need per-layer specs in the build and the bridge)."""
+    if not cfg.get("num_experts") and not cfg.get("num_local_experts"):
+        raise UnsupportedModelError(f"{source}: qwen3_moe without num_experts")
+    for key in ("num_experts_per_tok", "moe_intermediate_size"):
+        if not cfg.get(key):
+            raise UnsupportedModelError(f"{source}: qwen3_moe needs {key} > 0")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError(
+            f"{source}: mlp_only_layers={cfg.get('mlp_only_layers')} / decoder_sparse_step="
+            f"{cfg.get('decoder_sparse_step')}: only all-MoE layers "
+            "(decoder_sparse_step 1, no mlp_only_layers) are supported"
+        )
 
 
 def read_arch(hf_dir: str | Path) -> ModelArch:

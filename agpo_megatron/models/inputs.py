@@ -1,6 +1,7 @@
 """Generated models a config can name instead of a path.
 
     model.hf_path: tiny:qwen2        # the CPU demo's tiny model + word-level tokenizer (in model/tokenizer/)
+    model.hf_path: tiny:qwen3_moe    # the same shape as a Qwen3-MoE: 8 experts of width 96, top-2
 
 `resolve_model(spec)` builds the model once into the cache of `data/inputs.py` (same rank-safe
 rename, same lock) and returns its directory; any other value is returned unchanged.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from agpo_megatron.data.inputs import cache_key, materialize
 
-TINY_TYPES = ("qwen2", "qwen3", "llama")
+TINY_TYPES = ("qwen2", "qwen3", "llama", "qwen3_moe")
 
 
 def write_tiny_model(out: Path, model_type: str = "qwen2", *, seed: int = 0) -> Path:
@@ -23,6 +24,7 @@ def write_tiny_model(out: Path, model_type: str = "qwen2", *, seed: int = 0) -> 
     from agpo_megatron.models.tiny import save_tiny_hf_model
 
     tok = synthetic.build_tokenizer(Path(out) / TOKENIZER_SUBDIR)
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96) if model_type == "qwen3_moe" else {}
     return save_tiny_hf_model(
         out,
         model_type,
@@ -37,6 +39,7 @@ def write_tiny_model(out: Path, model_type: str = "qwen2", *, seed: int = 0) -> 
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        **moe,
     )
 
 

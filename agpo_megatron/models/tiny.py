@@ -27,8 +27,12 @@ def tiny_hf_config(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int | None = None,
+    norm_topk_prob: bool = True,
 ):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -49,6 +53,18 @@ def tiny_hf_config(
         cfg = Qwen2Config(**common)
     elif model_type == "qwen3":
         cfg = Qwen3Config(head_dim=head_dim or hidden_size // num_heads, **common)
+    elif model_type == "qwen3_moe":
+        # Every layer sparse (decoder_sparse_step 1), as in the released Qwen3-MoE models.
+        cfg = Qwen3MoeConfig(
+            head_dim=head_dim or hidden_size // num_heads,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            moe_intermediate_size=moe_intermediate_size or intermediate_size // 2,
+            norm_topk_prob=norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **common,
+        )
     elif model_type == "llama":
         cfg = LlamaConfig(
             rope_scaling={
@@ -83,6 +99,12 @@ def save_tiny_hf_model(
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+    # NOTE: transformers 5 writes weights and config only on torch.distributed rank 0 when a process
+    # group exists (`should_save_on_this_rank`). A `tiny:` model is built by whichever rank takes the
+    # cache lock first (models/inputs.py); built on rank 1, the folder held only the tokenizer and was
+    # renamed into the cache as if complete (both ranks then failed: "no config.json"). This model is
+    # this process's own, so this process writes it.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -51,7 +51,15 @@ class Param:
 
 
 def stage_params(
-    arch: ModelArch, *, tp: int, pp: int, pp_rank: int, params_dtype: str = "bfloat16", spec: str = "te"
+    arch: ModelArch,
+    *,
+    tp: int,
+    pp: int,
+    pp_rank: int,
+    params_dtype: str = "bfloat16",
+    spec: str = "te",
+    ep: int = 1,
+    etp: int = 1,
 ) -> list[Param]:
     """This rank's parameters in `GPTModel.named_parameters()` order (local spec names).
 
@@ -59,6 +67,8 @@ def stage_params(
     columns; norms are replicated. Layers split evenly over PP; the embedding lives on the first
     stage, the final norm and LM head on the last. With tied embeddings and PP > 1 the last stage
     holds Megatron's own copy of the embedding as `output_layer.weight`.
+    MoE: the router is replicated; this rank holds E/ep experts (SequentialMLP), each split over
+    ETP like a dense MLP over TP (`is_expert` tells them apart).
     """
     h, d, f, v = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size, arch.vocab_size
     nq, g = arch.num_attention_heads, arch.num_query_groups
@@ -82,7 +92,15 @@ def stage_params(
         if arch.qk_layernorm:
             add(pre + "self_attention.q_layernorm.weight", (d,), norm)
             add(pre + "self_attention.k_layernorm.weight", (d,), norm)
+        # The MoE layer's norm is its own module on both specs, so it is in the spec's norm dtype.
         add(pre + "pre_mlp_layernorm.weight", (h,), norm)
+        if arch.is_moe:
+            fe = arch.moe_ffn_hidden_size
+            add(pre + "mlp.router.weight", (arch.num_experts, h))
+            for e in range(arch.num_experts // ep):
+                add(pre + f"mlp.experts.local_experts.{e}.linear_fc1.weight", (2 * fe // etp, h))
+                add(pre + f"mlp.experts.local_experts.{e}.linear_fc2.weight", (h, fe // etp))
+            continue
         add(pre + "mlp.linear_fc1.weight", (2 * f // tp, h))
         add(pre + "mlp.linear_fc2.weight", (h, f // tp))
     if last:
@@ -90,6 +108,12 @@ def stage_params(
         if not arch.tie_word_embeddings or pp > 1:
             add("output_layer.weight", (v // tp, h))
     return out
+
+
+def is_expert(p: Param) -> bool:
+    """A routed expert's weight: Megatron DDP keeps those in their own buffers, sharded by the
+    distributed optimizer over the expert-data-parallel group instead of the data-parallel one."""
+    return ".local_experts." in p.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +177,34 @@ def ddp_buckets(
 
 
 def train_state(
+    params: list[Param],
+    *,
+    dp: int,
+    dp_rank: int | None = None,
+    distributed_optimizer: bool = True,
+    tied_pp: bool = False,
+    expert_dp: int | None = None,
+    expert_dp_rank: int | None = None,
+) -> TrainState:
+    """`_group_state` of the dense params over `dp`, plus, for an MoE model, that of the routed
+    experts over `expert_dp` (world / (etp x ep x pp)): Megatron gives them buffers of their own."""
+    dense = [p for p in params if not is_expert(p)]
+    experts = [p for p in params if is_expert(p)]
+    state = _group_state(dense, dp=dp, dp_rank=dp_rank, distributed_optimizer=distributed_optimizer, tied_pp=tied_pp)
+    if not experts:
+        return state
+    ex = _group_state(
+        experts, dp=expert_dp or dp, dp_rank=expert_dp_rank, distributed_optimizer=distributed_optimizer, tied_pp=False
+    )
+    return TrainState(
+        params=state.params + ex.params,
+        grads=state.grads + ex.grads,
+        main_params=state.main_params + ex.main_params,
+        adam=state.adam + ex.adam,
+    )
+
+
+def _group_state(
     params: list[Param],
     *,
     dp: int,

@@ -46,6 +46,22 @@ def check_model_shape(cfg: TrainConfig) -> None:
         f"parallel.tp={tp} must divide the {arch.num_query_groups} query groups (KV heads)",
     )
     _require(arch.num_layers % pp == 0, f"parallel.pp={pp} must divide the {arch.num_layers} layers")
+    ep, etp = cfg.parallel.ep, cfg.parallel.etp
+    if not arch.is_moe:
+        _require(
+            ep == 1 and etp == 1,
+            f"parallel.ep={ep} / parallel.etp={etp} need an MoE model ({arch.model_type} is dense)",
+        )
+        _require(
+            cfg.algo.routing_replay == "none",
+            f"algo.routing_replay={cfg.algo.routing_replay} needs an MoE model ({arch.model_type} is dense)",
+        )
+    else:
+        _require(arch.num_experts % ep == 0, f"parallel.ep={ep} must divide the {arch.num_experts} experts")
+        _require(
+            arch.moe_ffn_hidden_size % etp == 0,
+            f"parallel.etp={etp} must divide the experts' {arch.moe_ffn_hidden_size} ffn width",
+        )
     _require(
         arch.num_attention_heads % cfg.rollout.tp == 0 and arch.num_query_groups % cfg.rollout.tp == 0,
         f"rollout.tp={cfg.rollout.tp} must divide heads ({arch.num_attention_heads}) and KV heads "

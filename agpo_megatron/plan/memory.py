@@ -140,14 +140,23 @@ def plan_memory(
     save_buf = 2 * 4 * max(p.numel for p in stage_params(arch, tp=tp, pp=1, pp_rank=0, params_dtype="float32"))
     stages = []
     for pp_rank in sorted({0, pp - 1}):
+        ep, etp = cfg.parallel.ep, cfg.parallel.etp
         params = stage_params(
-            arch, tp=tp, pp=pp, pp_rank=pp_rank, params_dtype=cfg.model.params_dtype, spec=plan_spec(cfg)
+            arch,
+            tp=tp,
+            pp=pp,
+            pp_rank=pp_rank,
+            params_dtype=cfg.model.params_dtype,
+            spec=plan_spec(cfg),
+            ep=ep,
+            etp=etp,
         )
         st = train_state(
             params,
             dp=dp,
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             tied_pp=arch.tie_word_embeddings and pp > 1,
+            expert_dp=world_size // (etp * ep * pp),
         )
         ref = sum(p.nbytes for p in params) if kl_on else 0
         linear = ("linear_qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")

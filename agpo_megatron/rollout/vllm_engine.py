@@ -262,6 +262,8 @@ class VLLMEngine:
         if "weights" in self._asleep:
             raise RuntimeError("VLLMEngine.update_weights while the weights sleep: call wake_weights() first")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if not self.on_gpu:
+            self.llm.collective_rpc(repack_cpu_moe_experts)
         # Cached prefixes hold K/V computed with the old weights.
         self.llm.reset_prefix_cache()
         self._weights_lost = False
@@ -341,3 +343,28 @@ def _completion(prompt_index: int, out: Any, version: int) -> Completion:
         finish_reason=str(out.finish_reason),
         weight_version=version,
     )
+
+
+def repack_cpu_moe_experts(worker: Any) -> int:
+    """Re-pack the routed experts of vLLM-CPU's MoE layers after a weight reload; returns how many.
+
+    NOTE (vllm 0.32, issue 23): the CPU MoE kernel (`CPUUnquantizedExperts`) keeps each layer's
+    `w13_weight`/`w2_weight` in a pre-packed grouped-GEMM layout, made by its
+    `process_weights_after_loading` at the first load only (`UnquantizedFusedMoEMethod` skips it
+    on a weight update). `reload_weights` therefore leaves the experts in checkpoint layout, which
+    the kernel reads as garbage: after reloading a model's own weights its greedy tokens changed.
+    Packing again after the reload restores them (tests/rollout/test_vllm_moe_sync.py). GPU
+    kernels have no such layout; the class check makes this a no-op there and for dense models.
+    """
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:
+        return 0
+    count = 0
+    for module in worker.model_runner.get_model().modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+            count += 1
+    return count

@@ -37,6 +37,13 @@ The redirections, and why each is needed:
    grad sync asks for the current stream to wait on CUDA-graph events (none exist on CPU).
    The CPU stream has the same `wait_event`/`wait_stream` methods, and they do nothing.
 
+7. Mixture-of-experts (issue 23). `moe_utils` names `te_general_gemm` only when Transformer
+   Engine imports, and its router linear tests `te_general_gemm is not None`: without TE that is
+   a NameError, so the name is bound to None (the plain matmul path). The all-to-all token
+   dispatcher copies its routing counts to the host on a side CUDA stream
+   (`MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`) and waits on an event of it; on CPU the copy
+   is already synchronous, so the stream is a stand-in whose events are complete at once.
+
 Also: pass an explicit causal `attention_mask` to GPTModel: Megatron's default mask is built
 with `device="cuda"` outside any place we can scope cheaply.
 """
@@ -124,8 +131,46 @@ def _patch_rng() -> None:
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
 
 
+class _DoneEvent:
+    """An event that has already happened (CPU work is synchronous)."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _HostStream:
+    """Stands in for the dispatcher's CUDA side stream: everything on it is already done."""
+
+    def record_event(self, event: Any = None) -> _DoneEvent:
+        return _DoneEvent()
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+def _patch_moe() -> None:
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    if not getattr(moe_utils, "HAVE_TE", False):
+        moe_utils.te_general_gemm = None
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HostStream()
+
+
 def activate() -> bool:
-    """Install the process-wide redirections (1, 2, 5, 6). Returns whether the layer is active.
+    """Install the process-wide redirections (1, 2, 5, 6, 7). Returns whether the layer is active.
 
     A no-op when CUDA is present, and a no-op when called a second time.
     """
@@ -136,6 +181,7 @@ def activate() -> bool:
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
     _patch_rng()
+    _patch_moe()
     _ACTIVE = True
     return True
 

@@ -35,6 +35,15 @@ class Layout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep: int = 1
+    """Expert-parallel size (MoE); 1 for dense models."""
+    ep_rank: int = 0
+    """This rank's index in its expert-parallel group: it holds experts
+    [ep_rank * E / ep, (ep_rank + 1) * E / ep)."""
+    etp: int = 1
+    """Expert tensor-parallel size (MoE)."""
+    etp_rank: int = 0
+    """This rank's index in its expert tensor-parallel group."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -220,8 +229,8 @@ def init_distributed(*, timeout_s: float = 3600.0) -> None:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def init_model_parallel(tp: int, pp: int, seed: int, *, timeout_s: float = 3600.0) -> Layout:
-    """Megatron's TP/PP/DP groups plus its per-TP-rank RNG streams."""
+def init_model_parallel(tp: int, pp: int, seed: int, *, timeout_s: float = 3600.0, ep: int = 1, etp: int = 1) -> Layout:
+    """Megatron's TP/PP/DP groups (and the expert EP/ETP groups for MoE) plus its per-TP-rank RNG streams."""
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
@@ -232,6 +241,8 @@ def init_model_parallel(tp: int, pp: int, seed: int, *, timeout_s: float = 3600.
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=max(1, round(timeout_s / 60)),
     )
     with cpu_platform.megatron_scope():
@@ -260,6 +271,9 @@ def set_collective_timeout(timeout_s: float) -> int:
         mpu.get_data_parallel_group,
         mpu.get_model_parallel_group,
         mpu.get_embedding_group,
+        mpu.get_expert_model_parallel_group,
+        mpu.get_expert_tensor_parallel_group,
+        mpu.get_expert_data_parallel_group,
     ]
     done, seen = 0, set()
     for get in getters:
@@ -290,6 +304,10 @@ def current_layout() -> Layout:
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),
+        ep=mpu.get_expert_model_parallel_world_size(),
+        ep_rank=mpu.get_expert_model_parallel_rank(),
+        etp=mpu.get_expert_tensor_parallel_world_size(),
+        etp_rank=mpu.get_expert_tensor_parallel_rank(),
     )
 
 

@@ -91,6 +91,7 @@ def plan_micro_batches(
     uniform_length: bool,
     pad_to_multiple: int = 8,
     packing: bool = False,
+    width: int | None = None,
 ) -> list[MicroBatchPlan]:
     """The micro-batches of one rank's sequences (token counts `lengths`), padded or packed.
 
@@ -99,6 +100,8 @@ def plan_micro_batches(
     every micro-batch is padded to the step's longest sequence. Otherwise the dynamic mode sorts
     rows by length and fills each micro-batch up to `max_tokens` padded tokens.
     Packed: see `packing.plan_packed`.
+    `width` (padded only): every micro-batch is padded to this length (at least the longest here),
+    the same on every rank that is given it (expert parallelism, `split_mini_batches`).
     """
     if packing:
         from agpo_megatron.train.packing import plan_packed
@@ -116,6 +119,8 @@ def plan_micro_batches(
 
     order = list(range(len(lengths)))
     longest_all = padded(max(lengths))
+    if width is not None:
+        uniform_length, longest_all = True, max(longest_all, padded(width))
     if max_tokens is None:
         groups = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     else:
@@ -150,6 +155,7 @@ def split_micro_batches(
     uniform_length: bool,
     pad_to_multiple: int = 8,
     packing: bool = False,
+    width: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The micro-batch tensors of `plan_micro_batches` (packed ones: `packing.to_packed_micro_batch`)."""
     plans = plan_micro_batches(
@@ -159,6 +165,7 @@ def split_micro_batches(
         uniform_length=uniform_length,
         pad_to_multiple=pad_to_multiple,
         packing=packing,
+        width=width,
     )
     if packing:
         from agpo_megatron.train.packing import to_packed_micro_batch
@@ -198,7 +205,14 @@ class MiniBatch:
 
 
 def split_mini_batches(
-    seqs: Sequences, *, seqs_per_update: int, dp: int, dp_rank: int, pad_id: int, **plan_kw
+    seqs: Sequences,
+    *,
+    seqs_per_update: int,
+    dp: int,
+    dp_rank: int,
+    pad_id: int,
+    same_shape_across_dp: bool = False,
+    **plan_kw,
 ) -> list[MiniBatch]:
     """Split a rollout (prompt-major, whole groups of G) into PPO mini-batches, this rank's part of each.
 
@@ -209,6 +223,9 @@ def split_mini_batches(
     (`split_micro_batches(**plan_kw)`).
     The counts are the mini-batch's global ones, computed here with no collective (every rank holds
     the whole rollout), so the loss is the same whatever the DP / micro-batch layout.
+    `same_shape_across_dp` (expert parallelism, padded micro-batches): every rank's micro-batches
+    are padded to the mini-batch's longest sequence, so all ranks run the same number of forwards
+    of one shape, which the expert-parallel token exchange needs (models/build.py `moe_kwargs`).
     """
     if len(seqs) % dp or seqs_per_update % dp:
         raise ValueError(
@@ -219,6 +236,8 @@ def split_mini_batches(
         mini = seqs.select(range(lo, min(lo + seqs_per_update, len(seqs))))
         lengths = [len(t) for t in mini.tokens]
         ranks = balance_dp(lengths, dp)  # equal counts, balanced tokens
+        if same_shape_across_dp:
+            plan_kw = {**plan_kw, "width": max(lengths)}
         out.append(
             MiniBatch(
                 split_micro_batches(mini.select(ranks[dp_rank]), pad_id=pad_id, **plan_kw),

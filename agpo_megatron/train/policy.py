@@ -6,6 +6,7 @@ score, take optimizer steps, and export its weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +16,10 @@ import torch.distributed as dist
 
 from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss
 from agpo_megatron.bridge.hf_io import HFCheckpointReader, load_hf_weights
-from agpo_megatron.models import build, forward
+from agpo_megatron.models import build, forward, moe
 from agpo_megatron.models.hf_config import ModelArch
 from agpo_megatron.models.lm_head import capture_lm_head_input
+from agpo_megatron.models.routing import RoutingControl
 from agpo_megatron.ops.fused_loss import fused_policy_loss_from_hidden
 from agpo_megatron.runtime import cpu_platform
 from agpo_megatron.runtime.nonfinite import BadStepCounter, check_finite_weights, step_is_finite
@@ -40,6 +42,10 @@ def _build(arch: ModelArch, cfg, layout: Layout):
             tp=layout.tp,
             pp_rank=layout.pp_rank,
             pp=layout.pp,
+            ep_rank=layout.ep_rank,
+            ep=layout.ep,
+            etp_rank=layout.etp_rank,
+            etp=layout.etp,
         )
     elif cfg.model.init_from == "megatron":  # e.g. written by hf_to_megatron, at any TP/PP
         from agpo_megatron.checkpoint.train_state import load_checkpoint
@@ -124,6 +130,13 @@ class Actor:
             self.model, cfg.optim, cfg.parallel, total_steps
         )
         self.bad_steps = BadStepCounter(cfg.algo.max_bad_steps)
+        # MoE: the old-log-prob forward records each token's experts; the update replays them
+        # (algo.routing_replay r2) or only counts how many it routes differently (none).
+        self.routing_replay = cfg.algo.routing_replay
+        self.routing = None
+        if arch.is_moe and not cfg.parallel.sequence_parallel and not cfg.model.recompute_activations:
+            self.routing = RoutingControl.install(self.model)
+            self.model.agpo_routing = self.routing
 
     @property
     def chunks(self) -> list[torch.nn.Module]:
@@ -136,13 +149,17 @@ class Actor:
         return pad_multiple(tp=c.tensor_model_parallel_size, sequence_parallel=c.sequence_parallel, fp8=bool(c.fp8))
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
-        return forward.compute_logprobs(
-            self.chunks,
-            micro_batches,
-            temperature=temperature,
-            with_entropy=with_entropy,
-            chunk_tokens=self.chunk_tokens,
-        )
+        with self._routing("record"):
+            return forward.compute_logprobs(
+                self.chunks,
+                micro_batches,
+                temperature=temperature,
+                with_entropy=with_entropy,
+                chunk_tokens=self.chunk_tokens,
+            )
+
+    def _routing(self, mode):
+        return contextlib.nullcontext() if self.routing is None else self.routing.using(mode)
 
     def policy_step(
         self,
@@ -217,8 +234,17 @@ class Actor:
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        per_mb = forward.forward_backward(self.chunks, micro_batches, loss_fn, forward_only=False)
+        with self._routing("replay" if self.routing_replay == "r2" else "compare"):
+            per_mb = forward.forward_backward(self.chunks, micro_batches, loss_fn, forward_only=False)
         metrics = reduce_token_weighted(per_mb, self.layout)
+        if moe.is_moe(self.model):
+            metrics["moe_aux_loss"] = moe.pop_aux_loss(self.model.config.num_layers, len(micro_batches))
+        if self.routing is not None:
+            # (response token, MoE layer) pairs the update routes (or would route) differently from
+            # the old-log-prob forward; absent for an update that had no such forward.
+            mismatch = self.routing.pop_mismatch(count_here=self.layout.tp_rank == 0)
+            if mismatch is not None:
+                metrics["moe_routing_mismatch"] = mismatch
         finite = step_is_finite(self.model.parameters(), per_mb)
         # A non-finite step makes no update on any rank: no optimizer or scheduler step.
         if finite:

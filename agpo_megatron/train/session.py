@@ -52,7 +52,12 @@ class Session:
         cfg.check_world(placement.world_size if placement else dist.get_world_size())  # before any model or engine
         arch = read_arch(cfg.model.hf_path)
         layout = init_model_parallel(
-            cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.seed, timeout_s=cfg.parallel.timeout_s
+            cfg.parallel.tp,
+            cfg.parallel.pp,
+            cfg.parallel.seed,
+            timeout_s=cfg.parallel.timeout_s,
+            ep=cfg.parallel.ep,
+            etp=cfg.parallel.etp,
         )
         tokenizer = load_tokenizer(cfg.model.hf_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

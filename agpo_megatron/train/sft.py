@@ -57,6 +57,8 @@ def sft(
             pad_id=pad_id,
             uniform_length=layout.pp > 1,
             pad_to_multiple=actor.pad_multiple,
+            # MoE with EP: one shape on every rank (the EP ranks exchange tokens per forward).
+            width=max(len(t) for t in seqs.tokens) if layout.ep > 1 else None,
         )
 
         def nll(logits, mb, global_tokens=global_tokens):  # bound now: called within this step

@@ -124,6 +124,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             dp=s.layout.dp,
             dp_rank=s.layout.dp_rank,
             pad_id=s.pad_id,
+            same_shape_across_dp=s.layout.ep > 1,  # MoE: the EP ranks exchange tokens per forward
             **plan_kw,
         )
         ppo_kw = {"mode": cfg.rollout.logprob_mode, "epochs": cfg.algo.ppo_epochs}

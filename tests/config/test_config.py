@@ -49,6 +49,13 @@ def test_yaml_and_dotted_overrides(yaml_file):
         ("parallel.tp=3", "must divide the 4 attention heads"),
         ("parallel.tp=4", "must divide the 2 query groups"),
         ("parallel.pp=4", "must divide the 2 layers"),
+        ("parallel.ep=0", "parallel.ep must be >= 1"),
+        ("parallel.etp=0", "parallel.etp must be >= 1"),
+        ("parallel.etp=2", "parallel.ep=1 / parallel.etp=2 need an MoE model (qwen2 is dense)"),
+        ("model.moe_aux_loss_coef=-1", "model.moe_aux_loss_coef must be >= 0"),
+        ("algo.routing_replay=r2", "algo.routing_replay=r2 needs an MoE model (qwen2 is dense)"),
+        ("algo.routing_replay=r3", "replaying vLLM's routing is not implemented yet"),
+        ("algo.routing_replay=r1", "algo.routing_replay: 'r1' is not one of"),
         ("algo.group_size=1", "algo.group_size must be >= 2"),
         ("algo.loss.eps_low=1.5", "eps_low"),
         ("algo.loss.eps_high=-0.1", "eps_high"),
@@ -86,6 +93,31 @@ def test_world_size_checks(yaml_file):
         cfg.check_world(3)
     with pytest.raises(ConfigError, match="must be divisible by data-parallel size"):
         load_train_config(yaml_file, ["batch.prompts_per_rollout=3", "batch.micro_batch_size=1"]).check_world(2)
+
+
+def test_moe_layout_checks(tmp_path, yaml_file):
+    # 6 experts of width 48: ep=2 legal (on a world of 4, not 3), ep=4 not; etp=5 not.
+    moe = tmp_path / "moe"
+    tiny_hf_config("qwen3_moe", num_heads=4, num_kv_heads=2, num_experts=6, moe_intermediate_size=48).save_pretrained(
+        moe
+    )
+    with pytest.raises(ConfigError, match="parallel.ep=2 needs batch.packing=false"):
+        load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=2"])
+    cfg = load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=2", "batch.packing=false"])
+    assert cfg.check_world(4) == 4
+    with pytest.raises(ConfigError, match="parallel.ep=2: world size 3 is not a multiple of etp x ep x pp = 2"):
+        cfg.check_world(3)
+    with pytest.raises(ConfigError, match="parallel.ep=4 must divide the 6 experts"):
+        load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.ep=4", "batch.packing=false"])
+    with pytest.raises(ConfigError, match="parallel.etp=5 must divide the experts' 48 ffn width"):
+        load_train_config(yaml_file, [f"model.hf_path={moe}", "parallel.etp=5"])
+    assert load_train_config(yaml_file, [f"model.hf_path={moe}", "algo.routing_replay=r2"]).algo.routing_replay == "r2"
+    for extra, needle in [
+        ("rollout.logprob_mode=rollout", "needs rollout.logprob_mode=recompute"),
+        ("model.recompute_activations=true", "needs model.recompute_activations=false"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_train_config(yaml_file, [f"model.hf_path={moe}", "algo.routing_replay=r2", extra])
 
 
 def test_every_field_has_a_docstring():

@@ -29,6 +29,37 @@ def test_hf_config_mapping_per_architecture():
     assert llama.rope_scaling["rope_type"] == "llama3" and not llama.qkv_bias
 
 
+def test_qwen3_moe_mapping_and_routing_kwargs():
+    cfg = tiny_hf_config("qwen3_moe", num_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2).to_dict()
+    arch = arch_from_hf_dict(cfg)
+    assert (arch.num_experts, arch.moe_topk, arch.moe_ffn_hidden_size) == (8, 2, 64)
+    assert arch.is_moe and arch.norm_topk_prob and arch.qk_layernorm
+    from agpo_megatron.config.model import ParallelConfig
+
+    kw = build.moe_kwargs(arch, ModelConfig(moe_aux_loss_coef=0.01), ParallelConfig(ep=2), on_gpu=False)
+    # Renormalised top-k = top-k of the logits then softmax over the k (pre_softmax off).
+    assert kw["moe_router_pre_softmax"] is False and kw["moe_router_score_function"] == "softmax"
+    assert kw["moe_token_dispatcher_type"] == "allgather" and kw["expert_model_parallel_size"] == 2
+    assert kw["moe_aux_loss_coeff"] == 0.01 and kw["moe_router_load_balancing_type"] == "aux_loss"
+    assert (
+        build.moe_kwargs(arch, ModelConfig(), ParallelConfig(), on_gpu=True)["moe_token_dispatcher_type"] == "alltoall"
+    )
+    assert (
+        build.moe_kwargs(
+            arch_from_hf_dict(tiny_hf_config("qwen3").to_dict()), ModelConfig(), ParallelConfig(), on_gpu=False
+        )
+        == {}
+    )
+    for bad, needle in [
+        ({"mlp_only_layers": [0]}, "only all-MoE layers"),
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok > 0"),
+    ]:
+        with pytest.raises(UnsupportedModelError, match=needle):
+            arch_from_hf_dict({**cfg, **bad})
+    with pytest.raises(UnsupportedModelError, match="model_type 'qwen3' with experts is not supported"):
+        arch_from_hf_dict({**tiny_hf_config("qwen3").to_dict(), "num_experts": 4})
+
+
 def test_unsupported_models_are_named():
     with pytest.raises(UnsupportedModelError, match=r"model_type 'mixtral' is not supported; supported: \['qwen2'"):
         arch_from_hf_dict({"model_type": "mixtral"}, "x/config.json")

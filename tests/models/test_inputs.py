@@ -76,3 +76,14 @@ def test_tiny_cpu_example_validates_from_nothing(cache):
     assert Path(cfg.data.train.path).is_file() and Path(cfg.data.eval.path).is_file()
     assert cfg.check_world(2) == 2
     assert resolve_model("tiny:qwen2") == cfg.model.hf_path
+
+
+@pytest.mark.slow
+def test_a_tiny_model_written_by_rank1_is_complete(tmp_path):
+    """transformers 5 saves only on torch.distributed rank 0; a `tiny:` model built by rank 1 (which
+    took the cache lock first) held only its tokenizer, and the run failed with "no config.json"."""
+    from tests.dist import torchrun
+
+    torchrun("tiny_on_rank1.py", tmp_path, timeout=180)
+    files = (tmp_path / "files.txt").read_text().split()
+    assert "config.json" in files and "model.safetensors" in files, files

@@ -9,7 +9,14 @@ import pytest
 from agpo_megatron.cli import main as agpo
 from agpo_megatron.models.hf_config import arch_from_hf_dict, read_arch
 from agpo_megatron.models.tiny import tiny_hf_config
-from agpo_megatron.plan.formulas import GiB, layer_activation_bytes, stage_params, train_state, vllm_weight_bytes
+from agpo_megatron.plan.formulas import (
+    GiB,
+    hf_param_count,
+    layer_activation_bytes,
+    stage_params,
+    train_state,
+    vllm_weight_bytes,
+)
 from agpo_megatron.plan.load import load_train_config
 from agpo_megatron.plan.memory import PHASES, plan_memory
 from tests.dist import torchrun
@@ -55,6 +62,8 @@ def test_planned_bytes_equal_built_megatron_ddp_and_optimizer(tmp_path):
         "untied": _write_config(tmp_path / "untied", "qwen2", **kw),
         "tied": _write_config(tmp_path / "tied", "qwen2", tie=True, **kw),
         "qwen3": _write_config(tmp_path / "qwen3", "qwen3", head_dim=40, **{**kw, "num_kv_heads": 2}),
+        # 6 experts of width 40: the experts' own DDP buffer, sharded over expert-DP (2 at EP=1, 1 at EP=2).
+        "moe": _write_config(tmp_path / "moe", "qwen3_moe", head_dim=40, num_experts=6, moe_intermediate_size=40, **kw),
     }
     torchrun("plan_measure.py", tmp_path, *(f"{k}={v}" for k, v in models.items()))
     checked = 0
@@ -69,6 +78,7 @@ def test_planned_bytes_equal_built_megatron_ddp_and_optimizer(tmp_path):
                 pp_rank=lay["pp_rank"],
                 params_dtype="bfloat16" if "bf16" in case else "float32",
                 spec="local",
+                ep=lay.get("ep", 1),
             )
             assert _planned(params) == m["params"], case
             st = train_state(
@@ -77,12 +87,14 @@ def test_planned_bytes_equal_built_megatron_ddp_and_optimizer(tmp_path):
                 dp_rank=lay["dp_rank"],
                 distributed_optimizer="distopt" in case,
                 tied_pp=arch.tie_word_embeddings and lay["pp"] > 1,
+                expert_dp=lay.get("expert_dp"),
+                expert_dp_rank=lay.get("expert_dp_rank"),
             )
             measured = (m["param_bytes"], m["grad_bytes"], m["main_param_bytes"], m["adam_bytes"])
             assert (st.params, st.grads, st.main_params, st.adam) == measured, (rank, case)
             assert m["adam_bytes"] > 0
             checked += 1
-    assert checked == 12
+    assert checked == 16
     # The padding is real: with the distributed optimizer the buffer is larger than the params.
     m = json.loads((tmp_path / "measured_rank0.json").read_text())["untied_bf16_dp2_distopt"]
     unpadded = sum(p.nbytes for p in stage_params(read_arch(models["untied"]), tp=1, pp=1, pp_rank=0, spec="local"))
@@ -112,6 +124,32 @@ def test_meta_device_gptmodel_of_qwen25_shapes_matches_planned_params(tmp_path):
     names = {k.rsplit(":", 1)[1]: {n for n, _, _ in v} for k, v in built.items() if "72b" in k}
     assert "embedding.word_embeddings.weight" in names["0"] and "output_layer.weight" not in names["0"]
     assert "output_layer.weight" in names["3"] and "embedding.word_embeddings.weight" not in names["3"]
+
+
+@pytest.mark.slow
+def test_meta_device_qwen3_30b_a3b_expert_shards_match_planned_params(tmp_path):
+    """Qwen3-30B-A3B at TP=2 x PP=2 x EP=4 (the first and last stage of EP rank 0) built on `meta`:
+    32 of the 128 experts per layer, the replicated router, every name, shape and dtype as planned;
+    and the planner's counts by hand."""
+    shape = SHAPES / "qwen3-30b-a3b"
+    out = tmp_path / "meta.json"
+    torchrun("plan_meta.py", out, f"{shape}:2:2:4", nproc=1, timeout=240)
+    built = json.loads(out.read_text())
+    assert len(built) == 2
+    arch = read_arch(shape)
+    for key, params in built.items():
+        pp_rank = int(key.rsplit(":", 1)[1])
+        planned = stage_params(arch, tp=2, pp=2, pp_rank=pp_rank, spec="local", ep=4)
+        assert _planned(planned) == params, key
+    experts = [n for n, _, _ in built[f"{shape}:2:2:4:0"] if n.startswith("decoder.layers.0.mlp.experts.")]
+    assert len(experts) == 2 * 32  # fc1 + fc2 of 128 / 4 experts
+    # 48 layers x (attention 18,874,368 + q/k norms 256 + norms 4,096 + router 262,144 + 128 experts
+    # x 3 x 768 x 2048) + embedding and LM head 2 x 151,936 x 2048 + final norm 2048: 30.53B.
+    assert hf_param_count(arch) == 30_532_122_624
+    full = stage_params(arch, tp=1, pp=1, pp_rank=0, ep=1)
+    per_rank = stage_params(arch, tp=1, pp=1, pp_rank=0, ep=8)
+    dropped = sum(p.numel for p in full) - sum(p.numel for p in per_rank)
+    assert dropped == 48 * (128 - 16) * 3 * 768 * 2048  # EP=8 keeps 16 experts per layer
 
 
 def _numel(shape) -> int:

@@ -31,9 +31,10 @@ class FakeLLM:
     def wake_up(self, tags=None):
         self.calls.append(("wake_up", tuple(tags)))
 
-    def collective_rpc(self, method, kwargs):
-        list(kwargs["weights_iterator"])
-        self.calls.append((method,))
+    def collective_rpc(self, method, kwargs=None):
+        if kwargs is not None:
+            list(kwargs["weights_iterator"])
+        self.calls.append((method if isinstance(method, str) else method.__name__,))
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
@@ -121,7 +122,14 @@ def test_wrong_order_raises_on_every_platform(engine_on, gpu):
     engine.wake_kv_cache()
     _generate(engine)
     if not gpu:  # vLLM refuses sleep mode on CPU: nothing but generate and the sync reach it
-        assert llm.calls == [("reload_weights",), ("reset_prefix_cache",), ("reset_prefix_cache",), ("generate",)]
+        # (after a reload, the CPU MoE experts are packed again: rollout/vllm_engine.py)
+        assert llm.calls == [
+            ("reload_weights",),
+            ("repack_cpu_moe_experts",),
+            ("reset_prefix_cache",),
+            ("reset_prefix_cache",),
+            ("generate",),
+        ]
         assert "enable_sleep_mode" not in llm.kwargs
 
 

@@ -60,3 +60,26 @@ def test_pad_multiple_follows_the_layout():
         for kw in (dict(max_tokens=None, uniform_length=True), dict(max_tokens=200, uniform_length=False)):
             mbs = split_micro_batches(seqs, micro_batch_size=1, pad_id=0, pad_to_multiple=mult, **kw)
             assert all(mb["tokens"].shape[1] % mult == 0 for mb in mbs), (mult, kw)
+
+
+def test_expert_parallel_ranks_get_one_shape():
+    """With EP every rank must run the same forwards of one shape. 4 rows of 3, 4, 17, 18 tokens, one
+    micro-batch per row, 2 ranks with one long and one short row each: by default each micro-batch is
+    padded to its own row (8 or 24, multiples of 8); with the same shape, all to the mini-batch's
+    longest, 18 -> 24."""
+    from agpo_megatron.train.batch import split_mini_batches
+
+    seqs = Sequences(tokens=[[1] * n for n in (3, 4, 17, 18)], prompt_lens=[1] * 4, advantages=torch.zeros(4))
+    kw = dict(seqs_per_update=4, dp=2, pad_id=0, micro_batch_size=1, max_tokens=None, uniform_length=False)
+    shapes = {
+        same: [
+            [
+                tuple(mb["tokens"].shape)
+                for mb in split_mini_batches(seqs, dp_rank=r, same_shape_across_dp=same, **kw)[0].micro_batches
+            ]
+            for r in (0, 1)
+        ]
+        for same in (False, True)
+    }
+    assert shapes[True] == [[(1, 24), (1, 24)], [(1, 24), (1, 24)]]
+    assert [sorted(r) for r in shapes[False]] == [[(1, 8), (1, 24)], [(1, 8), (1, 24)]]

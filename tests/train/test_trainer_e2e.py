@@ -212,3 +212,27 @@ def test_gspo_fused_with_overlong_punishment_dp2(tmp_path):
     )
     rows = _check_run(tmp_path, results)
     assert all(r["train/num_updates"] == 2 and r["sampling/rounds"] == 1 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_qwen3_moe_ep2_routing_replay_r2(tmp_path, monkeypatch):
+    """Issue 23 through the real loop: the tiny Qwen3-MoE (8 experts, top-2) with expert parallelism
+    over the 2 ranks, vLLM rollouts synced from EP-sharded experts, the load-balancing loss, and r2
+    routing replay (the 2nd mini-batch of a rollout replays its old-log-prob forward's routing)."""
+    monkeypatch.setenv("AGPO_CACHE_DIR", str(tmp_path / "cache"))  # tiny:qwen3_moe built by the ranks
+    results = _demo(
+        tmp_path,
+        "model.hf_path=tiny:qwen3_moe",
+        "parallel.ep=2",
+        "batch.packing=false",  # EP: one micro-batch shape on every rank
+        "model.moe_aux_loss_coef=0.01",
+        "algo.routing_replay=r2",
+        "batch.prompts_per_update=2",
+    )
+    rows = _check_run(tmp_path, results)
+    for r in rows:
+        assert r["train/num_updates"] == 2
+        # A load-balancing loss of 1 is perfect balance; top-2 of 8 can only go above it.
+        assert r["train/moe_aux_loss"] >= 1.0 - 1e-6
+        assert 0 <= r["train/moe_routing_mismatch"] <= 1

@@ -18,8 +18,10 @@ from agpo_megatron.models.hf_config import read_arch
 from agpo_megatron.runtime.cpu_platform import megatron_scope
 from agpo_megatron.runtime.parallel import exit_cleanly, init_model_parallel
 
-# (case, model, params_dtype, tp, pp, distributed optimizer); world = 2, so dp = 2 / (tp * pp).
+# (case, model, params_dtype, tp, pp, distributed optimizer[, ep]); world = 2, so dp = 2 / (tp * pp).
 CASES = [
+    ("moe_bf16_ep2_distopt", "moe", "bfloat16", 1, 1, True, 2),
+    ("moe_bf16_ep1_distopt", "moe", "bfloat16", 1, 1, True, 1),
     ("untied_bf16_dp2_distopt", "untied", "bfloat16", 1, 1, True),
     ("untied_bf16_dp2_plain", "untied", "bfloat16", 1, 1, False),
     ("tied_bf16_pp2_distopt", "tied", "bfloat16", 1, 2, True),
@@ -37,11 +39,12 @@ def storages(tensors) -> dict[int, int]:
 
 
 results = {}
-for case, model_name, dtype, tp, pp, distopt in CASES:
+for case, model_name, dtype, tp, pp, distopt, *more in CASES:
+    ep = more[0] if more else 1
     arch = read_arch(models[model_name])
-    lay = init_model_parallel(tp, pp, seed=1)
+    lay = init_model_parallel(tp, pp, seed=1, ep=ep)
     model_cfg = ModelConfig(params_dtype=dtype, spec="local", max_seq_len=64)
-    par = ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=distopt)
+    par = ParallelConfig(tp=tp, pp=pp, ep=ep, use_distributed_optimizer=distopt)
     model = build.build_gpt(arch, model_cfg, par)
     shapes = [[n, list(p.shape), str(p.dtype).removeprefix("torch.")] for n, p in model.named_parameters()]
     ddp, opt, _ = build.wrap_for_training(model, OptimConfig(lr=1e-3), par, total_steps=2)
@@ -66,6 +69,9 @@ for case, model_name, dtype, tp, pp, distopt in CASES:
             "tp_rank": lay.tp_rank,
             "pp_rank": lay.pp_rank,
             "dp_rank": lay.dp_rank,
+            "ep": ep,
+            "expert_dp": 2 // (ep * pp),
+            "expert_dp_rank": lay.rank // ep if ep < 2 else 0,
         },
         "params": shapes,
         "param_bytes": sum(model_storages.values()),

@@ -5,7 +5,8 @@ argv: VLLM_HF_DIR MEGATRON_HF_DIR OUT_DIR ROLLOUT_TP LAYOUTS LOAD_FORMAT LOGPROB
 vLLM starts from VLLM_HF_DIR (or random weights with LOAD_FORMAT=dummy); Megatron loads a
 *different* checkpoint, MEGATRON_HF_DIR, so only the sync can make the two agree. One vLLM engine
 serves every Megatron layout in LAYOUTS (comma-separated tp2 / pp2): vLLM's process groups are
-its own, so Megatron's parallel state can be rebuilt under it. For each layout:
+its own, so Megatron's parallel state can be rebuilt under it. ep2 (an MoE checkpoint): expert
+parallel over the 2 ranks, each holding half the experts. For each layout:
 
 - sync, then greedy-decode with vLLM and with Megatron (full-sequence forward per step);
 - Megatron's log-probs of vLLM's greedy tokens (T=1) and of vLLM's samples at T=0.7;
@@ -35,7 +36,7 @@ from agpo_megatron.runtime.parallel import Layout, exit_cleanly, init_model_para
 
 vllm_dir, meg_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 rollout_tp, layouts, load_format, logprob_mode = int(sys.argv[4]), sys.argv[5].split(","), sys.argv[6], sys.argv[7]
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
+LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2)}  # (tp, pp, ep)
 NEW_TOKENS = 16
 # vLLM stops at EOS, so the reference decode is cut there too.
 EOS = json.loads((meg_dir / "config.json").read_text())["eos_token_id"]
@@ -101,20 +102,24 @@ def perturb(model, lay: Layout, seed: int) -> None:
     """Add layout-independent noise: drawn at full shape per rule, then sharded like the weight."""
     params = dict(model.named_parameters())
     offset = names.layer_range(arch, lay.pp_rank, lay.pp).start
+    first_expert = names.expert_offset(arch, lay.ep_rank, lay.ep)
     with torch.no_grad():
         for i, rule in enumerate(names.param_rules(arch)):
             if lay.pp_rank not in names.stage_of(rule, arch, lay.pp):
                 continue
+            if names.ep_owner(rule, arch, lay.ep) not in (None, lay.ep_rank):
+                continue  # another EP rank's expert
             noise = 0.05 * torch.randn(names.full_shape(rule, arch), generator=torch.Generator().manual_seed(seed + i))
-            params[names.to_local_name(rule.megatron, offset)].add_(names.shard(rule, noise, lay.tp_rank, lay.tp))
+            tp_rank, tp = (lay.etp_rank, lay.etp) if rule.expert is not None else (lay.tp_rank, lay.tp)
+            params[names.to_local_name(rule.megatron, offset, first_expert)].add_(names.shard(rule, noise, tp_rank, tp))
 
 
 def as_rows(results: list[list[Completion]]) -> list[dict]:
     return [vars(c) for per_prompt in results for c in per_prompt]
 
 
-tp, pp = LAYOUTS[layouts[0]]
-lay = init_model_parallel(tp, pp, seed=1)
+tp, pp, ep = LAYOUTS[layouts[0]]
+lay = init_model_parallel(tp, pp, seed=1, ep=ep)
 # Megatron's parallel state first, then vLLM, on every rank in the same order.
 engine = VLLMEngine(
     str(vllm_dir),
@@ -132,12 +137,22 @@ out: dict = {
 }
 
 for k, name in enumerate(layouts):
-    tp, pp = LAYOUTS[name]
+    tp, pp, ep = LAYOUTS[name]
     if k:  # the first layout's parallel state was built before the engine
-        lay = init_model_parallel(tp, pp, seed=1)
-    model = build.build_gpt(arch, model_cfg, ParallelConfig(tp=tp, pp=pp))
-    load_hf_weights(model, arch, HFCheckpointReader(meg_dir), tp_rank=lay.tp_rank, tp=tp, pp_rank=lay.pp_rank, pp=pp)
-    phases = ["synced", "perturbed"] if name == "tp2" else ["synced"]
+        lay = init_model_parallel(tp, pp, seed=1, ep=ep)
+    model = build.build_gpt(arch, model_cfg, ParallelConfig(tp=tp, pp=pp, ep=ep))
+    load_hf_weights(
+        model,
+        arch,
+        HFCheckpointReader(meg_dir),
+        tp_rank=lay.tp_rank,
+        tp=tp,
+        pp_rank=lay.pp_rank,
+        pp=pp,
+        ep_rank=lay.ep_rank,
+        ep=ep,
+    )
+    phases = ["synced", "perturbed"] if name in ("tp2", "ep2") else ["synced"]
     for phase in phases:
         if phase == "perturbed":
             perturb(model, lay, seed=7)
