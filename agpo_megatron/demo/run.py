@@ -8,7 +8,8 @@
 2. Warm-start it with a short supervised phase (`train/sft.py`, this package's loop on the Megatron
    actor). The default task, `steps` (`data/synthetic_steps.py`), trains on solutions that hold the
    intermediate steps (reasoning that helps) or not, and 0-3 units of waste (copied, never
-   computed), all 8 combinations in equal shares. A design check follows on the warm start
+   computed) after the box (`--waste-at before`: before the steps, the first design), all 8
+   combinations in equal shares. A design check follows on the warm start
    (`demo/design.py`): accuracy with every cell forced, to show that the steps matter and the
    waste does not, before any RL. `--task arith` is the earlier task (verbosity by repeated
    arithmetic), kept as an option.
@@ -67,7 +68,7 @@ def prepare(
     n_eval: int,
     max_difficulty: int,
     operands: tuple[int, ...],
-    waste_at: str = "before",
+    waste_at: str = "after",
 ) -> None:
     """Rank 0 writes tokenizer + random model + synthetic data (the other ranks wait)."""
     from agpo_megatron.data import synthetic, synthetic_steps
@@ -143,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--waste-at",
         choices=("before", "after"),
-        default="before",
-        help="steps: waste before the steps (default) or after the box, where it cannot touch the answer",
+        default="after",
+        help="steps: waste after the box, where it cannot touch the answer (default), or before the steps "
+        "(the first design: there waste went with skipping the steps while sampling, docs/demo.md)",
     )
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=512)
