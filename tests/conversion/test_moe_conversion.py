@@ -6,9 +6,9 @@ EP=2 restores the expert shards and their optimizer state (the 3rd step is bit-i
 import pytest
 import torch
 
-from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.conversion.test_conversion import tensors
 from tests.dist import torchrun
+from tests.moe_models import save_tiny_moe
 
 
 def _hf_logprobs(hf_dir):
@@ -29,18 +29,7 @@ def _assert_same_tensors(got: dict, want: dict, what: str) -> None:
 
 @pytest.mark.slow
 def test_moe_conversion_export_and_resume_at_ep2(tmp_path):
-    src = save_tiny_hf_model(
-        tmp_path / "src",
-        "qwen3_moe",
-        hidden_size=64,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=32,
-        num_layers=2,
-        num_experts=4,
-        moe_intermediate_size=32,
-        init_std=0.1,
-    )
+    src = save_tiny_moe(tmp_path / "src", init_std=0.1)
     rt = tmp_path / "rt"
     # One process: HF -> Megatron (chunks for any layout) -> HF (sharded into 20 KB files).
     torchrun("conversion_roundtrip.py", rt, f"moe={src}", nproc=1, timeout=240)

@@ -6,6 +6,7 @@ import torch
 
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
+from tests.moe_models import save_tiny_moe
 
 
 def _hf_logprobs(hf_dir, temperature=0.7):
@@ -23,20 +24,7 @@ def _hf_logprobs(hf_dir, temperature=0.7):
 @pytest.mark.slow
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_qwen3_moe_logprobs_match_hf_at_ep1_and_ep2(tmp_path, norm_topk_prob):
-    hf_dir = save_tiny_hf_model(
-        tmp_path / "hf",
-        "qwen3_moe",
-        hidden_size=64,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=32,
-        num_layers=2,
-        vocab_size=128,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        norm_topk_prob=norm_topk_prob,
-    )
+    hf_dir = save_tiny_moe(tmp_path / "hf", vocab_size=128, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob)
     torchrun("moe_parity.py", hf_dir, tmp_path, timeout=240)
     ref_lp, ref_ent = _hf_logprobs(hf_dir)
     for name in ("ep1", "ep2"):

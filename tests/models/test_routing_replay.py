@@ -5,25 +5,13 @@ routing would change. On 2 gloo ranks at EP=2."""
 import pytest
 import torch
 
-from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
+from tests.moe_models import save_tiny_moe
 
 
 @pytest.mark.slow
 def test_replay_routes_as_recorded_and_grads_only_recorded_experts(tmp_path):
-    hf_dir = save_tiny_hf_model(
-        tmp_path / "hf",
-        "qwen3_moe",
-        hidden_size=64,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=32,
-        num_layers=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        init_std=0.1,
-    )
+    hf_dir = save_tiny_moe(tmp_path / "hf", num_experts_per_tok=2, init_std=0.1)
     torchrun("routing_replay.py", hf_dir, tmp_path, timeout=240)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for rank, res in enumerate(ranks):
