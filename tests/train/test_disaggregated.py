@@ -21,6 +21,7 @@ import torch
 
 from agpo_megatron.runtime.parallel import free_port
 from tests.train.test_resume import _tensors
+from tests.train.tiny_run import write_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 2
@@ -48,32 +49,7 @@ NOT_COMPARED = ("time/", "cpu_time/", "throughput/", "mem/")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from agpo_megatron.data import synthetic
-    from agpo_megatron.models.tiny import save_tiny_hf_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    tok = synthetic.build_tokenizer(d / "model")
-    save_tiny_hf_model(
-        d / "model",
-        "qwen2",
-        seed=0,
-        tokenizer=tok,
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    synthetic.write_jsonl(synthetic.make_dataset(32, seed=0, max_difficulty=1), d / "train.jsonl")
-    data = f"{{path: {d / 'train.jsonl'}, answer_format: raw, prompt_template: '{{prompt}}'}}"
-    (d / "train.yaml").write_text(f"data: {{train: {data}}}\n")
-    (d / "train_eval.yaml").write_text(f"data: {{train: {data}, eval: {data}}}\n")
-    return d
+    return write_tiny_run(tmp_path_factory.mktemp("tiny"))
 
 
 def start_ranks(

@@ -24,6 +24,7 @@ from agpo_megatron.checkpoint import step_dirs
 from agpo_megatron.runtime import run_lock
 from agpo_megatron.runtime.parallel import free_port
 from agpo_megatron.runtime.preempt import EXIT_PREEMPTED
+from tests.train.tiny_run import write_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -67,35 +68,7 @@ COMPARED = (
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from agpo_megatron.data import synthetic
-    from agpo_megatron.models.tiny import save_tiny_hf_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    tok = synthetic.build_tokenizer(d / "model")
-    # NOTE: every parameter (and TP shard) is a multiple of 64 values, so Megatron's distributed
-    # optimizer inserts no alignment padding into its buckets. That padding is saved uninitialised
-    # (torch.empty in `sharded_param_state_dp_reshardable`), and would differ between any two runs.
-    save_tiny_hf_model(
-        d / "model",
-        "qwen2",
-        seed=0,
-        tokenizer=tok,
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    synthetic.write_jsonl(synthetic.make_dataset(32, seed=0, max_difficulty=1), d / "train.jsonl")
-    (d / "train.yaml").write_text(
-        f"data: {{train: {{path: {d / 'train.jsonl'}, answer_format: raw, prompt_template: '{{prompt}}'}}}}\n"
-    )
-    return d
+    return write_tiny_run(tmp_path_factory.mktemp("tiny"))
 
 
 class Ranks:
