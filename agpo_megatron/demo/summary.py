@@ -82,6 +82,12 @@ def _seed_row(r: dict[str, Any], run_dir: Path | None = None) -> dict[str, float
     return row
 
 
+def _toks(x: dict[str, Any], arm: str) -> str:
+    """`mean (reasoning + waste)` tokens of one arm's sampled evaluation, from a row of statistics."""
+    p = f"sampled/{arm}/"
+    return f"{x[p + 'mean_tokens']:.1f} ({x[p + 'reasoning_tokens']:.1f} + {x[p + 'waste_tokens']:.1f})"
+
+
 HEAD = (
     "seed",
     "warm pass@1",
@@ -106,18 +112,14 @@ def summarize_steps(
     rows = {seed: _seed_row(r, dirs.get(seed)) for seed, r in sorted(results.items())}
     lines = ["| " + " | ".join(HEAD) + " |", "|---:|" + "---:|" * (len(HEAD) - 1)]
 
-    def toks(x: dict[str, float], arm: str) -> str:
-        p = f"sampled/{arm}/"
-        return f"{x[p + 'mean_tokens']:.1f} ({x[p + 'reasoning_tokens']:.1f} + {x[p + 'waste_tokens']:.1f})"
-
     for seed, x in rows.items():
         cells = [
             str(seed),
             f"{100 * x['sampled/warm/pass@1']:.1f}",
             f"{100 * x['sampled/grpo/pass@1']:.1f}",
             f"{100 * x['sampled/agpo/pass@1']:.1f}",
-            toks(x, "grpo"),
-            toks(x, "agpo"),
+            _toks(x, "grpo"),
+            _toks(x, "agpo"),
             f"{100 * x['sampled/grpo/steps_present']:.0f}% / {100 * x['sampled/agpo/steps_present']:.0f}%",
             f"{x['sampled/ratio']:.3f}",
             f"{x['sampled/diff']:+.1f}",
@@ -240,10 +242,6 @@ def summarize_pair(
     values = {k: [x[k] for x in rows.values() if not math.isnan(x[k])] for k in next(iter(rows.values()))}
     st = {k: stats(v) for k, v in values.items() if v}
 
-    def toks(x: dict[str, Any], arm: str) -> str:
-        p = f"sampled/{arm}/"
-        return f"{x[p + 'mean_tokens']:.1f} ({x[p + 'reasoning_tokens']:.1f} + {x[p + 'waste_tokens']:.1f})"
-
     def rounds(x: dict[str, Any], arm: str) -> str:
         r = x[f"{arm}/sampling/rounds"]
         return "-" if math.isnan(r) else f"{r:.2f}, {x[f'{arm}/sampling/prompts_sampled']:.1f}"
@@ -266,8 +264,8 @@ def summarize_pair(
             str(seed),
             f"{100 * x[f'sampled/{a}/pass@1']:.1f}",
             f"{100 * x[f'sampled/{b}/pass@1']:.1f}",
-            toks(x, a),
-            toks(x, b),
+            _toks(x, a),
+            _toks(x, b),
             f"{100 * x[f'sampled/{a}/steps_present']:.0f}% / {100 * x[f'sampled/{b}/steps_present']:.0f}%",
             f"{x['sampled/ratio']:.3f}",
             f"{x['sampled/diff']:+.1f}",
@@ -279,7 +277,7 @@ def summarize_pair(
     r, d = st["sampled/ratio"], st["sampled/diff"]
     lines.append(
         f"| **mean** | {100 * mean[f'sampled/{a}/pass@1']:.1f} | {100 * mean[f'sampled/{b}/pass@1']:.1f} | "
-        f"{toks(mean, a)} | {toks(mean, b)} | {100 * mean[f'sampled/{a}/steps_present']:.0f}% / "
+        f"{_toks(mean, a)} | {_toks(mean, b)} | {100 * mean[f'sampled/{a}/steps_present']:.0f}% / "
         f"{100 * mean[f'sampled/{b}/steps_present']:.0f}% | {r['mean']:.3f} | {d['mean']:+.1f} | "
         f"{mean['greedy/ratio']:.3f}, {mean['greedy/diff']:+.1f} | "
         + ("-" if f"{b}/sampling/rounds" not in mean else rounds(mean, b))
