@@ -55,6 +55,17 @@ class StepWatchdog:
             self._thread.start()
         return self
 
+    @property
+    def backstop_s(self) -> float:
+        """The collective timeout to set while steps run (0: off): later than the watchdog can fire.
+
+        NOTE: a collective that starts right after a beat and times out at `timeout_s` raced the
+        watchdog (its line printed, then the gloo error won and the rank exited 1, not 124; seen in
+        CI). The watchdog is the one judge of a hang; the collective timeout only backs it up, for a
+        rank whose watchdog thread cannot run, so it waits two polls and 5 s longer.
+        """
+        return self.timeout_s + 2 * self.poll_s + 5.0 if self.timeout_s > 0 else 0.0
+
     def beat(self) -> None:
         """A step finished: the clock restarts."""
         self._last = time.monotonic()

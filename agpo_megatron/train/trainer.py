@@ -88,7 +88,7 @@ def train(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     watchdog = StepWatchdog(
         cfg.parallel.step_timeout_s, phase=lambda: timer.current, rank=s.layout.rank, first_step=first, echo=console()
     ).start()
-    set_collective_timeout(cfg.parallel.step_timeout_s)  # start-up is over: no collective may wait longer
+    set_collective_timeout(watchdog.backstop_s)  # start-up is over: no collective may wait longer
 
     def score(texts: list[str], golds: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
         # Each rank checks its share; all get the same verdicts (one reward, one advantage per sample).

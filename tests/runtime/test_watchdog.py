@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agpo_megatron.runtime.watchdog import EXIT_HUNG
+from agpo_megatron.runtime.watchdog import EXIT_HUNG, StepWatchdog
 from tests.dist import pid_alive, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,3 +86,12 @@ def test_collectives_during_steps_time_out_at_the_tighter_bound(tmp_path):
     assert line.startswith("TIMEOUT"), out[-3000:]
     took, groups = float(line.split()[1]), int(line.split()[2])
     assert took < 7.0 and groups >= 2, line  # the peer was 8 s late; the bound is 2 s
+
+
+@pytest.mark.parametrize("timeout_s", [0.5, 20.0, 1800.0])
+def test_the_collective_backstop_waits_past_the_watchdogs_latest_firing(timeout_s):
+    # The watchdog fires at most one poll after timeout_s; a collective begun right at a beat must
+    # not time out before that, or the rank exits 1 with a gloo error instead of 124 (seen in CI).
+    wd = StepWatchdog(timeout_s)
+    assert wd.backstop_s >= timeout_s + wd.poll_s + 5.0
+    assert StepWatchdog(0).backstop_s == 0.0  # off stays off
