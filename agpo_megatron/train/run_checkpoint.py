@@ -37,30 +37,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import random
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from agpo_megatron.algo.controllers import ClipController, KLController
 from agpo_megatron.checkpoint import CheckpointError, step_dirs
 from agpo_megatron.checkpoint.metadata import add_checksums, verify_collective
+from agpo_megatron.checkpoint.rng import RNG_DIR, rng_file, rng_state, set_rng_state
 from agpo_megatron.config.schema import TrainConfig
 from agpo_megatron.config.yaml_io import ConfigError, to_dict
 from agpo_megatron.report.console import console
 from agpo_megatron.report.redact import redact
-from agpo_megatron.runtime import cpu_platform
 from agpo_megatron.runtime.parallel import Layout
 from agpo_megatron.train.resume_checks import check_compatible
 
 FORMAT = 1
-RNG_DIR = "rng"
 SKIP_HINT = "checkpoint.verify=false"
 """How a user of `agpo train` loads a checkpoint whose checksums do not match."""
 
@@ -76,46 +73,6 @@ def _broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-# ---- RNG ---------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """This rank's RNG states, in types `torch.load(weights_only=True)` accepts."""
-    from megatron.core import tensor_parallel
-
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch_cpu": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "megatron_tracker": {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-    if cpu_platform.cuda_present():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    torch.set_rng_state(state["torch_cpu"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
-    if "cuda" in state and cpu_platform.cuda_present():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _rng_file(folder: Path, rank: int) -> Path:
-    return folder / RNG_DIR / f"rank_{rank:05d}.pt"
 
 
 def _read_run_state(folder: Path) -> dict[str, Any]:
@@ -300,7 +257,7 @@ class RunCheckpointer:
                 raise ConfigError(f"checkpoint.resume: {path} was saved by an adaptive {name}; this run's is fixed")
             ctl.load_state_dict(st.get(name))
         if st["layout"]["world_size"] == self.layout.world_size:
-            set_rng_state(torch.load(_rng_file(path, self.layout.rank), weights_only=True))
+            set_rng_state(torch.load(rng_file(path, self.layout.rank), weights_only=True))
         else:
             say(
                 f"saved at world size {st['layout']['world_size']}, resuming at {self.layout.world_size}: "
@@ -348,10 +305,10 @@ class RunCheckpointer:
                 extra_state={"sampler": self.sampler.state_dict(), "kl_coef": kl_coef, "eps": list(eps)},
                 hf_dir=self.cfg.model.hf_path,
             )
-        rng_file = _rng_file(tmp, self.layout.rank)
-        rng_file.parent.mkdir(exist_ok=True)  # every rank: whoever comes first creates it
-        torch.save(rng_state(), rng_file)
-        step_dirs.fsync_file(rng_file)
+        own_rng = rng_file(tmp, self.layout.rank)
+        own_rng.parent.mkdir(exist_ok=True)  # every rank: whoever comes first creates it
+        torch.save(rng_state(), own_rng)
+        step_dirs.fsync_file(own_rng)
         step_dirs.kill_point("shards", step, self.layout.rank)
         dist.barrier()
         if self.layout.rank == 0:
