@@ -32,7 +32,7 @@ tier() {  # tier NAME VENV PYTHON
         echo "== lint: $((SECONDS - start)) s"
         start=$SECONDS
     fi
-    "$venv/bin/python" -m pytest -q
+    "$venv/bin/python" -m pytest -q --durations=25  # the slowest tests, for the CI budget
     rc=$?
     echo "== tier $name: pytest exit $rc in $((SECONDS - start)) s"
     if [ "$rc" -eq 5 ]; then echo "tier $name: pytest collected no tests" >&2; return 1; fi
