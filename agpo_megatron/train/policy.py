@@ -131,7 +131,8 @@ class Actor:
         )
         self.bad_steps = BadStepCounter(cfg.algo.max_bad_steps)
         # MoE: the old-log-prob forward records each token's experts; the update replays them
-        # (algo.routing_replay r2) or only counts how many it routes differently (none).
+        # (algo.routing_replay r2) or only counts how many it routes differently (none). r3: both
+        # replay the rollout engine's record, which the micro-batches carry (train/batch.py).
         self.routing_replay = cfg.algo.routing_replay
         self.routing = None
         if arch.is_moe and not cfg.parallel.sequence_parallel and not cfg.model.recompute_activations:
@@ -149,14 +150,17 @@ class Actor:
         return pad_multiple(tp=c.tensor_model_parallel_size, sequence_parallel=c.sequence_parallel, fp8=bool(c.fp8))
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
-        with self._routing("record"):
-            return forward.compute_logprobs(
+        with self._routing("replay" if self.routing_replay == "r3" else "record"):
+            out = forward.compute_logprobs(
                 self.chunks,
                 micro_batches,
                 temperature=temperature,
                 with_entropy=with_entropy,
                 chunk_tokens=self.chunk_tokens,
             )
+        if self.routing is not None:
+            self.routing.reset_counts()  # the mismatch metric is the update's alone
+        return out
 
     def _routing(self, mode):
         return contextlib.nullcontext() if self.routing is None else self.routing.using(mode)
@@ -234,7 +238,7 @@ class Actor:
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with self._routing("replay" if self.routing_replay == "r2" else "compare"):
+        with self._routing("compare" if self.routing_replay == "none" else "replay"):
             per_mb = forward.forward_backward(self.chunks, micro_batches, loss_fn, forward_only=False)
         metrics = reduce_token_weighted(per_mb, self.layout)
         if moe.is_moe(self.model):
