@@ -360,9 +360,18 @@ def _completion(prompt_index: int, out: Any, version: int) -> Completion:
         text=out.text,
         finish_reason=str(out.finish_reason),
         weight_version=version,
-        # [n, L, K]: vLLM's routing of every token it ran through the model (r3), if asked for
-        routed_experts=None if getattr(out, "routed_experts", None) is None else torch.from_numpy(out.routed_experts),
+        routed_experts=_routing_record(getattr(out, "routed_experts", None)),
     )
+
+
+def _routing_record(experts: Any) -> torch.Tensor | None:  # numpy [n, L, K] -> [n, L, K] uint8 / int16
+    """vLLM's routing of every token it ran through the model (r3), in the narrowest integer type:
+    every rank receives every completion's record (`gather_completions`), about n x L x K values each
+    (Qwen3-30B-A3B: 48 layers x top-8 = 384 per token)."""
+    if experts is None:
+        return None
+    rec = torch.from_numpy(experts)
+    return rec.to(torch.uint8 if rec.numel() == 0 or int(rec.max()) < 256 else torch.int16)
 
 
 def repack_cpu_moe_experts(worker: Any) -> int:
