@@ -128,3 +128,17 @@ def test_r3_is_refused_on_cpu_in_one_line(monkeypatch):
         VLLMEngine("unused", return_routed_experts=True)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     assert "VLLM_USE_V2_MODEL_RUNNER=0 is set" in routed_experts_unavailable()
+
+
+def test_router_token_order_for_padded_and_thd_micro_batches():
+    """The router sees `[S * R]` sequence-major on the padded / local-packed path (Megatron's [S, B, H]
+    activations) and `[R * S]` on the THD path (rows flattened to one stream); a record goes there and
+    comes back unchanged."""
+    from agpo_megatron.models.routing import _from_router, _to_router
+
+    rec = torch.arange(2 * 3 * 2).reshape(2, 3, 2)  # [R=2, S=3, K=2]: value 2 * (3 r + s) + k
+    seq_major = _to_router(rec, thd=False)
+    assert seq_major[:, 0].tolist() == [0, 6, 2, 8, 4, 10]  # s=0 of rows 0, 1, then s=1, ...
+    assert _to_router(rec, thd=True)[:, 0].tolist() == [0, 2, 4, 6, 8, 10]  # row 0's tokens, then row 1's
+    for thd in (False, True):
+        assert torch.equal(_from_router(_to_router(rec, thd), 2, 3, thd), rec)
