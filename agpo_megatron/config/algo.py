@@ -141,7 +141,8 @@ class AlgoConfig:
     replay the routing vLLM sampled with (needs vLLM's Model Runner V2: CUDA and Triton, refused
     elsewhere; docs/moe.md).
     Either way `train/moe_routing_mismatch` reports the fraction of (response token, MoE layer)
-    pairs the update routes, or would route, differently."""
+    pairs the update routes, or would route, differently; under r3 `train/moe_rollout_routing_mismatch`
+    compares vLLM's routing with the trainer's at the sampling weights."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (each skipped: no update) before the run
     stops with an error."""

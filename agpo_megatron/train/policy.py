@@ -135,6 +135,8 @@ class Actor:
         # replay the rollout engine's record, which the micro-batches carry (train/batch.py).
         self.routing_replay = cfg.algo.routing_replay
         self.routing = None
+        self._rollout_mismatch: list[float] = []  # r3: see `logprobs`
+        self._rollout_mismatch_reported = False
         if arch.is_moe and not cfg.parallel.sequence_parallel and not cfg.model.recompute_activations:
             self.routing = RoutingControl.install(self.model)
             self.model.agpo_routing = self.routing
@@ -158,8 +160,15 @@ class Actor:
                 with_entropy=with_entropy,
                 chunk_tokens=self.chunk_tokens,
             )
-        if self.routing is not None:
-            self.routing.reset_counts()  # the mismatch metric is the update's alone
+        if self.routing is not None and self.routing_replay == "r3":
+            # vLLM's routing against this forward's free routing, at the weights that sampled (before
+            # any update of this rollout): the engine-vs-trainer mismatch itself. Every update of the
+            # rollout reports the mean over its log-prob passes (so the rollout's mean is that value).
+            rollout = self.routing.pop_mismatch(count_here=self.layout.tp_rank == 0)
+            if self._rollout_mismatch_reported:  # the first pass of a new rollout
+                self._rollout_mismatch, self._rollout_mismatch_reported = [], False
+            if rollout is not None:
+                self._rollout_mismatch.append(rollout)
         return out
 
     def _routing(self, mode):
@@ -249,6 +258,9 @@ class Actor:
             mismatch = self.routing.pop_mismatch(count_here=self.layout.tp_rank == 0)
             if mismatch is not None:
                 metrics["moe_routing_mismatch"] = mismatch
+            if self._rollout_mismatch:  # r3: vLLM's routing vs the trainer's, at the sampling weights
+                metrics["moe_rollout_routing_mismatch"] = sum(self._rollout_mismatch) / len(self._rollout_mismatch)
+                self._rollout_mismatch_reported = True
         finite = step_is_finite(self.model.parameters(), per_mb)
         # A non-finite step makes no update on any rank: no optimizer or scheduler step.
         if finite:

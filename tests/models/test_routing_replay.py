@@ -51,4 +51,13 @@ def test_replay_routes_as_recorded_and_grads_only_recorded_experts(tmp_path):
                 g = pp2["grad_abs"][f"decoder.layers.0.mlp.experts.local_experts.{e}.{fc}.weight"]
                 assert (g > 0) == (e in used), f"stage {rank} expert {e} {fc}: |grad| {g}"
     assert ranks[0]["pp2"]["update_mismatch"] == ranks[1]["pp2"]["update_mismatch"] > 0
+    # r3's engine-vs-trainer metric: each log-prob pass's fraction (reduced over the stages), then
+    # their mean with the next update. The first pass's record is the synthetic one.
+    passes = ranks[0]["pp2"]["r3_logprob_pass_mismatch"]
+    assert len(passes) == 1 and 0 < passes[0] <= 1 and ranks[1]["pp2"]["r3_logprob_pass_mismatch"] == passes
+    for res in ranks:
+        both = res["pp2"]["rollout_mismatch_passes"]
+        assert len(both) == 2 and both[0] == passes[0] and res["pp2"]["rollout_mismatch_restarted"]
+        assert res["pp2"]["rollout_mismatch"] == pytest.approx(sum(both) / 2) and 0 < sum(both) / 2 <= 1
+    assert ranks[0]["pp2"]["rollout_mismatch"] == ranks[1]["pp2"]["rollout_mismatch"]
     assert ranks[0]["pp2"]["compare_mismatch"] == ranks[1]["pp2"]["compare_mismatch"] > 0

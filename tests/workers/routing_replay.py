@@ -180,7 +180,8 @@ for mb, routing_map in zip(mbs, maps):  # [T, E] in the router's order (local sp
     ok &= bool((routing_map.sum(-1) == 2).all())
 pp2["r3_routed_as_recorded"] = ok and len(maps) == len(mbs)
 pp2["r3_recorded_tokens"] = sum(int((mb["routed_experts"][stage_layer] >= 0).all(-1).sum()) for mb in mbs)
-pp2["r3_mismatch_reset"] = all(h.counted == 0 for h in actor.routing.hooks.values())  # the update's metric alone
+pp2["r3_mismatch_reset"] = all(h.counted == 0 for h in actor.routing.hooks.values())  # popped by the pass
+pp2["r3_logprob_pass_mismatch"] = list(actor._rollout_mismatch)  # the synthetic record vs free routing
 for h in hooks:
     h.remove()
 
@@ -201,6 +202,10 @@ metrics = actor.policy_step(
     eps=(0.2, 0.2),
 )
 pp2["update_mismatch"] = metrics["moe_routing_mismatch"]
+pp2["rollout_mismatch"] = metrics["moe_rollout_routing_mismatch"]  # mean of the two log-prob passes
+pp2["rollout_mismatch_passes"] = list(actor._rollout_mismatch)  # kept: every update of the rollout reports it
+actor.logprobs(mbs, temperature=1.0)  # the next rollout's first log-prob pass starts afresh
+pp2["rollout_mismatch_restarted"] = len(actor._rollout_mismatch) == 1
 pp2["grad_abs"] = {
     n: float(p.main_grad.abs().sum()) for n, p in actor.model.named_parameters() if ".local_experts." in n
 }
