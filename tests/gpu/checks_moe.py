@@ -6,6 +6,10 @@ EP=1 (forward, backward, log-probs against the local spec), and its weight sync 
   log-probs agree with the local spec's on the same weights, and one forward + backward through
   Megatron's schedule with the load-balancing loss gives finite gradients to the router and to the
   experts the tokens went to. cpu-logic: the local spec on both sides (the calls only).
+- `moe_r3_replay`: r3 end to end: vLLM returns each completion's routing, it travels through packing
+  into the micro-batches, and the trainer's forward routes each recorded token as vLLM did (the TE
+  spec's THD token order included); the free-routing mismatch and log-prob gaps are reported. GPU:
+  needs vLLM and Triton (Model Runner V2); cpu-logic: synthetic records in place of vLLM's.
 - `moe_vllm_sync`: vLLM serves checkpoint A, a TE-spec Megatron model holds B; `sync_weights`
   streams every HF tensor (per-expert weights into vLLM's fused `w13`/`w2`); the engine's sampling
   log-probs then agree with Megatron's, and did not before. GPU only: on CPU the same path is
@@ -15,9 +19,10 @@ EP=1 (forward, backward, log-probs against the local spec), and its weight sync 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
-from tests.gpu.common import Ctx, Skip, check, judge, require_attrs, require_params
+from tests.gpu.common import ApiMissing, Ctx, Skip, check, judge, require_attrs, require_params
 
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 4, 7, 16
 TINY_MOE = dict(
@@ -46,6 +51,15 @@ def prepare(ctx: Ctx) -> None:
     require_params(hf_io.load_hf_weights, "ep_rank", "ep")
     require_attrs(export, "sync_weights")
     require_attrs(tiny, "save_tiny_hf_model")
+    from agpo_megatron.models import routing
+    from agpo_megatron.rollout.vllm_engine import VLLMEngine
+    from agpo_megatron.train import sequences
+
+    require_attrs(routing, "RoutingControl")
+    require_params(VLLMEngine.from_config, "return_routed_experts")
+    require_params(sequences.Sequences, "routed_experts")
+    if importlib.util.find_spec("vllm") is not None and (why := _vllm_has_routed_experts()):
+        raise ApiMissing(why)
     _model_cfg(ctx, "te")
 
 
@@ -217,4 +231,171 @@ def run_moe_vllm_sync(ctx: Ctx) -> None:
             mean_abs_after=after_mean,
             mean_abs_before=before_mean,
             tol=f"max<{tol_max},mean<{tol_mean}",
+        )
+
+
+def _vllm_has_routed_experts() -> str | None:
+    """Whether the installed vLLM has the routed-experts API r3 uses (read from its source: importing vLLM
+    would cost the dry-run ten seconds); None when it has, else what is missing."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return "vllm is not installed"
+    root = Path(spec.origin).parent
+    wants = {
+        "engine/arg_utils.py": "enable_return_routed_experts",
+        "outputs.py": "routed_experts",
+        "sampling_params.py": "routed_experts_prompt_start",
+    }
+    missing = [f"{f}: {w}" for f, w in wants.items() if w not in (root / f).read_text()]
+    return f"vLLM lacks {', '.join(missing)}" if missing else None
+
+
+def _synthetic_completions(prompts, arch, n: int):
+    """cpu-logic stand-ins for vLLM's completions: random tokens and a valid random routing record
+    `[prompt + completion - 1, L, K]` (distinct experts per token and layer), as vLLM returns it."""
+    import torch
+
+    from agpo_megatron.rollout.base import Completion
+
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for i, p in enumerate(prompts):
+        group = []
+        for _ in range(n):
+            toks = torch.randint(4, arch.vocab_size, (NEW_TOKENS,), generator=g).tolist()
+            steps = len(p) + len(toks) - 1
+            rec = torch.rand(steps, arch.num_layers, arch.num_experts, generator=g).argsort(-1)[..., : arch.moe_topk]
+            group.append(
+                Completion(
+                    prompt_index=i, token_ids=toks, logprobs=None, text="", finish_reason="length", routed_experts=rec
+                )
+            )
+        out.append(group)
+    return out
+
+
+def run_moe_r3_replay(ctx: Ctx) -> None:
+    """r3 end to end on one GPU: vLLM returns each completion's routing (`return_routed_experts`, Model
+    Runner V2), the records go through packing into the micro-batches, and the trainer's forward (TE
+    spec: the THD token order) routes every recorded token as vLLM did. Reported, not judged: how
+    often Megatron's free routing differs from vLLM's, and the log-prob gap with and without replay.
+    cpu-logic: synthetic completions in place of vLLM's (the capture needs CUDA and Triton)."""
+    prepare(ctx)
+    import torch
+
+    from agpo_megatron.config.model import ModelConfig
+    from agpo_megatron.data.synthetic import build_tokenizer
+    from agpo_megatron.models import forward
+    from agpo_megatron.models.routing import RoutingControl, _to_router
+    from agpo_megatron.models.tiny import save_tiny_hf_model
+    from agpo_megatron.rollout.base import SamplingConfig
+    from agpo_megatron.runtime import parallel
+    from agpo_megatron.train.batch import split_micro_batches
+    from agpo_megatron.train.sequences import Sequences
+    from tests.gpu.checks_vllm import _rollout_cfg
+
+    with check(ctx, "moe_r3_replay"):
+        spec = _te_spec(ctx)
+        dtype = "bfloat16" if ctx.gpu else "float32"
+        parallel.init_model_parallel(1, 1, seed=1)
+        root = ctx.workdir()
+        tok = build_tokenizer(root / "tok")
+        hf_dir = save_tiny_hf_model(
+            root / "A", "qwen3_moe", eos_token_id=tok.eos_token_id, tokenizer=tok, torch_dtype=dtype, **TINY_MOE
+        )
+        g = torch.Generator().manual_seed(0)
+        prompts = [[1] + torch.randint(4, 128, (PROMPT_LEN - 1,), generator=g).tolist() for _ in range(PROMPTS)]
+        if ctx.gpu:
+            from agpo_megatron.rollout.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine.from_config(
+                _rollout_cfg(ctx),
+                ModelConfig(hf_path=str(hf_dir), params_dtype=dtype, max_seq_len=128),
+                seed=1,
+                return_routed_experts=True,
+            )
+            sampling = SamplingConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=7, logprobs=True)
+            groups, source = engine.generate(prompts, 2, sampling), "vllm"
+        else:
+            from agpo_megatron.models.hf_config import read_arch
+
+            groups, source = _synthetic_completions(prompts, read_arch(hf_dir), 2), "synthetic"
+        flat = [(prompts[i], c) for i, group in enumerate(groups) for c in group]
+        arch, model = _build(ctx, hf_dir, spec, dtype)
+        recs = [c.routed_experts for _, c in flat]
+        extra = {len(r) - (len(p) + len(c.token_ids)) for r, (p, c) in zip(recs, flat) if r is not None}
+        shapes_ok = all(r is not None and tuple(r.shape[1:]) == (arch.num_layers, arch.moe_topk) for r in recs)
+        values_ok = shapes_ok and all(0 <= int(r.min()) and int(r.max()) < arch.num_experts for r in recs)
+        if not shapes_ok or extra - {-1, 0}:
+            raise RuntimeError(
+                f"routing records: shapes {sorted({tuple(r.shape[1:]) for r in recs if r is not None})} (want "
+                f"[n, {arch.num_layers}, {arch.moe_topk}]), length - tokens {sorted(extra)}, "
+                f"{sum(r is None for r in recs)} missing"
+            )
+        seqs = Sequences(
+            tokens=[p + c.token_ids for p, c in flat],
+            prompt_lens=[len(p) for p, _ in flat],
+            advantages=torch.zeros(len(flat)),
+            routed_experts=recs,
+        )
+        mbs = split_micro_batches(
+            seqs, micro_batch_size=4, max_tokens=None, pad_id=0, uniform_length=False, packing=True
+        )
+        control = RoutingControl.install(model)
+        model.agpo_routing = control
+        thd = spec == "te"
+        maps: list[torch.Tensor] = []
+        hooks = [
+            m.register_forward_hook(lambda mod, args, out: maps.append(out[1].detach().bool().cpu()))
+            for m in model.modules()
+            if type(m).__name__ == "TopKRouter"
+        ]
+        with control.using("compare"):
+            free = forward.compute_logprobs([model], mbs)
+        mismatch_free = control.pop_mismatch(count_here=True)
+        maps.clear()
+        with control.using("replay"):
+            replayed = forward.compute_logprobs([model], mbs)
+        for h in hooks:
+            h.remove()
+        routed_ok, k = True, 0
+        for mb in mbs:
+            for layer in range(arch.num_layers):
+                rec = _to_router(mb["routed_experts"][layer], thd).long()  # [T, K]
+                recorded = (rec >= 0).all(-1)
+                want = torch.zeros(len(rec), arch.num_experts, dtype=torch.bool)
+                want[recorded] = want[recorded].scatter(1, rec[recorded], True)
+                routed_ok &= bool(torch.equal(maps[k][recorded], want[recorded]))
+                k += 1
+        gaps = {}
+        if source == "vllm":
+            from agpo_megatron.train.packing import unpack
+
+            for name, res in (("free", free), ("replay", replayed)):
+                diffs = []
+                for mb, r in zip(mbs, res):
+                    for i, lp in zip(mb["seq_index"].tolist(), unpack(mb, r["logprobs"].float().cpu())):
+                        p, c = flat[i]
+                        ours = lp[len(p) - 1 : len(p) - 1 + len(c.token_ids)]
+                        diffs.append((ours - torch.tensor(c.logprobs)).abs())
+                gaps[f"lp_mean_abs_{name}"] = torch.cat(diffs).mean().item()
+        status, why = judge(
+            records_complete=shapes_ok,
+            expert_ids_in_range=values_ok,
+            routed_as_recorded=routed_ok and k == len(maps),
+            mismatch_measured=mismatch_free is not None and 0.0 <= mismatch_free <= 1.0,
+        )
+        ctx.report(
+            "moe_r3_replay",
+            status,
+            **why,
+            source=source,
+            spec=spec,
+            thd=thd,
+            record_len_minus_tokens=sorted(extra),
+            free_routing_mismatch=mismatch_free,
+            **gaps,
         )

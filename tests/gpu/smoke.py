@@ -157,6 +157,15 @@ SECTIONS: tuple[Section, ...] = (
         (*_VLLM_NEEDS, "transformer_engine"),
         cpu_logic=False,
     ),
+    Section(
+        "moe_r3_replay",
+        "checks_moe",
+        "run_moe_r3_replay",
+        ("moe_r3_replay",),
+        300,
+        (*_VLLM_NEEDS, "triton"),
+        cpu_needs=(),
+    ),
     # issue 21 (asynchronous RL)
     Section("disaggregated_link", "checks_async", "run_disaggregated_link", ("disaggregated_link",), 300),
     Section(
