@@ -65,7 +65,7 @@ class _RouterHook:
             self.recorded = idx.detach()
             return probs, idx
         if self.mode in ("replay", "compare"):
-            target = self.target.to(idx.device)
+            target = self.target.to(idx.device, idx.dtype)  # records are int32; Megatron's top-k indices int64
             if target.shape != idx.shape:
                 raise RuntimeError(f"routing replay: record {tuple(target.shape)} for router top-k {tuple(idx.shape)}")
             # -1: no record for this token (padding, a position the engine never routed): free routing.

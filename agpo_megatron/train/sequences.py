@@ -74,7 +74,7 @@ def place_routed_experts(
     """A micro-batch's routing record `{layer: [R, S, K]}` (models/routing.py) from per-sequence
     records `[n, L, K]`, record `i` placed at row `r`, from token offset `o`, for each `(i, r, o)` in
     `spans`; -1 (no record: free routing) everywhere else, e.g. on padding."""
-    n_layers, k = records[spans[0][0]].shape[1:] if spans else records[0].shape[1:]
+    n_layers, k = records[0].shape[1:]  # the same for every sequence
     out = torch.full((n_layers, *shape, k), -1, dtype=torch.int32)
     for i, r, o in spans:
         rec = torch.as_tensor(records[i])

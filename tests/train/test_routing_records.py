@@ -142,3 +142,19 @@ def test_router_token_order_for_padded_and_thd_micro_batches():
     assert _to_router(rec, thd=True)[:, 0].tolist() == [0, 2, 4, 6, 8, 10]  # row 0's tokens, then row 1's
     for thd in (False, True):
         assert torch.equal(_from_router(_to_router(rec, thd), 2, 3, thd), rec)
+
+
+def test_vllm_records_become_narrow_tensors_on_the_completion():
+    import numpy as np
+
+    from agpo_megatron.rollout.vllm_engine import _completion
+
+    out = type("Out", (), {})()
+    out.token_ids, out.logprobs, out.text, out.finish_reason = [5, 6], None, "", "stop"
+    out.routed_experts = np.array([[[0, 7]], [[3, 1]], [[2, 5]]], dtype=np.int32)  # [n=3, L=1, K=2]
+    rec = _completion(0, out, version=4).routed_experts
+    assert rec.dtype == torch.uint8 and rec.tolist() == out.routed_experts.tolist()
+    out.routed_experts = np.array([[[300, 2]]], dtype=np.int64)  # more than 256 experts
+    assert _completion(0, out, version=4).routed_experts.dtype == torch.int16
+    del out.routed_experts  # an engine that does not return routing
+    assert _completion(0, out, version=4).routed_experts is None
