@@ -95,6 +95,10 @@ def _moe_rules(arch: ModelArch, m: str, h: str) -> list[ParamRule]:
     rules = [ParamRule(m + "mlp.router.weight", (h + "mlp.gate.weight",), "copy", None)]
     for e in range(arch.num_experts):
         rules += _mlp_rules(m + f"mlp.experts.local_experts.{e}.", h + f"mlp.experts.{e}.", expert=e)
+    if arch.shared_expert_ffn_hidden_size:  # qwen2_moe: split over TP like a dense MLP; its gate replicated
+        rules += _mlp_rules(m + "mlp.shared_experts.", h + "mlp.shared_expert.")
+        gate = ParamRule(m + "mlp.shared_experts.gate_weight", (h + "mlp.shared_expert_gate.weight",), "copy", None)
+        rules.append(gate)
     return rules
 
 
@@ -218,6 +222,11 @@ def full_shape(rule: ParamRule, arch: ModelArch) -> tuple[int, ...]:
         return (2 * f, H) if name.endswith("linear_fc1.weight") else (H, f)
     if name.endswith("mlp.router.weight"):
         return (arch.num_experts, H)
+    if ".mlp.shared_experts." in name:  # qwen2_moe's shared expert and its gate
+        f = arch.shared_expert_ffn_hidden_size
+        return {"linear_fc1.weight": (2 * f, H), "linear_fc2.weight": (H, f), "gate_weight": (1, H)}[
+            name.rsplit("shared_experts.", 1)[1]
+        ]
     if name.endswith("word_embeddings.weight") or name == "output_layer.weight":
         return (arch.vocab_size, H)
     if name.endswith("linear_qkv.weight"):

@@ -137,10 +137,12 @@ class AlgoConfig:
     routing_replay: Literal["none", "r2", "r3"] = "none"
     """Mixture-of-experts only: which expert choices the update's forward replays (models/routing.py).
     'none': the update routes freely; 'r2': it replays the routing of the old-log-prob forward
-    (needs rollout.logprob_mode=recompute); 'r3': the routing vLLM used while sampling (not
-    implemented yet, refused: vLLM 0.32 returns it only with Model Runner V2, docs/moe.md).
+    (needs rollout.logprob_mode=recompute); 'r3': the old-log-prob forward and the update both
+    replay the routing vLLM sampled with (needs vLLM's Model Runner V2: CUDA and Triton, refused
+    elsewhere; docs/moe.md).
     Either way `train/moe_routing_mismatch` reports the fraction of (response token, MoE layer)
-    pairs the update routes, or would route, differently."""
+    pairs the update routes, or would route, differently; under r3 `train/moe_rollout_routing_mismatch`
+    compares vLLM's routing with the trainer's at the sampling weights."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient (each skipped: no update) before the run
     stops with an error."""

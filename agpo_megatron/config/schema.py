@@ -329,11 +329,20 @@ class TrainConfig:
         if replay == "none":
             return
         field = f"algo.routing_replay={replay}"
-        _require(replay != "r3", f"{field}: replaying vLLM's routing is not implemented yet; use r2 or none")
-        _require(
-            self.rollout.logprob_mode == "recompute",
-            f"{field} replays the trainer's own old-log-prob forward: it needs rollout.logprob_mode=recompute",
-        )
+        if replay == "r3":  # vLLM's own routing: only its GPU model runner returns it
+            from agpo_megatron.runtime.vllm_features import routed_experts_unavailable
+
+            why = routed_experts_unavailable()
+            _require(why is None, f"{field} replays the routing vLLM sampled with, but {why}; use r2 or none")
+            _require(
+                self.rollout.placement == "colocated",
+                f"{field} needs rollout.placement=colocated (remote engines do not send routing records)",
+            )
+        else:
+            _require(
+                self.rollout.logprob_mode == "recompute",
+                f"{field} replays the trainer's own old-log-prob forward: it needs rollout.logprob_mode=recompute",
+            )
         _require(
             not self.model.recompute_activations,
             f"{field} needs model.recompute_activations=false (a recomputed forward would route afresh)",

@@ -162,7 +162,8 @@ def moe_kwargs(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCo
     Megatron's all-to-all dispatcher calls `all_to_all_single` with uneven split sizes, which gloo
     rejects at EP > 1, while the all-gather dispatcher runs forward and backward on gloo at EP=1 and 2.
     Experts are Megatron's SequentialMLP (one SwiGLU per local expert, `moe_grouped_gemm=False`),
-    on both specs, so both share one set of parameter names (bridge/names.py).
+    on both specs, so both share one set of parameter names (bridge/names.py). Qwen2-MoE's shared
+    expert is Megatron's gated `SharedExpertMLP` (`mlp.shared_experts`).
     """
     if not arch.is_moe:
         return {}
@@ -177,7 +178,10 @@ def moe_kwargs(arch: ModelArch, model_cfg: ModelConfig, parallel_cfg: ParallelCo
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
-        moe_shared_expert_intermediate_size=None,
+        # qwen2_moe: one shared SwiGLU expert, gated per token by sigmoid(gate_weight . x), as HF's
+        # shared_expert / shared_expert_gate; Megatron splits it over TP like a dense MLP.
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=arch.shared_expert_ffn_hidden_size > 0,
         expert_model_parallel_size=parallel_cfg.ep,
         expert_tensor_parallel_size=parallel_cfg.etp,
     )

@@ -3,7 +3,9 @@
 Supported: Qwen2 / Qwen2.5 (`qwen2`: qkv bias, tied or untied embeddings), Llama-3.x (`llama`:
 rope scaling "llama3"), Qwen3 (`qwen3`: qk-layernorm, explicit `head_dim` -> `kv_channels`), and
 Qwen3-MoE (`qwen3_moe`: Qwen3 attention, every layer's MLP a softmax top-k mixture of SwiGLU
-experts, no shared expert; `num_experts > 0` in the record).
+experts, no shared expert; `num_experts > 0` in the record) and Qwen2-MoE / Qwen1.5-MoE
+(`qwen2_moe`: Qwen2 attention with qkv bias, the same routed experts plus one shared SwiGLU expert
+scaled by sigmoid(`shared_expert_gate`)).
 Anything else is refused with the list of what is supported; a half-mapped model is worse than none.
 
 This module reads JSON only (no megatron import at module level) so configs can be validated
@@ -19,7 +21,8 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3", "qwen3_moe", "qwen2_moe")
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -70,6 +73,9 @@ class ModelArch:
     """Each expert's SwiGLU inner width (HF `moe_intermediate_size`)."""
     norm_topk_prob: bool = False
     """Renormalise the top-k routing probabilities to sum to 1 (HF `norm_topk_prob`)."""
+    shared_expert_ffn_hidden_size: int = 0
+    """The shared expert's SwiGLU inner width (HF `shared_expert_intermediate_size`, qwen2_moe), every
+    token through it, its output scaled by sigmoid(`shared_expert_gate`); 0 = no shared expert."""
 
     @property
     def is_moe(self) -> bool:
@@ -91,9 +97,9 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> Model
             raise UnsupportedModelError(f"{source}: {key}={cfg[key]!r}; only 'silu' (SwiGLU) is supported")
     # transformers 5 writes `num_local_experts` where the released Qwen3-MoE configs say `num_experts`.
     num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
-    if num_experts and model_type != "qwen3_moe":
+    if num_experts and model_type not in MOE_MODEL_TYPES:
         raise UnsupportedModelError(f"{source}: model_type {model_type!r} with experts is not supported")
-    if model_type == "qwen3_moe":
+    if model_type in MOE_MODEL_TYPES:
         _check_all_layers_moe(cfg, source)
     rope_scaling = cfg.get("rope_scaling")
     if rope_scaling is not None:
@@ -107,7 +113,7 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> Model
     if rope_scaling is None and rope_params.get("rope_type") == "llama3":
         rope_scaling = rope_params
     rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen2_moe") and cfg.get("use_sliding_window"):
         raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported")
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
@@ -126,7 +132,10 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> Model
         rope_scaling=rope_scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         # Qwen2 always has qkv bias; Llama/Qwen3 expose `attention_bias` (False for released models).
-        qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
+        # Qwen2-MoE's `qkv_bias` (True in every released one).
+        qkv_bias={"qwen2": True, "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(
+            model_type, bool(cfg.get("attention_bias", False))
+        ),
         qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
@@ -134,17 +143,19 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config.json") -> Model
         moe_topk=int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0,
         moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or 0) if num_experts else 0,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) if num_experts else False,
+        shared_expert_ffn_hidden_size=int(cfg.get("shared_expert_intermediate_size") or 0) if num_experts else 0,
     )
 
 
 def _check_all_layers_moe(cfg: dict[str, Any], source: str) -> None:
-    """Every released Qwen3-MoE makes every layer sparse; a mix of dense and MoE layers is refused
-    rather than half-mapped (it would need per-layer specs in the build and the bridge)."""
+    """Every released Qwen3-MoE / Qwen2-MoE makes every layer sparse; a mix of dense and MoE layers is
+    refused rather than half-mapped (it would need per-layer specs in the build and the bridge)."""
+    kind = cfg["model_type"]
     if not cfg.get("num_experts") and not cfg.get("num_local_experts"):
-        raise UnsupportedModelError(f"{source}: qwen3_moe without num_experts")
+        raise UnsupportedModelError(f"{source}: {kind} without num_experts")
     for key in ("num_experts_per_tok", "moe_intermediate_size"):
         if not cfg.get(key):
-            raise UnsupportedModelError(f"{source}: qwen3_moe needs {key} > 0")
+            raise UnsupportedModelError(f"{source}: {kind} needs {key} > 0")
     if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
         raise UnsupportedModelError(
             f"{source}: mlp_only_layers={cfg.get('mlp_only_layers')} / decoder_sparse_step="

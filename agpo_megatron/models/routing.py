@@ -17,9 +17,17 @@ recorded indices: for `pre_softmax=False` the softmax over those k logits is the
 probability, as with free routing). Unlike Megatron's RouterReplay, nothing is global: each model
 (actor, reference) has its own hooks, and the records travel with the micro-batch they belong to.
 
-Records are per micro-batch and per MoE layer of this pipeline stage, `{layer: [B, S, K]}` in
-`mb["routed_experts"]` (token positions as in `mb["tokens"]`). The router sees tokens in its own
-order: `[S * B]` sequence-major on the padded/local-packed path, `[B * S]` on the THD path.
+Records are per micro-batch and per MoE layer, `{layer: [B, S, K]}` in `mb["routed_experts"]`
+(global 0-based layer index; token positions as in `mb["tokens"]`, packed or padded; -1 = no record,
+that token routes freely). A pipeline stage's hooks read and write only its own layers' entries.
+The router sees tokens in its own order: `[S * B]` sequence-major on the padded/local-packed path,
+`[B * S]` on the THD path.
+
+Where the records come from (`algo.routing_replay`, `train/policy.py::Actor`):
+- r2: the old-log-prob forward records (`record`), the update replays;
+- r3: the rollout engine's routing, per sequence in `Sequences.routed_experts` (`[n, L, K]`, vLLM's
+  `CompletionOutput.routed_experts`), placed into the micro-batches by train/batch.py and
+  train/packing.py as `rollout_logprobs` are; both the old-log-prob forward and the update replay it.
 
 Departures / limits: not with activation recompute (the recomputed forward would route afresh) or
 sequence parallelism (the router sees a sequence shard); config validation refuses both.
@@ -57,11 +65,14 @@ class _RouterHook:
             self.recorded = idx.detach()
             return probs, idx
         if self.mode in ("replay", "compare"):
-            target = self.target.to(idx.device)
+            target = self.target.to(idx.device, idx.dtype)  # records are int32; Megatron's top-k indices int64
             if target.shape != idx.shape:
                 raise RuntimeError(f"routing replay: record {tuple(target.shape)} for router top-k {tuple(idx.shape)}")
+            # -1: no record for this token (padding, a position the engine never routed): free routing.
+            recorded = (target >= 0).all(-1)  # [T]
+            target = torch.where(recorded[:, None], target, idx)
             differs = (idx.detach().sort(-1).values != target.sort(-1).values).any(-1)  # [T]
-            mask = self.mask.to(idx.device)
+            mask = self.mask.to(idx.device) & recorded
             self.differ += int((differs & mask).sum())
             self.counted += int(mask.sum())
             if self.mode == "replay":
@@ -134,6 +145,11 @@ class RoutingControl:
             for hook in self.hooks.values():
                 hook.recorded = None
 
+    def reset_counts(self) -> None:
+        """Forget the mismatch counted so far (local, no collective)."""
+        for h in self.hooks.values():
+            h.differ = h.counted = 0
+
     def pop_mismatch(self, count_here: bool) -> float | None:
         """Fraction of (response token, MoE layer) pairs routed differently from their record since
         the last call, over all ranks (collective); None when nothing was compared. `count_here`:
@@ -144,8 +160,7 @@ class RoutingControl:
         if count_here:
             vec[0] = sum(h.differ for h in self.hooks.values())
             vec[1] = sum(h.counted for h in self.hooks.values())
-        for h in self.hooks.values():
-            h.differ = h.counted = 0
+        self.reset_counts()
         dist.all_reduce(vec)
         return float(vec[0] / vec[1]) if vec[1] > 0 else None
 

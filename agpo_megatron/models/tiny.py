@@ -31,8 +31,9 @@ def tiny_hf_config(
     num_experts_per_tok: int = 2,
     moe_intermediate_size: int | None = None,
     norm_topk_prob: bool = True,
+    shared_expert_intermediate_size: int | None = None,
 ):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -60,6 +61,18 @@ def tiny_hf_config(
             num_experts=num_experts,
             num_experts_per_tok=num_experts_per_tok,
             moe_intermediate_size=moe_intermediate_size or intermediate_size // 2,
+            norm_topk_prob=norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **common,
+        )
+    elif model_type == "qwen2_moe":
+        # Every layer sparse, one shared expert with its gate (Qwen1.5-MoE-A2.7B's form).
+        cfg = Qwen2MoeConfig(
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            moe_intermediate_size=moe_intermediate_size or intermediate_size // 2,
+            shared_expert_intermediate_size=shared_expert_intermediate_size or intermediate_size,
             norm_topk_prob=norm_topk_prob,
             decoder_sparse_step=1,
             mlp_only_layers=[],

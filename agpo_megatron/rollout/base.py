@@ -65,6 +65,10 @@ class Completion:
     """'stop' (EOS or a stop token) or 'length' (hit max_new_tokens)."""
     weight_version: int | None = None
     """The trainer step the sampling weights come from (None where the engine does not track it)."""
+    routed_experts: torch.Tensor | None = None  # [n, L, K]
+    """MoE, when asked for (algo.routing_replay=r3): the experts each of the n tokens of prompt +
+    completion that the engine ran through the model was routed to, per MoE layer (top-K); None
+    otherwise."""
 
 
 @runtime_checkable

@@ -90,6 +90,7 @@ class VLLMEngine:
         enable_sleep_mode: bool = True,
         sleep_level: int = 2,
         enforce_eager: bool = False,
+        return_routed_experts: bool = False,
     ):
         """Build the engine on every rank (collective), after `parallel.init_model_parallel()`.
 
@@ -110,7 +111,18 @@ class VLLMEngine:
         `sleep_level`: 2 discards the weights while asleep (the next update_weights rewrites them
         all), 1 copies them to host memory.
         `enforce_eager`: no CUDA graphs (always eager on CPU).
+        `return_routed_experts`: every completion carries the experts vLLM routed each token to
+        (`Completion.routed_experts`, for r3 routing replay); refused, before anything is built,
+        where vLLM cannot capture them (runtime/vllm_features.py).
         """
+        if return_routed_experts:
+            from agpo_megatron.runtime.vllm_features import routed_experts_unavailable
+
+            why = routed_experts_unavailable()
+            if why is not None:
+                raise RuntimeError(f"VLLMEngine(return_routed_experts=True): {why}")
+            # Without V2, vLLM would fall back to the V1 runner and silently return no routing.
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
         if not dist.is_initialized():
             raise RuntimeError(
                 "VLLMEngine needs torch.distributed: call parallel.init_model_parallel() first, "
@@ -156,6 +168,8 @@ class VLLMEngine:
             load_format=load_format,
             logprobs_mode="processed_logprobs",
         )
+        if return_routed_experts:
+            kwargs["enable_return_routed_experts"] = True
         if self.on_gpu:
             kwargs.update(
                 gpu_memory_utilization=gpu_memory_utilization,
@@ -173,8 +187,11 @@ class VLLMEngine:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_reload_filter)
 
     @classmethod
-    def from_config(cls, rollout: RolloutConfig, model: ModelConfig, *, seed: int) -> VLLMEngine:
-        """The engine the trainer builds: rollout settings, the actor's dtype and max length."""
+    def from_config(
+        cls, rollout: RolloutConfig, model: ModelConfig, *, seed: int, return_routed_experts: bool = False
+    ) -> VLLMEngine:
+        """The engine the trainer builds: rollout settings, the actor's dtype and max length
+        (`return_routed_experts`: algo.routing_replay=r3)."""
         return cls(
             model.hf_path,
             rollout_tp=rollout.tp,
@@ -188,6 +205,7 @@ class VLLMEngine:
             enable_sleep_mode=rollout.enable_sleep_mode,
             sleep_level=rollout.sleep_level,
             enforce_eager=rollout.enforce_eager,
+            return_routed_experts=return_routed_experts,
         )
 
     # ---- generation ---------------------------------------------------------------------------
@@ -342,7 +360,18 @@ def _completion(prompt_index: int, out: Any, version: int) -> Completion:
         text=out.text,
         finish_reason=str(out.finish_reason),
         weight_version=version,
+        routed_experts=_routing_record(getattr(out, "routed_experts", None)),
     )
+
+
+def _routing_record(experts: Any) -> torch.Tensor | None:  # numpy [n, L, K] -> [n, L, K] uint8 / int16
+    """vLLM's routing of every token it ran through the model (r3), in the narrowest integer type:
+    every rank receives every completion's record (`gather_completions`), about n x L x K values each
+    (Qwen3-30B-A3B: 48 layers x top-8 = 384 per token)."""
+    if experts is None:
+        return None
+    rec = torch.from_numpy(experts)
+    return rec.to(torch.uint8 if rec.numel() == 0 or int(rec.max()) < 256 else torch.int16)
 
 
 def repack_cpu_moe_experts(worker: Any) -> int:

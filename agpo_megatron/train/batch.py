@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from agpo_megatron.train.sequences import MicroBatchPlan, Sequences
+from agpo_megatron.train.sequences import MicroBatchPlan, Sequences, place_routed_experts
 
 
 def pad_multiple(*, tp: int, sequence_parallel: bool, fp8: bool) -> int:
@@ -57,6 +57,8 @@ def to_micro_batch(seqs: Sequences, seq_len: int, pad_id: int) -> dict[str, torc
     }
     if seqs.rollout_logprobs is not None:
         mb["rollout_logprobs"] = rollout_lp
+    if seqs.routed_experts is not None:
+        mb["routed_experts"] = place_routed_experts(seqs.routed_experts, [(i, i, 0) for i in range(n)], (n, seq_len))
     return mb
 
 

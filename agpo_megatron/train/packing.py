@@ -11,6 +11,7 @@ position t predicts `tokens[:, t + 1]`), in `[R, S]` (rows x row length), plus:
     position_ids [R, S]  0, 1, ... restarting at every sequence (and on the row's padding)
     seq_ids      [R, S]  which of this micro-batch's sequences a token belongs to, -1 on padding
     seq_index    [K]     index of each of the K sequences in the `Sequences` that was packed
+    routed_experts {layer: [R, S, K]}  the rollout's routing record (algo.routing_replay=r3), if any
     cu_seqlens   [M + 1] int32 segment boundaries in the flattened `[1, R * S]` token stream,
                          every row's end padding its own segment (Transformer Engine's THD layout)
     max_seqlen   int     longest segment
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from agpo_megatron.train.sequences import MicroBatchPlan, Sequences
+from agpo_megatron.train.sequences import MicroBatchPlan, Sequences, place_routed_experts
 
 
 def plan_packed(
@@ -94,6 +95,7 @@ def to_packed_micro_batch(seqs: Sequences, plan: MicroBatchPlan, pad_id: int) ->
     position_ids = torch.zeros(n_rows, seq_len, dtype=torch.long)
     seq_ids = torch.full((n_rows, seq_len), -1, dtype=torch.long)
     seq_index: list[int] = []
+    spans: list[tuple[int, int, int]] = []  # (sequence, row, offset): where its routing record goes
     cu = [0]
     rows = plan.rows + [[] for _ in range(n_rows - len(plan.rows))]
     for r, row in enumerate(rows):
@@ -113,6 +115,7 @@ def to_packed_micro_batch(seqs: Sequences, plan: MicroBatchPlan, pad_id: int) ->
             position_ids[r, o : o + n] = torch.arange(n)
             seq_ids[r, o : o + n] = len(seq_index)
             seq_index.append(i)
+            spans.append((i, r, o))
             o += n
             cu.append(r * seq_len + o)
         if o < seq_len:  # the row's end padding: a segment of its own, positions from 0 again
@@ -132,6 +135,8 @@ def to_packed_micro_batch(seqs: Sequences, plan: MicroBatchPlan, pad_id: int) ->
     }
     if seqs.rollout_logprobs is not None:
         mb["rollout_logprobs"] = rollout_lp
+    if seqs.routed_experts is not None:
+        mb["routed_experts"] = place_routed_experts(seqs.routed_experts, spans, (n_rows, seq_len))
     return mb
 
 

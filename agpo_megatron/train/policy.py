@@ -131,9 +131,12 @@ class Actor:
         )
         self.bad_steps = BadStepCounter(cfg.algo.max_bad_steps)
         # MoE: the old-log-prob forward records each token's experts; the update replays them
-        # (algo.routing_replay r2) or only counts how many it routes differently (none).
+        # (algo.routing_replay r2) or only counts how many it routes differently (none). r3: both
+        # replay the rollout engine's record, which the micro-batches carry (train/batch.py).
         self.routing_replay = cfg.algo.routing_replay
         self.routing = None
+        self._rollout_mismatch: list[float] = []  # r3: see `logprobs`
+        self._rollout_mismatch_reported = False
         if arch.is_moe and not cfg.parallel.sequence_parallel and not cfg.model.recompute_activations:
             self.routing = RoutingControl.install(self.model)
             self.model.agpo_routing = self.routing
@@ -149,14 +152,24 @@ class Actor:
         return pad_multiple(tp=c.tensor_model_parallel_size, sequence_parallel=c.sequence_parallel, fp8=bool(c.fp8))
 
     def logprobs(self, micro_batches, *, temperature: float, with_entropy: bool = False):
-        with self._routing("record"):
-            return forward.compute_logprobs(
+        with self._routing("replay" if self.routing_replay == "r3" else "record"):
+            out = forward.compute_logprobs(
                 self.chunks,
                 micro_batches,
                 temperature=temperature,
                 with_entropy=with_entropy,
                 chunk_tokens=self.chunk_tokens,
             )
+        if self.routing is not None and self.routing_replay == "r3":
+            # vLLM's routing against this forward's free routing, at the weights that sampled (before
+            # any update of this rollout): the engine-vs-trainer mismatch itself. Every update of the
+            # rollout reports the mean over its log-prob passes (so the rollout's mean is that value).
+            rollout = self.routing.pop_mismatch(count_here=self.layout.tp_rank == 0)
+            if self._rollout_mismatch_reported:  # the first pass of a new rollout
+                self._rollout_mismatch, self._rollout_mismatch_reported = [], False
+            if rollout is not None:
+                self._rollout_mismatch.append(rollout)
+        return out
 
     def _routing(self, mode):
         return contextlib.nullcontext() if self.routing is None else self.routing.using(mode)
@@ -234,7 +247,7 @@ class Actor:
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with self._routing("replay" if self.routing_replay == "r2" else "compare"):
+        with self._routing("compare" if self.routing_replay == "none" else "replay"):
             per_mb = forward.forward_backward(self.chunks, micro_batches, loss_fn, forward_only=False)
         metrics = reduce_token_weighted(per_mb, self.layout)
         if moe.is_moe(self.model):
@@ -245,6 +258,9 @@ class Actor:
             mismatch = self.routing.pop_mismatch(count_here=self.layout.tp_rank == 0)
             if mismatch is not None:
                 metrics["moe_routing_mismatch"] = mismatch
+            if self._rollout_mismatch:  # r3: vLLM's routing vs the trainer's, at the sampling weights
+                metrics["moe_rollout_routing_mismatch"] = sum(self._rollout_mismatch) / len(self._rollout_mismatch)
+                self._rollout_mismatch_reported = True
         finite = step_is_finite(self.model.parameters(), per_mb)
         # A non-finite step makes no update on any rank: no optimizer or scheduler step.
         if finite:

@@ -1,4 +1,4 @@
-"""Whether a run may resume from a checkpoint: the same TP/PP, the same data order, and the same LR
+"""Whether a run may resume from a checkpoint: the same TP/PP/EP/ETP, the same data order, and the same LR
 schedule except for its length (issue 20: extending a finished run). Each refusal is one line
 naming the fields, the saved values and the way on.
 
@@ -52,12 +52,17 @@ def check_compatible(st: dict[str, Any], cfg: TrainConfig, layout: Layout, path:
     """Refuse, in one line, a resume the saved state does not fit (layout, data order, LR schedule).
     Returns whether the scheduler must take this config's schedule (a longer run: `_check_schedule`),
     and a line for the user saying how the LR moves (None when nothing changes)."""
-    saved, now = st["layout"], layout
-    if (saved["tp"], saved["pp"]) != (now.tp, now.pp):
+    # Expert parallelism (MoE): checkpoints from before it was recorded were saved at ep = etp = 1.
+    fields = ("tp", "pp", "ep", "etp")
+    was = {k: st["layout"].get(k, 1) for k in fields}
+    now = {k: getattr(layout, k, 1) for k in fields}
+    if was != now:
+        shown = [k for k in fields if k in ("tp", "pp") or was[k] != 1 or now[k] != 1]
         raise ConfigError(
-            f"checkpoint.resume: {path} was saved at tp={saved['tp']} pp={saved['pp']}; this run has "
-            f"tp={now.tp} pp={now.pp}. The optimizer state reshards over data-parallel ranks only: resume at "
-            f"the saved tp/pp, or start a new run from its weights (model.init_from=megatron, checkpoint.load_dir)"
+            f"checkpoint.resume: {path} was saved at {' '.join(f'{k}={was[k]}' for k in shown)}; this run has "
+            f"{' '.join(f'{k}={now[k]}' for k in shown)}. The optimizer state reshards over data-parallel ranks "
+            f"only: resume at the saved {'/'.join(shown)}, or start a new run from its weights "
+            f"(model.init_from=megatron, checkpoint.load_dir)"
         )
     # As run_state.json holds it (tuples become lists, secrets masked), so equal settings compare equal.
     old = json.loads(json.dumps(st["config"], default=str))

@@ -80,6 +80,7 @@ class RolloutBatch:
             advantages=self.advantages.flatten(),
             rollout_logprobs=[c.logprobs for c in flat] if flat and flat[0].logprobs is not None else None,
             trained=None if trained_truncated else [c.finish_reason != "length" for c in flat],
+            routed_experts=[c.routed_experts for c in flat] if flat and flat[0].routed_experts is not None else None,
         )
 
 

@@ -352,7 +352,14 @@ class RunCheckpointer:
             "kl_ctl": self.kl_ctl.state_dict(),
             "clip_ctl": self.clip_ctl.state_dict(),
             "reference": self.reference_source,
-            "layout": {"world_size": lay.world_size, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
+            "layout": {
+                "world_size": lay.world_size,
+                "tp": lay.tp,
+                "pp": lay.pp,
+                "dp": lay.dp,
+                "ep": lay.ep,
+                "etp": lay.etp,
+            },
             "config": redact(to_dict(self.cfg)),  # no token from the environment lands in a checkpoint
         }
 

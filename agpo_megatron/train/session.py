@@ -73,7 +73,9 @@ class Session:
         if placement is not None:
             engine = RemoteRollout(placement.link, step_timeout_s=cfg.parallel.step_timeout_s)
         else:
-            engine = VLLMEngine.from_config(cfg.rollout, cfg.model, seed=cfg.parallel.seed)
+            engine = VLLMEngine.from_config(
+                cfg.rollout, cfg.model, seed=cfg.parallel.seed, return_routed_experts=cfg.algo.routing_replay == "r3"
+            )
             # Asleep from the start: the actor (and reference) are built in the memory vLLM frees;
             # the trainer wakes it and syncs the actor's weights before the first generate.
             engine.sleep()

@@ -126,7 +126,8 @@ def test_tied_config_with_a_different_lm_head(hf):
     [
         (
             {"model_type": "mistral"},
-            r"model_type 'mistral' is not supported; supported: \['qwen2', 'llama', 'qwen3', 'qwen3_moe'\]",
+            r"model_type 'mistral' is not supported; supported: "
+            r"\['qwen2', 'llama', 'qwen3', 'qwen3_moe', 'qwen2_moe'\]",
         ),
         ({"mlp_bias": True}, r"not supported: mlp_bias=true .* Supported: qwen2"),
         ({"use_sliding_window": True}, r"use_sliding_window=true"),

@@ -1,14 +1,16 @@
-"""Qwen3-MoE conversion (issue 23): HF -> Megatron -> HF bit-exact; the checkpoint loads at EP=2; the
-EP=2 export (the weight sync's stream) gives back every HF tensor bit for bit; a model trained at
-EP=2 re-exports to an HF folder that transformers loads with the trainer's log-probs; resume at
-EP=2 restores the expert shards and their optimizer state (the 3rd step is bit-identical)."""
+"""Qwen3-MoE conversion (issue 23): HF -> Megatron -> HF bit-exact (Qwen2-MoE's shared expert too);
+the checkpoint loads at EP=2; the EP=2 export (the weight sync's stream) gives back every HF tensor
+bit for bit; a model trained at EP=2 re-exports to an HF folder that transformers loads with the
+trainer's log-probs; resume at EP=2 restores the expert shards and their optimizer state (the 3rd
+step is bit-identical)."""
 
 import pytest
 import torch
 
+from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.conversion.test_conversion import tensors
 from tests.dist import torchrun
-from tests.moe_models import save_tiny_moe
+from tests.moe_models import TINY_MOE, save_tiny_moe
 
 
 def _hf_logprobs(hf_dir):
@@ -31,11 +33,18 @@ def _assert_same_tensors(got: dict, want: dict, what: str) -> None:
 def test_moe_conversion_export_and_resume_at_ep2(tmp_path):
     src = save_tiny_moe(tmp_path / "src", init_std=0.1)
     rt = tmp_path / "rt"
+    # Qwen2-MoE too: the routed experts plus the shared expert and its gate.
+    q2 = save_tiny_hf_model(tmp_path / "q2", "qwen2_moe", **{**TINY_MOE, "shared_expert_intermediate_size": 48})
     # One process: HF -> Megatron (chunks for any layout) -> HF (sharded into 20 KB files).
-    torchrun("conversion_roundtrip.py", rt, f"moe={src}", nproc=1, timeout=240)
+    torchrun("conversion_roundtrip.py", rt, f"moe={src}", f"q2={q2}", nproc=1, timeout=240)
     source = tensors(src)
     assert {f"model.layers.1.mlp.experts.3.{p}_proj.weight" for p in ("gate", "up", "down")} <= set(source)
     _assert_same_tensors(tensors(rt / "moe" / "hf"), source, "round trip")
+    q2_source = tensors(q2)
+    assert {"model.layers.1.mlp.shared_expert_gate.weight", "model.layers.1.mlp.shared_expert.up_proj.weight"} <= set(
+        q2_source
+    )
+    _assert_same_tensors(tensors(rt / "q2" / "hf"), q2_source, "qwen2_moe round trip")
 
     torchrun("moe_conversion.py", tmp_path, src, rt / "moe" / "mcore", timeout=300)
     ref = _hf_logprobs(src)

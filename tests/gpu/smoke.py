@@ -138,6 +138,34 @@ SECTIONS: tuple[Section, ...] = (
         60,
         cpu_logic=False,
     ),
+    # issue 23 (mixture-of-experts): a tiny Qwen3-MoE on the TE spec at EP=1, and its vLLM sync
+    Section(
+        "moe_te_fwd_bwd",
+        "checks_moe",
+        "run_moe_te_fwd_bwd",
+        ("moe_te_fwd_bwd",),
+        180,
+        ("transformer_engine",),
+        cpu_needs=(),
+    ),
+    Section(
+        "moe_vllm_sync",
+        "checks_moe",
+        "run_moe_vllm_sync",
+        ("moe_vllm_sync",),
+        300,
+        (*_VLLM_NEEDS, "transformer_engine"),
+        cpu_logic=False,
+    ),
+    Section(
+        "moe_r3_replay",
+        "checks_moe",
+        "run_moe_r3_replay",
+        ("moe_r3_replay",),
+        300,
+        (*_VLLM_NEEDS, "triton"),
+        cpu_needs=(),
+    ),
     # issue 21 (asynchronous RL)
     Section("disaggregated_link", "checks_async", "run_disaggregated_link", ("disaggregated_link",), 300),
     Section(

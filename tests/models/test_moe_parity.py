@@ -1,12 +1,13 @@
-"""Qwen3-MoE in Megatron (issue 23): log-probs equal transformers' at EP=1 and at EP=2 (2 gloo ranks),
-with and without `norm_topk_prob`, and gradients reach the router and every rank's own experts."""
+"""Qwen3-MoE and Qwen2-MoE in Megatron (issue 23): log-probs equal transformers' at EP=1 and at EP=2
+(2 gloo ranks), with and without `norm_topk_prob`, and gradients reach the router, every rank's own
+experts and (qwen2_moe) the shared expert and its gate."""
 
 import pytest
 import torch
 
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
-from tests.moe_models import save_tiny_moe
+from tests.moe_models import TINY_MOE
 
 
 def _hf_logprobs(hf_dir, temperature=0.7):
@@ -22,9 +23,20 @@ def _hf_logprobs(hf_dir, temperature=0.7):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_qwen3_moe_logprobs_match_hf_at_ep1_and_ep2(tmp_path, norm_topk_prob):
-    hf_dir = save_tiny_moe(tmp_path / "hf", vocab_size=128, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob)
+@pytest.mark.parametrize(
+    "model_type, norm_topk_prob",
+    # Both routing forms; qwen2_moe (Qwen1.5-MoE: norm_topk_prob false) adds the gated shared expert.
+    [("qwen3_moe", True), ("qwen2_moe", False)],
+)
+def test_moe_logprobs_match_hf_at_ep1_and_ep2(tmp_path, model_type, norm_topk_prob):
+    # qwen2_moe: seed 2, whose routing sends the backward's 48 tokens to every expert of both layers
+    # (seed 0 leaves one expert without a token, so "every expert gets gradient" could not hold).
+    shared = {"shared_expert_intermediate_size": 48, "seed": 2} if model_type == "qwen2_moe" else {}
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "hf",
+        model_type,
+        **{**TINY_MOE, "vocab_size": 128, "num_experts_per_tok": 2, "norm_topk_prob": norm_topk_prob, **shared},
+    )
     torchrun("moe_parity.py", hf_dir, tmp_path, timeout=240)
     ref_lp, ref_ent = _hf_logprobs(hf_dir)
     for name in ("ep1", "ep2"):
@@ -39,6 +51,15 @@ def test_qwen3_moe_logprobs_match_hf_at_ep1_and_ep2(tmp_path, norm_topk_prob):
             assert grads[f"decoder.layers.{layer}.mlp.router.weight"].abs().sum() > 0
             for e in (0, 1):
                 assert grads[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc1.weight"].abs().sum() > 0
+            shared_names = {n for n in grads if ".mlp.shared_experts." in n and f"layers.{layer}." in n}
+            if model_type == "qwen2_moe":  # the shared expert and its gate: replicated over EP, all get gradient
+                assert shared_names == {
+                    f"decoder.layers.{layer}.mlp.shared_experts.{n}"
+                    for n in ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")
+                }
+                assert all(grads[n].abs().sum() > 0 for n in shared_names)
+            else:
+                assert not shared_names
 
 
 @pytest.mark.slow

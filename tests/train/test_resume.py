@@ -270,7 +270,7 @@ def test_tp2_kill_group_and_resume_from_saved_initial_weights(tiny, tmp_path):
     assert step_dirs.read_latest(run / "ckpt").name == "step_000002"
     state = json.loads((run / "ckpt" / "step_000002" / step_dirs.COMPLETE_MARKER).read_text())
     assert state["reference"] == {"kind": "megatron", "path": str((run / "ckpt" / step_dirs.INITIAL).resolve())}
-    assert state["layout"] == {"world_size": 2, "tp": 2, "pp": 1, "dp": 1}
+    assert state["layout"] == {"world_size": 2, "tp": 2, "pp": 1, "dp": 1, "ep": 1, "etp": 1}
 
     _train(tiny, run, *tp2)
     assert "Reference rebuilt from its recorded source: megatron" in ranks.log()

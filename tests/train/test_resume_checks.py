@@ -109,3 +109,22 @@ def test_lr_at_is_megatrons_schedule():
         for n in range(1, total + 1):
             sched.step(increment=1)
             assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(optim, total, n), rel=1e-12), n
+
+
+def test_a_changed_expert_layout_is_refused_in_one_line():
+    """Issue 23: the sidecar records EP/ETP; resuming an MoE run at another EP is refused, naming both
+    layouts. A checkpoint from before EP was recorded counts as ep = etp = 1."""
+    cfg = _cfg()
+    stored = json.loads(json.dumps(to_dict(cfg), default=str))
+
+    def check(saved_layout, now):
+        return check_compatible({"layout": saved_layout, "config": stored, "step": 2}, cfg, now, "ck")
+
+    with pytest.raises(ConfigError) as e:
+        check({"tp": 1, "pp": 1, "ep": 2, "etp": 1}, SimpleNamespace(tp=1, pp=1, ep=1, etp=1))
+    assert str(e.value).startswith("checkpoint.resume: ck was saved at tp=1 pp=1 ep=2; this run has tp=1 pp=1 ep=1.")
+    assert "resume at the saved tp/pp/ep" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="saved at tp=1 pp=1 ep=1 etp=1; this run has tp=1 pp=1 ep=2 etp=2"):
+        check({"tp": 1, "pp": 1}, SimpleNamespace(tp=1, pp=1, ep=2, etp=2))  # saved before EP was recorded
+    assert check({"tp": 1, "pp": 1}, SimpleNamespace(tp=1, pp=1, ep=1, etp=1)) == (False, None)
+    assert check({"tp": 1, "pp": 1, "ep": 2, "etp": 1}, SimpleNamespace(tp=1, pp=1, ep=2, etp=1)) == (False, None)
