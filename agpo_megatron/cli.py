@@ -96,6 +96,7 @@ def _launch(args: argparse.Namespace) -> int:
         raise ConfigError("--nnodes > 1 needs --master-addr and --master-port: every node must meet at node 0")
     cfg = _load(args, show_warnings=args.node_rank == 0)  # a bad config: one line, no rank started
     cfg.check_world(args.nproc_per_node * args.nnodes)
+    cfg.check_machine()  # this node's vLLM / GPUs: one line, no rank started
     if args.node_rank == 0:
         _take_lock(cfg)
     flags = [*(["--debug"] if args.debug else []), *(["--verbose"] if args.verbose else [])]

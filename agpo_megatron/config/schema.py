@@ -329,11 +329,7 @@ class TrainConfig:
         if replay == "none":
             return
         field = f"algo.routing_replay={replay}"
-        if replay == "r3":  # vLLM's own routing: only its GPU model runner returns it
-            from agpo_megatron.runtime.vllm_features import routed_experts_unavailable
-
-            why = routed_experts_unavailable()
-            _require(why is None, f"{field} replays the routing vLLM sampled with, but {why}; use r2 or none")
+        if replay == "r3":  # vLLM's own routing (whether this machine's vLLM can return it: check_machine)
             _require(
                 self.rollout.placement == "colocated",
                 f"{field} needs rollout.placement=colocated (remote engines do not send routing records)",
@@ -351,6 +347,19 @@ class TrainConfig:
             not self.parallel.sequence_parallel,
             f"{field} needs parallel.sequence_parallel=false (each router sees only a sequence shard)",
         )
+
+    def check_machine(self) -> None:
+        """Checks of what the machine that runs the ranks can do. Not part of validation, so that
+        `agpo check` and `agpo plan` accept a GPU config on a login node or a laptop; `agpo train`
+        runs them before any model or engine is built (cli's launcher, `Session.create`)."""
+        if self.algo.routing_replay == "r3":  # only vLLM's GPU model runner returns the routed experts
+            from agpo_megatron.runtime.vllm_features import routed_experts_unavailable
+
+            why = routed_experts_unavailable()
+            _require(
+                why is None,
+                f"algo.routing_replay=r3 replays the routing vLLM sampled with, but {why}; use r2 or none",
+            )
 
     def check_world(self, world_size: int) -> int:
         """Checks that need the (whole) world size; returns the trainer's data-parallel size."""

@@ -1,5 +1,6 @@
 """What the installed vLLM can do on this machine, checked without importing vLLM or building anything,
-so that config validation can refuse a setting up front (before any heavy allocation).
+so that `agpo train` can refuse a setting up front (`TrainConfig.check_machine`, before any heavy
+allocation; config validation itself stays machine-independent).
 
 `routed_experts_unavailable`: vLLM returns the experts it routed each token to (for r3 routing
 replay, models/routing.py) only through its AuxOutput connector (`enable_return_routed_experts`,

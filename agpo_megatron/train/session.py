@@ -50,6 +50,7 @@ class Session:
         check_paths(cfg)  # missing files / unwritable dirs: one line now, not an error after start-up
         init_distributed(timeout_s=cfg.parallel.timeout_s)
         cfg.check_world(placement.world_size if placement else dist.get_world_size())  # before any model or engine
+        cfg.check_machine()
         arch = read_arch(cfg.model.hf_path)
         layout = init_model_parallel(
             cfg.parallel.tp,

@@ -54,7 +54,7 @@ def test_yaml_and_dotted_overrides(yaml_file):
         ("parallel.etp=2", "parallel.ep=1 / parallel.etp=2 need an MoE model (qwen2 is dense)"),
         ("model.moe_aux_loss_coef=-1", "model.moe_aux_loss_coef must be >= 0"),
         ("algo.routing_replay=r2", "algo.routing_replay=r2 needs an MoE model (qwen2 is dense)"),
-        ("algo.routing_replay=r3", "algo.routing_replay=r3 replays the routing vLLM sampled with, but vLLM returns"),
+        ("algo.routing_replay=r3", "algo.routing_replay=r3 needs an MoE model (qwen2 is dense)"),
         ("algo.routing_replay=r1", "algo.routing_replay: 'r1' is not one of"),
         ("algo.group_size=1", "algo.group_size must be >= 2"),
         ("algo.loss.eps_low=1.5", "eps_low"),

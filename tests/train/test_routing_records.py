@@ -3,6 +3,8 @@ choices travel from the completions into the micro-batches exactly as `rollout_l
 mini-batches, the DP split, padding and packing), unrecorded positions route freely, and r3 is
 refused up front, in one line, where vLLM cannot return routed experts (this CPU box)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from agpo_megatron.train.batch import split_mini_batches
 from agpo_megatron.train.packing import unpack
 from agpo_megatron.train.rollout_rounds import RolloutBatch
 from agpo_megatron.train.sequences import Sequences
+
+ROOT = Path(__file__).resolve().parents[2]
 
 L, K, E = 3, 2, 8
 
@@ -128,6 +132,22 @@ def test_r3_is_refused_on_cpu_in_one_line(monkeypatch):
         VLLMEngine("unused", return_routed_experts=True)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     assert "VLLM_USE_V2_MODEL_RUNNER=0 is set" in routed_experts_unavailable()
+
+
+def test_r3_validates_anywhere_and_the_machine_check_refuses_it_here(tmp_path):
+    """`agpo check` / `agpo plan` accept an r3 config on a machine without GPUs (a login node); the
+    machine check that `agpo train` runs before building anything refuses it here in one line."""
+    from agpo_megatron.config.yaml_io import ConfigError
+    from agpo_megatron.plan.load import load_train_config
+
+    cfg = load_train_config(
+        str(ROOT / "examples" / "tiny_cpu.yaml"),
+        ["model.hf_path=tiny:qwen3_moe", "algo.routing_replay=r3", "rollout.logprob_mode=recompute"],
+    )
+    assert cfg.algo.routing_replay == "r3"
+    with pytest.raises(ConfigError, match=r"^algo.routing_replay=r3 replays the routing vLLM sampled with, but") as e:
+        cfg.check_machine()
+    assert "\n" not in str(e.value) and "use r2 or none" in str(e.value)
 
 
 def test_router_token_order_for_padded_and_thd_micro_batches():
