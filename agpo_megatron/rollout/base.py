@@ -64,7 +64,11 @@ class Completion:
     finish_reason: str
     """'stop' (EOS or a stop token) or 'length' (hit max_new_tokens)."""
     weight_version: int | None = None
-    """The trainer step the sampling weights come from (None where the engine does not track it)."""
+    """The trainer step the sampling weights come from (None where the engine does not track it); with
+    partial rollouts, the newest of `token_versions` (the weights that finished the response)."""
+    token_versions: list[int] | None = None
+    """The weight version that sampled each token (partial rollouts, rollout/partial.py; None where one
+    version sampled the whole response)."""
 
 
 @runtime_checkable

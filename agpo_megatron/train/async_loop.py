@@ -117,9 +117,30 @@ class StalenessQueue:
             "age_max": float(max(ages, default=0)),
             "queued_groups": float(len(self.groups)),
             "weights_version": float(version),
+            **token_ages(out, version),
         }
         self.dropped = 0
         return out, metrics
+
+
+def token_ages(groups: list[Group], version: int) -> dict[str, float]:
+    """Per-token ages for a trainer at `version`: `token_age_mean` / `token_age_max` (versions between
+    sampling a token and training on it) and `paused_token_frac`, the share of response tokens sampled
+    by older weights than the ones that finished their response (partial rollouts: the tokens before
+    a pause). A response without `token_versions` was sampled by its group's version alone."""
+    ages: list[int] = []
+    paused = 0
+    for g in groups:
+        for c in g.completions:
+            vs = c.token_versions if c.token_versions is not None else [g.version] * len(c.token_ids)
+            ages += [version - v for v in vs]
+            paused += sum(v < max(vs) for v in vs)
+    n = max(len(ages), 1)
+    return {
+        "token_age_mean": sum(ages) / n,
+        "token_age_max": float(max(ages, default=0)),
+        "paused_token_frac": paused / n,
+    }
 
 
 class _Sampled:
@@ -143,14 +164,30 @@ class Requests:
         self.s, self.remote, self.sampler, self.queue = session, session.rollout, sampler, queue
         self.next_step, self.last_step = first, first + total - 1
         self.in_flight: list[Example] | None = None
+        self.partial = session.cfg.rollout.partial
+        self.unanswered: dict[int, Example] = {}
+        """Partial rollouts: the prompts the rollout ranks hold, by key (the order they were drawn in)."""
+        self.pool_metrics: dict[str, float] = {}
+        """The last partial answer's counts (`segments`, `carried_groups`; rollout/partial.py)."""
+        self._keys = 0
 
     def submit(self) -> bool:
         """Ask for the next batch (False: every step's batch was asked for already)."""
         if self.next_step > self.last_step:
             return False
         batch = next(self.sampler)
-        G = self.s.cfg.algo.group_size
-        self.remote.submit([ex.prompt_ids for ex in batch], G, self.s.train_sampling(self.next_step))
+        cfg, sampling = self.s.cfg, self.s.train_sampling(self.next_step)
+        G = cfg.algo.group_size
+        if self.partial:  # P new groups into the rollout ranks' pool; the answer: P complete groups
+            keys = list(range(self._keys, self._keys + len(batch)))
+            self._keys += len(batch)
+            self.unanswered.update(zip(keys, batch, strict=True))
+            prompts = [ex.prompt_ids for ex in batch]
+            self.remote.submit_partial(
+                keys, prompts, G, sampling, want=len(batch), segment_tokens=cfg.rollout.segment_tokens
+            )
+        else:
+            self.remote.submit([ex.prompt_ids for ex in batch], G, sampling)
         self.in_flight, self.next_step = batch, self.next_step + 1
         return True
 
@@ -158,12 +195,21 @@ class Requests:
         """The submitted batch's groups into the queue (blocks until the rollout ranks are done)."""
         if self.in_flight is None:
             return
-        out = self.remote.collect()
+        out, batch = self.remote.collect(), self.in_flight
+        self.in_flight = None
+        if self.partial:
+            answer, self.pool_metrics = out
+            groups = []
+            for key, completions in answer:
+                # A group counts as sampled by the weights that finished it; its older tokens carry their own.
+                version = max(int(c.weight_version or 0) for c in completions)
+                groups.append(Group(self.unanswered.pop(key), completions, version))
+            self.queue.push(groups)
+            return
         versions = {c.weight_version for group in out for c in group}
         assert len(versions) == 1 and None not in versions, f"one request, one weight version: got {versions}"
         version = int(versions.pop() or 0)
-        self.queue.push([Group(ex, group, version) for ex, group in zip(self.in_flight, out, strict=True)])
-        self.in_flight = None
+        self.queue.push([Group(ex, group, version) for ex, group in zip(batch, out, strict=True)])
 
 
 def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
@@ -248,6 +294,7 @@ def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             train_m = ppo.update(actor, minis, loss_cfg, temperature=T, kl_coef=kl_coef, eps=eps, **ppo_kw)
         with timer("rollout_wait"):  # what the generation took beyond the training it overlapped
             requests.collect()
+        async_m.update(requests.pool_metrics)
         with timer("weight_sync"):
             colo.to_rollout(version=step)
         row = step_row(

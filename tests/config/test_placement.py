@@ -60,7 +60,17 @@ def test_disaggregated_splits_the_world(yaml_file):
         ),
         (
             ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.partial=true"],
-            "rollout.partial: partial rollouts are not implemented yet",
+            "rollout.partial needs rollout.max_staleness >= 1",
+        ),
+        (
+            [
+                "rollout.placement=disaggregated",
+                "rollout.num_ranks=1",
+                "rollout.max_staleness=1",
+                "rollout.partial=true",
+                "rollout.segment_tokens=0",
+            ],
+            "rollout.segment_tokens must be an integer >= 1",
         ),
         (
             [
