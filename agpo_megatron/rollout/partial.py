@@ -127,7 +127,8 @@ class PartialPool:
 
         `generate(prompts, sampling, seeds)` samples one completion per prompt with the given seeds
         (`sampling.max_new_tokens` is set to the segment's budget). `version` is the engine's weight
-        version. Counts: `segments` run by this call, `carried_groups` left unfinished in the pool.
+        version. Counts: `segments` run by this call, `carried_groups` left unfinished in the pool,
+        `ready_groups` complete but not answered (more than `want` completed in the last segment).
         """
         segments = 0
         while sum(g.done for g in self.groups) < want and any(not g.done for g in self.groups):
@@ -149,7 +150,10 @@ class PartialPool:
         taken = {id(g) for g in done}
         self.groups = [g for g in self.groups if id(g) not in taken]
         answer = [(g.key, [_completion(s, i, detokenize) for s in g.samples]) for i, g in enumerate(done)]
-        return answer, {"segments": float(segments), "carried_groups": float(len(self.groups))}
+        unfinished = sum(not g.done for g in self.groups)
+        counts = {"segments": float(segments), "carried_groups": float(unfinished)}
+        counts["ready_groups"] = float(len(self.groups) - unfinished)
+        return answer, counts
 
 
 def _completion(s: Sample, index: int, detokenize: Callable[[list[int]], str] | None) -> Completion:

@@ -179,13 +179,14 @@ class Requests:
         cfg, sampling = self.s.cfg, self.s.train_sampling(self.next_step)
         G = cfg.algo.group_size
         if self.partial:  # P new groups into the rollout ranks' pool; the answer: P complete groups
+            want = len(batch)
+            if self._keys == 0:  # the first request fills the pool with one batch to spare (module doc)
+                batch = batch + next(self.sampler)
             keys = list(range(self._keys, self._keys + len(batch)))
             self._keys += len(batch)
             self.unanswered.update(zip(keys, batch, strict=True))
             prompts = [ex.prompt_ids for ex in batch]
-            self.remote.submit_partial(
-                keys, prompts, G, sampling, want=len(batch), segment_tokens=cfg.rollout.segment_tokens
-            )
+            self.remote.submit_partial(keys, prompts, G, sampling, want=want, segment_tokens=cfg.rollout.segment_tokens)
         else:
             self.remote.submit([ex.prompt_ids for ex in batch], G, sampling)
         self.in_flight, self.next_step = batch, self.next_step + 1
@@ -194,9 +195,10 @@ class Requests:
     def collect(self) -> None:
         """The submitted batch's groups into the queue (blocks until the rollout ranks are done)."""
         if self.in_flight is None:
+            self.pool_metrics = {}
             return
         out, batch = self.remote.collect(), self.in_flight
-        self.in_flight = None
+        self.in_flight, self.pool_metrics = None, {}
         if self.partial:
             answer, self.pool_metrics = out
             groups = []
@@ -245,7 +247,9 @@ def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     )
     timer = PhaseTimer()
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
-    queue = StalenessQueue(S, capacity=(S + 1) * P)
+    # Partial rollouts: a group that completed in the same segment as a full batch waits one request
+    # on the rollout ranks, so it may be one version older than the others (module doc).
+    queue = StalenessQueue(S + int(cfg.rollout.partial), capacity=(S + 2) * P)
     requests = Requests(s, sampler, queue, first, cfg.steps - first + 1)
     with timer("rollout"):  # the prefill: S batches at the starting weights
         for _ in range(S):

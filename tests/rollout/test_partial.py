@@ -88,7 +88,11 @@ def test_one_segment_samples_what_a_whole_response_request_samples():
     pool = PartialPool()
     pool.add(["a", "b"], [[7], [5]], 2, SAMPLING.seed)
     answer, counts = pool.run(engine_generate(engine), 2, SAMPLING, segment_tokens=5, version=0)
-    assert [k for k, _ in answer] == ["a", "b"] and counts == {"segments": 1.0, "carried_groups": 0.0}
+    assert [k for k, _ in answer] == ["a", "b"] and counts == {
+        "segments": 1.0,
+        "carried_groups": 0.0,
+        "ready_groups": 0.0,
+    }
     for (_, got), want in zip(answer, whole):
         assert [c.token_ids for c in got] == [c.token_ids for c in want]
         assert [c.logprobs for c in got] == [c.logprobs for c in want]
@@ -112,10 +116,10 @@ def run_two_requests(with_c: bool):
 def test_a_weight_update_mid_generation_continues_the_unfinished_group_under_the_new_weights():
     first, c1, carried, second, c2 = run_two_requests(with_c=True)
     # Request 1 answers A (done in one segment); B waits in the pool with 2 tokens per sample.
-    assert [k for k, _ in first] == ["A"] and c1 == {"segments": 1.0, "carried_groups": 1.0}
+    assert [k for k, _ in first] == ["A"] and c1 == {"segments": 1.0, "carried_groups": 1.0, "ready_groups": 0.0}
     assert [c.token_versions for c in first[0][1]] == [[0], [0]] and all(len(t) == 2 for t in carried)
     # Request 2: B (oldest first), then C. B: segment 2 (2 tokens) and 3 (1 token: the budget's rest).
-    assert [k for k, _ in second] == ["B", "C"] and c2 == {"segments": 2.0, "carried_groups": 0.0}
+    assert [k for k, _ in second] == ["B", "C"] and c2 == {"segments": 2.0, "carried_groups": 0.0, "ready_groups": 0.0}
     for j, c in enumerate(second[0][1]):
         # (a) the versions recorded per token
         assert c.token_versions == [0, 0, 1, 1, 1] and c.weight_version == 1 and c.finish_reason == "length"
