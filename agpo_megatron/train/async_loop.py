@@ -24,16 +24,32 @@ The loss sees stale groups through the old log-probs: with `rollout.logprob_mode
 are the proximal policy's (the trainer's weights before this update); `algo.loss.rollout_correction`
 (tis / mis) weighs them by proximal over behaviour (the engine's sampling log-probs), algo/correction.py.
 
+Partial rollouts (`rollout.partial`, rollout/partial.py). A request then adds its P prompts to the
+rollout ranks' pool of groups in progress and is answered with the first P groups to complete (the
+first request adds a spare batch, 2P prompts, so the pool always holds P groups more than it
+answers). The rollout ranks generate in segments of `rollout.segment_tokens`; the unfinished groups
+wait in the pool and continue in the next request, after the weight sync, under the new weights. A
+step therefore waits for the P fastest of 2P groups, not for the longest response. Every token keeps
+its version and behaviour log-prob (`Completion.token_versions`, `logprobs`), which the correction
+uses per token; `async/token_age_mean` / `token_age_max` and `paused_token_frac` (tokens sampled
+before a pause) report them, `async/segments`, `carried_groups` (unfinished in the pool) and
+`ready_groups` (complete, answered next time) the pool. A group counts as sampled by the weights
+that finished it. One that completed in the same segment as a full batch waits a request on the
+rollout ranks, so with partial rollouts the queue keeps groups up to S + 1 versions old; the paused
+tokens are older still (up to S + 1 + the requests the group was carried over). The prompts the pool
+holds at the end (or at a save) are not trained.
+
 Departures and limits (issue 21):
 - The link carries one conversation at a time (rollout/remote.py), so one request is in flight per
   step; S > 1 deepens the queue (the prefill) but overlaps no more than S = 1. A continuously
-  generating rollout side (fully asynchronous, partial rollouts) is not built.
-- With this schedule no group ever gets older than S, so nothing is dropped in practice; the
-  queue's drop rule is what guarantees it (tests/train/test_async_loop.py).
+  generating rollout side (fully asynchronous) is not built: the pool only moves while a request is
+  open, and weights arrive between requests, never inside one.
+- With this schedule no group ever gets older than S (S + 1 partial), so nothing is dropped in
+  practice; the queue's drop rule is what guarantees it (tests/train/test_async_loop.py).
 - DAPO's dynamic sampling is refused with S > 0 (one round per step here).
-- Resume with S > 0: groups queued at the save are not saved, and their prompts are not drawn again
-  (the saved sampler is past them); the resumed run fills its queue from the saved weights (version:
-  the saved step): tests/train/test_disaggregated.py.
+- Resume with S > 0: groups queued at the save (and the partial pool) are not saved, and their
+  prompts are not drawn again (the saved sampler is past them); the resumed run fills its queue from
+  the saved weights (version: the saved step): tests/train/test_disaggregated.py.
 """
 
 from __future__ import annotations
