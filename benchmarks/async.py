@@ -10,9 +10,10 @@ and 2 with partial rollouts.
 
 Step time: the trainer leader's phases are sequential, so a step's wall time is the sum of its
 `time/*` row (in the async loop `time/rollout_wait` is the generation left over after the update it
-overlapped). The table gives the median over the steps after each run's first (warm-up; with
-`--rounds` the settings run in turn, so the machine's load drift spreads over them), trajectories/s and
-response tokens/s from it, and each side's busy fraction: the trainer's (log-probs + update + sync
+overlapped). The table gives the median over each run's steps but its first (warm-up) and last (in
+the async loop nothing overlaps it: no later batch is asked for); with `--rounds` the settings run in
+turn, so the machine's load drift spreads over them. Trajectories/s and response tokens/s come from
+it, and each side's busy fraction: the trainer's (log-probs + update + sync
 over the step) and the rollout side's (its generation time over the step: `time/rollout` colocated; in
 the async loop it is not measured on the trainer, so it is estimated from the staleness-0 run's).
 "train wall / CPU s": the log-prob and update phases' wall time and the trainer process's CPU time in
@@ -108,6 +109,8 @@ def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, r
     from agpo_megatron.runtime.parallel import free_port
 
     out = work / f"{name.replace(' ', '_').replace('=', '')}_r{round_}"
+    if args.reuse and (out / "metrics.jsonl").exists():  # summarize an earlier run's metrics again
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cmd = [
         sys.executable,
         "-m",
@@ -148,7 +151,9 @@ def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, r
 
 
 def summarize(runs: list[list[dict]], group: int, gen_estimate: float | None) -> dict[str, float]:
-    warm = [r for rows in runs for r in (rows[1:] or rows)]  # each run's steps after its first
+    # Each run's steps but its first (warm-up; the async loop's prefill) and its last (the async loop
+    # has no later batch to ask for then, so nothing overlaps: it would flatter the async rows).
+    warm = [r for rows in runs for r in (rows[1:-1] or rows)]
     step = statistics.median(sum(v for k, v in r.items() if k.startswith("time/")) for r in warm)
     trajectories = statistics.median(r["sampling/prompts_sampled"] for r in warm) * group
     tokens = statistics.median(r["len/mean"] for r in warm) * trajectories
@@ -188,6 +193,7 @@ def main() -> None:
     p.add_argument("--stop-tokens", type=int, default=0, help="extra end-of-turn token ids (ragged lengths)")
     p.add_argument("--segment-tokens", type=int, default=16, help="rollout.segment_tokens (partial rows)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--reuse", action="store_true", help="summarize the runs already in --out instead of running")
     p.add_argument(
         "--rounds", type=int, default=1, help="run the settings in turn this many times (ABCD ABCD): load drift spreads"
     )
