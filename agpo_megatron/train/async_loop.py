@@ -265,7 +265,7 @@ def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
     # Partial rollouts: a group that completed in the same segment as a full batch waits one request
     # on the rollout ranks, so it may be one version older than the others (module doc).
-    queue = StalenessQueue(S + int(cfg.rollout.partial), capacity=(S + 2) * P)
+    queue = StalenessQueue(S + int(cfg.rollout.partial), capacity=(S + 1 + int(cfg.rollout.partial)) * P)
     requests = Requests(s, sampler, queue, first, cfg.steps - first + 1)
     with timer("rollout"):  # the prefill: S batches at the starting weights
         for _ in range(S):
