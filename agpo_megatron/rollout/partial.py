@@ -23,8 +23,9 @@ it (rollout/replicas.py `request_seed` + its sample index), and segment s > 0 a 
 one and s (`segment_seed`), so a continuation samples the same tokens whatever else is in the pool.
 
 Departures: the carried tokens are not re-sampled or re-scored under the new weights (slime and
-Kimi k1.5 do not either; the correction handles them), and the continuation re-reads its prefix
-(one prefill per segment, as vLLM's prefix cache is reset at every generate call). A group counts as
+Kimi k1.5 do not either; the correction handles them). A continuation re-reads its prefix: within a
+request from vLLM's prefix cache (only a request's first generate resets it), after a weight update
+by recomputing it (the cached KV belongs to the old weights; `update_weights` drops it). A group counts as
 sampled by the version that finished it (the staleness queue's `Group.version`); its older tokens are
 reported as per-token ages (`async/token_age_*`).
 """
@@ -116,7 +117,7 @@ class PartialPool:
 
     def run(
         self,
-        generate: Callable[[list[list[int]], SamplingConfig, list[int]], list[Completion]],
+        generate: Callable[[list[list[int]], SamplingConfig, list[int], bool], list[Completion]],
         want: int,
         sampling: SamplingConfig,
         segment_tokens: int,
@@ -125,12 +126,14 @@ class PartialPool:
     ) -> tuple[list[tuple[Hashable, list[Completion]]], dict[str, float]]:
         """Segments until `want` groups are complete; those groups (oldest first) as completions, and counts.
 
-        `generate(prompts, sampling, seeds)` samples one completion per prompt with the given seeds
-        (`sampling.max_new_tokens` is set to the segment's budget). `version` is the engine's weight
-        version. Counts: `segments` run by this call, `carried_groups` left unfinished in the pool,
-        `ready_groups` complete but not answered (more than `want` completed in the last segment).
+        `generate(prompts, sampling, seeds, fresh)` samples one completion per prompt with the given
+        seeds (`sampling.max_new_tokens` is set to the segment's budget); `fresh` is true for this
+        call's first generate only: the later ones may reuse the KV the earlier ones cached (same
+        weights). `version` is the engine's weight version. Counts: `segments` run by this call,
+        `carried_groups` left unfinished in the pool, `ready_groups` complete but not answered (more
+        than `want` completed in the last segment).
         """
-        segments = 0
+        segments = calls = 0
         while sum(g.done for g in self.groups) < want and any(not g.done for g in self.groups):
             todo = [(g, j) for g in self.groups for j, s in enumerate(g.samples) if s.finish_reason is None]
             # One call per segment budget (the samples near max_new_tokens get what they have left).
@@ -142,7 +145,8 @@ class PartialPool:
                 seg_sampling = dataclasses.replace(sampling, max_new_tokens=budget, logprobs=True)
                 prompts = [g.samples[j].prompt_ids + g.samples[j].token_ids for g, j in items]
                 seeds = [segment_seed(g.samples[j].seed, g.samples[j].segments) for g, j in items]
-                out = generate(prompts, seg_sampling, seeds)
+                out = generate(prompts, seg_sampling, seeds, calls == 0)
+                calls += 1
                 for (g, j), c in zip(items, out, strict=True):
                     g.samples[j] = splice(g.samples[j], c, version, sampling.max_new_tokens)
             segments += 1
@@ -169,10 +173,11 @@ def _completion(s: Sample, index: int, detokenize: Callable[[list[int]], str] | 
     )
 
 
-def engine_generate(engine: Any) -> Callable[[list[list[int]], SamplingConfig, list[int]], list[Completion]]:
-    """`PartialPool.run`'s `generate` from a `RolloutEngine` whose generate takes per-prompt `seeds`."""
+def engine_generate(engine: Any) -> Callable[[list[list[int]], SamplingConfig, list[int], bool], list[Completion]]:
+    """`PartialPool.run`'s `generate` from a `RolloutEngine` whose generate takes per-prompt `seeds` and
+    `fresh_cache` (`VLLMEngine.generate`)."""
 
-    def generate(prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Completion]:
-        return [group[0] for group in engine.generate(prompts, 1, sampling, seeds=seeds)]
+    def generate(prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], fresh: bool) -> list[Completion]:
+        return [group[0] for group in engine.generate(prompts, 1, sampling, seeds=seeds, fresh_cache=fresh)]
 
     return generate

@@ -209,13 +209,20 @@ class VLLMEngine:
         )
 
     def generate(
-        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, *, seeds: list[int] | None = None
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        seeds: list[int] | None = None,
+        fresh_cache: bool = True,
     ) -> list[list[Completion]]:
         """`n` completions per prompt, for the global `prompts` (identical on every rank).
 
         Returns the global result on every rank: result[i][j] is sample j of prompts[i]. `seeds`: one
         request seed per prompt instead of `request_seed`'s (partial rollouts seed each sample's segment,
-        rollout/partial.py).
+        rollout/partial.py). `fresh_cache=False` keeps what the previous call left in the prefix cache
+        (a partial rollout's next segment re-reads its prefix from it instead of recomputing it).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -230,7 +237,8 @@ class VLLMEngine:
         # NOTE: each call starts from an empty prefix cache, so that its samples never depend on
         # what earlier calls (an evaluation, the previous step) left cached: a resumed run then
         # samples exactly what the uninterrupted one did.
-        self.llm.reset_prefix_cache()
+        if fresh_cache:
+            self.llm.reset_prefix_cache()
         local: list[list[Completion]] = []
         if len(mine):
             outputs = self.llm.generate(

@@ -23,10 +23,10 @@ PROBS = {0: [0.5, 0.3, 0.2], 1: [0.1, 0.6, 0.3]}
 class FakeEngine:
     def __init__(self):
         self.weights_version = 0
-        self.calls = 0
+        self.fresh = []
 
-    def generate(self, prompts, n, sampling, *, seeds=None):
-        self.calls += 1
+    def generate(self, prompts, n, sampling, *, seeds=None, fresh_cache=True):
+        self.fresh.append(fresh_cache)
         out = []
         for i, p in enumerate(prompts):
             group = []
@@ -110,6 +110,8 @@ def run_two_requests(with_c: bool):
     if with_c:
         pool.add(["C"], [[7]], 2, SAMPLING.seed + 1)
     second, c2 = pool.run(engine_generate(engine), 1 + with_c, SAMPLING, segment_tokens=2, version=1)
+    if with_c:  # each request's first generate starts from an empty prefix cache, its later ones reuse it
+        assert engine.fresh == [True, True, False]
     return first, c1, carried, second, c2
 
 

@@ -45,7 +45,7 @@ class FakeEngine:
     def update_weights(self, stream):
         self.loads.append({name: [str(t.dtype), list(t.shape), t.float().flatten().tolist()] for name, t in stream})
 
-    def generate(self, prompts, n, sampling, seeds=None):
+    def generate(self, prompts, n, sampling, seeds=None, fresh_cache=True):
         if seeds is not None:  # a partial rollout's segment: one token; prompt [7] ends, others run on
             return [
                 [
