@@ -22,12 +22,16 @@ Seeds. Each sample has a seed of its own: segment 0 uses the seed a whole-respon
 it (rollout/replicas.py `request_seed` + its sample index), and segment s > 0 a seed derived from that
 one and s (`segment_seed`), so a continuation samples the same tokens whatever else is in the pool.
 
+The trainer side (train/async_loop.py `Requests`) fills the pool with a spare batch at its first
+request, so the pool always holds a batch more than it answers: without it every request would wait
+for all of its groups, and nothing would ever be paused.
+
 Departures: the carried tokens are not re-sampled or re-scored under the new weights (slime and
 Kimi k1.5 do not either; the correction handles them). A continuation re-reads its prefix: within a
 request from vLLM's prefix cache (only a request's first generate resets it), after a weight update
-by recomputing it (the cached KV belongs to the old weights; `update_weights` drops it). A group counts as
-sampled by the version that finished it (the staleness queue's `Group.version`); its older tokens are
-reported as per-token ages (`async/token_age_*`).
+by recomputing it (the cached KV belongs to the old weights; `update_weights` drops it). A group
+counts as sampled by the version that finished it (the staleness queue's `Group.version`); its older
+tokens are reported as per-token ages (`async/token_age_*`).
 """
 
 from __future__ import annotations
@@ -54,13 +58,17 @@ class Sample:
     """One response in progress."""
 
     prompt_ids: list[int]
+    """Its prompt (a continuation is conditioned on prompt_ids + token_ids)."""
     seed: int
     """Its segment-0 seed (`segment_seed` derives the others)."""
     token_ids: list[int] = dataclasses.field(default_factory=list)
+    """The response so far."""
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    """Each token's behaviour log-prob: the engine's sampling log-prob in the segment that sampled it."""
     versions: list[int] = dataclasses.field(default_factory=list)
     """The weight version that sampled each token of `token_ids`."""
     segments: int = 0
+    """Segments generated so far (the next one's seed: `segment_seed(seed, segments)`)."""
     finish_reason: str | None = None
     """None while unfinished; 'stop' or 'length' (max_new_tokens) when done."""
 
@@ -92,9 +100,12 @@ def splice(sample: Sample, segment: Completion, version: int, max_new_tokens: in
 
 @dataclasses.dataclass
 class PoolGroup:
+    """One prompt's G samples in the pool; complete when every sample is finished."""
+
     key: Hashable
     """The trainer's name for the group (it maps the answer back to its prompt)."""
     samples: list[Sample]
+    """Its G responses in progress, in sample order."""
 
     @property
     def done(self) -> bool:
