@@ -84,6 +84,8 @@ def splice(sample: Sample, segment: Completion, version: int, max_new_tokens: in
         raise ValueError("splice: the sample is already finished")
     if segment.logprobs is None:
         raise ValueError("splice: partial rollouts need the segment's sampling log-probs")
+    if not segment.token_ids and segment.finish_reason != "stop":  # it would be continued forever
+        raise ValueError(f"splice: an empty segment that did not stop ({segment.finish_reason!r})")
     tokens = sample.token_ids + list(segment.token_ids)
     if len(tokens) > max_new_tokens:
         raise ValueError(f"splice: {len(tokens)} tokens exceed max_new_tokens={max_new_tokens}")

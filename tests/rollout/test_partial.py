@@ -74,6 +74,8 @@ def test_splice_appends_tokens_log_probs_and_versions_and_finishes_at_the_budget
     assert (s2.versions, s2.logprobs, s2.finish_reason) == ([3, 3, 4, 4, 4], [-1.0, -2.0, -3.0, -4.0, -5.0], "length")
     s3 = splice(s1, Completion(prompt_index=0, token_ids=[EOS], logprobs=[0.0], text="", finish_reason="stop"), 4, 5)
     assert (s3.token_ids, s3.finish_reason) == ([0, 1, EOS], "stop")
+    with pytest.raises(ValueError, match="an empty segment that did not stop"):
+        splice(s1, Completion(prompt_index=0, token_ids=[], logprobs=[], text="", finish_reason="abort"), 4, 5)
     with pytest.raises(ValueError, match="already finished"):
         splice(s3, seg, 4, 5)
     with pytest.raises(ValueError, match="exceed max_new_tokens"):
