@@ -10,8 +10,10 @@ in progress (`PartialPool`). A request brings P new prompts and asks for P compl
     answer the P oldest complete groups; the unfinished ones wait in the pool
 
 The next request comes after the trainer's weight sync, so the carried samples continue under the
-new weights (slime's and Kimi k1.5's partial rollouts). The point is the long tail: a step no longer
-waits for its longest responses; they finish during later steps while other groups fill the batches.
+new weights (the partial rollouts of slime and Kimi k1.5; MindSpeed-RL's and Agent Lightning's
+asynchronous collection also answer a batch once enough groups complete and carry the rest). The
+point is the long tail: a step no longer waits for its longest responses; they finish during later
+steps while other groups fill the batches.
 
 Per token. Every generated token keeps the weight version that sampled it and its behaviour log-prob
 (the engine's sampling log-prob in the segment that produced it): `Completion.token_versions` and
@@ -26,12 +28,12 @@ The trainer side (train/async_loop.py `Requests`) fills the pool with a spare ba
 request, so the pool always holds a batch more than it answers: without it every request would wait
 for all of its groups, and nothing would ever be paused.
 
-Departures: the carried tokens are not re-sampled or re-scored under the new weights (slime and
-Kimi k1.5 do not either; the correction handles them). A continuation re-reads its prefix: within a
-request from vLLM's prefix cache (only a request's first generate resets it), after a weight update
-by recomputing it (the cached KV belongs to the old weights; `update_weights` drops it). A group
-counts as sampled by the version that finished it (the staleness queue's `Group.version`); its older
-tokens are reported as per-token ages (`async/token_age_*`).
+Departures: the carried tokens are not re-sampled or re-scored under the new weights (the
+off-policy correction weighs them by their own behaviour log-probs instead). A continuation re-reads
+its prefix: within a request from vLLM's prefix cache (only a request's first generate resets it),
+after a weight update by recomputing it (the cached KV belongs to the old weights; `update_weights`
+drops it). A group counts as sampled by the version that finished it (the staleness queue's
+`Group.version`); its older tokens are reported as per-token ages (`async/token_age_*`).
 """
 
 from __future__ import annotations
