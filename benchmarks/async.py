@@ -1,16 +1,19 @@
 """Colocated synchronous vs disaggregated at staleness 0, 1 and 2, side by side in one run (CPU).
 
     OMP_NUM_THREADS=1 python benchmarks/async.py --out /tmp/async_bench --steps 8 --rounds 2
+    OMP_NUM_THREADS=1 python benchmarks/async.py --out /tmp/async_ragged --steps 8 --stop-tokens 4
 
 Each setting is a real `agpo train` run of the same world size (2 processes) on the same tiny random
 Qwen2-shaped model, prompts and seeds: colocated (2 ranks, each Megatron + vLLM, DP=2, 2 replicas),
-and 1 trainer rank + 1 rollout rank (DP=1, 1 replica) at rollout.max_staleness 0, 1 and 2.
+and 1 trainer rank + 1 rollout rank (DP=1, 1 replica) at rollout.max_staleness 0, 1 and 2, and at 1
+and 2 with partial rollouts.
 
 Step time: the trainer leader's phases are sequential, so a step's wall time is the sum of its
 `time/*` row (in the async loop `time/rollout_wait` is the generation left over after the update it
-overlapped). The table gives the median over the steps after each run's first (warm-up; with
-`--rounds` the settings run in turn, so the machine's load drift spreads over them), trajectories/s and
-response tokens/s from it, and each side's busy fraction: the trainer's (log-probs + update + sync
+overlapped). The table gives the median over each run's steps but its first (warm-up) and last (in
+the async loop nothing overlaps it: no later batch is asked for); with `--rounds` the settings run in
+turn, so the machine's load drift spreads over them. Trajectories/s and response tokens/s come from
+it, and each side's busy fraction: the trainer's (log-probs + update + sync
 over the step) and the rollout side's (its generation time over the step: `time/rollout` colocated; in
 the async loop it is not measured on the trainer, so it is estimated from the staleness-0 run's).
 "train wall / CPU s": the log-prob and update phases' wall time and the trainer process's CPU time in
@@ -19,7 +22,15 @@ competes for the same cores).
 
 Lengths: sampled by the random model until EOS (p about 1/vocab per token) or `--max-new-tokens`: a
 geometric spread with a capped tail, not step.py's log-normal (which needs a stub engine; this
-benchmark needs real generation to overlap).
+benchmark needs real generation to overlap). `--stop-tokens K` declares K more token ids end-of-turn
+(the model's generation_config.json), so p is about (K + 1)/vocab: shorter responses, and a group
+(done when its longest response is) then has a long tail up to the cap: the distribution partial
+rollouts are for.
+
+Partial rollouts (`rollout.partial`, segments of `--segment-tokens`): the rollout rank holds a batch
+more than it answers and answers as soon as a batch of whole groups is complete (rollout/partial.py).
+"wait s" is `time/rollout_wait` (generation not hidden by the update); the token ages and the share of
+tokens sampled before a pause (`async/token_age_*`, `async/paused_token_frac`) say what it cost.
 
 The projection (plan/schedule.py) is fed the colocated run's own phase times (tail 0: not measured)
 and its predicted speed-ups are printed beside the measured ones.
@@ -46,10 +57,22 @@ SETTINGS = {
     "disagg s=0": ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=0"],
     "disagg s=1": ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=1"],
     "disagg s=2": ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=2"],
+    "disagg s=1 partial": [
+        "rollout.placement=disaggregated",
+        "rollout.num_ranks=1",
+        "rollout.max_staleness=1",
+        "rollout.partial=true",
+    ],
+    "disagg s=2 partial": [
+        "rollout.placement=disaggregated",
+        "rollout.num_ranks=1",
+        "rollout.max_staleness=2",
+        "rollout.partial=true",
+    ],
 }
 
 
-def make_inputs(work: Path, hidden: int, layers: int) -> Path:
+def make_inputs(work: Path, hidden: int, layers: int, stop_tokens: int) -> Path:
     from agpo_megatron.data import synthetic
     from agpo_megatron.models.tiny import save_tiny_hf_model
 
@@ -70,6 +93,11 @@ def make_inputs(work: Path, hidden: int, layers: int) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    if stop_tokens:  # more end-of-turn tokens: shorter, more ragged responses (module doc)
+        gen = work / "model" / "generation_config.json"
+        config = json.loads(gen.read_text()) if gen.exists() else {}
+        config["eos_token_id"] = [tok.eos_token_id, *range(20, 20 + stop_tokens)]
+        gen.write_text(json.dumps(config))
     synthetic.write_jsonl(synthetic.make_dataset(64, seed=0, max_difficulty=1), work / "train.jsonl")
     (work / "train.yaml").write_text(
         f"data: {{train: {{path: {work / 'train.jsonl'}, answer_format: raw, prompt_template: '{{prompt}}'}}}}\n"
@@ -81,6 +109,8 @@ def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, r
     from agpo_megatron.runtime.parallel import free_port
 
     out = work / f"{name.replace(' ', '_').replace('=', '')}_r{round_}"
+    if args.reuse and (out / "metrics.jsonl").exists():  # summarize an earlier run's metrics again
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cmd = [
         sys.executable,
         "-m",
@@ -103,6 +133,7 @@ def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, r
         "logging.progress_bar=false",
         f"logging.out_dir={out}",
         f"steps={args.steps}",
+        f"rollout.segment_tokens={args.segment_tokens}",
         *overrides,
     ]
     port = free_port()
@@ -120,7 +151,9 @@ def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, r
 
 
 def summarize(runs: list[list[dict]], group: int, gen_estimate: float | None) -> dict[str, float]:
-    warm = [r for rows in runs for r in (rows[1:] or rows)]  # each run's steps after its first
+    # Each run's steps but its first (warm-up; the async loop's prefill) and its last (the async loop
+    # has no later batch to ask for then, so nothing overlaps: it would flatter the async rows).
+    warm = [r for rows in runs for r in (rows[1:-1] or rows)]
     step = statistics.median(sum(v for k, v in r.items() if k.startswith("time/")) for r in warm)
     trajectories = statistics.median(r["sampling/prompts_sampled"] for r in warm) * group
     tokens = statistics.median(r["len/mean"] for r in warm) * trajectories
@@ -138,6 +171,12 @@ def summarize(runs: list[list[dict]], group: int, gen_estimate: float | None) ->
         # The trainer process's own CPU seconds in the same phases: wall above it is waiting for a core.
         "train_cpu_s": statistics.median(r["cpu_time/logprobs"] + r["cpu_time/update"] for r in warm),
         "sync_s": statistics.median(r["time/weight_sync"] for r in warm),
+        # Async runs: the generation the update did not hide, and how old the trained tokens were.
+        "wait_s": statistics.median(r.get("time/rollout_wait", 0.0) for r in warm),
+        "token_age_mean": statistics.fmean(r.get("async/token_age_mean", 0.0) for r in warm),
+        "token_age_max": max(r.get("async/token_age_max", 0.0) for r in warm),
+        "paused_frac": statistics.fmean(r.get("async/paused_token_frac", 0.0) for r in warm),
+        "len_mean": statistics.fmean(r["len/mean"] for r in warm),
     }
 
 
@@ -151,7 +190,10 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--stop-tokens", type=int, default=0, help="extra end-of-turn token ids (ragged lengths)")
+    p.add_argument("--segment-tokens", type=int, default=16, help="rollout.segment_tokens (partial rows)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--reuse", action="store_true", help="summarize the runs already in --out instead of running")
     p.add_argument(
         "--rounds", type=int, default=1, help="run the settings in turn this many times (ABCD ABCD): load drift spreads"
     )
@@ -159,7 +201,7 @@ def main() -> None:
     from agpo_megatron.plan.schedule import PhaseTimes, speedups
 
     args.out.mkdir(parents=True, exist_ok=True)
-    work = make_inputs(args.out, args.hidden, args.layers)
+    work = make_inputs(args.out, args.hidden, args.layers, args.stop_tokens)
     runs: dict[str, list[list[dict]]] = {name: [] for name in args.settings}
     for round_ in range(args.rounds):
         for name in args.settings:
@@ -168,19 +210,23 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     gen_s0 = None
     for name in args.settings:
-        async_run = name in ("disagg s=1", "disagg s=2")
+        async_run = name.startswith(("disagg s=1", "disagg s=2"))
         results[name] = summarize(runs[name], 4, gen_s0 if async_run else None)
         if name == "disagg s=0":
             gen_s0 = results[name]["generate_s"]
         print(name, json.dumps(results[name]), flush=True)
     base = results.get("colocated")
-    print("\n| setting | step s | traj/s | tokens/s | vs colocated | trainer busy | rollout busy | train wall / CPU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| setting | step s | traj/s | tokens/s | vs colocated | trainer busy | rollout busy | train wall / CPU "
+        "| wait s | token age mean / max | paused tokens |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
         print(
             f"| {name} | {r['step_s']:.2f} | {r['traj_per_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} "
-            f"| {r['trainer_busy']:.0%} | {r['rollout_busy']:.0%} | {r['train_s']:.2f} / {r['train_cpu_s']:.2f} |"
+            f"| {r['trainer_busy']:.0%} | {r['rollout_busy']:.0%} | {r['train_s']:.2f} / {r['train_cpu_s']:.2f} "
+            f"| {r['wait_s']:.2f} | {r['token_age_mean']:.2f} / {r['token_age_max']:.0f} | {r['paused_frac']:.0%} |"
         )
     if base:
         t = PhaseTimes(

@@ -12,6 +12,13 @@ generation takes most of the step (issue 21 quotes verl and NeMo-RL runs in whic
 third of it waiting on the longest responses. Replace them with a run's own `time/*` rows
 (`time/rollout`, `time/reward`, `time/logprobs` + `time/update`, `time/weight_sync`) before reading
 anything into the result. How the model compares with a measurement on CPU: docs/benchmarks.md.
+
+Partial rollouts (rollout.partial, the last column), to first order: the rollout side answers a batch
+once its fastest groups complete and keeps generating the rest with the next batch, so the time spent
+waiting on the longest responses alone (`--tail`) leaves the step, while their tokens still cost
+throughput (counted in the other part). Modelled as staleness 1 with generation's tail share removed:
+gen(R) = gen_c x (1 - tail) x N / R. It ignores the re-read
+prefixes (one prefill per segment) and the spare batch's memory.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dataclasses  # noqa: E402
 
 from agpo_megatron.plan.schedule import PhaseTimes, colocated_step, disaggregated_step  # noqa: E402
 
@@ -47,13 +56,17 @@ def main() -> None:
     )
     base = colocated_step(t)
     print(f"colocated synchronous: {base:.1f} s/step (phase times: {t})")
-    print("\n| rollout + trainer devices | staleness 0 | staleness 1 | staleness 2 |")
-    print("|---|---|---|---|")
+    # Partial rollouts: the throughput-bound part of generation stays, the tail leaves the critical path.
+    untailed = dataclasses.replace(t, generate=t.generate * (1 - t.tail), tail=0.0)
+    print("\n| rollout + trainer devices | staleness 0 | staleness 1 | staleness 2 | staleness 1 + partial |")
+    print("|---|---|---|---|---|")
     for r in range(1, args.devices):
         cells = [
             f"{base / disaggregated_step(t, rollout_devices=r, staleness=s, sync=args.split_sync):.2f}x"
             for s in (0, 1, 2)
         ]
+        partial = disaggregated_step(untailed, rollout_devices=r, staleness=1, sync=args.split_sync)
+        cells.append(f"{base / partial:.2f}x")
         print(f"| {r} + {args.devices - r} | " + " | ".join(cells) + " |")
 
 

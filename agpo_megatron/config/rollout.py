@@ -58,8 +58,13 @@ class RolloutConfig:
     one request is in flight at a time, so k > 1 deepens the queue, not the overlap). Above 0 needs
     placement=disaggregated."""
     partial: bool = False
-    """Partial rollouts (pause unfinished sequences at a weight update, continue under the new weights).
-    Not implemented yet: true is refused."""
+    """Partial rollouts (rollout/partial.py): the rollout ranks generate in segments of `segment_tokens`
+    and answer as soon as a batch of whole groups is complete; unfinished groups wait on the rollout
+    ranks and continue under the next weights. Every token keeps the version that sampled it and its
+    own behaviour log-prob. Needs placement=disaggregated and max_staleness >= 1."""
+    segment_tokens: int = 128
+    """With `partial`: tokens per generation segment, at most (between segments the engine checks
+    whether a batch is complete; smaller cuts the tail finer and re-reads the prefix more often)."""
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1, f"rollout.tp must be >= 1, got {self.tp}")
@@ -89,14 +94,26 @@ class RolloutConfig:
                 f"rollout.max_staleness={self.max_staleness} needs rollout.placement=disaggregated: colocated vLLM and "
                 "Megatron take turns on the same devices, so nothing overlaps",
             )
-            _require(not self.partial, "rollout.partial needs rollout.placement=disaggregated")
+            _require(
+                not self.partial,
+                "rollout.partial needs rollout.placement=disaggregated: colocated generation ends before every update, "
+                "so no weights arrive while a sequence is unfinished",
+            )
             return
         _require(
             self.num_ranks >= 1 and self.num_ranks % self.tp == 0,
             f"rollout.num_ranks ({self.num_ranks}) must be >= 1 and a multiple of rollout.tp ({self.tp}) "
             "with rollout.placement=disaggregated",
         )
-        _require(not self.partial, "rollout.partial: partial rollouts are not implemented yet (set it false)")
+        _require(
+            not self.partial or self.max_staleness >= 1,
+            "rollout.partial needs rollout.max_staleness >= 1: at 0 every batch is sampled by the weights that "
+            "train it, so no sequence may continue under other weights",
+        )
+        _require(
+            isinstance(self.segment_tokens, int) and self.segment_tokens >= 1,
+            f"rollout.segment_tokens must be an integer >= 1, got {self.segment_tokens!r}",
+        )
 
     def trainer_ranks(self, world_size: int) -> int:
         """Ranks that run Megatron in a world of `world_size`."""

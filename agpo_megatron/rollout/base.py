@@ -64,7 +64,11 @@ class Completion:
     finish_reason: str
     """'stop' (EOS or a stop token) or 'length' (hit max_new_tokens)."""
     weight_version: int | None = None
-    """The trainer step the sampling weights come from (None where the engine does not track it)."""
+    """The trainer step the sampling weights come from (None where the engine does not track it); with
+    partial rollouts, the newest of `token_versions` (the weights that finished the response)."""
+    token_versions: list[int] | None = None
+    """The weight version that sampled each token (partial rollouts, rollout/partial.py; None where one
+    version sampled the whole response)."""
     routed_experts: torch.Tensor | None = None  # [n, L, K]
     """MoE, when asked for (algo.routing_replay=r3): the experts each of the n tokens of prompt +
     completion that the engine ran through the model was routed to, per MoE layer (top-K); None

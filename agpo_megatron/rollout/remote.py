@@ -7,6 +7,9 @@ rollout ranks, where `serve` runs a real engine (vLLM) and answers:
     trainer leader (link rank 0)              rollout ranks (link ranks 1..R)
     ("generate", prompts, n, sampling)  ->    engine.generate (their own replicas, same seeds)
                                         <-    completions, from link rank 1, tagged with the weight version
+    ("partial", keys, prompts, n,       ->    PartialPool: add the groups, run segments until `want`
+     sampling, want, segment_tokens)          groups are complete (rollout/partial.py)
+                                        <-    (key, completions) of the complete groups, pool counts
     ("weights", version)                ->
     bucket header, bucket bytes ...     ->    engine.update_weights(lazy stream of the buckets)
     ("stop",)                           ->    serve returns
@@ -18,6 +21,9 @@ leader talks to the link; the others run the weight stream's gathers (the iterat
 Requests and their answers are split (`submit` / `collect`) so that a request can be answered while
 the trainer computes (train/async_loop.py). The link carries one conversation at a time: between a
 `submit` and its `collect` the trainer leader may not send anything else.
+
+Partial rollouts (`submit_partial`): the rollout ranks keep the unfinished groups between requests,
+so the weights that arrive between two requests sample the rest of them (rollout/partial.py).
 
 Seeds. A request carries the same `SamplingConfig` (seed included) a colocated engine would get, and
 every prompt's seed depends only on it and the prompt's global index (rollout/replicas.py), so the
@@ -38,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from agpo_megatron.rollout.base import Completion, RolloutEngine, SamplingConfig
+from agpo_megatron.rollout.partial import PartialPool, engine_generate
 from agpo_megatron.runtime.placement import Link, LinkError
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -77,8 +84,27 @@ class RemoteRollout:
             self.link.broadcast_object(("generate", prompts, n, sampling), LEADER)
         self._pending = True
 
-    def collect(self) -> list[list[Completion]]:
-        """The completions of the submitted request, on every trainer rank (blocks until they are done)."""
+    def submit_partial(
+        self,
+        keys: list[Any],
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        want: int,
+        segment_tokens: int,
+    ) -> None:
+        """Add groups to the rollout side's pool of partial rollouts and ask for `want` complete groups
+        (rollout/partial.py); `collect` answers `([(key, completions)], counts)`."""
+        if self._pending:
+            raise RuntimeError("RemoteRollout.submit_partial while a request is unanswered: collect() it first")
+        if self.link is not None:
+            self.link.broadcast_object(("partial", keys, prompts, n, sampling, want, segment_tokens), LEADER)
+        self._pending = True
+
+    def collect(self) -> Any:
+        """The answer to the submitted request, on every trainer rank (blocks until it is done): the
+        completions of `submit`, or `submit_partial`'s complete groups and counts."""
         if not self._pending:
             raise RuntimeError("RemoteRollout.collect without a submitted request")
         self._pending = False
@@ -173,6 +199,7 @@ def serve(engine: RolloutEngine, link: Link, *, step_timeout_s: float = 0, on_re
     the link. `on_request(kind)` is called before each request.
     """
     served = 0
+    pool = PartialPool()
     while True:
         request: Any = link.broadcast_object(None, LEADER)
         kind = request[0]
@@ -188,6 +215,13 @@ def serve(engine: RolloutEngine, link: Link, *, step_timeout_s: float = 0, on_re
                 for c in group:
                     c.weight_version = version
             link.broadcast_object(out if link.rank == ANSWERS else None, ANSWERS)
+        elif kind == "partial":
+            _, keys, prompts, n, sampling, want, segment_tokens = request
+            pool.add(keys, prompts, n, sampling.seed)
+            version = int(getattr(engine, "weights_version", 0))
+            detokenize = getattr(engine, "detokenize", None)
+            answer = pool.run(engine_generate(engine), want, sampling, segment_tokens, version, detokenize)
+            link.broadcast_object(answer if link.rank == ANSWERS else None, ANSWERS)
         elif kind == "weights":
             stream = _recv_weights(link)
             engine.update_weights(stream)

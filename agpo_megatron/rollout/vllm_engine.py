@@ -210,7 +210,7 @@ class VLLMEngine:
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def _sampling_params(self, sampling: SamplingConfig, n: int, prompt_index: int):
+    def _sampling_params(self, sampling: SamplingConfig, n: int, prompt_index: int, seed: int | None = None):
         from vllm import SamplingParams
 
         want_logprobs = sampling.logprobs or self.logprob_mode == "rollout"
@@ -220,19 +220,32 @@ class VLLMEngine:
             top_p=sampling.top_p,
             top_k=0 if sampling.top_k == -1 else sampling.top_k,  # vLLM spells "off" as 0
             max_tokens=sampling.max_new_tokens,
-            seed=request_seed(sampling.seed, prompt_index, n),
+            seed=request_seed(sampling.seed, prompt_index, n) if seed is None else seed,
             stop_token_ids=list(sampling.stop_token_ids),
             # 0 = no top-k alternatives, just the sampled token's log-prob at every step.
             logprobs=0 if want_logprobs else None,
         )
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        seeds: list[int] | None = None,
+        fresh_cache: bool = True,
+    ) -> list[list[Completion]]:
         """`n` completions per prompt, for the global `prompts` (identical on every rank).
 
-        Returns the global result on every rank: result[i][j] is sample j of prompts[i].
+        Returns the global result on every rank: result[i][j] is sample j of prompts[i]. `seeds`: one
+        request seed per prompt instead of `request_seed`'s (partial rollouts seed each sample's segment,
+        rollout/partial.py). `fresh_cache=False` keeps what the previous call left in the prefix cache
+        (a partial rollout's next segment re-reads its prefix from it instead of recomputing it).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: one per prompt, got {len(seeds)} for {len(prompts)} prompts")
         if self._asleep or self._weights_lost:
             raise RuntimeError(
                 f"VLLMEngine.generate while {sorted(self._asleep) or 'weights discarded'}: call "
@@ -242,18 +255,23 @@ class VLLMEngine:
         # NOTE: each call starts from an empty prefix cache, so that its samples never depend on
         # what earlier calls (an evaluation, the previous step) left cached: a resumed run then
         # samples exactly what the uninterrupted one did.
-        self.llm.reset_prefix_cache()
+        if fresh_cache:
+            self.llm.reset_prefix_cache()
         local: list[list[Completion]] = []
         if len(mine):
             outputs = self.llm.generate(
                 [{"prompt_token_ids": list(prompts[i])} for i in mine],
-                [self._sampling_params(sampling, n, i) for i in mine],
+                [self._sampling_params(sampling, n, i, None if seeds is None else seeds[i]) for i in mine],
                 use_tqdm=False,
             )
             for i, out in zip(mine, outputs, strict=True):
                 samples = sorted(out.outputs, key=lambda o: o.index)
                 local.append([_completion(i, o, self.weights_version) for o in samples])
         return gather_completions(local, self.layout)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """A response's text as `generate` would give it (partial rollouts splice tokens, then decode once)."""
+        return self.llm.get_tokenizer().decode(token_ids, skip_special_tokens=True)
 
     # ---- weights and memory -------------------------------------------------------------------
 

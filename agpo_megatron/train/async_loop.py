@@ -24,16 +24,32 @@ The loss sees stale groups through the old log-probs: with `rollout.logprob_mode
 are the proximal policy's (the trainer's weights before this update); `algo.loss.rollout_correction`
 (tis / mis) weighs them by proximal over behaviour (the engine's sampling log-probs), algo/correction.py.
 
+Partial rollouts (`rollout.partial`, rollout/partial.py). A request then adds its P prompts to the
+rollout ranks' pool of groups in progress and is answered with the first P groups to complete (the
+first request adds a spare batch, 2P prompts, so the pool always holds P groups more than it
+answers). The rollout ranks generate in segments of `rollout.segment_tokens`; the unfinished groups
+wait in the pool and continue in the next request, after the weight sync, under the new weights. A
+step therefore waits for the P fastest of 2P groups, not for the longest response. Every token keeps
+its version and behaviour log-prob (`Completion.token_versions`, `logprobs`), which the correction
+uses per token; `async/token_age_mean` / `token_age_max` and `paused_token_frac` (tokens sampled
+before a pause) report them, `async/segments`, `carried_groups` (unfinished in the pool) and
+`ready_groups` (complete, answered next time) the pool. A group counts as sampled by the weights
+that finished it. One that completed in the same segment as a full batch waits a request on the
+rollout ranks, so with partial rollouts the queue keeps groups up to S + 1 versions old; the paused
+tokens are older still (up to S + 1 + the requests the group was carried over). The prompts the pool
+holds at the end (or at a save) are not trained.
+
 Departures and limits (issue 21):
 - The link carries one conversation at a time (rollout/remote.py), so one request is in flight per
   step; S > 1 deepens the queue (the prefill) but overlaps no more than S = 1. A continuously
-  generating rollout side (fully asynchronous, partial rollouts) is not built.
-- With this schedule no group ever gets older than S, so nothing is dropped in practice; the
-  queue's drop rule is what guarantees it (tests/train/test_async_loop.py).
+  generating rollout side (fully asynchronous) is not built: the pool only moves while a request is
+  open, and weights arrive between requests, never inside one.
+- With this schedule no group ever gets older than S (S + 1 partial), so nothing is dropped in
+  practice; the queue's drop rule is what guarantees it (tests/train/test_async_loop.py).
 - DAPO's dynamic sampling is refused with S > 0 (one round per step here).
-- Resume with S > 0: groups queued at the save are not saved, and their prompts are not drawn again
-  (the saved sampler is past them); the resumed run fills its queue from the saved weights (version:
-  the saved step): tests/train/test_disaggregated.py.
+- Resume with S > 0: groups queued at the save (and the partial pool) are not saved, and their
+  prompts are not drawn again (the saved sampler is past them); the resumed run fills its queue from
+  the saved weights (version: the saved step): tests/train/test_disaggregated.py.
 """
 
 from __future__ import annotations
@@ -117,9 +133,30 @@ class StalenessQueue:
             "age_max": float(max(ages, default=0)),
             "queued_groups": float(len(self.groups)),
             "weights_version": float(version),
+            **token_ages(out, version),
         }
         self.dropped = 0
         return out, metrics
+
+
+def token_ages(groups: list[Group], version: int) -> dict[str, float]:
+    """Per-token ages for a trainer at `version`: `token_age_mean` / `token_age_max` (versions between
+    sampling a token and training on it) and `paused_token_frac`, the share of response tokens sampled
+    by older weights than the ones that finished their response (partial rollouts: the tokens before
+    a pause). A response without `token_versions` was sampled by its group's version alone."""
+    ages: list[int] = []
+    paused = 0
+    for g in groups:
+        for c in g.completions:
+            vs = c.token_versions if c.token_versions is not None else [g.version] * len(c.token_ids)
+            ages += [version - v for v in vs]
+            paused += sum(v < max(vs) for v in vs)
+    n = max(len(ages), 1)
+    return {
+        "token_age_mean": sum(ages) / n,
+        "token_age_max": float(max(ages, default=0)),
+        "paused_token_frac": paused / n,
+    }
 
 
 class _Sampled:
@@ -143,27 +180,54 @@ class Requests:
         self.s, self.remote, self.sampler, self.queue = session, session.rollout, sampler, queue
         self.next_step, self.last_step = first, first + total - 1
         self.in_flight: list[Example] | None = None
+        self.partial = session.cfg.rollout.partial
+        self.unanswered: dict[int, Example] = {}
+        """Partial rollouts: the prompts the rollout ranks hold, by key (the order they were drawn in)."""
+        self.pool_metrics: dict[str, float] = {}
+        """The last partial answer's counts (`segments`, `carried_groups`; rollout/partial.py)."""
+        self._keys = 0
 
     def submit(self) -> bool:
         """Ask for the next batch (False: every step's batch was asked for already)."""
         if self.next_step > self.last_step:
             return False
         batch = next(self.sampler)
-        G = self.s.cfg.algo.group_size
-        self.remote.submit([ex.prompt_ids for ex in batch], G, self.s.train_sampling(self.next_step))
+        cfg, sampling = self.s.cfg, self.s.train_sampling(self.next_step)
+        G = cfg.algo.group_size
+        if self.partial:  # P new groups into the rollout ranks' pool; the answer: P complete groups
+            want = len(batch)
+            if self._keys == 0:  # the first request fills the pool with one batch to spare (module doc)
+                batch = batch + next(self.sampler)
+            keys = list(range(self._keys, self._keys + len(batch)))
+            self._keys += len(batch)
+            self.unanswered.update(zip(keys, batch, strict=True))
+            prompts = [ex.prompt_ids for ex in batch]
+            self.remote.submit_partial(keys, prompts, G, sampling, want=want, segment_tokens=cfg.rollout.segment_tokens)
+        else:
+            self.remote.submit([ex.prompt_ids for ex in batch], G, sampling)
         self.in_flight, self.next_step = batch, self.next_step + 1
         return True
 
     def collect(self) -> None:
         """The submitted batch's groups into the queue (blocks until the rollout ranks are done)."""
         if self.in_flight is None:
+            self.pool_metrics = {}
             return
-        out = self.remote.collect()
+        out, batch = self.remote.collect(), self.in_flight
+        self.in_flight, self.pool_metrics = None, {}
+        if self.partial:
+            answer, self.pool_metrics = out
+            groups = []
+            for key, completions in answer:
+                # A group counts as sampled by the weights that finished it; its older tokens carry their own.
+                version = max(int(c.weight_version or 0) for c in completions)
+                groups.append(Group(self.unanswered.pop(key), completions, version))
+            self.queue.push(groups)
+            return
         versions = {c.weight_version for group in out for c in group}
         assert len(versions) == 1 and None not in versions, f"one request, one weight version: got {versions}"
         version = int(versions.pop() or 0)
-        self.queue.push([Group(ex, group, version) for ex, group in zip(self.in_flight, out, strict=True)])
-        self.in_flight = None
+        self.queue.push([Group(ex, group, version) for ex, group in zip(batch, out, strict=True)])
 
 
 def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
@@ -199,7 +263,9 @@ def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
     )
     timer = PhaseTimer()
     results: dict[str, Any] = {"eval_before": s.evaluate(step=0)} if first == 1 else {"resumed_at_step": first - 1}
-    queue = StalenessQueue(S, capacity=(S + 1) * P)
+    # Partial rollouts: a group that completed in the same segment as a full batch waits one request
+    # on the rollout ranks, so it may be one version older than the others (module doc).
+    queue = StalenessQueue(S + int(cfg.rollout.partial), capacity=(S + 1 + int(cfg.rollout.partial)) * P)
     requests = Requests(s, sampler, queue, first, cfg.steps - first + 1)
     with timer("rollout"):  # the prefill: S batches at the starting weights
         for _ in range(S):
@@ -248,6 +314,7 @@ def train_async(session: Session, actor: Actor | None = None) -> dict[str, Any]:
             train_m = ppo.update(actor, minis, loss_cfg, temperature=T, kl_coef=kl_coef, eps=eps, **ppo_kw)
         with timer("rollout_wait"):  # what the generation took beyond the training it overlapped
             requests.collect()
+        async_m.update(requests.pool_metrics)
         with timer("weight_sync"):
             colo.to_rollout(version=step)
         row = step_row(

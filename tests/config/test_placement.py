@@ -27,6 +27,12 @@ def test_defaults_are_colocated_and_synchronous(yaml_file):
     assert r.trainer_ranks(4) == 4
 
 
+def test_partial_rollouts_are_accepted_off_policy(yaml_file):
+    split = ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=1"]
+    r = load_train_config(yaml_file, [*split, "rollout.partial=true", "rollout.segment_tokens=8"]).rollout
+    assert (r.partial, r.segment_tokens) == (True, 8)
+
+
 def test_disaggregated_splits_the_world(yaml_file):
     cfg = load_train_config(
         yaml_file, ["rollout.placement=disaggregated", "rollout.num_ranks=2", "rollout.max_staleness=2"]
@@ -60,7 +66,17 @@ def test_disaggregated_splits_the_world(yaml_file):
         ),
         (
             ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.partial=true"],
-            "rollout.partial: partial rollouts are not implemented yet",
+            "rollout.partial needs rollout.max_staleness >= 1",
+        ),
+        (
+            [
+                "rollout.placement=disaggregated",
+                "rollout.num_ranks=1",
+                "rollout.max_staleness=1",
+                "rollout.partial=true",
+                "rollout.segment_tokens=0",
+            ],
+            "rollout.segment_tokens must be an integer >= 1",
         ),
         (
             [

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from agpo_megatron.rollout.remote import RemoteRollout
+from agpo_megatron.rollout.replicas import request_seed
 from agpo_megatron.runtime.parallel import torchrun_cmd
 from agpo_megatron.runtime.placement import side_of
 from tests.dist import WORKERS, torchrun
@@ -61,7 +62,12 @@ def test_weights_arrive_bit_exact_with_their_version_and_completions_carry_it(tm
     assert list(loads[0]) == ["a.weight", "b.weight", "c.bias", "d.weight"]
     # A weight sync while a request is unanswered would interleave on the link: refused.
     assert "while a request is unanswered" in r[0]["refused"]
-    assert r[2]["served"] == 4  # weights, generate, weights, generate (then stop)
+    # A partial request: prompt [7] ends in its first segment and is answered, at version 1; prompt [8]
+    # stays unfinished in the rollout rank's pool.
+    seed = request_seed(5, 0, 1)
+    partial = [[["k0", [[[seed % 97], [1], [-0.5]]]]], {"segments": 1.0, "carried_groups": 1.0, "ready_groups": 0.0}]
+    assert r[0]["partial"] == r[1]["partial"] == partial
+    assert r[2]["served"] == 5  # weights, generate, weights, generate, partial (then stop)
 
 
 @pytest.mark.slow

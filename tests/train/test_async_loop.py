@@ -30,6 +30,10 @@ def test_groups_older_than_the_staleness_are_dropped_and_ages_reported():
         "age_max": 2.0,
         "queued_groups": 1.0,
         "weights_version": 3.0,
+        # whole responses: each token as old as its group (6 tokens at age 2, 6 at 0), none paused
+        "token_age_mean": 1.0,
+        "token_age_max": 2.0,
+        "paused_token_frac": 0.0,
     }
     # The counts are per pop: the next step starts from zero.
     got, m = q.pop(5, version=3)

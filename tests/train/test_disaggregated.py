@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -197,3 +198,50 @@ def test_a_killed_trainer_leaves_no_orphan_rollout_rank(tiny, tmp_path):
     assert code != 0
     line = next(x for x in log.splitlines() if x.startswith("agpo train: rank 1 failed"))
     assert "LinkError: the link to world rank(s) [0] failed: a dead trainer rank" in line, log[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_partial_rollouts_end_to_end(tiny, tmp_path):
+    """rollout.partial: the rollout rank holds one batch more than it answers, generates in 2-token
+    segments and answers the first 4 complete groups; the rest continue under the next weights, and
+    their tokens reach the loss with their own versions and behaviour log-probs.
+
+    Ragged lengths: the model copy declares 40 of its 128 tokens end-of-turn (generation_config.json),
+    so a response ends after about 3 tokens and groups finish at different segments."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny / "model", model)
+    gen = model / "generation_config.json"
+    config = json.loads(gen.read_text()) if gen.exists() else {}
+    eos = config.get("eos_token_id")
+    config["eos_token_id"] = [*([] if eos is None else [eos] if isinstance(eos, int) else eos), *range(20, 60)]
+    gen.write_text(json.dumps(config))
+    rows = run_train(
+        tiny,
+        tmp_path / "partial",
+        2,
+        f"model.hf_path={model}",
+        "rollout.placement=disaggregated",
+        "rollout.num_ranks=1",
+        "rollout.max_staleness=1",
+        "rollout.partial=true",
+        "rollout.segment_tokens=2",
+        "steps=3",
+        "algo.loss.rollout_correction=tis",
+        "algo.loss.tis_cap=2",
+    )
+    info = [{k: v for k, v in r.items() if k.startswith("async/")} for r in rows]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["async/weights_version"] for r in rows] == [0, 1, 2]
+    assert [r["async/dropped_groups"] for r in rows] == [0, 0, 0]
+    # Steps 1-2 ask for the batches of steps 2-3; step 3's batch was asked for already (no request).
+    assert all(r["async/carried_groups"] + r["async/ready_groups"] == 4 for r in rows[:2]), info
+    assert "async/segments" not in rows[2]
+    # Each group was finished by weights at most 2 versions old (the queue's bound with partial rollouts:
+    # S + 1); its tokens may be older. Request 2 ran at the starting weights (the first sync follows it),
+    # so its carried groups continued under version 1 in request 3, trained at step 3 (version 2): tokens
+    # 2 versions old.
+    assert all(r["async/age_max"] <= 2 and r["async/token_age_max"] >= r["async/age_max"] for r in rows), info
+    assert rows[0]["async/paused_token_frac"] == rows[1]["async/paused_token_frac"] == 0, info
+    assert rows[2]["async/paused_token_frac"] > 0 and rows[2]["async/token_age_max"] == 2, info
+    assert all(r["train/grad_norm"] > 0 for r in rows)

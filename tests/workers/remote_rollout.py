@@ -45,7 +45,20 @@ class FakeEngine:
     def update_weights(self, stream):
         self.loads.append({name: [str(t.dtype), list(t.shape), t.float().flatten().tolist()] for name, t in stream})
 
-    def generate(self, prompts, n, sampling):
+    def generate(self, prompts, n, sampling, seeds=None, fresh_cache=True):
+        if seeds is not None:  # a partial rollout's segment: one token; prompt [7] ends, others run on
+            return [
+                [
+                    Completion(
+                        prompt_index=i,
+                        token_ids=[seeds[i] % 97],
+                        logprobs=[-0.5],
+                        text="",
+                        finish_reason="stop" if p[0] == 7 else "length",
+                    )
+                ]
+                for i, p in enumerate(prompts)
+            ]
         if mode == "dead" and getattr(self, "answered", False):
             os._exit(3)  # dies holding the trainer's next request
         if mode == "hung" and getattr(self, "answered", False):
@@ -89,6 +102,12 @@ else:
             result["refused"] = str(e)
         second = remote.collect()
         result["second"] = [[c.token_ids, c.weight_version] for g in second for c in g]
+        # Partial rollouts over the link: both trainer ranks get the complete group and the pool's counts.
+        remote.submit_partial(
+            ["k0", "k1"], [[7], [8]], 1, SamplingConfig(seed=5, max_new_tokens=3), want=1, segment_tokens=1
+        )
+        answer, counts = remote.collect()
+        result["partial"] = [[k, [[c.token_ids, c.token_versions, c.logprobs] for c in g]] for k, g in answer], counts
         remote.close()
 (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
 sys.stdout.flush()
