@@ -233,9 +233,15 @@ def test_phases_follow_sleep_and_offload():
     config = ROOT / "examples" / "agpo_qwen7b.yaml"
     base = plan_memory(load_train_config(config, shape), 8).stages[0]
     off = plan_memory(load_train_config(config, shape + ["offload.optimizer=true", "offload.grads=true"]), 8).stages[0]
-    # Offload frees the Adam state and grads during rollout only.
+    # Offload frees the Adam state and grads during rollout, and already during the weight sync:
+    # train/colocate.py moves them to host before vLLM's weights wake (the sync does not read them).
     assert base.total("rollout") - off.total("rollout") == base.state.adam + base.state.grads
-    assert all(base.total(ph) == off.total(ph) for ph in ("logprobs", "update", "sync"))
+    assert base.total("sync") - off.total("sync") == base.state.adam + base.state.grads
+    assert all(base.total(ph) == off.total(ph) for ph in ("logprobs", "update", "save"))
+    # The params leave only after the sync has read them.
+    par = plan_memory(load_train_config(config, shape + ["offload.params=true"]), 8).stages[0]
+    assert base.total("rollout") - par.total("rollout") == base.state.params + base.state.main_params
+    assert par.total("sync") == base.total("sync")
     awake = plan_memory(load_train_config(config, shape + ["rollout.enable_sleep_mode=false"]), 8)
     # Without sleep mode vLLM keeps its whole share (0.4 x 80 GiB) through training.
     assert awake.stages[0].total("update") - base.total("update") == int(0.4 * 80 * GiB)
