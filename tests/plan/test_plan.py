@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 
 from agpo_megatron.cli import main as agpo
+from agpo_megatron.config.yaml_io import ConfigError
 from agpo_megatron.models.hf_config import arch_from_hf_dict, read_arch
 from agpo_megatron.models.tiny import tiny_hf_config
 from agpo_megatron.plan.formulas import (
     GiB,
     hf_param_count,
+    kv_bytes_per_token,
     layer_activation_bytes,
+    moe_dispatch_bytes,
     stage_params,
     train_state,
     vllm_weight_bytes,
@@ -183,6 +186,89 @@ def test_activation_formula_by_hand():
     # The local spec's unfused softmax keeps a x s^2 x b probabilities in 2 bytes (Korthikanti's 5as^2b, no dropout).
     local = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=False, spec="local", seq_len=32)
     assert local[0] - got[0] == 2 * 4 * 32 * T // 2
+
+
+def test_moe_activation_and_dispatcher_formulas_by_hand():
+    """The routed experts' activations replace the dense MLP's (issue 23): hidden 64, 4 heads x 16,
+    2 KV heads, 6 experts of width 40, top-2; T = 64 tokens, TP 2 with SP (Megatron's MoE needs SP
+    at TP > 1), so each rank routes T' = 32 tokens."""
+    arch = arch_from_hf_dict(
+        tiny_hf_config(
+            "qwen3_moe", hidden_size=64, num_heads=4, num_kv_heads=2, num_experts=6, moe_intermediate_size=40
+        ).to_dict()
+    )
+    T, h = 64, 64
+    replicated = 4 * 2 * T * h // 2  # norm inputs, QKV input, router input: SP-sharded
+    attention = (2 * T * (64 + 2 * 32) + 2 * T * 64 + 4 * T * 4) // 2  # Q, K, V; proj input; lse
+    router = 6 * 32 * 6  # bf16 logits + fp32 softmax over the 6 experts, per routed token
+    # etp 1: the experts receive 32 x 2 = 64 rows: fc1 input, fc1 output (2 x 40), fc2 input (40), fp32 probs.
+    experts = 2 * 64 * 64 + 2 * 64 * 80 + 2 * 64 * 40 + 4 * 64
+    got = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=True, spec="te", seq_len=32)
+    assert got == (replicated + attention + router + experts, 2 * T * h // 2) == (54144, 4096)
+    # etp 2: each expert half as wide, twice the rows (the ETP peers' tokens are gathered).
+    experts2 = 2 * 128 * 64 + 2 * 128 * 40 + 2 * 128 * 20 + 4 * 128
+    got2 = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=True, spec="te", seq_len=32, etp=2)
+    assert got2[0] == replicated + attention + router + experts2 == 62592
+    # Dispatcher: the send buffer [T'k, h] and the receive buffer [T'k etp, h] in bf16.
+    assert moe_dispatch_bytes(arch, tokens=T, tp=2, sequence_parallel=True) == 2 * h * (64 + 64) == 16384
+    assert moe_dispatch_bytes(arch, tokens=T, tp=2, sequence_parallel=True, etp=2) == 2 * h * (64 + 128)
+    dense = arch_from_hf_dict(tiny_hf_config("qwen3", hidden_size=64, num_heads=4, num_kv_heads=2).to_dict())
+    assert moe_dispatch_bytes(dense, tokens=T, tp=2, sequence_parallel=True) == 0
+
+
+def test_moe_plan_counts_experts_not_the_dense_stand_in():
+    """Qwen3-30B-A3B at TP=4 (SP) x EP=8: the per-layer activations are the routed experts' (top-8 x
+    768 wide), the dispatcher's buffers are in every Megatron-forward phase, once."""
+    arch = read_arch(SHAPES / "qwen3-30b-a3b")
+    over = [f"model.hf_path={SHAPES / 'qwen3-30b-a3b'}", "parallel.tp=4", "parallel.sequence_parallel=true"]
+    cfg = load_train_config(ROOT / "examples" / "gspo_qwen7b.yaml", over + ["parallel.ep=8", "batch.packing=false"])
+    plan = plan_memory(cfg, 8)
+    act = plan.stages[0].activations
+    T = 16384  # batch.max_tokens_per_micro_batch
+    t_in, rows = T // 4, T // 4 * 8
+    assert act.dispatch == 2 * 2048 * (rows + rows)
+    per_layer, _ = layer_activation_bytes(arch, tokens=T, tp=4, sequence_parallel=True, spec="te", seq_len=4096)
+    experts = 2 * rows * 2048 + 2 * rows * 2 * 768 + 2 * rows * 768 + 4 * rows
+    assert per_layer == (4 * 2 * T * 2048) // 4 + (2 * T * (4096 + 2 * 512) + 2 * T * 4096 + 4 * T * 32) // 4 + (
+        6 * t_in * 128 + experts
+    )
+    assert act.forward_only == per_layer + act.dispatch + 2 * T * 2048 // 4 + 2 * T * 2048  # + the LM head's input
+    assert act.full_recompute == 48 * 2 * T * 2048 // 4 + act.forward_only
+
+
+def test_moe_layout_needs_sequence_parallel_at_tp_and_vllm_tp_may_replicate_kv_heads():
+    shape = f"model.hf_path={SHAPES / 'qwen3-30b-a3b'}"
+    config = ROOT / "examples" / "gspo_qwen7b.yaml"
+    with pytest.raises(ConfigError, match="parallel.tp=2 with an MoE model needs parallel.sequence_parallel=true"):
+        load_train_config(config, [shape, "batch.packing=false"])
+    # 4 KV heads: vLLM TP=8 replicates each over 2 ranks; TP=3 neither divides nor is a multiple.
+    ok = load_train_config(config, [shape, "parallel.sequence_parallel=true", "rollout.tp=8"])
+    assert ok.rollout.tp == 8
+    with pytest.raises(ConfigError, match="rollout.tp=3 must divide the heads"):
+        load_train_config(config, [shape, "parallel.sequence_parallel=true", "rollout.tp=3"])
+
+
+def test_vllm_moe_weights_by_hand():
+    """vLLM's Qwen3-30B-A3B shard: experts split over its TP (or whole experts over its EP: the
+    same bytes), router and norms replicated, one K and one V head per rank past 4 KV heads."""
+    arch = read_arch(SHAPES / "qwen3-30b-a3b")
+    h, v = 2048, 151936
+    layer_tp8 = (
+        32 * 128 * h // 8  # q_proj
+        + 2 * 1 * 128 * h  # k_proj, v_proj: 4 KV heads replicated over 8 ranks
+        + h * 32 * 128 // 8  # o_proj
+        + 2 * 128  # q/k norms
+        + 2 * h  # layer norms
+        + 128 * h  # router (replicated)
+        + 128 * 3 * 768 * h // 8  # experts
+    )
+    assert layer_tp8 == 78_385_408
+    assert vllm_weight_bytes(arch, 8) == 2 * (2 * v * h // 8 + h + 48 * layer_tp8) == 7_680_585_728
+    attention_tp2 = 32 * 128 * h // 2 + 2 * 2 * 128 * h + h * 32 * 128 // 2 + 2 * 128 + 2 * h  # 2 KV heads a rank
+    layer_tp2 = attention_tp2 + 128 * h + 128 * 3 * 768 * h // 2
+    assert vllm_weight_bytes(arch, 2) == 2 * (2 * v * h // 2 + h + 48 * layer_tp2)
+    assert kv_bytes_per_token(arch, 8) == kv_bytes_per_token(arch, 4) == 2 * 2 * 48 * 1 * 128
+    assert kv_bytes_per_token(arch, 2) == 2 * 2 * 48 * 2 * 128
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
