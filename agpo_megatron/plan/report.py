@@ -102,7 +102,13 @@ def render(plan: MemoryPlan) -> str:
     lines = [
         f"model: {arch.model_type}, {hf_param_count(arch) / 1e9:.2f}B params, {arch.num_layers} layers, hidden "
         f"{arch.hidden_size}, vocab {arch.vocab_size}{', tied' if arch.tie_word_embeddings else ''}",
-        f"layout: world {plan.world_size} = tp {p.tp} x pp {p.pp} x dp {plan.dp}; rollout.tp {r.tp}; "
+        f"layout: world {plan.world_size} = tp {p.tp} x pp {p.pp} x dp {plan.dp}"
+        + (
+            f" (experts: ep {p.ep} x etp {p.etp} x expert-dp {plan.world_size // (p.ep * p.etp * p.pp)} x pp {p.pp})"
+            if arch.is_moe
+            else ""
+        )
+        + f"; rollout.tp {r.tp}; "
         f"{cfg.model.params_dtype}{', fp8 ' + cfg.model.fp8 if cfg.model.fp8 else ''}; "
         f"distributed optimizer {'on' if p.use_distributed_optimizer else 'off'}; "
         f"sequence parallel {'on' if p.sequence_parallel else 'off'}",
