@@ -38,6 +38,7 @@ PRESETS = {
     "agpo_qwen32b.yaml": ("qwen2.5-32b", [16, 32]),
     "agpo_qwen72b.yaml": ("qwen2.5-72b", [32, 64]),
     "agpo_qwen3_30b_a3b.yaml": ("qwen3-30b-a3b", [8]),
+    "agpo_qwen3_235b_a22b.yaml": ("qwen3-235b-a22b", [64, 128]),
     "agrpo_qwen0.5b_gsm8k.yaml": ("qwen2.5-0.5b", [2]),
     "agrpo_qwen1.5b_gsm8k.yaml": ("qwen2.5-1.5b", [2]),
 }
