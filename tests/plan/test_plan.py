@@ -138,14 +138,19 @@ def test_meta_device_qwen3_30b_a3b_expert_shards_match_planned_params(tmp_path):
     and the planner's counts by hand."""
     shape = SHAPES / "qwen3-30b-a3b"
     out = tmp_path / "meta.json"
-    torchrun("plan_meta.py", out, f"{shape}:2:2:4", nproc=1, timeout=240)
+    # Also ETP=2 at TP=2 x PP=4 x EP=8 (12 layers of 16 experts a stage: each expert half as wide).
+    torchrun("plan_meta.py", out, f"{shape}:2:2:4", f"{shape}:2:4:8:2", nproc=1, timeout=240)
     built = json.loads(out.read_text())
-    assert len(built) == 2
+    assert len(built) == 4
     arch = read_arch(shape)
     for key, params in built.items():
-        pp_rank = int(key.rsplit(":", 1)[1])
-        planned = stage_params(arch, tp=2, pp=2, pp_rank=pp_rank, spec="local", ep=4)
+        *sizes, pp_rank = map(int, key.split(":")[1:])  # TP:PP:EP[:ETP]:PP_RANK
+        tp, pp, ep, etp = [*sizes, 1][:4]
+        planned = stage_params(arch, tp=tp, pp=pp, pp_rank=pp_rank, spec="local", ep=ep, etp=etp)
         assert _planned(planned) == params, key
+    etp_shapes = {n: s for n, s, _ in built[f"{shape}:2:4:8:2:0"]}
+    assert etp_shapes["decoder.layers.0.mlp.experts.local_experts.15.linear_fc1.weight"] == [768, 2048]  # 2 x 768 / 2
+    assert "decoder.layers.0.mlp.experts.local_experts.16.linear_fc1.weight" not in etp_shapes
     experts = [n for n, _, _ in built[f"{shape}:2:2:4:0"] if n.startswith("decoder.layers.0.mlp.experts.")]
     assert len(experts) == 2 * 32  # fc1 + fc2 of 128 / 4 experts
     # 48 layers x (attention 18,874,368 + q/k norms 256 + norms 4,096 + router 262,144 + 128 experts
