@@ -278,6 +278,19 @@ def test_vllm_moe_weights_by_hand():
     assert kv_bytes_per_token(arch, 2) == 2 * 2 * 48 * 2 * 128
 
 
+def test_sync_advice_offers_vllm_tp_past_the_kv_heads(capsys):
+    """Qwen3-235B-A22B at vLLM TP=8 (55 GiB of weights a rank) does not fit its sync on 8 nodes; TP=16
+    (past the 4 KV heads, which vLLM replicates) is the advice, with what it frees."""
+    shape = f"model.hf_path={SHAPES / 'qwen3-235b-a22b'}"
+    config = str(ROOT / "examples" / "agpo_qwen3_235b_a22b.yaml")
+    tp8 = ["rollout.tp=8", "rollout.gpu_memory_utilization=0.85"]
+    assert agpo(["plan", "--config", config, "--world-size", "64", shape, *tp8]) == 0
+    out = capsys.readouterr().out
+    arch = read_arch(SHAPES / "qwen3-235b-a22b")
+    freed = (vllm_weight_bytes(arch, 8) - vllm_weight_bytes(arch, 16)) / GiB
+    assert "DOES NOT FIT: sync on pp stage 0" in out and f"rollout.tp=16 (frees {freed:.1f} GiB)" in out, out
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_fit_80gb(preset, capsys):
     shape, worlds = PRESETS[preset]
