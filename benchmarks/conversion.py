@@ -171,8 +171,8 @@ def make_source(out: Path, layers: int, shard_bytes: int = 2 * 10**9, shape: str
     pool = torch.randn(32 * 2**20, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     shapes = source_shapes(shape, layers)
     groups, size = [[]], 0
-    for name, shape in shapes.items():
-        n = 2 * _numel(shape)
+    for name, dims in shapes.items():
+        n = 2 * _numel(dims)
         if size + n > shard_bytes and groups[-1]:
             groups.append([])
             size = 0
