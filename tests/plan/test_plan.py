@@ -112,7 +112,7 @@ def test_meta_device_gptmodel_of_qwen25_shapes_matches_planned_params(tmp_path):
     stage) built on `meta`: every name, shape and dtype, hence the bytes, equal the planner's."""
     layouts = {"qwen2.5-7b": (2, 1), "qwen2.5-32b": (8, 1), "qwen2.5-72b": (8, 4)}
     for preset, (shape, _) in PRESETS.items():  # the presets' own layouts are the ones checked
-        if preset.startswith("agpo_qwen"):
+        if preset.startswith("agpo_qwen") and not shape.startswith("qwen3-"):  # MoE: the test below
             cfg = load_train_config(ROOT / "examples" / preset, [f"model.hf_path={SHAPES / shape}"])
             assert layouts[shape] == (cfg.parallel.tp, cfg.parallel.pp), preset
     out = tmp_path / "meta.json"
@@ -135,19 +135,27 @@ def test_meta_device_gptmodel_of_qwen25_shapes_matches_planned_params(tmp_path):
 def test_meta_device_qwen3_30b_a3b_expert_shards_match_planned_params(tmp_path):
     """Qwen3-30B-A3B at TP=2 x PP=2 x EP=4 (the first and last stage of EP rank 0) built on `meta`:
     32 of the 128 experts per layer, the replicated router, every name, shape and dtype as planned;
-    and the planner's counts by hand."""
+    the same at ETP=2 and at the two MoE presets' layouts; and the planner's counts by hand."""
     shape = SHAPES / "qwen3-30b-a3b"
     out = tmp_path / "meta.json"
-    # Also ETP=2 at TP=2 x PP=4 x EP=8 (12 layers of 16 experts a stage: each expert half as wide).
-    torchrun("plan_meta.py", out, f"{shape}:2:2:4", f"{shape}:2:4:8:2", nproc=1, timeout=240)
+    # Also ETP=2 at TP=2 x PP=4 x EP=8 (12 layers of 16 experts a stage: each expert half as wide),
+    # and the MoE presets' own layouts (30B: TP=4 x EP=8; 235B: TP=4 x PP=2 x EP=32).
+    presets = {}
+    for preset, (fixture, _) in PRESETS.items():
+        if fixture.startswith("qwen3-"):
+            p = load_train_config(ROOT / "examples" / preset, [f"model.hf_path={SHAPES / fixture}"]).parallel
+            presets[preset] = f"{SHAPES / fixture}:{p.tp}:{p.pp}:{p.ep}:{p.etp}"
+    assert sorted(presets.values()) == [f"{SHAPES / 'qwen3-235b-a22b'}:4:2:32:1", f"{shape}:4:1:8:1"], presets
+    layouts = [f"{shape}:2:2:4", f"{shape}:2:4:8:2", *presets.values()]
+    torchrun("plan_meta.py", out, *layouts, nproc=1, timeout=240)
     built = json.loads(out.read_text())
-    assert len(built) == 4
-    arch = read_arch(shape)
+    assert len(built) == 2 + 2 + 1 + 2
     for key, params in built.items():
-        *sizes, pp_rank = map(int, key.split(":")[1:])  # TP:PP:EP[:ETP]:PP_RANK
-        tp, pp, ep, etp = [*sizes, 1][:4]
-        planned = stage_params(arch, tp=tp, pp=pp, pp_rank=pp_rank, spec="local", ep=ep, etp=etp)
+        hf_dir, *sizes, pp_rank = key.split(":")  # HF_DIR:TP:PP:EP[:ETP]:PP_RANK
+        tp, pp, ep, etp = [*map(int, sizes), 1][:4]
+        planned = stage_params(read_arch(hf_dir), tp=tp, pp=pp, pp_rank=int(pp_rank), spec="local", ep=ep, etp=etp)
         assert _planned(planned) == params, key
+    arch = read_arch(shape)
     etp_shapes = {n: s for n, s, _ in built[f"{shape}:2:4:8:2:0"]}
     assert etp_shapes["decoder.layers.0.mlp.experts.local_experts.15.linear_fc1.weight"] == [768, 2048]  # 2 x 768 / 2
     assert "decoder.layers.0.mlp.experts.local_experts.16.linear_fc1.weight" not in etp_shapes
