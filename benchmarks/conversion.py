@@ -1,13 +1,16 @@
-"""Checkpoint conversion throughput and peak memory at Qwen2.5-7B layer shapes.
+"""Checkpoint conversion throughput and peak memory at Qwen2.5-7B (or Qwen3-30B-A3B) layer shapes.
 
     python benchmarks/conversion.py --work /tmp/conversion_bench --layers 4
+    python benchmarks/conversion.py --work /tmp/conversion_bench_moe --layers 2 --shape qwen3-30b-a3b
 
 The source is a synthetic bf16 checkpoint with Qwen2.5-7B's real shapes: hidden 3584, FFN 18944,
-28 heads in 4 KV groups, vocab 152064, untied head, q/k/v bias. Only the depth is reduced
-(`--layers`). It is written with `safetensors` directly, in shards of at most 2 GB, with an
-index; no model is built. The tensors are slices of one random 64 MB pool: the bytes are
-irrelevant to speed, and generating 4 GB of random numbers on 2 cores would take longer than
-the conversion.
+28 heads in 4 KV groups, vocab 152064, untied head, q/k/v bias. With `--shape qwen3-30b-a3b`,
+the mixture-of-experts Qwen3-30B-A3B's: hidden 2048, 32 heads of 128 in 4 KV groups with q/k
+norms, a router and 128 experts of width 768 per layer (384 expert tensors, 1.2 GB a layer),
+vocab 151936, untied head. Only the depth is reduced (`--layers`). It is written with
+`safetensors` directly, in shards of at most 2 GB, with an index; no model is built. The tensors
+are slices of one random 64 MB pool: the bytes are irrelevant to speed, and generating 4 GB of
+random numbers on 2 cores would take longer than the conversion.
 
 Each measurement runs in a fresh subprocess. It times only the work (reading, converting,
 writing), after its imports, and reports its own peak RSS (VmHWM):
@@ -41,6 +44,72 @@ import time
 from pathlib import Path
 
 QWEN25_7B = dict(hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064)
+QWEN3_30B_A3B = dict(hidden=2048, head_dim=128, heads=32, kv_heads=4, vocab=151936, experts=128, moe_ffn=768)
+
+
+def source_config(shape: str, layers: int) -> dict:
+    return qwen25_7b_config(layers) if shape == "qwen2.5-7b" else qwen3_30b_a3b_config(layers)
+
+
+def source_shapes(shape: str, layers: int) -> dict[str, tuple[int, ...]]:
+    return hf_shapes(layers) if shape == "qwen2.5-7b" else moe_shapes(layers)
+
+
+def qwen3_30b_a3b_config(layers: int) -> dict:
+    m = QWEN3_30B_A3B
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_act": "silu",
+        "hidden_size": m["hidden"],
+        "intermediate_size": 6144,
+        "head_dim": m["head_dim"],
+        "num_attention_heads": m["heads"],
+        "num_key_value_heads": m["kv_heads"],
+        "num_hidden_layers": layers,
+        "num_experts": m["experts"],
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": m["moe_ffn"],
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "vocab_size": m["vocab"],
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    }
+
+
+def moe_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    m = QWEN3_30B_A3B
+    h, d, f = m["hidden"], m["head_dim"], m["moe_ffn"]
+    shapes = {"model.embed_tokens.weight": (m["vocab"], h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (m["heads"] * d, h),
+                p + "self_attn.k_proj.weight": (m["kv_heads"] * d, h),
+                p + "self_attn.v_proj.weight": (m["kv_heads"] * d, h),
+                p + "self_attn.o_proj.weight": (h, m["heads"] * d),
+                p + "self_attn.q_norm.weight": (d,),
+                p + "self_attn.k_norm.weight": (d,),
+                p + "mlp.gate.weight": (m["experts"], h),
+            }
+        )
+        for e in range(m["experts"]):
+            q = f"{p}mlp.experts.{e}."
+            shapes.update({q + "gate_proj.weight": (f, h), q + "up_proj.weight": (f, h)})
+            shapes[q + "down_proj.weight"] = (h, f)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (m["vocab"], h)
+    return shapes
 
 
 def qwen25_7b_config(layers: int) -> dict:
@@ -93,17 +162,17 @@ def hf_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def make_source(out: Path, layers: int, shard_bytes: int = 2 * 10**9) -> int:
+def make_source(out: Path, layers: int, shard_bytes: int = 2 * 10**9, shape: str = "qwen2.5-7b") -> int:
     """Write the synthetic checkpoint; returns the size of its largest tensor in bytes."""
     import torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     pool = torch.randn(32 * 2**20, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    shapes = hf_shapes(layers)
+    shapes = source_shapes(shape, layers)
     groups, size = [[]], 0
-    for name, shape in shapes.items():
-        n = 2 * _numel(shape)
+    for name, dims in shapes.items():
+        n = 2 * _numel(dims)
         if size + n > shard_bytes and groups[-1]:
             groups.append([])
             size = 0
@@ -127,7 +196,7 @@ def make_source(out: Path, layers: int, shard_bytes: int = 2 * 10**9) -> int:
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
-    (out / "config.json").write_text(json.dumps(qwen25_7b_config(layers), indent=2))
+    (out / "config.json").write_text(json.dumps(source_config(shape, layers), indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151643}))
     return max(2 * _numel(s) for s in shapes.values())
 
@@ -142,9 +211,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 # ---- children: one measurement each, in a fresh process ---------------------------------------
 
 
-def child(mode: str, work: Path, layers: int) -> None:
+def child(mode: str, work: Path, layers: int, shape: str = "qwen2.5-7b") -> None:
     if mode == "source":
-        largest = make_source(work / "hf", layers)
+        largest = make_source(work / "hf", layers, shape=shape)
         result = {"largest": largest}
     elif mode in ("raw", "copy"):
         import torch
@@ -222,11 +291,11 @@ class _NoHash:
         return ""
 
 
-def measure(mode: str, work: Path, layers: int = 0) -> dict:
+def measure(mode: str, work: Path, layers: int = 0, shape: str = "qwen2.5-7b") -> dict:
     """Run one measurement in a fresh process; it reports its own time and peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--work", str(work), "--layers", str(layers)],
+        [sys.executable, __file__, "--child", mode, "--work", str(work), "--layers", str(layers), "--shape", shape],
         capture_output=True,
         text=True,
         env=env,
@@ -251,6 +320,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/conversion_bench"))
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shape", choices=["qwen2.5-7b", "qwen3-30b-a3b"], default="qwen2.5-7b", help="the layer shapes")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--checksums",
@@ -264,15 +334,15 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.child:
-        child(args.child, args.work, args.layers)
+        child(args.child, args.work, args.layers, args.shape)
         return
 
     for d in ("hf", "copy", "mcore", "hf_export"):
         shutil.rmtree(args.work / d, ignore_errors=True)
     t = time.perf_counter()
-    largest = measure("source", args.work, args.layers)["largest"]  # in a child: this process stays small
+    largest = measure("source", args.work, args.layers, args.shape)["largest"]  # a child: this process stays small
     print(
-        f"source: {args.layers} layers at Qwen2.5-7B shapes in {time.perf_counter() - t:.1f} s; "
+        f"source: {args.layers} layers at {args.shape} shapes in {time.perf_counter() - t:.1f} s; "
         f"largest tensor {largest / 1e9:.2f} GB",
         flush=True,
     )
@@ -318,7 +388,16 @@ def main() -> None:
             f"{r['rss_bound_GB']:>10.2f}"
         )
     (args.work / "results.json").write_text(
-        json.dumps({"layers": args.layers, "largest_tensor": largest, "repeats": args.repeats, "rows": rows}, indent=2)
+        json.dumps(
+            {
+                "shape": args.shape,
+                "layers": args.layers,
+                "largest_tensor": largest,
+                "repeats": args.repeats,
+                "rows": rows,
+            },
+            indent=2,
+        )
     )
 
 

@@ -1,9 +1,12 @@
 """Weight-sync throughput: Megatron (TP/PP-sharded) -> full HF tensors -> colocated vLLM.
 
     torchrun --nproc-per-node=2 benchmarks/weight_sync.py --tp 2 --pp 1
+    torchrun --nproc-per-node=2 benchmarks/weight_sync.py --model qwen3_moe --tp 1 --ep 2
 
 Measures, on one tiny-but-not-trivial model (default: hidden 512, 4 layers, vocab 8192, GQA
-8/4 heads, fp32, about 84 MB):
+8/4 heads, fp32, about 84 MB; `--model qwen3_moe`: the same with every MLP a Qwen3-MoE layer of
+`--experts` experts of width `--moe-ffn`, top-2, about 240 MB at 16 x 512, whose experts are
+split over `--ep` ranks and gathered by the export, one broadcast per expert tensor):
 
 - memcpy: a single-process `Tensor.copy_` of the same bytes, tensor by tensor, on rank 0 while
   the other ranks wait: the local bandwidth the export is compared against;
@@ -41,7 +44,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=2, help="Megatron tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="Megatron expert-parallel size (--model qwen3_moe)")
     p.add_argument("--rollout-tp", type=int, default=2, help="vLLM tensor-parallel size")
+    p.add_argument("--model", choices=["qwen2", "qwen3_moe"], default="qwen2")
+    p.add_argument("--experts", type=int, default=16, help="routed experts per layer (qwen3_moe)")
+    p.add_argument("--moe-ffn", type=int, default=512, help="each expert's FFN width (qwen3_moe)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
@@ -65,16 +72,21 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     args = parse_args()
-    lay = init_model_parallel(args.tp, args.pp, seed=1)
+    lay = init_model_parallel(args.tp, args.pp, seed=1, ep=args.ep)
     rank = dist.get_rank()
-    hf_dir = Path(args.work_dir) / "model"
+    hf_dir = Path(args.work_dir) / args.model
+    moe = (
+        dict(num_experts=args.experts, num_experts_per_tok=2, moe_intermediate_size=args.moe_ffn)
+        if args.model == "qwen3_moe"
+        else {}
+    )
     if rank == 0:
         from agpo_megatron.data.synthetic import build_tokenizer
         from agpo_megatron.models.tiny import save_tiny_hf_model
 
         save_tiny_hf_model(
             hf_dir,
-            "qwen2",
+            args.model,
             hidden_size=args.hidden,
             intermediate_size=3 * args.hidden,
             num_layers=args.layers,
@@ -82,16 +94,25 @@ def main() -> None:
             num_kv_heads=4,
             vocab_size=args.vocab,
             tokenizer=build_tokenizer(Path(args.work_dir) / "tok"),
+            **moe,
         )
     dist.barrier()
     arch = read_arch(hf_dir)
     model = build.build_gpt(
         arch,
         ModelConfig(hf_path=str(hf_dir), params_dtype="float32", spec="local", max_seq_len=128),
-        ParallelConfig(tp=args.tp, pp=args.pp),
+        ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
     )
     load_hf_weights(
-        model, arch, HFCheckpointReader(hf_dir), tp_rank=lay.tp_rank, tp=args.tp, pp_rank=lay.pp_rank, pp=args.pp
+        model,
+        arch,
+        HFCheckpointReader(hf_dir),
+        tp_rank=lay.tp_rank,
+        tp=args.tp,
+        pp_rank=lay.pp_rank,
+        pp=args.pp,
+        ep_rank=lay.ep_rank,
+        ep=args.ep,
     )
 
     # The model's HF tensors, materialised once: shapes for the memcpy baseline, input for the
@@ -110,18 +131,18 @@ def main() -> None:
     rows.append(("memcpy (1 process, same tensors)", timed(memcpy, args.repeats)))
     dst.clear()  # free the copies before the next measurement
 
-    if args.tp > 1:
-        # The transport's own ceiling: the TP-sharded bytes in a single all_gather call.
+    if args.tp > 1 or args.ep > 1:
+        # The transport's own ceiling: the model's bytes, sharded over TP (or EP), in one all_gather call.
         from megatron.core import parallel_state as mpu
 
-        flat = torch.empty(total // args.tp // 4, dtype=torch.float32)
-        gathered = [torch.empty_like(flat) for _ in range(args.tp)]
+        size, what = (args.tp, "TP") if args.tp > 1 else (args.ep, "EP")
+        group = mpu.get_tensor_model_parallel_group() if args.tp > 1 else mpu.get_expert_model_parallel_group()
+        flat = torch.empty(total // size // 4, dtype=torch.float32)
+        gathered = [torch.empty_like(flat) for _ in range(size)]
         rows.append(
             (
-                f"one all_gather of the same bytes ({dist.get_backend()}, TP group)",
-                timed(
-                    lambda: dist.all_gather(gathered, flat, group=mpu.get_tensor_model_parallel_group()), args.repeats
-                ),
+                f"one all_gather of the same bytes ({dist.get_backend()}, {what} group)",
+                timed(lambda: dist.all_gather(gathered, flat, group=group), args.repeats),
             )
         )
         del flat, gathered
@@ -155,9 +176,11 @@ def main() -> None:
 
     if rank == 0:
         base = rows[0][1]
+        experts = f", {args.experts} experts of width {args.moe_ffn} (top-2)" if moe else ""
         print(
-            f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {len(tensors)} tensors, "
-            f"{total / 1e6:.1f} MB fp32; Megatron TP={args.tp} PP={args.pp}, vLLM TP={args.rollout_tp}, "
+            f"\nmodel: {args.model}, hidden {args.hidden}, {args.layers} layers{experts}, vocab {args.vocab}, "
+            f"{len(tensors)} tensors, {total / 1e6:.1f} MB fp32; Megatron TP={args.tp} PP={args.pp} EP={args.ep}, "
+            f"vLLM TP={args.rollout_tp}, "
             f"world {dist.get_world_size()}; median of {args.repeats}; vLLM engine start-up {startup:.1f} s\n"
         )
         print("| path | time (ms) | GB/s | vs memcpy |")

@@ -5,8 +5,9 @@
   of the distributed optimizer and the fp32 grad buffer), and the optimizer's fp32 main params +
   Adam m, v on this data-parallel rank's shard.
 * Estimates: activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-  Transformer Models", Sec. 4), the loss working set (ops/fused_loss.py's own accounting), vLLM's
-  weights and KV bytes per token.
+  Transformer Models", Sec. 4; MoE layers: the router and the routed experts' rows under balanced
+  routing, plus the token dispatcher's buffers), the loss working set (ops/fused_loss.py's own
+  accounting), vLLM's weights (split as vLLM splits them) and KV bytes per token.
 
 Departures and simplifications:
 - `model.spec: auto` is planned as Transformer Engine (the GPU target), whatever this machine has.
@@ -249,7 +250,15 @@ def _group_state(
 
 
 def layer_activation_bytes(
-    arch: ModelArch, *, tokens: int, tp: int, sequence_parallel: bool, spec: str, seq_len: int, fp8: bool = False
+    arch: ModelArch,
+    *,
+    tokens: int,
+    tp: int,
+    sequence_parallel: bool,
+    spec: str,
+    seq_len: int,
+    fp8: bool = False,
+    etp: int = 1,
 ) -> tuple[int, int]:
     """(saved for backward, layer input) bytes of one transformer layer for one micro-batch.
 
@@ -265,23 +274,56 @@ def layer_activation_bytes(
         5as^2b term without dropout: 2 bytes, b*s^2 = T*s for rows of length s); TE uses flash.
     With full recompute (Sec. 4.3) a layer keeps only its input, 2*T*h (/t with SP).
     `tokens` T = sequences x padded length of the micro-batch.
+
+    MoE layer (`arch.is_moe`), instead of the dense MLP's fc1 output and fc2 input: the router
+    (its input is the pre-MLP norm output counted above) keeps its logits [T', E] in 2 bytes and
+    the fp32 softmax over all experts the aux loss differentiates, 6*T'*E, where T' = T/t with SP
+    (the tokens of this rank's sequence shard; Megatron's MoE layer refuses TP > 1 without SP in
+    training), else T. The dispatcher sends each of them to its top-k experts; this rank's experts
+    receive R = T' * k * etp rows on average (balanced routing: of the ep x etp ranks' tokens
+    routed to E/ep experts, gathered over ETP) and save, like a dense SwiGLU MLP of width fe/etp:
+    fc1 input 2*R*h, fc1 output 2*R*2fe/etp, fc2 input 2*R*fe/etp, and the fp32 routing probs
+    4*R. The dispatcher's own buffers are transient, not saved (`moe_dispatch_bytes`).
     """
     h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
     a, g = arch.num_attention_heads, arch.num_query_groups
     lin = 1 if fp8 else 2  # bytes per saved linear input
-    replicated = 2 * 2 * tokens * h + 2 * lin * tokens * h  # norm inputs; QKV / fc1 inputs
+    replicated = 2 * 2 * tokens * h + 2 * lin * tokens * h  # norm inputs; QKV / fc1 (router) inputs
     sharded = (
         2 * tokens * (a * d + 2 * g * d)
         + lin * tokens * a * d  # Q, K, V; proj input
-        + 4 * tokens * a
-        + 2 * tokens * 2 * f
-        + lin * tokens * f
-    )  # lse; fc1 out; fc2 input
+        + 4 * tokens * a  # lse
+    )
+    if not arch.is_moe:
+        sharded += 2 * tokens * 2 * f + lin * tokens * f  # fc1 out; fc2 input
     if spec == "local":
         sharded += 2 * a * seq_len * tokens
     sp = tp if sequence_parallel else 1
     layer_input = 2 * tokens * h // sp
-    return replicated // sp + sharded // tp, layer_input
+    moe = 0
+    if arch.is_moe:
+        t_in, fe = tokens // sp, arch.moe_ffn_hidden_size // etp
+        rows = t_in * arch.moe_topk * etp
+        moe = 6 * t_in * arch.num_experts + lin * rows * h + 2 * rows * 2 * fe + lin * rows * fe + 4 * rows
+    return replicated // sp + sharded // tp + moe, layer_input
+
+
+def moe_dispatch_bytes(arch: ModelArch, *, tokens: int, tp: int, sequence_parallel: bool, etp: int = 1) -> int:
+    """The token dispatcher's buffers of one MoE layer, one micro-batch (0 for a dense model).
+
+    The all-to-all dispatcher (GPU) permutes this rank's T' tokens into T'*k rows [T'k, h] (the
+    send buffer) and receives R = T'*k*etp rows [R, h] (after the ETP all-gather); the combine
+    sends the experts' output [R, h] back into [T'k, h] and un-permutes it. Neither is saved for
+    backward (permute and all-to-all keep only indices and split sizes), so at most one send and
+    one receive buffer are alive at a time, forward or backward: 2*h*(T'k + R) bytes, one layer at
+    a time. Balanced routing; a skewed micro-batch sends more rows to one rank (Megatron's
+    dropless dispatcher has no capacity cap), which the margin has to cover.
+    """
+    if not arch.is_moe:
+        return 0
+    t_in = tokens // (tp if sequence_parallel else 1)
+    sent = t_in * arch.moe_topk
+    return 2 * arch.hidden_size * (sent + sent * etp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +340,8 @@ class Activations:
     """Training peak with full recompute (model.recompute_activations)."""
     forward_only: int
     """Transient working set of a no-grad forward (one layer at a time)."""
+    dispatch: int = 0
+    """MoE: the token dispatcher's send and receive buffers of one layer (in each total above)."""
 
 
 def stage_activations(arch: ModelArch, cfg: TrainConfig, *, pp_rank: int, dp: int) -> Activations:
@@ -313,7 +357,9 @@ def stage_activations(arch: ModelArch, cfg: TrainConfig, *, pp_rank: int, dp: in
         spec=plan_spec(cfg),
         seq_len=cfg.model.max_seq_len,
         fp8=cfg.model.fp8 is not None,
+        etp=cfg.parallel.etp,
     )
+    dispatch = moe_dispatch_bytes(arch, tokens=tokens, tp=tp, sequence_parallel=sp, etp=cfg.parallel.etp)
     seqs = cfg.batch.update_prompts * cfg.algo.group_size // dp  # one optimizer step: a mini-batch
     if cfg.batch.max_tokens_per_micro_batch:  # worst case: every row padded to max_seq_len
         n_mb = math.ceil(seqs / max(1, tokens // cfg.model.max_seq_len))
@@ -327,10 +373,11 @@ def stage_activations(arch: ModelArch, cfg: TrainConfig, *, pp_rank: int, dp: in
     return Activations(
         per_layer=per_layer,
         in_flight=in_flight,
-        no_recompute=in_flight * layers * per_layer + extra,
+        no_recompute=in_flight * layers * per_layer + extra + dispatch,
         # Sec. 4.3: inputs of every layer kept, one layer's activations rebuilt at a time.
-        full_recompute=in_flight * layers * layer_in + per_layer + extra,
-        forward_only=per_layer + extra,
+        full_recompute=in_flight * layers * layer_in + per_layer + extra + dispatch,
+        forward_only=per_layer + extra + dispatch,
+        dispatch=dispatch,
     )
 
 
@@ -383,11 +430,31 @@ def hf_param_count(arch: ModelArch) -> int:
 
 
 def vllm_weight_bytes(arch: ModelArch, rollout_tp: int) -> int:
-    """Every weight split over rollout.tp except the norms (replicated), in the checkpoint's 16-bit dtype."""
-    norms = sum(p.numel for p in stage_params(arch, tp=1, pp=1, pp_rank=0) if p.name.endswith("norm.weight"))
-    return 2 * ((hf_param_count(arch) - norms) // rollout_tp + norms)
+    """One vLLM rank's weights in the checkpoint's 16-bit dtype, split as vLLM splits them over
+    rollout.tp: embedding and LM head by vocabulary, attention by heads, a dense MLP or each routed
+    expert by its width (vLLM's expert parallelism, `enable_expert_parallel`, gives each rank
+    E/tp whole experts instead: the same bytes); replicated: the norms and the MoE router (its
+    `gate` is a replicated linear). With rollout.tp above the KV heads, vLLM replicates each KV head
+    over tp / KV-heads ranks (`QKVParallelLinear`), so a rank holds one K and one V head.
+    """
+    h, d, v, tp = arch.hidden_size, arch.head_dim, arch.vocab_size, rollout_tp
+    nq, g = arch.num_attention_heads, arch.num_query_groups
+    kv_heads = max(1, g // tp)  # per rank
+    n = v * h // tp * (1 if arch.tie_word_embeddings else 2) + h  # embedding (+ LM head), final norm
+    layer = nq * d * h // tp + 2 * kv_heads * d * h + h * nq * d // tp  # q; k, v; o
+    if arch.qkv_bias:
+        layer += nq * d // tp + 2 * kv_heads * d
+    if arch.qk_layernorm:
+        layer += 2 * d
+    layer += 2 * h  # input and post-attention norms
+    if arch.is_moe:
+        layer += arch.num_experts * h + arch.num_experts * 3 * arch.moe_ffn_hidden_size * h // tp
+    else:
+        layer += 3 * arch.ffn_hidden_size * h // tp
+    return 2 * (n + arch.num_layers * layer)
 
 
 def kv_bytes_per_token(arch: ModelArch, rollout_tp: int) -> int:
-    """K and V of every layer for one token on one vLLM rank (bf16 cache; KV heads split over TP)."""
-    return 2 * 2 * arch.num_layers * arch.num_query_groups * arch.head_dim // rollout_tp
+    """K and V of every layer for one token on one vLLM rank (bf16 cache; KV heads split over TP,
+    one per rank when rollout.tp exceeds them: vLLM replicates them)."""
+    return 2 * 2 * arch.num_layers * max(1, arch.num_query_groups // rollout_tp) * arch.head_dim

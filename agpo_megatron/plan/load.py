@@ -62,10 +62,19 @@ def check_model_shape(cfg: TrainConfig) -> None:
             arch.moe_ffn_hidden_size % etp == 0,
             f"parallel.etp={etp} must divide the experts' {arch.moe_ffn_hidden_size} ffn width",
         )
+        # Megatron's MoELayer raises in training with attention TP > 1 and no sequence parallelism.
+        _require(
+            tp == 1 or cfg.parallel.sequence_parallel,
+            f"parallel.tp={tp} with an MoE model needs parallel.sequence_parallel=true "
+            "(Megatron's MoE layer refuses tensor parallelism without it in training)",
+        )
+    # vLLM splits the KV heads over its TP ranks, or replicates each over tp / KV-heads ranks when
+    # rollout.tp exceeds them (QKVParallelLinear); the query heads always split.
+    rtp, g = cfg.rollout.tp, arch.num_query_groups
     _require(
-        arch.num_attention_heads % cfg.rollout.tp == 0 and arch.num_query_groups % cfg.rollout.tp == 0,
-        f"rollout.tp={cfg.rollout.tp} must divide heads ({arch.num_attention_heads}) and KV heads "
-        f"({arch.num_query_groups})",
+        arch.num_attention_heads % rtp == 0 and (g % rtp == 0 or rtp % g == 0),
+        f"rollout.tp={rtp} must divide the heads ({arch.num_attention_heads}) and divide or be a multiple "
+        f"of the KV heads ({g})",
     )
 
 

@@ -7,7 +7,9 @@ module decides which of them are on the GPU in each phase of a step, following t
             state and the reference stay resident unless `offload.*` moves them to host;
   logprobs  vLLM asleep (both levels free its GPU memory); no-grad forwards of actor (+ reference);
   update    the whole training state, activations (1F1B, recompute or not) and the loss;
-  sync      vLLM's weights woken (not its KV cache) plus the export's buckets in flight;
+  sync      vLLM's weights woken (not its KV cache) plus the export's buckets in flight; the grads
+            and Adam state are already on host if offloaded (train/colocate.py `to_rollout`
+            offloads them before vLLM's weights wake), the params stay until the sync has read them;
   save      a checkpoint save between steps: vLLM asleep, the training state resident (its grads
             stay on host; counted anyway), one tensor's save buffers in flight (issue 18: it ran
             with vLLM awake).
@@ -171,11 +173,15 @@ def plan_memory(
         fwd_act = act.forward_only if scores else 0
         loss_fwd = (loss.fused_forward if cfg.algo.fused_loss else loss.naive_forward) if last and scores else 0
 
-        def megatron(offloaded: bool, st=st) -> dict[str, int]:  # st: this stage's (bound now)
+        def megatron(offloaded: bool, st=st, params_too: bool = True) -> dict[str, int]:  # st: this stage's
+            """`offloaded`: what offload.* moves to host is gone; `params_too=False`: except the params
+            (the sync reads them: train/colocate.py offloads grads + Adam state before vLLM's weights
+            wake and the params only after the sync)."""
+            params_off = offloaded and off.params and params_too
             return {
-                "actor params": 0 if offloaded and off.params else st.params,
+                "actor params": 0 if params_off else st.params,
                 "actor grad buffer": 0 if offloaded and off.grads else st.grads,
-                "optimizer main params": 0 if offloaded and off.params else st.main_params,
+                "optimizer main params": 0 if params_off else st.main_params,
                 "optimizer Adam m, v": 0 if offloaded and off.optimizer else st.adam,
             }
 
@@ -206,7 +212,7 @@ def plan_memory(
                 **idle,
             },
             "sync": {
-                **megatron(False),
+                **megatron(not disagg, params_too=False),
                 "reference params": ref_resident,
                 "weight-sync buffers": sync_buf,
                 **({"vLLM weights": vllm_w} if r.enable_sleep_mode and not disagg else idle),

@@ -11,6 +11,7 @@ from agpo_megatron.plan.formulas import (
     loss_working_set,
     stage_activations,
     tokens_per_micro_batch,
+    vllm_weight_bytes,
 )
 from agpo_megatron.plan.memory import PHASES, MemoryPlan, StagePlan
 
@@ -28,9 +29,15 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
     arch, p = plan.arch, cfg.parallel
     tps = [t for t in (2, 4, 8) if t > p.tp and arch.num_query_groups % t == 0]
     pps = [k for k in range(p.pp + 1, arch.num_layers + 1) if arch.num_layers % k == 0]
+    eps = [2 * p.ep] if arch.is_moe and arch.num_experts % (2 * p.ep) == 0 else []
+    eps = [e for e in eps if plan.world_size % (e * p.etp * p.pp) == 0]
     more_mp = (
         "more model parallelism ("
-        + " or ".join(([f"parallel.tp={tps[0]}"] if tps else []) + ([f"parallel.pp={pps[0]}"] if pps else []))
+        + " or ".join(
+            ([f"parallel.tp={tps[0]}"] if tps else [])
+            + ([f"parallel.pp={pps[0]}"] if pps else [])
+            + ([f"parallel.ep={eps[0]} (experts only)"] if eps else [])
+        )
         + "): shrinks every Megatron term, at a smaller data-parallel size"
     )
     if phase == "rollout":
@@ -71,9 +78,15 @@ def advice(plan: MemoryPlan, stage: StagePlan, phase: str) -> list[str]:
             )
         )
     if phase == "sync":
-        rtps = [t for t in (2, 4, 8) if t > r.tp and plan.arch.num_query_groups % t == 0]
+        g = arch.num_query_groups  # vLLM splits the KV heads, or replicates them past rollout.tp = g
+        heads = arch.num_attention_heads
+        rtps = [
+            t
+            for t in (2, 4, 8, 16)
+            if t > r.tp and plan.world_size % t == 0 and heads % t == 0 and (g % t == 0 or t % g == 0)
+        ]
         if rtps:
-            tips.append((plan.vllm_weights - plan.vllm_weights * r.tp // rtps[0], f"rollout.tp={rtps[0]}"))
+            tips.append((plan.vllm_weights - vllm_weight_bytes(arch, rtps[0]), f"rollout.tp={rtps[0]}"))
     if phase in ("update", "sync", "save") and stage.reference and not off.reference:
         tips.append((stage.reference, "offload.reference=true"))
     tips.append((0, more_mp))
@@ -102,7 +115,13 @@ def render(plan: MemoryPlan) -> str:
     lines = [
         f"model: {arch.model_type}, {hf_param_count(arch) / 1e9:.2f}B params, {arch.num_layers} layers, hidden "
         f"{arch.hidden_size}, vocab {arch.vocab_size}{', tied' if arch.tie_word_embeddings else ''}",
-        f"layout: world {plan.world_size} = tp {p.tp} x pp {p.pp} x dp {plan.dp}; rollout.tp {r.tp}; "
+        f"layout: world {plan.world_size} = tp {p.tp} x pp {p.pp} x dp {plan.dp}"
+        + (
+            f" (experts: ep {p.ep} x etp {p.etp} x expert-dp {plan.world_size // (p.ep * p.etp * p.pp)} x pp {p.pp})"
+            if arch.is_moe
+            else ""
+        )
+        + f"; rollout.tp {r.tp}; "
         f"{cfg.model.params_dtype}{', fp8 ' + cfg.model.fp8 if cfg.model.fp8 else ''}; "
         f"distributed optimizer {'on' if p.use_distributed_optimizer else 'off'}; "
         f"sequence parallel {'on' if p.sequence_parallel else 'off'}",

@@ -73,6 +73,12 @@ def test_non_contiguous_input_is_written_by_value(tmp_path):
         assert torch.equal(f.get_tensor("t"), t)
 
 
+def _one(value: float) -> torch.Tensor:
+    t = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    t[37, 5] = value
+    return t
+
+
 @pytest.mark.parametrize(
     "name, tensor, message",
     [
@@ -81,6 +87,9 @@ def test_non_contiguous_input_is_written_by_value(tmp_path):
         ("a.weight", torch.zeros(32, 64, dtype=torch.bfloat16), r"'a\.weight': got .*\(32, 64\).*\(64, 32\)"),
         ("a.weight", torch.full((64, 32), float("nan"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
         ("a.weight", torch.full((64, 32), float("inf"), dtype=torch.bfloat16), r"'a\.weight' has non-finite values"),
+        # One bad element among finite ones (the check is a max |x| reduction, not a temporary per element).
+        ("a.weight", _one(float("nan")), r"'a\.weight' has non-finite values"),
+        ("a.weight", _one(float("-inf")), r"'a\.weight' has non-finite values"),
     ],
 )
 def test_writes_that_break_the_plan_are_refused(tmp_path, name, tensor, message):

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 
 from agpo_megatron.cli import main as agpo
+from agpo_megatron.config.yaml_io import ConfigError
 from agpo_megatron.models.hf_config import arch_from_hf_dict, read_arch
 from agpo_megatron.models.tiny import tiny_hf_config
 from agpo_megatron.plan.formulas import (
     GiB,
     hf_param_count,
+    kv_bytes_per_token,
     layer_activation_bytes,
+    moe_dispatch_bytes,
     stage_params,
     train_state,
     vllm_weight_bytes,
@@ -34,6 +37,8 @@ PRESETS = {
     "drgrpo_qwen7b.yaml": ("qwen2.5-7b", [8]),
     "agpo_qwen32b.yaml": ("qwen2.5-32b", [16, 32]),
     "agpo_qwen72b.yaml": ("qwen2.5-72b", [32, 64]),
+    "agpo_qwen3_30b_a3b.yaml": ("qwen3-30b-a3b", [8]),
+    "agpo_qwen3_235b_a22b.yaml": ("qwen3-235b-a22b", [64, 128]),
     "agrpo_qwen0.5b_gsm8k.yaml": ("qwen2.5-0.5b", [2]),
     "agrpo_qwen1.5b_gsm8k.yaml": ("qwen2.5-1.5b", [2]),
 }
@@ -107,7 +112,7 @@ def test_meta_device_gptmodel_of_qwen25_shapes_matches_planned_params(tmp_path):
     stage) built on `meta`: every name, shape and dtype, hence the bytes, equal the planner's."""
     layouts = {"qwen2.5-7b": (2, 1), "qwen2.5-32b": (8, 1), "qwen2.5-72b": (8, 4)}
     for preset, (shape, _) in PRESETS.items():  # the presets' own layouts are the ones checked
-        if preset.startswith("agpo_qwen"):
+        if preset.startswith("agpo_qwen") and not shape.startswith("qwen3-"):  # MoE: the test below
             cfg = load_train_config(ROOT / "examples" / preset, [f"model.hf_path={SHAPES / shape}"])
             assert layouts[shape] == (cfg.parallel.tp, cfg.parallel.pp), preset
     out = tmp_path / "meta.json"
@@ -130,17 +135,30 @@ def test_meta_device_gptmodel_of_qwen25_shapes_matches_planned_params(tmp_path):
 def test_meta_device_qwen3_30b_a3b_expert_shards_match_planned_params(tmp_path):
     """Qwen3-30B-A3B at TP=2 x PP=2 x EP=4 (the first and last stage of EP rank 0) built on `meta`:
     32 of the 128 experts per layer, the replicated router, every name, shape and dtype as planned;
-    and the planner's counts by hand."""
+    the same at ETP=2 and at the two MoE presets' layouts; and the planner's counts by hand."""
     shape = SHAPES / "qwen3-30b-a3b"
     out = tmp_path / "meta.json"
-    torchrun("plan_meta.py", out, f"{shape}:2:2:4", nproc=1, timeout=240)
+    # Also ETP=2 at TP=2 x PP=4 x EP=8 (12 layers of 16 experts a stage: each expert half as wide),
+    # and the MoE presets' own layouts (30B: TP=4 x EP=8; 235B: TP=4 x PP=2 x EP=32).
+    presets = {}
+    for preset, (fixture, _) in PRESETS.items():
+        if fixture.startswith("qwen3-"):
+            p = load_train_config(ROOT / "examples" / preset, [f"model.hf_path={SHAPES / fixture}"]).parallel
+            presets[preset] = f"{SHAPES / fixture}:{p.tp}:{p.pp}:{p.ep}:{p.etp}"
+    assert sorted(presets.values()) == [f"{SHAPES / 'qwen3-235b-a22b'}:4:2:32:1", f"{shape}:4:1:8:1"], presets
+    layouts = [f"{shape}:2:2:4", f"{shape}:2:4:8:2", *presets.values()]
+    torchrun("plan_meta.py", out, *layouts, nproc=1, timeout=240)
     built = json.loads(out.read_text())
-    assert len(built) == 2
-    arch = read_arch(shape)
+    assert len(built) == 2 + 2 + 1 + 2
     for key, params in built.items():
-        pp_rank = int(key.rsplit(":", 1)[1])
-        planned = stage_params(arch, tp=2, pp=2, pp_rank=pp_rank, spec="local", ep=4)
+        hf_dir, *sizes, pp_rank = key.split(":")  # HF_DIR:TP:PP:EP[:ETP]:PP_RANK
+        tp, pp, ep, etp = [*map(int, sizes), 1][:4]
+        planned = stage_params(read_arch(hf_dir), tp=tp, pp=pp, pp_rank=int(pp_rank), spec="local", ep=ep, etp=etp)
         assert _planned(planned) == params, key
+    arch = read_arch(shape)
+    etp_shapes = {n: s for n, s, _ in built[f"{shape}:2:4:8:2:0"]}
+    assert etp_shapes["decoder.layers.0.mlp.experts.local_experts.15.linear_fc1.weight"] == [768, 2048]  # 2 x 768 / 2
+    assert "decoder.layers.0.mlp.experts.local_experts.16.linear_fc1.weight" not in etp_shapes
     experts = [n for n, _, _ in built[f"{shape}:2:2:4:0"] if n.startswith("decoder.layers.0.mlp.experts.")]
     assert len(experts) == 2 * 32  # fc1 + fc2 of 128 / 4 experts
     # 48 layers x (attention 18,874,368 + q/k norms 256 + norms 4,096 + router 262,144 + 128 experts
@@ -183,6 +201,102 @@ def test_activation_formula_by_hand():
     # The local spec's unfused softmax keeps a x s^2 x b probabilities in 2 bytes (Korthikanti's 5as^2b, no dropout).
     local = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=False, spec="local", seq_len=32)
     assert local[0] - got[0] == 2 * 4 * 32 * T // 2
+
+
+def test_moe_activation_and_dispatcher_formulas_by_hand():
+    """The routed experts' activations replace the dense MLP's (issue 23): hidden 64, 4 heads x 16,
+    2 KV heads, 6 experts of width 40, top-2; T = 64 tokens, TP 2 with SP (Megatron's MoE needs SP
+    at TP > 1), so each rank routes T' = 32 tokens."""
+    arch = arch_from_hf_dict(
+        tiny_hf_config(
+            "qwen3_moe", hidden_size=64, num_heads=4, num_kv_heads=2, num_experts=6, moe_intermediate_size=40
+        ).to_dict()
+    )
+    T, h = 64, 64
+    replicated = 4 * 2 * T * h // 2  # norm inputs, QKV input, router input: SP-sharded
+    attention = (2 * T * (64 + 2 * 32) + 2 * T * 64 + 4 * T * 4) // 2  # Q, K, V; proj input; lse
+    router = 6 * 32 * 6  # bf16 logits + fp32 softmax over the 6 experts, per routed token
+    # etp 1: the experts receive 32 x 2 = 64 rows: fc1 input, fc1 output (2 x 40), fc2 input (40), fp32 probs.
+    experts = 2 * 64 * 64 + 2 * 64 * 80 + 2 * 64 * 40 + 4 * 64
+    got = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=True, spec="te", seq_len=32)
+    assert got == (replicated + attention + router + experts, 2 * T * h // 2) == (54144, 4096)
+    # etp 2: each expert half as wide, twice the rows (the ETP peers' tokens are gathered).
+    experts2 = 2 * 128 * 64 + 2 * 128 * 40 + 2 * 128 * 20 + 4 * 128
+    got2 = layer_activation_bytes(arch, tokens=T, tp=2, sequence_parallel=True, spec="te", seq_len=32, etp=2)
+    assert got2[0] == replicated + attention + router + experts2 == 62592
+    # Dispatcher: the send buffer [T'k, h] and the receive buffer [T'k etp, h] in bf16.
+    assert moe_dispatch_bytes(arch, tokens=T, tp=2, sequence_parallel=True) == 2 * h * (64 + 64) == 16384
+    assert moe_dispatch_bytes(arch, tokens=T, tp=2, sequence_parallel=True, etp=2) == 2 * h * (64 + 128)
+    dense = arch_from_hf_dict(tiny_hf_config("qwen3", hidden_size=64, num_heads=4, num_kv_heads=2).to_dict())
+    assert moe_dispatch_bytes(dense, tokens=T, tp=2, sequence_parallel=True) == 0
+
+
+def test_moe_plan_counts_experts_not_the_dense_stand_in():
+    """Qwen3-30B-A3B at TP=4 (SP) x EP=8: the per-layer activations are the routed experts' (top-8 x
+    768 wide), the dispatcher's buffers are in every Megatron-forward phase, once."""
+    arch = read_arch(SHAPES / "qwen3-30b-a3b")
+    over = [f"model.hf_path={SHAPES / 'qwen3-30b-a3b'}", "parallel.tp=4", "parallel.sequence_parallel=true"]
+    cfg = load_train_config(ROOT / "examples" / "gspo_qwen7b.yaml", over + ["parallel.ep=8", "batch.packing=false"])
+    plan = plan_memory(cfg, 8)
+    act = plan.stages[0].activations
+    T = 16384  # batch.max_tokens_per_micro_batch
+    t_in, rows = T // 4, T // 4 * 8
+    assert act.dispatch == 2 * 2048 * (rows + rows)
+    per_layer, _ = layer_activation_bytes(arch, tokens=T, tp=4, sequence_parallel=True, spec="te", seq_len=4096)
+    experts = 2 * rows * 2048 + 2 * rows * 2 * 768 + 2 * rows * 768 + 4 * rows
+    assert per_layer == (4 * 2 * T * 2048) // 4 + (2 * T * (4096 + 2 * 512) + 2 * T * 4096 + 4 * T * 32) // 4 + (
+        6 * t_in * 128 + experts
+    )
+    assert act.forward_only == per_layer + act.dispatch + 2 * T * 2048 // 4 + 2 * T * 2048  # + the LM head's input
+    assert act.full_recompute == 48 * 2 * T * 2048 // 4 + act.forward_only
+
+
+def test_moe_layout_needs_sequence_parallel_at_tp_and_vllm_tp_may_replicate_kv_heads():
+    shape = f"model.hf_path={SHAPES / 'qwen3-30b-a3b'}"
+    config = ROOT / "examples" / "gspo_qwen7b.yaml"
+    with pytest.raises(ConfigError, match="parallel.tp=2 with an MoE model needs parallel.sequence_parallel=true"):
+        load_train_config(config, [shape, "batch.packing=false"])
+    # 4 KV heads: vLLM TP=8 replicates each over 2 ranks; TP=3 neither divides nor is a multiple.
+    ok = load_train_config(config, [shape, "parallel.sequence_parallel=true", "rollout.tp=8"])
+    assert ok.rollout.tp == 8
+    with pytest.raises(ConfigError, match="rollout.tp=3 must divide the heads"):
+        load_train_config(config, [shape, "parallel.sequence_parallel=true", "rollout.tp=3"])
+
+
+def test_vllm_moe_weights_by_hand():
+    """vLLM's Qwen3-30B-A3B shard: experts split over its TP (or whole experts over its EP: the
+    same bytes), router and norms replicated, one K and one V head per rank past 4 KV heads."""
+    arch = read_arch(SHAPES / "qwen3-30b-a3b")
+    h, v = 2048, 151936
+    layer_tp8 = (
+        32 * 128 * h // 8  # q_proj
+        + 2 * 1 * 128 * h  # k_proj, v_proj: 4 KV heads replicated over 8 ranks
+        + h * 32 * 128 // 8  # o_proj
+        + 2 * 128  # q/k norms
+        + 2 * h  # layer norms
+        + 128 * h  # router (replicated)
+        + 128 * 3 * 768 * h // 8  # experts
+    )
+    assert layer_tp8 == 78_385_408
+    assert vllm_weight_bytes(arch, 8) == 2 * (2 * v * h // 8 + h + 48 * layer_tp8) == 7_680_585_728
+    attention_tp2 = 32 * 128 * h // 2 + 2 * 2 * 128 * h + h * 32 * 128 // 2 + 2 * 128 + 2 * h  # 2 KV heads a rank
+    layer_tp2 = attention_tp2 + 128 * h + 128 * 3 * 768 * h // 2
+    assert vllm_weight_bytes(arch, 2) == 2 * (2 * v * h // 2 + h + 48 * layer_tp2)
+    assert kv_bytes_per_token(arch, 8) == kv_bytes_per_token(arch, 4) == 2 * 2 * 48 * 1 * 128
+    assert kv_bytes_per_token(arch, 2) == 2 * 2 * 48 * 2 * 128
+
+
+def test_sync_advice_offers_vllm_tp_past_the_kv_heads(capsys):
+    """Qwen3-235B-A22B at vLLM TP=8 (55 GiB of weights a rank) does not fit its sync on 8 nodes; TP=16
+    (past the 4 KV heads, which vLLM replicates) is the advice, with what it frees."""
+    shape = f"model.hf_path={SHAPES / 'qwen3-235b-a22b'}"
+    config = str(ROOT / "examples" / "agpo_qwen3_235b_a22b.yaml")
+    tp8 = ["rollout.tp=8", "rollout.gpu_memory_utilization=0.85"]
+    assert agpo(["plan", "--config", config, "--world-size", "64", shape, *tp8]) == 0
+    out = capsys.readouterr().out
+    arch = read_arch(SHAPES / "qwen3-235b-a22b")
+    freed = (vllm_weight_bytes(arch, 8) - vllm_weight_bytes(arch, 16)) / GiB
+    assert "DOES NOT FIT: sync on pp stage 0" in out and f"rollout.tp=16 (frees {freed:.1f} GiB)" in out, out
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -233,9 +347,15 @@ def test_phases_follow_sleep_and_offload():
     config = ROOT / "examples" / "agpo_qwen7b.yaml"
     base = plan_memory(load_train_config(config, shape), 8).stages[0]
     off = plan_memory(load_train_config(config, shape + ["offload.optimizer=true", "offload.grads=true"]), 8).stages[0]
-    # Offload frees the Adam state and grads during rollout only.
+    # Offload frees the Adam state and grads during rollout, and already during the weight sync:
+    # train/colocate.py moves them to host before vLLM's weights wake (the sync does not read them).
     assert base.total("rollout") - off.total("rollout") == base.state.adam + base.state.grads
-    assert all(base.total(ph) == off.total(ph) for ph in ("logprobs", "update", "sync"))
+    assert base.total("sync") - off.total("sync") == base.state.adam + base.state.grads
+    assert all(base.total(ph) == off.total(ph) for ph in ("logprobs", "update", "save"))
+    # The params leave only after the sync has read them.
+    par = plan_memory(load_train_config(config, shape + ["offload.params=true"]), 8).stages[0]
+    assert base.total("rollout") - par.total("rollout") == base.state.params + base.state.main_params
+    assert par.total("sync") == base.total("sync")
     awake = plan_memory(load_train_config(config, shape + ["rollout.enable_sleep_mode=false"]), 8)
     # Without sleep mode vLLM keeps its whole share (0.4 x 80 GiB) through training.
     assert awake.stages[0].total("update") - base.total("update") == int(0.4 * 80 * GiB)
