@@ -209,6 +209,7 @@ def test_from_config_maps_the_rollout_and_model_sections(monkeypatch):
         ),
         ModelConfig(hf_path="/models/x", params_dtype="float32", max_seq_len=3000),
         seed=9,
+        return_routed_experts=True,
     )
     assert seen == dict(
         path="/models/x",
@@ -223,4 +224,5 @@ def test_from_config_maps_the_rollout_and_model_sections(monkeypatch):
         enable_sleep_mode=False,
         sleep_level=2,
         enforce_eager=True,
+        return_routed_experts=True,
     )
