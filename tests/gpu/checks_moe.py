@@ -23,20 +23,9 @@ import importlib.util
 import os
 
 from tests.gpu.common import ApiMissing, Ctx, Skip, check, judge, require_attrs, require_params
+from tests.moe_models import VLLM_SYNC_MOE as TINY_MOE
 
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 4, 7, 16
-TINY_MOE = dict(
-    hidden_size=128,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    num_layers=2,
-    vocab_size=128,
-    num_experts=8,
-    num_experts_per_tok=2,
-    moe_intermediate_size=64,
-    init_std=0.1,
-)
 
 
 def prepare(ctx: Ctx) -> None:

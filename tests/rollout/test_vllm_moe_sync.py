@@ -12,6 +12,7 @@ import torch
 from agpo_megatron.data.synthetic import build_tokenizer
 from agpo_megatron.models.tiny import save_tiny_hf_model
 from tests.dist import torchrun
+from tests.moe_models import VLLM_SYNC_MOE
 
 pytestmark = pytest.mark.slow
 
@@ -20,20 +21,7 @@ pytestmark = pytest.mark.slow
 def run(tmp_path_factory) -> tuple[list[dict], Path]:
     root = tmp_path_factory.mktemp("vllm_moe_sync")
     tok = build_tokenizer(root / "tok")
-    kw = dict(
-        hidden_size=128,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-        num_layers=2,
-        vocab_size=128,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=64,
-        init_std=0.1,
-        eos_token_id=tok.eos_token_id,
-        tokenizer=tok,
-    )
+    kw = dict(VLLM_SYNC_MOE, eos_token_id=tok.eos_token_id, tokenizer=tok)
     vllm_dir = save_tiny_hf_model(root / "A", "qwen3_moe", seed=0, **kw)
     meg_dir = save_tiny_hf_model(root / "B", "qwen3_moe", seed=1, **kw)
     out = root / "out"
