@@ -126,8 +126,8 @@ def fixed_length_engine(path: Path, max_model_len: int):
     from agpo_megatron.rollout.vllm_engine import VLLMEngine
 
     class FixedLength(VLLMEngine):
-        def _sampling_params(self, sampling, n, prompt_index):
-            params = super()._sampling_params(sampling, n, prompt_index)
+        def _sampling_params(self, sampling, n, prompt_index, seed=None):
+            params = super()._sampling_params(sampling, n, prompt_index, seed)
             params.ignore_eos = True
             return params
 

@@ -1,13 +1,14 @@
 """Qwen3-MoE conversion (issue 23): HF -> Megatron -> HF bit-exact (Qwen2-MoE's shared expert too);
 the checkpoint loads at EP=2; the EP=2 export (the weight sync's stream) gives back every HF tensor
 bit for bit; a model trained at EP=2 re-exports to an HF folder that transformers loads with the
-trainer's log-probs; resume at EP=2 restores the expert shards and their optimizer state (the 3rd
-step is bit-identical)."""
+trainer's log-probs and vLLM serves with transformers' greedy tokens; resume at EP=2 restores the
+expert shards and their optimizer state (the 3rd step is bit-identical)."""
 
 import pytest
 import torch
 
 from agpo_megatron.models.tiny import save_tiny_hf_model
+from tests.conversion.serving import hf_greedy, vllm_greedy
 from tests.conversion.test_conversion import tensors
 from tests.dist import torchrun
 from tests.moe_models import TINY_MOE, save_tiny_moe
@@ -66,4 +67,9 @@ def test_moe_conversion_export_and_resume_at_ep2(tmp_path):
     )
     torch.testing.assert_close(
         _hf_logprobs(tmp_path / "trained_hf"), torch.load(tmp_path / "trained_logprobs.pt"), atol=1e-4, rtol=0
+    )
+    # ... and vLLM serves it: its fused-expert loader takes the exported names and shapes.
+    prompt = [1, 5, 9, 17, 33, 60]
+    assert vllm_greedy(tmp_path / "trained_hf", prompt, 8, tokenizer=False) == hf_greedy(
+        tmp_path / "trained_hf", prompt, 8
     )
