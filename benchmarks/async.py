@@ -33,7 +33,10 @@ more than it answers and answers as soon as a batch of whole groups is complete 
 tokens sampled before a pause (`async/token_age_*`, `async/paused_token_frac`) say what it cost.
 
 The projection (plan/schedule.py) is fed the colocated run's own phase times (tail 0: not measured)
-and its predicted speed-ups are printed beside the measured ones.
+and its predicted speed-ups are printed beside the measured ones. It rescales them by device counts,
+which on 2 shared cores do not behave as devices; so a second check feeds the schedule alone
+(`sides_step`) each side's own times from the staleness-0 run of the same split and predicts the
+staleness-1 and -2 steps from them.
 
 NOTE: on a shared 2-core machine the two sides compete for the same cores, so what overlap gains
 depends on the load; read the busy fractions and the projection's assumptions with the numbers.
@@ -198,7 +201,7 @@ def main() -> None:
         "--rounds", type=int, default=1, help="run the settings in turn this many times (ABCD ABCD): load drift spreads"
     )
     args = p.parse_args()
-    from agpo_megatron.plan.schedule import PhaseTimes, speedups
+    from agpo_megatron.plan.schedule import PhaseTimes, sides_step, speedups
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = make_inputs(args.out, args.hidden, args.layers, args.stop_tokens)
@@ -238,6 +241,21 @@ def main() -> None:
             name = f"disagg s={s}"
             measured = base["step_s"] / results[name]["step_s"] if name in results else float("nan")
             print(f"  {name}: predicted {x:.2f}x, measured {measured:.2f}x")
+    s0 = results.get("disagg s=0")
+    if base and s0:
+        # The schedule alone: each side's own times, measured in the staleness-0 run of this same
+        # split (generation on the rollout process, log-probs + update on the trainer), no rescaling.
+        print("\nschedule check (plan/schedule.sides_step, fed the s=0 run's per-side phase times):")
+        sides = dict(generate=s0["generate_s"], reward=s0["reward_s"], train=s0["train_s"], sync=s0["sync_s"])
+        for s in (0, 1, 2):
+            name = f"disagg s={s}"
+            if name not in results:
+                continue
+            predicted = base["step_s"] / sides_step(**sides, staleness=s)
+            measured = base["step_s"] / results[name]["step_s"]
+            off = predicted / measured - 1
+            within = abs(off) <= 0.15
+            print(f"  {name}: predicted {predicted:.2f}x, measured {measured:.2f}x ({off:+.0%}, within 15%: {within})")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
 

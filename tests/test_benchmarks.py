@@ -1,6 +1,7 @@
 """The benchmark scripts still run against the current trainer API (they are not imported by the
 package, so nothing else notices when a signature changes). Timings are printed, never asserted."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,3 +114,45 @@ def test_async_projection_prints_every_split():
     assert proc.returncode == 0, proc.stderr[-2000:]
     first_cells = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [c for c in first_cells if c[0].isdigit()] == ["1 + 3", "2 + 2", "3 + 1"]
+
+
+@pytest.mark.slow
+def test_async_benchmark_checks_the_schedule_against_the_staleness_0_sides(tmp_path):
+    """`--reuse` on hand-made metrics: 3 steps per run (the median is the middle one's). Colocated
+    1.0 s; s=0 sides: generate 0.4, reward 0.01, train 0.3, sync 0.05 (0.76 s); s=1 measured 0.5 s.
+    The schedule predicts s=1 at max(0.4, 0.31) + 0.05 = 0.45 s: 1/0.45 = 2.22x against 1/0.5 = 2.00x, +11%."""
+    root = Path(__file__).resolve().parents[1]
+
+    def row(rollout, reward, logprobs, update, sync, wait=0.0):
+        return {
+            "time/rollout": rollout,
+            "time/reward": reward,
+            "time/logprobs": logprobs,
+            "time/update": update,
+            "time/weight_sync": sync,
+            "time/rollout_wait": wait,
+            "cpu_time/logprobs": logprobs,
+            "cpu_time/update": update,
+            "sampling/prompts_sampled": 8,
+            "len/mean": 10.0,
+        }
+
+    runs = {
+        "colocated": row(0.5, 0.01, 0.1, 0.29, 0.1),  # 1.0 s
+        "disagg_s0": row(0.4, 0.01, 0.1, 0.2, 0.05),  # 0.76 s
+        "disagg_s1": row(0.0, 0.01, 0.1, 0.2, 0.05, wait=0.14),  # 0.5 s
+    }
+    for name, r in runs.items():
+        (tmp_path / f"{name}_r0").mkdir()
+        (tmp_path / f"{name}_r0" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for _ in range(3)) + "\n")
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "async.py"), "--out", str(tmp_path), "--reuse"]
+        + ["--settings", "colocated", "disagg s=0", "disagg s=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "disagg s=1: predicted 2.22x, measured 2.00x (+11%, within 15%: True)" in proc.stdout, proc.stdout
+    assert "disagg s=0: predicted 1.32x, measured 1.32x (" in proc.stdout, proc.stdout  # the same sum of phases

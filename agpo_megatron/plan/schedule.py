@@ -14,6 +14,8 @@ and puts them into each loop's schedule (train/trainer.py, train/async_loop.py):
     disaggregated, staleness 0  gen(R) + reward + train(T) + sync_d
     disaggregated, staleness s  max(gen(R), reward + train(T)) + sync_d       (s >= 1)
 
+(`sides_step` is that schedule fed each side's own measured times, with no rescaling.)
+
 At s >= 1 the loop keeps one request in flight (rollout/remote.py carries one conversation at a
 time), so a deeper queue changes the data's age, not the step time: with deterministic phase times
 s = 2 projects the same as s = 1. What it leaves out: the memory a disaggregated side no longer
@@ -66,14 +68,23 @@ def disaggregated_step(t: PhaseTimes, *, rollout_devices: int, staleness: int, s
     T = t.devices - R
     if not 1 <= R < t.devices:
         raise ValueError(f"rollout_devices must be in [1, {t.devices}), got {R}")
-    if staleness < 0:
-        raise ValueError(f"staleness must be >= 0, got {staleness}")
     gen = t.generate * ((1 - t.tail) * t.devices / R + t.tail)
     train = t.train * t.devices / T
-    sync_d = t.sync if sync is None else sync
+    return sides_step(
+        generate=gen, reward=t.reward, train=train, sync=t.sync if sync is None else sync, staleness=staleness
+    )
+
+
+def sides_step(*, generate: float, reward: float, train: float, sync: float, staleness: int) -> float:
+    """Seconds per disaggregated step from each side's own phase times (generation on the rollout
+    devices, log-probs + update on the trainer devices, the weight sync between them): the schedule
+    alone, with no rescaling. Where the sides were measured as they are (a staleness-0 run of the same
+    split), this checks the schedule without the device-count model `disaggregated_step` adds."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
     if staleness == 0:
-        return gen + t.reward + train + sync_d
-    return max(gen, t.reward + train) + sync_d
+        return generate + reward + train + sync
+    return max(generate, reward + train) + sync
 
 
 def speedups(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from agpo_megatron.plan.schedule import PhaseTimes, colocated_step, disaggregated_step, speedups
+from agpo_megatron.plan.schedule import PhaseTimes, colocated_step, disaggregated_step, sides_step, speedups
 
 # 8 devices: generation 60 s, reward 2 s, training 30 s, sync 4 s, hand-overs 4 s -> 100 s colocated.
 T = PhaseTimes(devices=8, generate=60, reward=2, train=30, sync=4, handover=4, tail=0.25)
@@ -42,3 +42,13 @@ def test_when_training_is_the_longer_side_it_sets_the_pace():
     # 6 rollout + 2 trainer devices: gen = 60 x (0.75 x 8/6 + 0.25) = 75, reward + train = 2 + 30 x 8/2 = 122.
     assert disaggregated_step(T, rollout_devices=6, staleness=1) == pytest.approx(122 + 4)
     assert disaggregated_step(T, rollout_devices=6, staleness=0) == pytest.approx(75 + 122 + 4)
+
+
+def test_the_schedule_from_each_sides_own_times():
+    # Measured sides: generation 0.4 s, reward 0.01 s, log-probs + update 0.3 s, sync 0.05 s.
+    sides = dict(generate=0.4, reward=0.01, train=0.3, sync=0.05)
+    assert sides_step(**sides, staleness=0) == pytest.approx(0.4 + 0.01 + 0.3 + 0.05)
+    assert sides_step(**sides, staleness=1) == pytest.approx(0.4 + 0.05)  # generation is the longer side
+    assert sides_step(**{**sides, "train": 0.5}, staleness=2) == pytest.approx(0.51 + 0.05)
+    with pytest.raises(ValueError, match="staleness"):
+        sides_step(**sides, staleness=-1)
