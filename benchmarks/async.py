@@ -153,10 +153,14 @@ def run(work: Path, name: str, overrides: list[str], args: argparse.Namespace, r
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def warm_steps(runs: list[list[dict]]) -> list[dict]:
+    """Each run's steps but its first (warm-up; the async loop's prefill) and its last (the async loop
+    has no later batch to ask for then, so nothing overlaps: it would flatter the async rows)."""
+    return [r for rows in runs for r in (rows[1:-1] or rows)]
+
+
 def summarize(runs: list[list[dict]], group: int, gen_estimate: float | None) -> dict[str, float]:
-    # Each run's steps but its first (warm-up; the async loop's prefill) and its last (the async loop
-    # has no later batch to ask for then, so nothing overlaps: it would flatter the async rows).
-    warm = [r for rows in runs for r in (rows[1:-1] or rows)]
+    warm = warm_steps(runs)
     step = statistics.median(sum(v for k, v in r.items() if k.startswith("time/")) for r in warm)
     trajectories = statistics.median(r["sampling/prompts_sampled"] for r in warm) * group
     tokens = statistics.median(r["len/mean"] for r in warm) * trajectories
@@ -201,7 +205,7 @@ def main() -> None:
         "--rounds", type=int, default=1, help="run the settings in turn this many times (ABCD ABCD): load drift spreads"
     )
     args = p.parse_args()
-    from agpo_megatron.plan.schedule import PhaseTimes, sides_step, speedups
+    from agpo_megatron.plan.schedule import PhaseTimes, sides_step, sides_step_samples, speedups
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = make_inputs(args.out, args.hidden, args.layers, args.stop_tokens)
@@ -252,6 +256,21 @@ def main() -> None:
             if name not in results:
                 continue
             predicted = base["step_s"] / sides_step(**sides, staleness=s)
+            measured = base["step_s"] / results[name]["step_s"]
+            off = predicted / measured - 1
+            within = abs(off) <= 0.15
+            print(f"  {name}: predicted {predicted:.2f}x, measured {measured:.2f}x ({off:+.0%}, within 15%: {within})")
+        # The same, fed the s=0 run's per-step times: an overlapped step is the max of two varying phases.
+        steps = warm_steps(runs["disagg s=0"])
+        gen = [r["time/rollout"] for r in steps]
+        train = [r["time/reward"] + r["time/logprobs"] + r["time/update"] for r in steps]
+        print("schedule check with step-to-step variation (plan/schedule.sides_step_samples, the same run's steps):")
+        for s in (0, 1, 2):
+            name = f"disagg s={s}"
+            if name not in results:
+                continue
+            step_s = sides_step_samples(generate=gen, train=train, sync=s0["sync_s"], staleness=s)
+            predicted = base["step_s"] / step_s
             measured = base["step_s"] / results[name]["step_s"]
             off = predicted / measured - 1
             within = abs(off) <= 0.15

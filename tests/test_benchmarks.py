@@ -156,3 +156,6 @@ def test_async_benchmark_checks_the_schedule_against_the_staleness_0_sides(tmp_p
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "disagg s=1: predicted 2.22x, measured 2.00x (+11%, within 15%: True)" in proc.stdout, proc.stdout
     assert "disagg s=0: predicted 1.32x, measured 1.32x (" in proc.stdout, proc.stdout  # the same sum of phases
+    # Identical steps: the per-step variant pairs equal times and predicts the same.
+    variation = proc.stdout.split("step-to-step variation")[1]
+    assert "disagg s=1: predicted 2.22x, measured 2.00x (+11%, within 15%: True)" in variation, proc.stdout

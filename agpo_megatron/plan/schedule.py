@@ -14,7 +14,8 @@ and puts them into each loop's schedule (train/trainer.py, train/async_loop.py):
     disaggregated, staleness 0  gen(R) + reward + train(T) + sync_d
     disaggregated, staleness s  max(gen(R), reward + train(T)) + sync_d       (s >= 1)
 
-(`sides_step` is that schedule fed each side's own measured times, with no rescaling.)
+(`sides_step` is that schedule fed each side's own measured times, with no rescaling;
+`sides_step_samples` feeds it their per-step distributions.)
 
 At s >= 1 the loop keeps one request in flight (rollout/remote.py carries one conversation at a
 time), so a deeper queue changes the data's age, not the step time: with deterministic phase times
@@ -95,3 +96,21 @@ def speedups(
     return {
         s: base / disaggregated_step(t, rollout_devices=rollout_devices, staleness=s, sync=sync) for s in stalenesses
     }
+
+
+def sides_step_samples(*, generate: list[float], train: list[float], sync: float, staleness: int) -> float:
+    """Median seconds per disaggregated step from each side's per-step times, measured (`generate`:
+    generation of a step's batch; `train`: reward + log-probs + update), paired every way.
+
+    NOTE: once the sides overlap (staleness >= 1), a step takes the longer of two phases that vary
+    from step to step, and the median of that max is above the max of the medians that `sides_step`
+    takes: fixed phase times predict an overlapped step too fast. The two sides then run
+    independently, so every generation time is paired with every training time."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    if not generate or not train:
+        raise ValueError("generate and train need at least one measured step each")
+    join = (lambda g, t: g + t) if staleness == 0 else max
+    steps = sorted(join(g, t) + sync for g in generate for t in train)
+    mid = len(steps) // 2
+    return steps[mid] if len(steps) % 2 else (steps[mid - 1] + steps[mid]) / 2

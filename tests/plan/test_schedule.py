@@ -2,7 +2,14 @@
 
 import pytest
 
-from agpo_megatron.plan.schedule import PhaseTimes, colocated_step, disaggregated_step, sides_step, speedups
+from agpo_megatron.plan.schedule import (
+    PhaseTimes,
+    colocated_step,
+    disaggregated_step,
+    sides_step,
+    sides_step_samples,
+    speedups,
+)
 
 # 8 devices: generation 60 s, reward 2 s, training 30 s, sync 4 s, hand-overs 4 s -> 100 s colocated.
 T = PhaseTimes(devices=8, generate=60, reward=2, train=30, sync=4, handover=4, tail=0.25)
@@ -52,3 +59,17 @@ def test_the_schedule_from_each_sides_own_times():
     assert sides_step(**{**sides, "train": 0.5}, staleness=2) == pytest.approx(0.51 + 0.05)
     with pytest.raises(ValueError, match="staleness"):
         sides_step(**sides, staleness=-1)
+
+
+def test_varying_phases_make_the_overlapped_step_slower_than_fixed_ones():
+    # Generation 0.3 or 0.5 s, training 0.2 or 0.6 s (medians 0.4 and 0.4), sync 0.1.
+    # Pairs: max(0.3, 0.2), max(0.3, 0.6), max(0.5, 0.2), max(0.5, 0.6) = 0.3, 0.6, 0.5, 0.6 -> +0.1:
+    # 0.4, 0.7, 0.6, 0.7; median (0.6 + 0.7) / 2 = 0.65, above fixed medians' max(0.4, 0.4) + 0.1 = 0.5.
+    gen, train = [0.3, 0.5], [0.2, 0.6]
+    assert sides_step_samples(generate=gen, train=train, sync=0.1, staleness=1) == pytest.approx(0.65)
+    assert sides_step(generate=0.4, reward=0.0, train=0.4, sync=0.1, staleness=1) == pytest.approx(0.5)
+    # Staleness 0 adds them: 0.5, 0.9, 0.7, 1.1 -> +0.1: 0.6, 1.0, 0.8, 1.2; median (0.8 + 1.0) / 2 = 0.9.
+    assert sides_step_samples(generate=gen, train=train, sync=0.1, staleness=0) == pytest.approx(0.9)
+    assert sides_step_samples(generate=[0.3], train=[0.2, 0.6, 0.4], sync=0.0, staleness=2) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="at least one"):
+        sides_step_samples(generate=[], train=[0.1], sync=0.0, staleness=1)
