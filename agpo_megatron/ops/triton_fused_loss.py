@@ -2,12 +2,12 @@
 
 Two kernels, one program per token row, each streaming the row's `V/TP` logits in blocks:
 
-* `chunk_stats`: the four per-rank statistics of `_chunk_stats_torch` in one read of the row,
+* `chunk_stats`: the four per-rank statistics of `fused_chunks.chunk_stats_torch` in one read of the row,
   with an online (rescaled) max: `m = max z`, `s = sum exp(z - m)`,
   `w = sum exp(z - m)(z - m)`, and `z_target` (0 when the target is on another rank). When the
   running max moves from `m` to `m'`, the partial sums are carried over with
   `s' = e^(m - m') s` and `w' = e^(m - m') (w + (m - m') s)`, the same rule the TP combine in
-  `fused_loss._combine` uses across ranks.
+  `fused_chunks.combine` uses across ranks.
 * `chunk_dlogits`: `dL/dlogits = (g_lp (1[v = t] - p_v) - g_H p_v (log p_v + H)) / T` from the
   saved per-token log-sum-exp and entropy, written in the logits' dtype.
 
@@ -142,7 +142,7 @@ def chunk_stats(
     local_targets: torch.Tensor,  # [c] int64, -1 = target not in this rank's slice
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # m, s, w, z_t: [c] fp32
-    """Per-rank softmax statistics of `logits / temperature` (see `fused_loss._chunk_stats_torch`)."""
+    """Per-rank softmax statistics of `logits / temperature` (see `fused_chunks.chunk_stats_torch`)."""
     logits = _rows(logits)
     c, v = logits.shape
     m, s, w, z_t = (torch.empty(c, dtype=torch.float32, device=logits.device) for _ in range(4))
@@ -174,7 +174,7 @@ def chunk_dlogits(
     g_ent: torch.Tensor | None,  # [c] dL/dentropy, None = 0
     temperature: float,
 ) -> torch.Tensor:  # [c, V/TP] in logits.dtype
-    """dL/dlogits of one chunk (see `fused_loss._chunk_dlogits_torch`)."""
+    """dL/dlogits of one chunk (see `fused_chunks.chunk_dlogits_torch`)."""
     logits = _rows(logits)
     c, v = logits.shape
     out = torch.empty((c, v), dtype=logits.dtype, device=logits.device)

@@ -48,10 +48,12 @@ def estimate_gib(s: dict[str, int]) -> dict[str, float]:
 
 def prepare(ctx: Ctx) -> dict[str, object]:
     from agpo_megatron.algo.loss import PolicyLossConfig, policy_loss  # noqa: F401
+    from agpo_megatron.ops import fused_chunks
     from agpo_megatron.ops import fused_loss as fl
     from agpo_megatron.ops import triton_fused_loss as tfl
 
-    require_attrs(fl, "fused_policy_loss_from_hidden", "_use_triton")
+    require_attrs(fl, "fused_policy_loss_from_hidden")
+    require_attrs(fused_chunks, "use_triton", "with_triton_fallback")
     require_attrs(tfl, "HAVE_TRITON", "chunk_stats", "chunk_dlogits")
     require_params(
         fl.fused_policy_loss_from_hidden,
@@ -164,14 +166,14 @@ def run_fused_loss(ctx: Ctx) -> None:
     prepare(ctx)
     import torch
 
-    from agpo_megatron.ops import fused_loss as fl
     from agpo_megatron.ops import triton_fused_loss as tfl
+    from agpo_megatron.ops.fused_chunks import use_triton
 
     s = sizes(ctx)
     reps = int(ctx.opt("fused_reps", 3))
     results, peaks, times = {}, {}, {}
     with check(ctx, "fused_loss_parity", **s):
-        triton = bool(fl._use_triton(torch.empty(1, 1, device=ctx.device, dtype=torch.bfloat16)))
+        triton = bool(use_triton(torch.empty(1, 1, device=ctx.device, dtype=torch.bfloat16)))
         if ctx.gpu and not triton:
             raise RuntimeError(f"the fused loss would not use Triton on CUDA (HAVE_TRITON={tfl.HAVE_TRITON})")
         # fp32 reference first, then freed: the naive loss on fp32 copies of the same bf16 inputs

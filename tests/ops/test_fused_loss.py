@@ -391,7 +391,7 @@ def test_capture_lm_head_input_matches_model_logits_and_gradients(worker_out, ti
 
 def test_triton_that_imports_but_cannot_compile_falls_back_to_pytorch(monkeypatch):
     """Issue 8: a Triton launch failure turns Triton off with one warning; results equal the PyTorch path."""
-    from agpo_megatron.ops import fused_loss, triton_fused_loss
+    from agpo_megatron.ops import fused_chunks, triton_fused_loss
 
     p = problem(dtype=torch.float32)
     args, kw = loss_args(p)
@@ -403,26 +403,26 @@ def test_triton_that_imports_but_cannot_compile_falls_back_to_pytorch(monkeypatc
         calls.append(1)
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
-    monkeypatch.setattr(fused_loss, "_triton_failure", None)
-    monkeypatch.setattr(fused_loss, "_use_triton", lambda logits: fused_loss._triton_failure is None)  # as on a GPU
+    monkeypatch.setattr(fused_chunks, "triton_failure", None)
+    monkeypatch.setattr(fused_chunks, "use_triton", lambda logits: fused_chunks.triton_failure is None)  # as on a GPU
     monkeypatch.setattr(triton_fused_loss, "chunk_stats", broken)
     monkeypatch.setattr(triton_fused_loss, "chunk_dlogits", broken)
     with pytest.warns(UserWarning, match="Triton kernels failed .*C compiler.*PyTorch path"):
         got = fused_policy_loss_from_hidden(p["hidden"].clone().requires_grad_(), p["weight"], *args, **kw)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert calls == [1] and "C compiler" in fused_loss._triton_failure  # tried once, then off for the process
+    assert calls == [1] and "C compiler" in fused_chunks.triton_failure  # tried once, then off for the process
 
 
 def test_out_of_memory_in_triton_is_not_hidden(monkeypatch):
-    from agpo_megatron.ops import fused_loss
+    from agpo_megatron.ops import fused_chunks
 
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(fused_loss, "_triton_failure", None)
+    monkeypatch.setattr(fused_chunks, "triton_failure", None)
     with pytest.raises(torch.OutOfMemoryError):
-        fused_loss._with_triton_fallback(oom, lambda: None)
-    assert fused_loss._triton_failure is None
+        fused_chunks.with_triton_fallback(oom, lambda: None)
+    assert fused_chunks.triton_failure is None
 
 
 @pytest.mark.parametrize("chunk_tokens", [3, 1024])
