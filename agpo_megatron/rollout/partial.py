@@ -43,16 +43,15 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from agpo_megatron.rollout.base import Completion, SamplingConfig
-from agpo_megatron.rollout.replicas import request_seed
+from agpo_megatron.rollout.replicas import SEED_MOD, request_seed
 
-_SEED_MOD = 2**31  # as rollout/replicas.py: vLLM's CPU sampler draws seeds in [0, 2**31)
 _SEGMENT_SEED_STRIDE = 7_919_993
 """Spacing between a sample's segment seeds (a prime, unlike replicas.py's strides)."""
 
 
 def segment_seed(base: int, segment: int) -> int:
     """The seed of a sample's `segment`-th segment: its whole-response seed for segment 0."""
-    return (base + segment * _SEGMENT_SEED_STRIDE) % _SEED_MOD
+    return (base + segment * _SEGMENT_SEED_STRIDE) % SEED_MOD
 
 
 @dataclasses.dataclass
@@ -128,7 +127,7 @@ class PartialPool:
         request would give it."""
         for i, (key, prompt) in enumerate(zip(keys, prompts, strict=True)):
             base = request_seed(seed, i, n)
-            self.groups.append(PoolGroup(key, [Sample(list(prompt), (base + j) % _SEED_MOD) for j in range(n)]))
+            self.groups.append(PoolGroup(key, [Sample(list(prompt), (base + j) % SEED_MOD) for j in range(n)]))
 
     def run(
         self,

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from agpo_megatron.rollout.base import Completion
 
-_SEED_MOD = 2**31
+SEED_MOD = 2**31
 """Request seeds stay below 2**31: vLLM's CPU sampler draws per-token seeds in [0, 2**31)."""
 _SEED_STRIDE = 1_000_003
 """Spacing between the seed spaces of consecutive `SamplingConfig.seed` values (a prime, so
@@ -77,7 +77,7 @@ def request_seed(seed: int, prompt_index: int, n: int) -> int:
 
     Within one call, prompts' seed ranges [s, s + n) do not overlap (indices are spaced by n).
     """
-    return (seed * _SEED_STRIDE + prompt_index * n) % _SEED_MOD
+    return (seed * _SEED_STRIDE + prompt_index * n) % SEED_MOD
 
 
 def gather_completions(local: list[list[Completion]], layout: ReplicaLayout) -> list[list[Completion]]:

@@ -150,7 +150,8 @@ def token_ages(groups: list[Group], version: int) -> dict[str, float]:
         for c in g.completions:
             vs = c.token_versions if c.token_versions is not None else [g.version] * len(c.token_ids)
             ages += [version - v for v in vs]
-            paused += sum(v < max(vs) for v in vs)
+            newest = max(vs, default=0)  # once per response, not per token
+            paused += sum(v < newest for v in vs)
     n = max(len(ages), 1)
     return {
         "token_age_mean": sum(ages) / n,

@@ -55,7 +55,7 @@ def check_compatible(st: dict[str, Any], cfg: TrainConfig, layout: Layout, path:
     # Expert parallelism (MoE): checkpoints from before it was recorded were saved at ep = etp = 1.
     fields = ("tp", "pp", "ep", "etp")
     was = {k: st["layout"].get(k, 1) for k in fields}
-    now = {k: getattr(layout, k, 1) for k in fields}
+    now = {k: getattr(layout, k) for k in fields}
     if was != now:
         shown = [k for k in fields if k in ("tp", "pp") or was[k] != 1 or now[k] != 1]
         raise ConfigError(

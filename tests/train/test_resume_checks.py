@@ -13,7 +13,7 @@ from agpo_megatron.config.schema import OptimConfig, TrainConfig
 from agpo_megatron.config.yaml_io import ConfigError, load_config, to_dict
 from agpo_megatron.train.resume_checks import check_compatible, horizon_matters, lr_at
 
-LAYOUT = SimpleNamespace(tp=1, pp=1)
+LAYOUT = SimpleNamespace(tp=1, pp=1, ep=1, etp=1)
 
 
 def _cfg(*o: str) -> TrainConfig:

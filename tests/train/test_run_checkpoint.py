@@ -68,7 +68,9 @@ def test_resume_refuses_another_number_of_updates_per_rollout():
         )
 
     def check(saved, now):
-        check_compatible({"layout": {"tp": 1, "pp": 1}, "config": saved}, now, SimpleNamespace(tp=1, pp=1), "ckpt")
+        check_compatible(
+            {"layout": {"tp": 1, "pp": 1}, "config": saved}, now, SimpleNamespace(tp=1, pp=1, ep=1, etp=1), "ckpt"
+        )
 
     old = to_dict(cfg())
     old["batch"] = {"prompts_per_step": 8, "micro_batch_size": 1, "max_tokens_per_micro_batch": None}
